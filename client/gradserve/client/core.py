@@ -1,0 +1,272 @@
+"""The framework-neutral client: one connection to a gradserve server.
+
+``Client`` speaks the protocol (framing, codec, error mapping, residual
+lifetime). Framework adapters (``client.torch(...)``) build autograd nodes on
+top of its ``call_forward``/``call_vjp``; the low-level ``forward``/``vjp``
+methods expose the same RPCs on numpy arrays.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import grpc
+import numpy as np
+
+from gradserve import codec, dtypes, frameworks, pytree
+from gradserve.errors import ResidualMissing, from_rpc_error
+from gradserve.frameworks import WireTensor
+from gradserve.frameworks.numpy import ADAPTER as NUMPY
+from gradserve.specs import EndpointInfo
+from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+MakeLeaf = Callable[[WireTensor, str], Any]
+
+
+@dataclass
+class Call:
+    """One invocation's inputs: what Forward sends and a recomputing Vjp re-sends."""
+
+    endpoint: str
+    args: tuple
+    kwargs: dict
+    parameters: dict | None = None
+    requires_grad: Callable[[Any], bool] | None = None
+
+
+class Residual:
+    """A handle to the state a Forward kept on the server for its Vjp.
+
+    Holds the call's inputs so a Vjp can recompute when the server no longer
+    has the residual. Dropping the handle queues a Release to the server.
+    """
+
+    def __init__(self, call: Call, residual_id: str, release_queue: collections.deque):
+        self.call = call
+        self.id = residual_id
+        if residual_id:
+            self._finalizer = weakref.finalize(self, release_queue.append, residual_id)
+        else:
+            self._finalizer = None
+
+    def detach(self) -> None:
+        """Forget the server-side id (after an explicit release)."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self.id = ""
+
+
+@dataclass
+class ForwardResult:
+    """Outputs of a low-level ``Client.forward`` and the residual for ``vjp``."""
+
+    outputs: Any
+    residual: Residual | None
+
+
+@dataclass
+class Gradients:
+    """Gradients mirroring a call's inputs; None where none was asked for."""
+
+    args: tuple
+    kwargs: dict
+    parameters: dict | None
+
+
+def numpy_leaf(wire: WireTensor, path: str) -> np.ndarray:
+    """Decode a wire tensor to a numpy array (the low-level API's array type)."""
+    return NUMPY.from_wire(wire)
+
+
+def _differentiable_leaf(x: Any) -> bool:
+    adapter = frameworks.adapter_for(x)
+    return adapter is not None and adapter.wire_dtype(x) in dtypes.DIFFERENTIABLE
+
+
+class Client:
+    """A connection to one gradserve server.
+
+    ``timeout`` (seconds) is the default deadline of every call;
+    ``chunk_bytes`` is the largest gRPC message this client sends.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
+                 options: Iterable[tuple[str, Any]] = ()):
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.max_receive_bytes = max_receive_bytes
+        self.transport = "grpc"
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+            *options,
+        ])
+        self._stub = pb_grpc.GradserveStub(self._channel)
+        self._released: collections.deque[str] = collections.deque()
+
+    # -- lifecycle ---------------------------------------------------------
+    def close(self) -> None:
+        """Release pending residuals and close the channel."""
+        try:
+            self._flush_releases(timeout=1.0)
+        except Exception:
+            pass
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- discovery ---------------------------------------------------------
+    def endpoints(self, *, timeout: float | None = None) -> list[EndpointInfo]:
+        """Every endpoint the server hosts."""
+        reply = self._unary(self._stub.ListEndpoints, pb.ListEndpointsRequest(), timeout)
+        return [EndpointInfo.from_pb(e) for e in reply.endpoints]
+
+    def describe(self, name: str, *, timeout: float | None = None) -> EndpointInfo:
+        """One endpoint's details and the server's residual statistics."""
+        reply = self._unary(self._stub.Describe, pb.DescribeRequest(endpoint=name), timeout)
+        return EndpointInfo.from_pb(reply.endpoint, reply.residuals)
+
+    def parameters(self, name: str, make_leaf: MakeLeaf = numpy_leaf, *,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """The endpoint's own parameter values, by name."""
+        self._flush_releases(timeout)
+        reader = FrameReader(self.max_receive_bytes)
+        frames = self._stub.GetParameters(pb.GetParametersRequest(endpoint=name),
+                                          timeout=self._deadline(timeout))
+        header = self._read(reader, frames)
+        return codec.decode(header, reader, make_leaf, "parameters") or {}
+
+    # -- low-level differentiable calls ------------------------------------
+    def forward(self, name: str, args: tuple = (), kwargs: dict | None = None, *,
+                parameters: dict | None = None, need_vjp: bool = False,
+                timeout: float | None = None) -> ForwardResult:
+        """Run the endpoint on numpy arrays (or any registered framework's arrays).
+
+        With ``need_vjp`` every floating-point input is differentiable and the
+        result carries a residual for :meth:`vjp`.
+        """
+        call = Call(name, tuple(args), dict(kwargs or {}), parameters,
+                    _differentiable_leaf if need_vjp else None)
+        outputs, residual = self.call_forward(call, numpy_leaf, need_vjp=need_vjp, timeout=timeout)
+        return ForwardResult(outputs, residual)
+
+    def vjp(self, residual: Residual, cotangents: Any, *,
+            timeout: float | None = None) -> Gradients:
+        """Vector-Jacobian product for the inputs a ``forward(need_vjp=True)`` flagged."""
+        return self.call_vjp(residual, cotangents, numpy_leaf, timeout=timeout)
+
+    def release(self, *residuals: Residual, timeout: float | None = None) -> int:
+        """Free residuals on the server now; returns how many it still held."""
+        ids = [r.id for r in residuals if r.id]
+        for r in residuals:
+            r.detach()
+        if not ids:
+            return 0
+        return self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout).released
+
+    # -- framework adapters ------------------------------------------------
+    def torch(self, name: str, *, timeout: float | None = None):
+        """The endpoint as a differentiable function of torch tensors."""
+        from gradserve.client.torch import RemoteFunction
+        return RemoteFunction(self, name, timeout=timeout)
+
+    def torch_module(self, name: str, *, timeout: float | None = None):
+        """A ``torch.nn.Module`` holding local, trainable copies of the endpoint's parameters."""
+        from gradserve.client.torch import RemoteModule
+        return RemoteModule(self, name, timeout=timeout)
+
+    # -- the protocol, for adapters ----------------------------------------
+    def call_forward(self, call: Call, make_leaf: MakeLeaf, *, need_vjp: bool,
+                     timeout: float | None = None) -> tuple[Any, Residual | None]:
+        """Send a Forward; returns the decoded outputs and, with ``need_vjp``, a residual."""
+        writer = FrameWriter(self.chunk_bytes)
+        request = self._forward_request(call, writer, need_vjp)
+        request.release.extend(self._take_releases())
+        reader = FrameReader(self.max_receive_bytes)
+        frames = self._stub.Forward(writer.frames(pb.ForwardFrame, request),
+                                    timeout=self._deadline(timeout))
+        header = self._read(reader, frames)
+        outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
+        residual = Residual(call, header.residual_id, self._released) if need_vjp else None
+        return outputs, residual
+
+    def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
+                 timeout: float | None = None) -> Gradients:
+        """Send a Vjp; re-sends the inputs if the server lost the residual."""
+        if residual.id:
+            try:
+                return self._vjp_once(residual, cotangents, make_leaf, False, timeout)
+            except ResidualMissing:
+                residual.detach()
+        return self._vjp_once(residual, cotangents, make_leaf, True, timeout)
+
+    def _vjp_once(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf,
+                  resend: bool, timeout: float | None) -> Gradients:
+        writer = FrameWriter(self.chunk_bytes)
+        request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
+                                cotangents=codec.encode(cotangents, writer, path="cotangents"))
+        if resend:
+            request.inputs.CopyFrom(self._forward_request(residual.call, writer, True))
+        reader = FrameReader(self.max_receive_bytes)
+        frames = self._stub.Vjp(writer.frames(pb.VjpFrame, request), timeout=self._deadline(timeout))
+        header = self._read(reader, frames)
+        grads = [codec.decode(getattr(header, part), reader, make_leaf, part)
+                 for part in ("args", "kwargs", "parameters")]
+        return Gradients(tuple(grads[0] or ()), dict(grads[1] or {}), grads[2])
+
+    @staticmethod
+    def _forward_request(call: Call, writer: FrameWriter, need_vjp: bool) -> pb.ForwardRequest:
+        request = pb.ForwardRequest(
+            endpoint=call.endpoint, need_vjp=need_vjp,
+            args=codec.encode(tuple(call.args), writer, call.requires_grad, "args"),
+            kwargs=codec.encode(dict(call.kwargs), writer, call.requires_grad, "kwargs"))
+        if call.parameters is not None:
+            request.parameters.CopyFrom(
+                codec.encode(dict(call.parameters), writer, call.requires_grad, "parameters"))
+        return request
+
+    # -- plumbing ----------------------------------------------------------
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        if method is not self._stub.Release:
+            self._flush_releases(timeout)
+        try:
+            return method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    @staticmethod
+    def _read(reader: FrameReader, frames: Any) -> Any:
+        try:
+            return reader.read(frames)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _take_releases(self) -> list[str]:
+        ids = []
+        while self._released:
+            ids.append(self._released.popleft())
+        return ids
+
+    def _flush_releases(self, timeout: float | None = None) -> None:
+        ids = self._take_releases()
+        if ids:
+            self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout)
+
+
+def connect(address: str, **options: Any) -> Client:
+    """Open a :class:`Client` to the gradserve server at ``host:port``."""
+    return Client(address, **options)

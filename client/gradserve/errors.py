@@ -1,0 +1,100 @@
+"""Exceptions raised by gradserve, on both sides of the wire.
+
+Server code raises :class:`StatusError` with the gRPC status the caller should
+see; the client turns every failed RPC into a :class:`RemoteError` subclass
+chosen by status code, so callers never handle raw ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+#: Trailing-metadata key that carries a machine-readable failure reason.
+REASON_KEY = "gradserve-reason"
+#: Reason sent when a Vjp names a residual the server no longer holds.
+RESIDUAL_MISSING = "residual-missing"
+
+
+class GradserveError(Exception):
+    """Base class of every gradserve exception."""
+
+
+class StatusError(GradserveError):
+    """A failure that maps to one gRPC status (raised while handling a call)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+def invalid(message: str) -> StatusError:
+    """An INVALID_ARGUMENT error: the caller sent something malformed."""
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class RemoteError(GradserveError):
+    """An RPC to a gradserve server failed; ``code`` is the gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+class NotFound(RemoteError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidArgument(RemoteError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(RemoteError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(RemoteError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResidualMissing(FailedPrecondition):
+    """The server no longer holds a residual; the client recomputes."""
+
+
+class Internal(RemoteError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class DeadlineExceeded(RemoteError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(RemoteError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(RemoteError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (NotFound, InvalidArgument, ResourceExhausted, FailedPrecondition,
+                Internal, DeadlineExceeded, Unavailable, Cancelled)
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> RemoteError:
+    """Translate a grpc error into the matching :class:`RemoteError` subclass."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = err.details() if hasattr(err, "details") else str(err)
+    trailers = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
+    reason = trailers.get(REASON_KEY)
+    if reason == RESIDUAL_MISSING:
+        return ResidualMissing(code, message or "", reason)
+    return _BY_CODE.get(code, RemoteError)(code, message or "", reason)

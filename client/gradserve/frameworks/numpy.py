@@ -1,0 +1,32 @@
+"""numpy arrays as wire tensors (the client core's native array type)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradserve import dtypes
+from gradserve.frameworks import WireTensor
+
+
+class NumpyAdapter:
+    name = "numpy"
+
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, (np.ndarray, np.generic))
+
+    def wire_dtype(self, x: Any) -> int:
+        return dtypes.code_of(np.asarray(x).dtype.name)
+
+    def to_wire(self, x: Any) -> WireTensor:
+        arr = np.asarray(x)
+        code = dtypes.code_of(arr.dtype.name)
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        return WireTensor(code, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)))
+
+    def from_wire(self, t: WireTensor) -> np.ndarray:
+        return np.frombuffer(t.data, dtype=dtypes.numpy_dtype(t.dtype)).reshape(t.shape)
+
+
+ADAPTER = NumpyAdapter()

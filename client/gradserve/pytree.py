@@ -1,0 +1,103 @@
+"""Minimal pytrees: nested tuple/list/dict containers with arbitrary leaves.
+
+gradserve needs only ``flatten``/``unflatten`` to hand a pytree's tensors to an
+autograd node and put them back; static leaves (None, bool, int, float, str)
+stay inside the structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+STATIC_TYPES = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class TreeDef:
+    """The structure of a pytree with its array leaves taken out."""
+
+    kind: str                       # "leaf", "static", "tuple", "list", "dict"
+    children: tuple["TreeDef", ...] = ()
+    keys: tuple[str, ...] = ()
+    value: Any = None               # the static leaf's value
+
+    @property
+    def num_leaves(self) -> int:
+        if self.kind == "leaf":
+            return 1
+        return sum(child.num_leaves for child in self.children)
+
+
+_LEAF = TreeDef("leaf")
+
+
+def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[list[Any], TreeDef]:
+    """Split ``tree`` into the list of leaves for which ``is_leaf`` holds and its structure."""
+    leaves: list[Any] = []
+
+    def walk(node: Any) -> TreeDef:
+        if is_leaf(node):
+            leaves.append(node)
+            return _LEAF
+        if isinstance(node, dict):
+            keys = tuple(node)
+            return TreeDef("dict", tuple(walk(node[k]) for k in keys), keys)
+        if isinstance(node, (tuple, list)):
+            return TreeDef(type(node).__name__ if type(node) in (tuple, list) else "tuple",
+                           tuple(walk(item) for item in node))
+        return TreeDef("static", value=node)
+
+    return leaves, walk(tree)
+
+
+def unflatten(treedef: TreeDef, leaves: Iterator[Any] | list[Any]) -> Any:
+    """Rebuild a pytree from ``treedef`` and its leaves, in flatten order."""
+    it = iter(leaves)
+
+    def build(td: TreeDef) -> Any:
+        if td.kind == "leaf":
+            return next(it)
+        if td.kind == "static":
+            return td.value
+        items = [build(child) for child in td.children]
+        if td.kind == "dict":
+            return dict(zip(td.keys, items))
+        return tuple(items) if td.kind == "tuple" else items
+
+    return build(treedef)
+
+
+def flatten_up_to(treedef: TreeDef, tree: Any, path: str = "") -> list[Any]:
+    """The nodes of ``tree`` at ``treedef``'s leaf positions (static positions are skipped).
+
+    Raises ValueError naming the first place where ``tree``'s containers differ.
+    """
+    if treedef.kind == "leaf":
+        return [tree]
+    if treedef.kind == "static":
+        return []
+    where = path or "the tree"
+    if treedef.kind == "dict":
+        if not isinstance(tree, dict) or set(tree) != set(treedef.keys):
+            got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise ValueError(f"{where}: expected a dict with keys {sorted(treedef.keys)}, got {got}")
+        items = [tree[k] for k in treedef.keys]
+        paths = [f"{path}[{k!r}]" for k in treedef.keys]
+    else:
+        if not isinstance(tree, (tuple, list)) or len(tree) != len(treedef.children):
+            got = f"{type(tree).__name__} of length {len(tree)}" if isinstance(tree, (tuple, list)) \
+                else type(tree).__name__
+            raise ValueError(f"{where}: expected a sequence of length {len(treedef.children)}, got {got}")
+        items = list(tree)
+        paths = [f"{path}[{i}]" for i in range(len(items))]
+    out: list[Any] = []
+    for child, item, sub in zip(treedef.children, items, paths):
+        out.extend(flatten_up_to(child, item, sub))
+    return out
+
+
+def map_leaves(fn: Callable[[Any], Any], tree: Any, is_leaf: Callable[[Any], bool]) -> Any:
+    """Apply ``fn`` to every leaf for which ``is_leaf`` holds."""
+    leaves, treedef = flatten(tree, is_leaf)
+    return unflatten(treedef, [fn(leaf) for leaf in leaves])

@@ -1,0 +1,119 @@
+"""The bytes transport: tensor payloads inside the gRPC stream itself.
+
+Small tensors go inline in the header frame; larger ones follow as ``Chunk``
+frames of at most ``chunk_bytes`` each, so no single gRPC message grows with
+the tensor (gRPC caps messages at 2 GiB and servers usually far lower).
+
+The receiving side checks every tensor's dtype x shape against its payload
+and the request's size limit *before* allocating anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import grpc
+
+from gradserve.codec import tensor_nbytes, tensors
+from gradserve.errors import StatusError, invalid
+from gradserve.frameworks import WireTensor
+from gradserve.v1 import gradserve_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+#: Room for a header's non-tensor content on top of its inline payloads.
+MESSAGE_OVERHEAD = 1 << 20
+
+
+class FrameWriter:
+    """Collects payloads while a header is encoded, then yields the frames."""
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None):
+        self.chunk_bytes = chunk_bytes
+        self._inline_left = chunk_bytes if inline_bytes is None else inline_bytes
+        self._streams: list[memoryview] = []
+
+    def put(self, msg: pb.Tensor, tensor: WireTensor) -> None:
+        n = tensor.data.nbytes
+        if n <= self._inline_left:
+            self._inline_left -= n
+            msg.data = tensor.data.tobytes()
+        else:
+            msg.stream.id = len(self._streams)
+            self._streams.append(tensor.data.cast("B"))
+
+    def frames(self, frame_type: type, header: Any) -> Iterator[Any]:
+        """The header frame, then every streamed tensor's chunks in order."""
+        yield frame_type(header=header)
+        step = self.chunk_bytes
+        for stream_id, data in enumerate(self._streams):
+            for offset in range(0, len(data), step):
+                yield frame_type(chunk=pb.Chunk(id=stream_id, data=data[offset:offset + step].tobytes()))
+
+
+class FrameReader:
+    """Reassembles one framed message; implements ``PayloadReader``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._expected: dict[int, tuple[str, int]] = {}
+        self._buffers: dict[int, bytearray] = {}
+        self._filled: dict[int, int] = {}
+
+    def read(self, frames: Iterable[Any]) -> Any:
+        """Consume ``frames`` and return the validated header message."""
+        it = iter(frames)
+        first = next(it, None)
+        if first is None or first.WhichOneof("frame") != "header":
+            raise invalid("stream must start with a header frame")
+        header = first.header
+        self._plan(header)
+        for frame in it:
+            if frame.WhichOneof("frame") != "chunk":
+                raise invalid("only chunk frames may follow the header")
+            self._append(frame.chunk)
+        for stream_id, (path, size) in self._expected.items():
+            got = self._filled.get(stream_id, 0)
+            if got != size:
+                raise invalid(f"{path}: stream ended after {got} of {size} bytes")
+        return header
+
+    def _plan(self, header: Any) -> None:
+        total = 0
+        for path, msg in tensors(header):
+            size = tensor_nbytes(path, msg)
+            total += size
+            kind = msg.WhichOneof("payload")
+            if kind == "data":
+                if len(msg.data) != size:
+                    raise invalid(f"{path}: payload has {len(msg.data)} bytes but dtype "
+                                  f"{msg.dtype} x shape {list(msg.shape)} needs {size}")
+            elif kind == "stream":
+                if msg.stream.id in self._expected:
+                    raise invalid(f"{path}: stream id {msg.stream.id} used twice")
+                self._expected[msg.stream.id] = (path, size)
+            else:
+                raise invalid(f"{path}: tensor has no payload this transport can read ({kind})")
+        if total > self.max_bytes:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"message carries {total} tensor bytes, over the limit of "
+                              f"{self.max_bytes}")
+
+    def _append(self, chunk: pb.Chunk) -> None:
+        if chunk.id not in self._expected:
+            raise invalid(f"chunk for unknown stream id {chunk.id}")
+        path, size = self._expected[chunk.id]
+        start = self._filled.get(chunk.id, 0)
+        end = start + len(chunk.data)
+        if end > size:
+            raise invalid(f"{path}: stream carries more than the {size} bytes its shape needs")
+        buf = self._buffers.get(chunk.id)
+        if buf is None:
+            buf = self._buffers[chunk.id] = bytearray(size)
+        buf[start:end] = chunk.data
+        self._filled[chunk.id] = end
+
+    def get(self, msg: pb.Tensor) -> memoryview:
+        if msg.WhichOneof("payload") == "data":
+            return memoryview(bytearray(msg.data))
+        buf = self._buffers.get(msg.stream.id)
+        return memoryview(buf if buf is not None else bytearray(0))

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for gradserve.v1 (run `make proto`)."""

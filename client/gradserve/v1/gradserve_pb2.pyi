@@ -1,0 +1,281 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    COMPLEX64: _ClassVar[DType]
+    COMPLEX128: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+BOOL: DType
+UINT8: DType
+INT8: DType
+INT16: DType
+INT32: DType
+INT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT32: DType
+FLOAT64: DType
+COMPLEX64: DType
+COMPLEX128: DType
+
+class StreamedPayload(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "stream", "requires_grad")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    stream: StreamedPayload
+    requires_grad: bool
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+
+class NoneValue(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Sequence(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class Mapping(_message.Message):
+    __slots__ = ("keys", "values")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    values: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("tensor", "none", "bool_value", "int_value", "float_value", "str_value", "list_value", "tuple_value", "dict_value")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TUPLE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DICT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    none: NoneValue
+    bool_value: bool
+    int_value: int
+    float_value: float
+    str_value: str
+    list_value: Sequence
+    tuple_value: Sequence
+    dict_value: Mapping
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., str_value: _Optional[str] = ..., list_value: _Optional[_Union[Sequence, _Mapping]] = ..., tuple_value: _Optional[_Union[Sequence, _Mapping]] = ..., dict_value: _Optional[_Union[Mapping, _Mapping]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("id", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    data: bytes
+    def __init__(self, id: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EndpointInfo(_message.Message):
+    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    framework: str
+    device: str
+    signature: str
+    doc: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    accepts_parameters: bool
+    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ...) -> None: ...
+
+class ResidualStats(_message.Message):
+    __slots__ = ("count", "bytes", "max_bytes", "ttl_seconds", "evictions", "endpoint_count")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    bytes: int
+    max_bytes: int
+    ttl_seconds: float
+    evictions: int
+    endpoint_count: int
+    def __init__(self, count: _Optional[int] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., evictions: _Optional[int] = ..., endpoint_count: _Optional[int] = ...) -> None: ...
+
+class ListEndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEndpointsResponse(_message.Message):
+    __slots__ = ("endpoints",)
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    endpoints: _containers.RepeatedCompositeFieldContainer[EndpointInfo]
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[EndpointInfo, _Mapping]]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("endpoint",)
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("endpoint", "residuals")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: EndpointInfo
+    residuals: ResidualStats
+    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ...) -> None: ...
+
+class GetParametersRequest(_message.Message):
+    __slots__ = ("endpoint",)
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
+
+class GetParametersFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: Value
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[Value, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("endpoint", "args", "kwargs", "parameters", "need_vjp", "release")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    NEED_VJP_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    args: Value
+    kwargs: Value
+    parameters: Value
+    need_vjp: bool
+    release: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, endpoint: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., need_vjp: _Optional[bool] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("outputs", "residual_id")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    outputs: Value
+    residual_id: str
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual_id: _Optional[str] = ...) -> None: ...
+
+class ForwardFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardRequest
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ForwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ForwardReplyFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardResponse
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class VjpRequest(_message.Message):
+    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    residual_id: str
+    cotangents: Value
+    inputs: ForwardRequest
+    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ...) -> None: ...
+
+class VjpResponse(_message.Message):
+    __slots__ = ("args", "kwargs", "parameters")
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    args: Value
+    kwargs: Value
+    parameters: Value
+    def __init__(self, args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class VjpFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: VjpRequest
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[VjpRequest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class VjpReplyFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: VjpResponse
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[VjpResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("residual_ids",)
+    RESIDUAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    residual_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, residual_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...

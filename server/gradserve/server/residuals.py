@@ -1,0 +1,97 @@
+"""The residual store: what Forward keeps for Vjp, bounded in bytes and age.
+
+Entries are evicted least-recently-used when the byte budget is exceeded and
+dropped once unused for ``ttl`` seconds. Losing an entry never breaks
+correctness: the client re-sends the inputs and the server recomputes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gradserve.v1 import gradserve_pb2 as pb
+
+
+@dataclass
+class _Entry:
+    endpoint: str
+    value: Any
+    nbytes: int
+    last_used: float
+
+
+class ResidualStore:
+    """Thread-safe LRU + TTL store of residuals keyed by unguessable ids."""
+
+    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._evictions = 0
+        self._lock = threading.Lock()
+
+    def put(self, endpoint: str, value: Any, nbytes: int) -> str:
+        """Keep ``value``; returns its id, or "" when it alone exceeds the budget."""
+        if nbytes > self.max_bytes:
+            return ""
+        rid = secrets.token_urlsafe(16)
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            self._entries[rid] = _Entry(endpoint, value, nbytes, now)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+                self._evictions += 1
+        return rid
+
+    def get(self, rid: str) -> tuple[str, Any] | None:
+        """The (endpoint, value) kept under ``rid``, or None if it is gone."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            entry = self._entries.get(rid)
+            if entry is None:
+                return None
+            entry.last_used = now
+            self._entries.move_to_end(rid)
+            return entry.endpoint, entry.value
+
+    def release(self, rids: list[str]) -> int:
+        """Drop the given residuals; returns how many were still held."""
+        with self._lock:
+            present = [rid for rid in rids if rid in self._entries]
+            for rid in present:
+                self._drop(rid)
+            return len(present)
+
+    def stats(self, endpoint: str | None = None) -> pb.ResidualStats:
+        with self._lock:
+            self._expire(self._clock())
+            per_endpoint = sum(1 for e in self._entries.values() if e.endpoint == endpoint)
+            return pb.ResidualStats(count=len(self._entries), bytes=self._bytes,
+                                    max_bytes=self.max_bytes, ttl_seconds=self.ttl,
+                                    evictions=self._evictions, endpoint_count=per_endpoint)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            rid, entry = next(iter(self._entries.items()))
+            if now - entry.last_used < self.ttl:
+                break
+            self._drop(rid)
+            self._evictions += 1
+
+    def _drop(self, rid: str) -> None:
+        self._bytes -= self._entries.pop(rid).nbytes

@@ -1,0 +1,162 @@
+"""The ``gradserve.v1.Gradserve`` servicer: RPCs onto the registry and the residual store.
+
+Every handler turns failures into a precise status: ``StatusError`` keeps its
+code; any other exception is INTERNAL with its type and message (and the
+traceback only when ``debug`` is on). No input can take the server down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import grpc
+
+from gradserve import codec
+from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, invalid
+from gradserve.server.registry import Endpoint, Registry
+from gradserve.server.residuals import ResidualStore
+from gradserve.transport.bytes import FrameReader, FrameWriter
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gradserve.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    chunk_bytes: int          # largest chunk this server sends
+    max_request_bytes: int    # most tensor bytes one request may carry
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None):
+        self.code, self.message, self.reason = code, message, reason
+
+
+class GradserveService(pb_grpc.GradserveServicer):
+    def __init__(self, registry: Registry, residuals: ResidualStore, limits: Limits,
+                 debug: bool = False):
+        self.registry = registry
+        self.residuals = residuals
+        self.limits = limits
+        self.debug = debug
+
+    # -- discovery ---------------------------------------------------------
+    def ListEndpoints(self, request: pb.ListEndpointsRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            return pb.ListEndpointsResponse(endpoints=[e.info() for e in self.registry.all()])
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            endpoint = self.registry.get(request.endpoint)
+            return pb.DescribeResponse(endpoint=endpoint.info(),
+                                       residuals=self.residuals.stats(endpoint.name))
+
+    def GetParameters(self, request: pb.GetParametersRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            endpoint = self.registry.get(request.endpoint)
+            writer = FrameWriter(self.limits.chunk_bytes)
+            header = codec.encode(endpoint.parameters(), writer, path="parameters")
+        yield from writer.frames(pb.GetParametersFrame, header)
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            return pb.ReleaseResponse(released=self.residuals.release(list(request.residual_ids)))
+
+    # -- differentiable calls ----------------------------------------------
+    def Forward(self, request_iterator: Iterator[pb.ForwardFrame], context: grpc.ServicerContext):
+        writer = FrameWriter(self.limits.chunk_bytes)
+        reply = None
+        with self._status(context):
+            reader = FrameReader(self.limits.max_request_bytes)
+            request = reader.read(request_iterator)
+            if request.release:
+                self.residuals.release(list(request.release))
+            endpoint = self.registry.get(request.endpoint)
+            outputs, residual, nbytes = self._forward(endpoint, request, reader)
+            rid = self.residuals.put(endpoint.name, residual, nbytes) if residual is not None else ""
+            reply = pb.ForwardResponse(outputs=codec.encode(outputs, writer, path="outputs"),
+                                       residual_id=rid)
+        if reply is not None:
+            yield from writer.frames(pb.ForwardReplyFrame, reply)
+
+    def Vjp(self, request_iterator: Iterator[pb.VjpFrame], context: grpc.ServicerContext):
+        writer = FrameWriter(self.limits.chunk_bytes)
+        reply = None
+        with self._status(context):
+            reader = FrameReader(self.limits.max_request_bytes)
+            request = reader.read(request_iterator)
+            endpoint = self.registry.get(request.endpoint)
+            residual = self._residual_for(endpoint, request, reader)
+            cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
+            grads = endpoint.vjp(residual, cotangents)
+            reply = pb.VjpResponse(**{
+                part: codec.encode(g, writer, path=part)
+                for part, g in zip(("args", "kwargs", "parameters"), grads)})
+        if reply is not None:
+            yield from writer.frames(pb.VjpReplyFrame, reply)
+
+    def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest, reader: FrameReader) -> Any:
+        if request.residual_id:
+            held = self.residuals.get(request.residual_id)
+            if held is not None:
+                owner, residual = held
+                if owner != endpoint.name:
+                    raise invalid(f"residual {request.residual_id!r} belongs to endpoint "
+                                  f"{owner!r}, not {endpoint.name!r}")
+                return residual
+        if not request.HasField("inputs"):
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"residual {request.residual_id!r} is not held by this server "
+                              "(released, evicted, expired, or kept by another replica); "
+                              "resend the inputs to recompute", RESIDUAL_MISSING)
+        if request.inputs.endpoint not in ("", endpoint.name):
+            raise invalid(f"inputs name endpoint {request.inputs.endpoint!r}, "
+                          f"not {endpoint.name!r}")
+        _, residual, _ = self._forward(endpoint, request.inputs, reader, need_vjp=True)
+        if residual is None:
+            raise invalid("no input of the re-sent call requires grad")
+        return residual
+
+    @staticmethod
+    def _forward(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader,
+                 need_vjp: bool | None = None) -> tuple[Any, Any, int]:
+        def part(name: str) -> Any:
+            return codec.decode(getattr(request, name), reader, endpoint.make_leaf, name)
+
+        args, kwargs = part("args"), part("kwargs")
+        if args is None:
+            args = ()
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise invalid("args must be a tuple and kwargs a dict")
+        parameters = part("parameters") if request.HasField("parameters") else None
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid("parameters must be a dict of name -> tensor")
+        return endpoint.forward(args, kwargs, parameters,
+                                request.need_vjp if need_vjp is None else need_vjp)
+
+    # -- errors ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _status(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Run a handler body, aborting the RPC with the right status on failure."""
+        failure = None
+        try:
+            yield
+        except StatusError as err:
+            failure = _Abort(err.code, err.message, err.reason)
+        except Exception as err:  # a bug or an unexpected input: never kill the server
+            log.exception("unexpected error in %s", context.peer())
+            message = f"{type(err).__name__}: {err}"
+            if self.debug:
+                message += "\n" + traceback.format_exc()
+            failure = _Abort(grpc.StatusCode.INTERNAL, message, None)
+        if failure is not None:
+            if failure.reason:
+                context.set_trailing_metadata(((REASON_KEY, failure.reason),))
+            context.abort(failure.code, failure.message)

@@ -1,0 +1,227 @@
+"""PyTorch endpoints: an ``nn.Module`` or a function of tensors, served differentiably.
+
+Forward with ``need_vjp`` runs under autograd and keeps the graph as the
+residual; Vjp calls ``torch.autograd.grad`` on it (always retaining it, since
+the client may backpropagate twice). Client-held parameters go through
+``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import traceback
+from typing import Any, Callable
+
+import grpc
+import torch
+
+from gradserve import dtypes, pytree
+from gradserve.errors import StatusError, invalid
+from gradserve.frameworks import WireTensor
+from gradserve.frameworks.torch import ADAPTER, TO_NAME
+from gradserve.server.registry import Endpoint
+from gradserve.specs import TensorSpec
+from gradserve.v1 import gradserve_pb2 as pb
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+class _Residual:
+    """A forward's autograd graph: the inputs tree and the outputs tree."""
+
+    def __init__(self, inputs: tuple, outputs: Any):
+        self.inputs = inputs
+        self.outputs = outputs
+
+
+class _SavedBytes:
+    """Counts the distinct storage bytes autograd saves during a forward."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+
+    def hooks(self) -> Any:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.add(t)
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+class TorchEndpoint(Endpoint):
+    """Serve a torch ``nn.Module`` or function of tensors.
+
+    ``inputs`` declares argument specs by parameter name (checked on every
+    call, reported by Describe); ``outputs`` documents output specs. Modules
+    are put in eval mode unless ``train=True``. ``debug`` adds tracebacks to
+    error messages.
+    """
+
+    framework = "torch"
+
+    def __init__(self, fn: Callable[..., Any], *, device: str | torch.device | None = None,
+                 inputs: dict[str, TensorSpec] | None = None,
+                 outputs: dict[str, TensorSpec] | None = None,
+                 doc: str | None = None, train: bool = False, debug: bool = False):
+        if not callable(fn):
+            raise TypeError(f"a torch endpoint needs a module or callable, got {type(fn).__name__}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.module = fn if isinstance(fn, torch.nn.Module) else None
+        if self.module is not None:
+            self.module.to(self.device)
+            self.module.train(train)
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+        self.fn = fn
+        target = fn.forward if self.module is not None else fn
+        self.signature = inspect.signature(target)
+        self.input_specs = dict(inputs or {})
+        unknown = set(self.input_specs) - set(self.signature.parameters)
+        if unknown:
+            raise ValueError(f"input specs name unknown arguments {sorted(unknown)}; "
+                             f"the signature is {self.signature}")
+        self.output_specs = dict(outputs or {})
+        self.doc = doc if doc is not None else _own_doc(fn)
+        self.debug = debug
+
+    # -- description -------------------------------------------------------
+    def parameters(self) -> dict[str, torch.Tensor]:
+        if self.module is None:
+            return {}
+        return {name: p.detach() for name, p in self.module.named_parameters()}
+
+    def info(self) -> pb.EndpointInfo:
+        return pb.EndpointInfo(
+            name=self.name, framework=self.framework, device=str(self.device),
+            signature=f"{self.name}{self.signature}", doc=self.doc,
+            inputs=[spec.to_pb(name) for name, spec in self.input_specs.items()],
+            outputs=[spec.to_pb(name) for name, spec in self.output_specs.items()],
+            parameters=[TensorSpec(tuple(p.shape), TO_NAME[p.dtype]).to_pb(name)
+                        for name, p in self.parameters().items()],
+            accepts_parameters=self.module is not None)
+
+    # -- calls -------------------------------------------------------------
+    def make_leaf(self, wire: WireTensor, path: str) -> torch.Tensor:
+        t = ADAPTER.from_wire(wire).to(self.device)
+        if wire.requires_grad:
+            if wire.dtype not in dtypes.DIFFERENTIABLE:
+                raise invalid(f"{path}: requires_grad on a {dtypes.name_of(wire.dtype)} "
+                              "tensor; only floating and complex tensors have gradients")
+            t.requires_grad_(True)
+        return t
+
+    def forward(self, args: tuple, kwargs: dict, parameters: dict | None,
+                need_vjp: bool) -> tuple[Any, Any, int]:
+        self._check_arguments(args, kwargs)
+        if parameters is not None:
+            self._check_parameters(parameters)
+        inputs = (args, kwargs, parameters)
+        leaves, _ = pytree.flatten(inputs, _is_tensor)
+        need_vjp = need_vjp and any(t.requires_grad for t in leaves)
+        saved = _SavedBytes()
+        with torch.enable_grad() if need_vjp else torch.no_grad(), \
+                saved.hooks() if need_vjp else contextlib.nullcontext():
+            outputs = self._run(lambda: self._call(args, kwargs, parameters))
+        out_leaves, _ = pytree.flatten(outputs, _is_tensor)
+        if not need_vjp:
+            return outputs, None, 0
+        for t in (*leaves, *out_leaves):
+            saved.add(t)
+        return outputs, _Residual(inputs, outputs), saved.total
+
+    def vjp(self, residual: _Residual, cotangents: Any) -> tuple[Any, Any, Any]:
+        out_leaves, out_def = pytree.flatten(residual.outputs, _is_tensor)
+        try:
+            cot_leaves = pytree.flatten_up_to(out_def, cotangents, "cotangents")
+        except ValueError as err:
+            raise invalid(f"{err} (cotangents must mirror the outputs)") from None
+        outs, cots = [], []
+        for i, (out, cot) in enumerate(zip(out_leaves, cot_leaves)):
+            if cot is None:
+                continue
+            if not isinstance(cot, torch.Tensor):
+                raise invalid(f"cotangent for output tensor #{i} must be a tensor or None, "
+                              f"got {type(cot).__name__}")
+            if cot.shape != out.shape or cot.dtype != out.dtype:
+                raise invalid(f"cotangent for output tensor #{i}: expected "
+                              f"{TO_NAME[out.dtype]}{list(out.shape)}, got "
+                              f"{TO_NAME.get(cot.dtype, cot.dtype)}{list(cot.shape)}")
+            if out.requires_grad:
+                outs.append(out)
+                cots.append(cot)
+        in_leaves, in_def = pytree.flatten(residual.inputs, _is_tensor)
+        wrt = [t for t in in_leaves if t.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(wrt)
+        if outs and wrt:
+            grads = list(self._run(lambda: torch.autograd.grad(
+                outs, wrt, cots, retain_graph=True, allow_unused=True)))
+        by_leaf = iter(grads)
+        return pytree.unflatten(in_def, [next(by_leaf) if t.requires_grad else None
+                                         for t in in_leaves])
+
+    # -- helpers -----------------------------------------------------------
+    def _call(self, args: tuple, kwargs: dict, parameters: dict | None) -> Any:
+        if parameters:
+            return torch.func.functional_call(self.module, parameters, args, kwargs)
+        return self.fn(*args, **kwargs)
+
+    def _run(self, thunk: Callable[[], Any]) -> Any:
+        try:
+            return thunk()
+        except StatusError:
+            raise
+        except Exception as err:
+            message = f"endpoint {self.name!r} raised {type(err).__name__}: {err}"
+            if self.debug:
+                message += "\n" + traceback.format_exc()
+            raise StatusError(grpc.StatusCode.INTERNAL, message) from None
+
+    def _check_arguments(self, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise invalid(f"endpoint {self.name!r}{self.signature}: {err}") from None
+        for name, spec in self.input_specs.items():
+            if name not in bound.arguments:
+                continue
+            value = bound.arguments[name]
+            if not isinstance(value, torch.Tensor):
+                raise invalid(f"argument {name!r}: expected a tensor {spec}, got "
+                              f"{type(value).__name__}")
+            problem = spec.mismatch(tuple(value.shape), TO_NAME[value.dtype])
+            if problem:
+                raise invalid(f"argument {name!r}: {problem}")
+
+    def _check_parameters(self, parameters: dict) -> None:
+        if self.module is None:
+            raise invalid(f"endpoint {self.name!r} is a function and takes no parameters")
+        own = dict(self.module.named_parameters())
+        for name, value in parameters.items():
+            if name not in own:
+                raise invalid(f"parameter {name!r} is not a parameter of endpoint {self.name!r}")
+            ref = own[name]
+            if not isinstance(value, torch.Tensor) or value.shape != ref.shape \
+                    or value.dtype != ref.dtype:
+                got = (f"{TO_NAME.get(value.dtype, value.dtype)}{list(value.shape)}"
+                       if isinstance(value, torch.Tensor) else type(value).__name__)
+                raise invalid(f"parameter {name!r}: expected {TO_NAME[ref.dtype]}"
+                              f"{list(ref.shape)}, got {got}")
+
+
+
+def _own_doc(fn: Any) -> str:
+    """The first paragraph of ``fn``'s docstring, unless it is torch's own."""
+    owner = type(fn) if isinstance(fn, torch.nn.Module) else fn
+    if getattr(owner, "__module__", "").startswith("torch."):
+        return ""
+    return (inspect.getdoc(fn) or "").split("\n\n")[0]
