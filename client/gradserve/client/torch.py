@@ -27,12 +27,21 @@ def _torch_leaf(wire: WireTensor, path: str) -> torch.Tensor:
     return ADAPTER.from_wire(wire)
 
 
+def _leaf_maker(leaves: list[torch.Tensor]) -> Any:
+    """Decode outputs onto the device of the caller's first non-CPU input, if any."""
+    device = next((t.device for t in leaves if t.device.type != "cpu"), None)
+    if device is None:
+        return _torch_leaf
+    return lambda wire, path: ADAPTER.from_wire(wire).to(device, non_blocking=True)
+
+
 class _State:
     """What one remote call's forward hands its backward."""
 
-    def __init__(self, fn: "RemoteFunction", treedef: pytree.TreeDef):
+    def __init__(self, fn: "RemoteFunction", treedef: pytree.TreeDef, make_leaf: Any):
         self.fn = fn
         self.treedef = treedef
+        self.make_leaf = make_leaf
         self.out_def: pytree.TreeDef | None = None
         self.residual: Residual | None = None
 
@@ -42,7 +51,7 @@ class _RemoteForward(torch.autograd.Function):
     def forward(ctx: Any, state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         wants = [ctx.needs_input_grad[1 + i] for i in range(len(leaves))]
         flagged = {id(leaf) for leaf, want in zip(leaves, wants) if want}
-        outputs, residual = state.fn.invoke(state.treedef, list(leaves),
+        outputs, residual = state.fn.invoke(state.treedef, list(leaves), state.make_leaf,
                                             lambda x: id(x) in flagged, need_vjp=True)
         out_leaves, state.out_def = pytree.flatten(outputs, _is_tensor)
         state.residual = residual
@@ -99,18 +108,20 @@ class RemoteFunction:
     def call(self, args: tuple, kwargs: dict, parameters: dict | None = None) -> Any:
         """Run the endpoint; ``parameters`` replace the endpoint's own by name."""
         leaves, treedef = pytree.flatten((tuple(args), dict(kwargs), parameters), _is_tensor)
+        make_leaf = _leaf_maker(leaves)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves)):
-            outputs, _ = self.invoke(treedef, leaves, None, need_vjp=False)
+            outputs, _ = self.invoke(treedef, leaves, make_leaf, None, need_vjp=False)
             return outputs
-        state = _State(self, treedef)
+        state = _State(self, treedef, make_leaf)
         out_leaves = _RemoteForward.apply(state, *leaves)
         return pytree.unflatten(state.out_def, out_leaves)
 
-    def invoke(self, treedef: pytree.TreeDef, leaves: list, requires_grad: Any, *,
-               need_vjp: bool) -> tuple[Any, Residual | None]:
+    def invoke(self, treedef: pytree.TreeDef, leaves: list, make_leaf: Any, requires_grad: Any,
+               *, need_vjp: bool) -> tuple[Any, Residual | None]:
+        """Send one Forward for flattened inputs."""
         args, kwargs, parameters = pytree.unflatten(treedef, leaves)
         call = Call(self.name, args, kwargs, parameters, requires_grad)
-        return self.client.call_forward(call, _torch_leaf, need_vjp=need_vjp, timeout=self.timeout)
+        return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout)
 
 
 class RemoteModule(torch.nn.Module):

@@ -59,6 +59,9 @@ class Registry:
         with self._lock:
             if name in self._endpoints:
                 raise ValueError(f"an endpoint named {name!r} is already registered")
+            if endpoint in self._endpoints.values():
+                raise ValueError(f"this endpoint is already registered as {endpoint.name!r}; "
+                                 "create a second one to serve it under another name")
             endpoint.name = name
             self._endpoints[name] = endpoint
         return endpoint

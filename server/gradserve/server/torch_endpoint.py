@@ -9,7 +9,9 @@ the client may backpropagate twice). Client-held parameters go through
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -62,9 +64,14 @@ class TorchEndpoint(Endpoint):
     """Serve a torch ``nn.Module`` or function of tensors.
 
     ``inputs`` declares argument specs by parameter name (checked on every
-    call, reported by Describe); ``outputs`` documents output specs. Modules
-    are put in eval mode unless ``train=True``. ``debug`` adds tracebacks to
-    error messages.
+    call, reported by Describe); ``outputs`` documents output specs.
+    ``debug`` adds tracebacks to error messages.
+
+    A module is served through a private replica that shares its parameter
+    and buffer storage (so in-place weight updates show through) but never
+    changes the caller's module: the replica is in eval mode unless
+    ``train=True``, its parameters do not require grad, and it lives on
+    ``device`` (a copy only if the module is elsewhere).
     """
 
     framework = "torch"
@@ -76,13 +83,12 @@ class TorchEndpoint(Endpoint):
         if not callable(fn):
             raise TypeError(f"a torch endpoint needs a module or callable, got {type(fn).__name__}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.module = fn if isinstance(fn, torch.nn.Module) else None
+        self.module = _frozen_replica(fn) if isinstance(fn, torch.nn.Module) else None
         if self.module is not None:
             self.module.to(self.device)
             self.module.train(train)
-            for p in self.module.parameters():
-                p.requires_grad_(False)
-        self.fn = fn
+        self.fn = self.module if self.module is not None else fn
+        self._replicas = threading.local()
         target = fn.forward if self.module is not None else fn
         self.signature = inspect.signature(target)
         self.input_specs = dict(inputs or {})
@@ -172,7 +178,12 @@ class TorchEndpoint(Endpoint):
     # -- helpers -----------------------------------------------------------
     def _call(self, args: tuple, kwargs: dict, parameters: dict | None) -> Any:
         if parameters:
-            return torch.func.functional_call(self.module, parameters, args, kwargs)
+            # functional_call swaps the module's attributes while it runs, so each
+            # worker thread swaps on a replica of its own (sharing all storage).
+            replica = getattr(self._replicas, "module", None)
+            if replica is None:
+                replica = self._replicas.module = _shared_replica(self.module)
+            return torch.func.functional_call(replica, parameters, args, kwargs)
         return self.fn(*args, **kwargs)
 
     def _run(self, thunk: Callable[[], Any]) -> Any:
@@ -217,6 +228,25 @@ class TorchEndpoint(Endpoint):
                 raise invalid(f"parameter {name!r}: expected {TO_NAME[ref.dtype]}"
                               f"{list(ref.shape)}, got {got}")
 
+
+
+def _shared_replica(module: torch.nn.Module, parameters: dict | None = None) -> torch.nn.Module:
+    """A copy of ``module``'s structure sharing its tensors (or using ``parameters``)."""
+    memo: dict[int, Any] = {id(b): b for b in module.buffers()}
+    for p in module.parameters():
+        memo[id(p)] = p if parameters is None else parameters[id(p)]
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as err:
+        raise TypeError(f"cannot serve {type(module).__name__}: gradserve copies the module's "
+                        f"structure (not its weights) and deepcopy failed: {err}") from err
+
+
+def _frozen_replica(module: torch.nn.Module) -> torch.nn.Module:
+    """A replica whose parameters share storage with ``module``'s but need no grad."""
+    frozen = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
+              for p in module.parameters()}
+    return _shared_replica(module, frozen)
 
 
 def _own_doc(fn: Any) -> str:

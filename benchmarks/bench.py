@@ -1,0 +1,345 @@
+"""Forward+vjp latency of a layer served by gradserve, against local torch and a bare gRPC echo.
+
+The workload is one 256-wide layer ``y = tanh(x @ W)`` (float32): ``x`` of
+shape ``(rows, 256)`` requires grad, ``W`` is fixed on the server. One *step*
+is a forward plus ``y.backward(ct)`` with a fixed random cotangent ``ct``.
+
+Each way of running a step is a *path* (``PATHS``): a context manager that
+owns its long-lived resources (servers, channels) and yields a function that
+builds the step for a given workload. The printed table is described by
+``COLUMNS``. A new transport or client (shared memory, JAX) is one more path
+and a few more columns.
+
+Every step is timed in one process on a shared machine, with client and
+servers competing for the same cores and GIL, so absolute milliseconds are
+noisy; the ratios are the meaningful numbers. Paths are sampled in
+interleaved rounds so that slow drifts in machine load hit all of them alike.
+
+Run with ``make bench`` or ``python benchmarks/bench.py [--quick] [--rows 16,4096]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Mapping, Sequence
+
+import grpc
+import torch
+
+import gradserve
+from gradserve.server import Server
+from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES as CHUNK_BYTES
+
+WIDTH = 256
+DEFAULT_ROWS = (16, 4096, 65536)
+#: Largest difference allowed between a remote and the local result.
+TOLERANCE = 1e-5
+MiB = float(1 << 20)
+ECHO_METHOD = "/bench.Echo/Echo"
+
+#: One forward+vjp; returns ``(y, x.grad)`` when the path computes them, else None.
+Step = Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+class Layer(torch.nn.Module):
+    """``y = tanh(x @ W)`` with a fixed ``W`` of shape (256, 256)."""
+
+    def __init__(self, width: int = WIDTH, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(width, width, generator=g) / width ** 0.5,
+                                         requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.weight)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The inputs of one table row."""
+
+    rows: int
+    x: torch.Tensor   # (rows, WIDTH), requires grad
+    ct: torch.Tensor  # (rows, WIDTH) cotangent of y
+
+    @classmethod
+    def make(cls, rows: int, seed: int = 1) -> "Workload":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(rows, WIDTH, generator=g).requires_grad_(True)
+        return cls(rows, x, torch.randn(rows, WIDTH, generator=g))
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of one (rows, WIDTH) float32 tensor: x, y, ct and the grad are all this size."""
+        return self.x.numel() * self.x.element_size()
+
+
+def autograd_step(fn: Callable[[torch.Tensor], torch.Tensor], work: Workload) -> Step:
+    """A step that runs ``fn`` under autograd and backpropagates ``work.ct`` into ``work.x``."""
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        work.x.grad = None
+        y = fn(work.x)
+        y.backward(work.ct)
+        assert work.x.grad is not None
+        return y.detach(), work.x.grad
+    return step
+
+
+# -- paths ------------------------------------------------------------------
+MakeStep = Callable[[Workload], Step]
+Path = Callable[[torch.nn.Module], ContextManager[MakeStep]]
+
+
+@contextlib.contextmanager
+def local_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """In-process torch: the baseline."""
+    yield lambda work: autograd_step(module, work)
+
+
+@contextlib.contextmanager
+def gradserve_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """``client.torch(...)`` against an in-process gradserve server (bytes transport)."""
+    server = Server(host="127.0.0.1", port=0, workers=4)
+    server.add_torch("layer", module)
+    server.start()
+    client = gradserve.connect(server.address)
+    try:
+        f = client.torch("layer")
+        yield lambda work: autograd_step(f, work)
+    finally:
+        client.close()
+        server.stop()
+
+
+def _chunks(data: bytes | memoryview) -> Iterator[bytes]:
+    for offset in range(0, len(data), CHUNK_BYTES):
+        yield bytes(data[offset:offset + CHUNK_BYTES])
+
+
+def _echo_handler(request_iterator: Iterator[bytes],
+                  context: grpc.ServicerContext) -> Iterator[bytes]:
+    # Reassemble the whole message before replying, as gradserve must before it computes.
+    yield from _chunks(b"".join(request_iterator))
+
+
+@contextlib.contextmanager
+def echo_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """A bare gRPC echo moving the same bytes as a gradserve step, with no protobuf and no compute.
+
+    It is a stream-stream method chunked like gradserve's bytes transport
+    (1 MiB; rather than one unary message), so it pays the same per-message
+    costs and neither side needs raised message-size limits. Raw bytes pass
+    through (no serializers). One step is two round trips: x's bytes up and
+    back (forward), then ct's bytes up and back (vjp: the grad is ct-sized).
+    Each side joins the chunks it receives, as gradserve reassembles tensors.
+    """
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.stream_stream_rpc_method_handler(_echo_handler),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        echo = channel.stream_stream(ECHO_METHOD)
+
+        def make(work: Workload) -> Step:
+            x_bytes = memoryview(work.x.detach().numpy()).cast("B")
+            ct_bytes = memoryview(work.ct.numpy()).cast("B")
+
+            def step() -> None:
+                for payload in (x_bytes, ct_bytes):
+                    back = b"".join(echo(_chunks(payload)))
+                    if len(back) != len(payload):
+                        raise RuntimeError(f"echo returned {len(back)} of {len(payload)} bytes")
+            return step
+        yield make
+    finally:
+        channel.close()
+        server.stop(None).wait()
+
+
+#: name -> path; "local" is the reference every other path's results are checked against.
+PATHS: dict[str, Path] = {
+    "local": local_path,
+    "gradserve": gradserve_path,
+    "echo": echo_path,
+}
+REFERENCE = "local"
+
+
+# -- measuring ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """How long to sample each cell."""
+
+    seconds: float    # target sampling time per path per row
+    rounds: int       # interleaved rounds (and so the minimum number of samples)
+    warmup_s: float   # warm-up time per path per row (at least one call)
+
+
+FULL = Budget(seconds=2.0, rounds=7, warmup_s=0.3)
+QUICK = Budget(seconds=0.3, rounds=3, warmup_s=0.05)
+
+
+def _time(step: Step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def measure(steps: Mapping[str, Step], budget: Budget) -> dict[str, float]:
+    """Median seconds per call of each step.
+
+    Each step is warmed up, then sampled in ``budget.rounds`` interleaved
+    rounds; in every round each step runs as many times as fit in its share of
+    ``budget.seconds`` (at least once), so all steps get the same wall time
+    whatever their speed and see the same machine load.
+    """
+    estimate: dict[str, float] = {}
+    for name, step in steps.items():
+        warm = [_time(step)]
+        while sum(warm) < budget.warmup_s:
+            warm.append(_time(step))
+        estimate[name] = min(warm)
+    per_round = budget.seconds / budget.rounds
+    reps = {name: max(1, round(per_round / max(t, 1e-9))) for name, t in estimate.items()}
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(budget.rounds):
+        for name, step in steps.items():
+            samples[name].extend(_time(step) for _ in range(reps[name]))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def check(work: Workload, steps: Mapping[str, Step]) -> None:
+    """Abort unless every path's output and gradient match the reference path's."""
+    expected = steps[REFERENCE]()
+    assert expected is not None
+    for name, step in steps.items():
+        got = step()
+        if name == REFERENCE or got is None:
+            continue
+        for what, want, have in zip(("output", "grad"), expected, got):
+            where = f"bench: {name} {what} differs from {REFERENCE} at rows={work.rows}"
+            if have.shape != want.shape:
+                sys.exit(f"{where}: shape {tuple(have.shape)}, expected {tuple(want.shape)}")
+            err = (have - want).abs().max().item()
+            if not err <= TOLERANCE:  # also catches NaN
+                sys.exit(f"{where}: max |diff| {err:.3g} > {TOLERANCE}")
+
+
+# -- the table ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Result:
+    """One table row: a workload and each path's median seconds per step."""
+
+    work: Workload
+    median_s: dict[str, float]
+
+    def ms(self, path: str) -> float:
+        return self.median_s[path] * 1e3
+
+    def ratio(self, path: str, over: str) -> float:
+        return self.median_s[path] / self.median_s[over]
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    cell: Callable[[Result], str]
+
+
+def _ms(path: str) -> Column:
+    return Column(f"{path} ms", lambda r: f"{r.ms(path):.2f}")
+
+
+def _ratio(path: str, over: str) -> Column:
+    return Column(f"{path}/{over}", lambda r: f"{r.ratio(path, over):.2f}x")
+
+
+COLUMNS: list[Column] = [
+    Column("rows", lambda r: str(r.work.rows)),
+    Column("MiB each way", lambda r: f"{2 * r.work.tensor_bytes / MiB:.3g}"),
+    _ms("local"),
+    _ms("gradserve"),
+    _ratio("gradserve", "local"),
+    _ms("echo"),
+    _ratio("gradserve", "echo"),
+    Column("overhead ms", lambda r: f"{r.ms('gradserve') - r.ms('local'):.2f}"),
+]
+
+
+def render(results: Sequence[Result], columns: Sequence[Column]) -> str:
+    """A markdown table, numbers right-aligned."""
+    cells = [[c.cell(r) for c in columns] for r in results]
+    widths = [max(len(c.header), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.header.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def header(budget: Budget) -> str:
+    return "\n".join([
+        f"gradserve bench: y = tanh(x @ W), x (rows, {WIDTH}) float32, one forward + vjp per step",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"grpcio {grpc.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs; "
+        f"medians of {budget.rounds} interleaved rounds, ~{budget.seconds:g} s per cell",
+        "client and servers share this process and its cores: on a shared machine the "
+        "ratios are the meaningful numbers, not the milliseconds.",
+        "MiB each way = x + ct up, y + grad down; echo = bare gRPC stream-stream echo of the "
+        f"same bytes in {CHUNK_BYTES / MiB:g} MiB chunks (no protobuf, no compute).",
+    ])
+
+
+def _row_counts(text: str) -> list[int]:
+    try:
+        rows = [int(v) for v in text.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 16,4096, got {text!r}")
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter samples")
+    parser.add_argument("--rows", type=_row_counts,
+                        default=list(DEFAULT_ROWS),
+                        help="comma-separated row counts (default: "
+                             f"{','.join(map(str, DEFAULT_ROWS))})")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    module = Layer()
+    results = []
+    with contextlib.ExitStack() as stack:
+        makers = {name: stack.enter_context(path(module)) for name, path in PATHS.items()}
+        for rows in args.rows:
+            work = Workload.make(rows)
+            steps = {name: make(work) for name, make in makers.items()}
+            check(work, steps)
+            results.append(Result(work, measure(steps, budget)))
+    print(header(budget))
+    print()
+    print(render(results, COLUMNS))
+    print()
+    print(f"total {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

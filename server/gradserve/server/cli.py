@@ -1,0 +1,186 @@
+"""The ``gradserve`` command line: ``gradserve serve TARGET`` and ``gradserve list ADDRESS``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from gradserve.server.host import Server
+from gradserve.server.registry import Endpoint
+
+log = logging.getLogger("gradserve.cli")
+
+
+def load_target(target: str) -> tuple[str, Any]:
+    """Import ``path/file.py:attr`` or ``package.module:attr``; returns (attr name, object)."""
+    module_ref, sep, attr = target.rpartition(":")
+    if not sep or not module_ref or not attr:
+        raise SystemExit(f"gradserve: TARGET must look like module:attr or path/file.py:attr, "
+                         f"got {target!r}")
+    if module_ref.endswith(".py") or "/" in module_ref:
+        path = Path(module_ref).resolve()
+        if not path.is_file():
+            raise SystemExit(f"gradserve: no such file {module_ref!r}")
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        module = importlib.import_module(module_ref)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SystemExit(f"gradserve: {module_ref!r} has no attribute {attr!r}") from None
+    return attr.split(".")[-1], obj
+
+
+def _is_factory(obj: Any) -> bool:
+    if isinstance(obj, Endpoint) or not callable(obj) or _is_torch_module(obj):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params)
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoint]:
+    """Turn a TARGET's object into named endpoints.
+
+    Accepts an ``Endpoint``, a torch module or function of tensors, a dict of
+    name -> any of these, or a factory (a callable with no required arguments,
+    given ``device=`` if it accepts one) returning any of these.
+    """
+    if _is_factory(obj):
+        accepts_device = "device" in inspect.signature(obj).parameters
+        obj = obj(device=device) if accepts_device and device else obj()
+    if isinstance(obj, dict):
+        endpoints: dict[str, Endpoint] = {}
+        for key, value in obj.items():
+            endpoints.update(build_endpoints(str(key), value, device))
+        return endpoints
+    if isinstance(obj, Endpoint):
+        return {name: obj}
+    if callable(obj):
+        from gradserve.server.torch_endpoint import TorchEndpoint
+        return {name: TorchEndpoint(obj, device=device)}
+    raise SystemExit(f"gradserve: {name!r} is a {type(obj).__name__}, not a module, function, "
+                     "Endpoint, dict of those, or a factory returning one")
+
+
+def serve(args: argparse.Namespace) -> int:
+    attr, obj = load_target(args.target)
+    endpoints = build_endpoints(args.name or attr, obj, args.device)
+    if not endpoints:
+        raise SystemExit(f"gradserve: {args.target!r} defines no endpoints")
+    server = Server(args.host, args.port, workers=args.workers,
+                    max_residual_bytes=args.max_residual_bytes, residual_ttl=args.residual_ttl,
+                    max_request_bytes=args.max_request_bytes, debug=args.debug)
+    for name, endpoint in endpoints.items():
+        server.add(name, endpoint)
+    server.start()
+    print(f"gradserve: serving {', '.join(endpoints)} on {server.address}", flush=True)
+    stopped = threading.Event()
+
+    def shutdown(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    stopped.wait()
+    server.stop(grace=args.grace)
+    return 0
+
+
+def list_endpoints(args: argparse.Namespace) -> int:
+    import gradserve
+    with gradserve.connect(args.address, timeout=args.timeout) as client:
+        for info in client.endpoints():
+            print(f"{info.signature}  [{info.framework} on {info.device}]")
+            if info.doc:
+                print(f"    {info.doc.splitlines()[0]}")
+            for label, specs in (("input", info.inputs), ("output", info.outputs)):
+                for arg, spec in specs.items():
+                    print(f"    {label} {arg}: {spec}")
+            if info.parameters:
+                count = sum(_numel(s.shape) for s in info.parameters.values())
+                print(f"    parameters: {len(info.parameters)} tensors, {count} values"
+                      f"{' (client may send its own)' if info.accepts_parameters else ''}")
+    return 0
+
+
+def _numel(shape: Sequence[int | None]) -> int:
+    n = 1
+    for d in shape:
+        n *= d or 0
+    return n
+
+
+def _byte_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model or function as differentiable endpoints")
+    s.add_argument("target", help="module:attr or path/file.py:attr (module, function, "
+                                  "Endpoint, dict of those, or a factory)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    s.add_argument("--name", default=None, help="endpoint name for a single model (default: attr)")
+    s.add_argument("--workers", type=int, default=8, help="concurrent RPCs")
+    s.add_argument("--max-residual-bytes", type=_byte_size, default=2 << 30,
+                   help="residual store budget, e.g. 2GiB")
+    s.add_argument("--residual-ttl", type=float, default=600.0, help="seconds an unused residual lives")
+    s.add_argument("--max-request-bytes", type=_byte_size, default=16 << 30,
+                   help="largest tensor payload of one request")
+    s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")
+    s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
+    s.set_defaults(run=serve)
+    ls = sub.add_parser("list", help="list a server's endpoints and signatures")
+    ls.add_argument("address", help="host:port")
+    ls.add_argument("--timeout", type=float, default=10.0)
+    ls.set_defaults(run=list_endpoints)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Exception as err:  # a clean one-line error for the terminal
+        from gradserve.errors import GradserveError
+        if isinstance(err, GradserveError):
+            print(f"gradserve: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Targets for `gradserve serve` in the CLI tests."""
+
+import torch
+
+from gradserve.server.torch_endpoint import TorchEndpoint
+from gradserve.specs import TensorSpec
+
+
+def square(x):
+    """Elementwise square."""
+    return x * x
+
+
+model = torch.nn.Linear(3, 2)
+table = {"lin": model, "square": square}
+
+
+def factory(device="cpu"):
+    return {"sq": TorchEndpoint(square, device=device, inputs={"x": TensorSpec((None,), "float32")})}
+
+
+not_servable = 42

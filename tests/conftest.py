@@ -1,0 +1,38 @@
+"""Shared fixtures: a server started on a free loopback port, and a client to it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import gradserve
+from gradserve.server import Server
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., tuple[Server, gradserve.Client]]]:
+    """``serve(endpoints, **server_options)`` -> (started server, connected client).
+
+    ``endpoints`` maps names to torch modules/functions (or Endpoint objects).
+    Everything started is stopped at teardown.
+    """
+    started: list[tuple[Server, gradserve.Client]] = []
+
+    def start(endpoints: dict[str, Any], client_options: dict | None = None,
+              **options: Any) -> tuple[Server, gradserve.Client]:
+        server = Server("127.0.0.1", 0, **options)
+        for name, fn in endpoints.items():
+            if isinstance(fn, gradserve.server.Endpoint):
+                server.add(name, fn)
+            else:
+                server.add_torch(name, fn)
+        server.start()
+        client = gradserve.connect(server.address, **(client_options or {}))
+        started.append((server, client))
+        return server, client
+
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop(grace=0)

@@ -1,0 +1,119 @@
+"""`gradserve serve` / `gradserve list`, health checking and reflection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import gradserve
+from gradserve.server.cli import build_endpoints, load_target
+
+HERE = Path(__file__).resolve().parent
+TARGETS = str(HERE / "cli_targets.py")
+
+
+def test_module_function_dict_and_factory_targets() -> None:
+    name, obj = load_target(f"{TARGETS}:model")
+    assert name == "model" and set(build_endpoints(name, obj, None)) == {"model"}
+    name, obj = load_target(f"{TARGETS}:table")
+    assert set(build_endpoints(name, obj, None)) == {"lin", "square"}
+    name, obj = load_target(f"{TARGETS}:factory")
+    eps = build_endpoints(name, obj, "cpu")
+    assert set(eps) == {"sq"} and eps["sq"].input_specs["x"].dtype == "float32"
+    name, obj = load_target("gradserve.server.models.digits:endpoints")
+    assert "digits" in build_endpoints(name, obj, None)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("no-colon", "must look like module:attr"),
+    (f"{HERE}/missing.py:x", "no such file"),
+    (f"{TARGETS}:missing", "has no attribute 'missing'"),
+])
+def test_bad_targets_exit_with_a_message(target, message) -> None:
+    with pytest.raises(SystemExit, match=message):
+        load_target(target)
+
+
+def test_non_servable_object_is_refused() -> None:
+    name, obj = load_target(f"{TARGETS}:not_servable")
+    with pytest.raises(SystemExit, match="'not_servable' is a int"):
+        build_endpoints(name, obj, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return channel
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > end:
+            raise TimeoutError(f"no server on {address}")
+        time.sleep(0.2)
+
+
+def test_serve_list_health_reflection_and_sigterm() -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
+                             f"{TARGETS}:table", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        channel = wait_serving(address)
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("gradserve.v1.Gradserve", "lin", "square"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        services = {s.name for r in replies for s in r.list_services_response.service}
+        assert {"gradserve.v1.Gradserve", "grpc.health.v1.Health"} <= services
+
+        listing = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "list", address],
+                                 capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0, listing.stderr
+        assert "lin(input: torch.Tensor) -> torch.Tensor  [torch on cpu]" in listing.stdout
+        assert "square(x)  [torch on cpu]" in listing.stdout
+        assert "Elementwise square." in listing.stdout
+        assert "parameters: 2 tensors, 8 values (client may send its own)" in listing.stdout
+
+        with gradserve.connect(address) as client:
+            x = torch.randn(4, requires_grad=True)
+            client.torch("square")(x).sum().backward()
+            torch.testing.assert_close(x.grad, 2 * x.detach())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"serving lin, square on {address}" in out
+
+
+def test_list_against_no_server_fails_cleanly() -> None:
+    result = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "list",
+                             f"127.0.0.1:{free_port()}", "--timeout", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("gradserve: ")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,132 @@
+"""The wire codec and the bytes transport: exact round trips and strict validation."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from gradserve import codec
+from gradserve.errors import StatusError
+from gradserve.frameworks.torch import ADAPTER as TORCH
+from gradserve.transport.bytes import FrameReader, FrameWriter
+from gradserve.v1 import gradserve_pb2 as pb
+
+ALL_TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                    torch.complex64, torch.complex128]
+
+
+def roundtrip(tree, chunk_bytes=1 << 20, inline_bytes=None, make_leaf=None):
+    writer = FrameWriter(chunk_bytes, inline_bytes)
+    value = codec.encode(tree, writer, path="tree")
+    frames = list(writer.frames(pb.GetParametersFrame, value))
+    reader = FrameReader(1 << 40)
+    header = reader.read(frames)
+    leaf = make_leaf or (lambda w, path: TORCH.from_wire(w))
+    return codec.decode(header, reader, leaf), frames
+
+
+@pytest.mark.parametrize("dtype", ALL_TORCH_DTYPES, ids=str)
+def test_every_dtype_roundtrips_bit_exact(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    src = (torch.randn(3, 5, generator=g, dtype=torch.float64) * 100)
+    t = src.to(dtype) if not dtype.is_complex else torch.complex(src, -src).to(dtype)
+    out, _ = roundtrip(t)
+    assert out.dtype == dtype and out.shape == t.shape
+    assert torch.equal(out, t)
+
+
+def test_bfloat16_travels_as_two_bytes_per_element() -> None:
+    t = torch.randn(1000, dtype=torch.bfloat16)
+    _, frames = roundtrip(t)
+    assert len(frames[0].header.tensor.data) == 2000
+    assert frames[0].header.tensor.dtype == pb.BFLOAT16
+
+
+def test_pytree_with_static_leaves_and_views() -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tree = {"a": (base.t(), [None, True, 3, 2.5, "s"]), "b": {"c": base[:, 1], "d": []},
+            "scalar": torch.tensor(7.0), "empty": torch.zeros(0, 3), "conj": torch.tensor([1 + 2j]).conj()}
+    out, _ = roundtrip(tree)
+    assert out["a"][1] == [None, True, 3, 2.5, "s"]
+    assert type(out["a"]) is tuple and type(out["a"][1]) is list
+    assert torch.equal(out["a"][0], base.t())
+    assert torch.equal(out["b"]["c"], base[:, 1])
+    assert out["b"]["d"] == []
+    assert out["scalar"].shape == () and out["scalar"].item() == 7.0
+    assert out["empty"].shape == (0, 3)
+    assert torch.equal(out["conj"], torch.tensor([1 - 2j]))
+
+
+def test_numpy_leaves_roundtrip() -> None:
+    arr = np.arange(10, dtype=np.int16).reshape(2, 5)
+    out, _ = roundtrip({"x": arr}, make_leaf=lambda w, p: np.frombuffer(w.data, np.int16).reshape(w.shape))
+    np.testing.assert_array_equal(out["x"], arr)
+
+
+def test_large_tensor_is_streamed_in_bounded_chunks() -> None:
+    t = torch.randn(300_000)  # 1.2 MB
+    out, frames = roundtrip((t, torch.ones(3)), chunk_bytes=64 << 10)
+    assert torch.equal(out[0], t)
+    assert frames[0].header.tuple_value.items[0].tensor.WhichOneof("payload") == "stream"
+    assert frames[0].header.tuple_value.items[1].tensor.WhichOneof("payload") == "data"
+    chunks = frames[1:]
+    assert len(chunks) == -(-t.numel() * 4 // (64 << 10))
+    assert max(len(f.chunk.data) for f in chunks) == 64 << 10
+
+
+@pytest.mark.parametrize("bad, message", [
+    (object(), "cannot send a builtins.object"),
+    ({1: torch.ones(1)}, "dict keys must be str"),
+    ([2**70], "does not fit in int64"),
+    (torch.ones(2, dtype=torch.uint16), "cannot be sent"),
+])
+def test_unencodable_values_name_the_problem(bad, message) -> None:
+    with pytest.raises(TypeError, match=message):
+        codec.encode(bad, FrameWriter())
+
+
+def tensor_frames(dtype=pb.FLOAT32, shape=(2, 3), data=None, stream=None, chunks=()):
+    header = pb.Value(tensor=pb.Tensor(dtype=dtype, shape=list(shape)))
+    if stream is not None:
+        header.tensor.stream.id = stream
+    else:
+        header.tensor.data = data if data is not None else bytes(24)
+    return [pb.GetParametersFrame(header=header)] + [
+        pb.GetParametersFrame(chunk=pb.Chunk(id=i, data=d)) for i, d in chunks]
+
+
+@pytest.mark.parametrize("frames, code, message", [
+    (tensor_frames(data=bytes(23)), grpc.StatusCode.INVALID_ARGUMENT, "payload has 23 bytes"),
+    (tensor_frames(dtype=99), grpc.StatusCode.INVALID_ARGUMENT, "unknown wire dtype 99"),
+    (tensor_frames(shape=(2, -3)), grpc.StatusCode.INVALID_ARGUMENT, "negative dimension"),
+    (tensor_frames(stream=0, chunks=[(0, bytes(10))]), grpc.StatusCode.INVALID_ARGUMENT,
+     "stream ended after 10 of 24 bytes"),
+    (tensor_frames(stream=0, chunks=[(0, bytes(20)), (0, bytes(8))]),
+     grpc.StatusCode.INVALID_ARGUMENT, "more than the 24 bytes"),
+    (tensor_frames(stream=0, chunks=[(5, bytes(24))]), grpc.StatusCode.INVALID_ARGUMENT,
+     "unknown stream id 5"),
+    (tensor_frames(shape=(1 << 40, 1 << 20), stream=0), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "over the limit"),
+    ([], grpc.StatusCode.INVALID_ARGUMENT, "must start with a header"),
+])
+def test_reader_rejects_malformed_streams_before_allocating(frames, code, message) -> None:
+    with pytest.raises(StatusError, match=message) as info:
+        FrameReader(1 << 30).read(frames)
+    assert info.value.code == code
+
+
+def test_reader_accepts_interleaved_chunks() -> None:
+    a, b = torch.arange(6, dtype=torch.float32), torch.arange(6, 12, dtype=torch.float32)
+    header = pb.Value(tuple_value=pb.Sequence(items=[
+        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[6], stream=pb.StreamedPayload(id=0))),
+        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[6], stream=pb.StreamedPayload(id=1)))]))
+    ab, bb = a.numpy().tobytes(), b.numpy().tobytes()
+    frames = [pb.GetParametersFrame(header=header)] + [
+        pb.GetParametersFrame(chunk=pb.Chunk(id=i, data=d))
+        for i, d in [(1, bb[:8]), (0, ab[:12]), (1, bb[8:]), (0, ab[12:])]]
+    reader = FrameReader(1 << 20)
+    out = codec.decode(reader.read(frames), reader, lambda w, p: TORCH.from_wire(w))
+    assert torch.equal(out[0], a) and torch.equal(out[1], b)

@@ -1,0 +1,132 @@
+"""The residual store's bounds, and correctness when residuals are gone."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from gradserve.server.residuals import ResidualStore
+from models import mlp
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lru_eviction_by_bytes() -> None:
+    store = ResidualStore(max_bytes=100, ttl=60)
+    a = store.put("e", "A", 40)
+    b = store.put("e", "B", 40)
+    assert store.get(a) == ("e", "A")  # a is now most recently used
+    c = store.put("e", "C", 40)        # over budget: evicts b, the least recently used
+    assert store.get(b) is None
+    assert store.get(a) == ("e", "A") and store.get(c) == ("e", "C")
+    stats = store.stats("e")
+    assert (stats.count, stats.bytes, stats.evictions, stats.endpoint_count) == (2, 80, 1, 2)
+
+
+def test_oversized_residual_is_not_kept() -> None:
+    store = ResidualStore(max_bytes=100, ttl=60)
+    assert store.put("e", "big", 101) == ""
+    assert store.stats().count == 0
+
+
+def test_ttl_expiry_counts_from_last_use() -> None:
+    clock = FakeClock()
+    store = ResidualStore(max_bytes=1000, ttl=10, clock=clock)
+    a, b = store.put("e", "A", 1), store.put("e", "B", 1)
+    clock.now = 6
+    assert store.get(a) is not None
+    clock.now = 12                      # b unused for 12 s, a for 6 s
+    assert store.get(b) is None and store.get(a) is not None
+    clock.now = 30
+    stats = store.stats()
+    assert (stats.count, stats.bytes, stats.evictions) == (0, 0, 2)
+
+
+def test_release_counts_only_held_ids() -> None:
+    store = ResidualStore(max_bytes=1000, ttl=60)
+    ids = [store.put("e", i, 10) for i in range(3)]
+    assert store.release([ids[0], ids[1], "unknown"]) == 2
+    assert store.release([ids[0]]) == 0
+    assert store.stats().count == 1 and store.stats().bytes == 10
+
+
+def test_ids_are_unguessable_and_unique() -> None:
+    store = ResidualStore(max_bytes=1 << 20, ttl=60)
+    ids = {store.put("e", None, 1) for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) >= 20 for i in ids)
+
+
+def test_residual_bytes_account_for_saved_activations(serve) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Tanh())
+    _, client = serve({"wide": model})
+    y = client.torch("wide")(torch.randn(64, 1000, requires_grad=True))
+    stats = client.describe("wide").residuals
+    # at least the input, the tanh output and the weight it saved: 64k + 64k + 1M floats
+    assert stats.count == 1 and stats.bytes >= 4 * (2 * 64 * 1000 + 1000 * 1000)
+    del y
+
+
+def local_grad(model, x, ct):
+    x = x.clone().requires_grad_()
+    model(x).backward(ct)
+    return x.grad
+
+
+def test_eviction_then_recompute_gives_right_gradients(serve) -> None:
+    model = mlp()
+    _, client = serve({"mlp": model}, max_residual_bytes=3000)
+    f = client.torch("mlp")
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 6, generator=g, requires_grad=True) for _ in range(10)]
+    outs = [f(x) for x in xs]          # the store holds only the last few
+    stats = client.describe("mlp").residuals
+    assert stats.evictions > 0 and stats.bytes <= 3000
+    cts = [torch.randn(8, 4, generator=g) for _ in xs]
+    for x, out, ct in zip(xs, outs, cts):
+        out.backward(ct)
+        torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+
+
+def test_residual_larger_than_budget_recomputes(serve) -> None:
+    model = mlp()
+    _, client = serve({"mlp": model}, max_residual_bytes=16)
+    x = torch.randn(8, 6, requires_grad=True)
+    ct = torch.randn(8, 4)
+    client.torch("mlp")(x).backward(ct)
+    assert client.describe("mlp").residuals.count == 0
+    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+
+
+def test_server_losing_everything_still_gives_right_gradients(serve) -> None:
+    model = mlp()
+    server, client = serve({"mlp": model})
+    x = torch.randn(4, 6, requires_grad=True)
+    ct = torch.randn(4, 4)
+    out = client.torch("mlp")(x)
+    server.residuals.clear()           # as after a restart or on another replica
+    out.backward(ct, retain_graph=True)
+    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+    x.grad = None
+    out.backward(ct)                   # the second backward recomputes again
+    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+    del out
+    gc.collect()
+    assert client.describe("mlp").residuals.count == 0
+
+
+def test_ttl_expiry_on_a_live_server(serve) -> None:
+    model = mlp()
+    server, client = serve({"mlp": model}, residual_ttl=0.0)
+    x = torch.randn(4, 6, requires_grad=True)
+    ct = torch.randn(4, 4)
+    out = client.torch("mlp")(x)
+    assert client.describe("mlp").residuals.count == 0  # expired at once
+    out.backward(ct)
+    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
