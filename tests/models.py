@@ -42,3 +42,10 @@ def pytree_fn(inputs, weights):
     """Takes nested inputs: a dict with a list of tensors."""
     x, y = inputs["xs"]
     return [x @ weights["w"], (y * weights["w"].sum()).cos()]
+
+
+def local_input_grad(model, x: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+    """d(model(x)) . ct with respect to x, computed locally."""
+    x = x.detach().clone().requires_grad_()
+    model(x).backward(ct)
+    return x.grad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -11,45 +12,46 @@ from pathlib import Path
 import torch
 
 import gradserve
-from models import mlp
+from models import local_input_grad, mlp
 
 HERE = Path(__file__).resolve().parent
 
 
-def expected_grad(model, x, ct):
-    x = x.clone().requires_grad_()
-    model(x).backward(ct)
-    return x.grad
+def run_threads(worker, count: int) -> None:
+    """Run ``worker(i)`` in ``count`` threads; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            worker(i)
+        except BaseException as err:  # surfaced in the calling thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
 
 
 def test_eight_threads_get_their_own_gradients(serve) -> None:
     model = mlp()
     server, client = serve({"mlp": model}, workers=8)
     f = client.torch("mlp")
-    errors: list[BaseException] = []
     checked = [0] * 8
 
     def worker(i: int) -> None:
-        try:
-            g = torch.Generator().manual_seed(100 + i)
-            for _ in range(10):
-                x = torch.randn(4 + i, 6, generator=g, requires_grad=True)
-                ct = torch.randn(4 + i, 4, generator=g)
-                f(x).backward(ct)
-                torch.testing.assert_close(x.grad, expected_grad(model, x.detach(), ct),
-                                           rtol=1e-6, atol=1e-6)
-                checked[i] += 1
-        except BaseException as err:  # surfaced in the main thread below
-            errors.append(err)
+        g = torch.Generator().manual_seed(100 + i)
+        for _ in range(10):
+            x = torch.randn(4 + i, 6, generator=g, requires_grad=True)
+            ct = torch.randn(4 + i, 4, generator=g)
+            f(x).backward(ct)
+            torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-6, atol=1e-6)
+            checked[i] += 1
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[0]
+    run_threads(worker, 8)
     assert checked == [10] * 8
-    import gc
     gc.collect()
     assert client.describe("mlp").residuals.count == 0
 
@@ -57,7 +59,7 @@ def test_eight_threads_get_their_own_gradients(serve) -> None:
 CHILD = textwrap.dedent("""
     import sys, torch, gradserve
     sys.path.insert(0, {here!r})
-    from models import mlp
+    from models import local_input_grad, mlp
     model = mlp()
     seed = int(sys.argv[1])
     with gradserve.connect({address!r}, timeout=60) as client:
@@ -89,25 +91,16 @@ def test_concurrent_client_held_parameters_do_not_mix(serve) -> None:
     """Threads sending different parameters to one module each get their own result."""
     served = mlp()
     _, client = serve({"mlp": served}, workers=8)
-    errors: list[BaseException] = []
 
     def worker(i: int) -> None:
-        try:
-            local = mlp(seed=10 + i)
-            params = {n: p.detach() for n, p in local.named_parameters()}
-            g = torch.Generator().manual_seed(i)
-            for _ in range(10):
-                x = torch.randn(3, 6, generator=g)
-                out = client.torch("mlp").call((x,), {}, params)
-                torch.testing.assert_close(out, local(x).detach(), rtol=1e-6, atol=1e-6)
-        except BaseException as err:
-            errors.append(err)
+        local = mlp(seed=10 + i)
+        params = {n: p.detach() for n, p in local.named_parameters()}
+        g = torch.Generator().manual_seed(i)
+        for _ in range(10):
+            x = torch.randn(3, 6, generator=g)
+            out = client.torch("mlp").call((x,), {}, params)
+            torch.testing.assert_close(out, local(x).detach(), rtol=1e-6, atol=1e-6)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[0]
+    run_threads(worker, 6)
     x = torch.randn(2, 6)
     torch.testing.assert_close(client.torch("mlp")(x), served(x), rtol=0, atol=0)

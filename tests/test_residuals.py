@@ -7,7 +7,7 @@ import gc
 import torch
 
 from gradserve.server.residuals import ResidualStore
-from models import mlp
+from models import local_input_grad, mlp
 
 
 class FakeClock:
@@ -73,12 +73,6 @@ def test_residual_bytes_account_for_saved_activations(serve) -> None:
     del y
 
 
-def local_grad(model, x, ct):
-    x = x.clone().requires_grad_()
-    model(x).backward(ct)
-    return x.grad
-
-
 def test_eviction_then_recompute_gives_right_gradients(serve) -> None:
     model = mlp()
     _, client = serve({"mlp": model}, max_residual_bytes=3000)
@@ -91,7 +85,7 @@ def test_eviction_then_recompute_gives_right_gradients(serve) -> None:
     cts = [torch.randn(8, 4, generator=g) for _ in xs]
     for x, out, ct in zip(xs, outs, cts):
         out.backward(ct)
-        torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, local_input_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
 
 
 def test_residual_larger_than_budget_recomputes(serve) -> None:
@@ -101,7 +95,7 @@ def test_residual_larger_than_budget_recomputes(serve) -> None:
     ct = torch.randn(8, 4)
     client.torch("mlp")(x).backward(ct)
     assert client.describe("mlp").residuals.count == 0
-    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, local_input_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
 
 
 def test_server_losing_everything_still_gives_right_gradients(serve) -> None:
@@ -112,10 +106,10 @@ def test_server_losing_everything_still_gives_right_gradients(serve) -> None:
     out = client.torch("mlp")(x)
     server.residuals.clear()           # as after a restart or on another replica
     out.backward(ct, retain_graph=True)
-    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, local_input_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
     x.grad = None
     out.backward(ct)                   # the second backward recomputes again
-    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, local_input_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
     del out
     gc.collect()
     assert client.describe("mlp").residuals.count == 0
@@ -129,4 +123,4 @@ def test_ttl_expiry_on_a_live_server(serve) -> None:
     out = client.torch("mlp")(x)
     assert client.describe("mlp").residuals.count == 0  # expired at once
     out.backward(ct)
-    torch.testing.assert_close(x.grad, local_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, local_input_grad(model, x.detach(), ct), rtol=1e-6, atol=1e-6)
