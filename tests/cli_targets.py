@@ -20,3 +20,11 @@ def factory(device="cpu"):
 
 
 not_servable = 42
+
+
+def jax_targets():
+    """A dict mixing torch and JAX endpoints (imported lazily: jax is optional)."""
+    import jax
+    import jax.numpy as jnp
+
+    return {"jsin": jax.jit(jnp.sin), "tsq": square}

@@ -36,3 +36,13 @@ def serve() -> Iterator[Callable[..., tuple[Server, gradserve.Client]]]:
     for server, client in started:
         client.close()
         server.stop(grace=0)
+
+
+@pytest.fixture
+def x64() -> Iterator[None]:
+    """JAX with 64-bit types, for this test only (the server threads see it too)."""
+    jax = pytest.importorskip("jax")
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)

@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from gradserve import dtypes, frameworks
 from gradserve.errors import invalid
 from gradserve.frameworks import WireTensor
+from gradserve.specs import TensorSpec
 from gradserve.transport import PayloadReader, PayloadWriter
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -38,6 +39,11 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
         msg.shape.extend(wire.shape)
         msg.requires_grad = bool(requires_grad and requires_grad(node))
         writer.put(msg, wire)
+    elif isinstance(node, TensorSpec):
+        if node.dtype is None or any(d is None for d in node.shape):
+            raise TypeError(f"{path or 'value'}: an abstract tensor needs a dtype and every "
+                            f"dimension, got {node}")
+        value.abstract.CopyFrom(node.to_pb())
     elif node is None:
         value.none.SetInParent()
     elif isinstance(node, bool):
@@ -71,12 +77,20 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
 
 def decode(value: pb.Value, reader: PayloadReader,
            make_leaf: Callable[[WireTensor, str], Any], path: str = "") -> Any:
-    """Decode a ``Value``; ``make_leaf(tensor, path)`` turns each wire tensor into an array."""
+    """Decode a ``Value``; ``make_leaf(tensor, path)`` turns each wire tensor into an array.
+
+    Abstract tensors decode to :class:`TensorSpec`.
+    """
     kind = value.WhichOneof("kind")
     if kind == "tensor":
         msg = value.tensor
         return make_leaf(WireTensor(msg.dtype, tuple(msg.shape), reader.get(msg), msg.requires_grad),
                          path or "value")
+    if kind == "abstract":
+        spec = value.abstract
+        shape = tuple(spec.shape)
+        tensor_nbytes(path, pb.Tensor(dtype=spec.dtype, shape=shape))
+        return TensorSpec(shape, dtypes.NAMES[spec.dtype])
     if kind == "none" or kind is None:
         return None
     if kind in ("bool_value", "int_value", "float_value", "str_value"):

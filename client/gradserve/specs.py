@@ -70,6 +70,7 @@ class EndpointInfo:
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
     parameters: dict[str, TensorSpec] = field(default_factory=dict)
     accepts_parameters: bool = False
+    batchable: bool = False
     residuals: ResidualStats | None = None
 
     @classmethod
@@ -78,5 +79,5 @@ class EndpointInfo:
             return {s.name: TensorSpec.from_pb(s) for s in items}
         return cls(msg.name, msg.framework, msg.device, msg.signature, msg.doc,
                    specs(msg.inputs), specs(msg.outputs), specs(msg.parameters),
-                   msg.accepts_parameters,
+                   msg.accepts_parameters, msg.batchable,
                    ResidualStats.from_pb(residuals) if residuals is not None else None)

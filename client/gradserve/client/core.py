@@ -145,7 +145,7 @@ class Client:
         frames = self._stub.GetParameters(pb.GetParametersRequest(endpoint=name),
                                           timeout=self._deadline(timeout))
         header = self._read(reader, frames)
-        return codec.decode(header, reader, make_leaf, "parameters") or {}
+        return codec.decode(header, reader, make_leaf, "parameters")
 
     # -- low-level differentiable calls ------------------------------------
     def forward(self, name: str, args: tuple = (), kwargs: dict | None = None, *,
@@ -161,10 +161,23 @@ class Client:
         outputs, residual = self.call_forward(call, numpy_leaf, need_vjp=need_vjp, timeout=timeout)
         return ForwardResult(outputs, residual)
 
-    def vjp(self, residual: Residual, cotangents: Any, *,
+    def vjp(self, residual: Residual, cotangents: Any, *, batched: bool = False,
             timeout: float | None = None) -> Gradients:
-        """Vector-Jacobian product for the inputs a ``forward(need_vjp=True)`` flagged."""
-        return self.call_vjp(residual, cotangents, numpy_leaf, timeout=timeout)
+        """Vector-Jacobian product for the inputs a ``forward(need_vjp=True)`` flagged.
+
+        With ``batched``, cotangents carry an extra leading axis of B vectors and
+        the gradients come back with it: B products in one call.
+        """
+        return self.call_vjp(residual, cotangents, numpy_leaf, batched=batched, timeout=timeout)
+
+    def signature(self, name: str, args: tuple = (), kwargs: dict | None = None,
+                  parameters: Any = None, *, timeout: float | None = None) -> Any:
+        """Output specs of a call whose tensors are given as :class:`TensorSpec` leaves."""
+        writer = FrameWriter(self.chunk_bytes, inline_bytes=self.chunk_bytes)
+        call = self._forward_request(Call(name, tuple(args), dict(kwargs or {}), parameters),
+                                     writer, False)
+        reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=call), timeout)
+        return codec.decode(reply.outputs, FrameReader(0), numpy_leaf, "outputs")
 
     def release(self, *residuals: Residual, timeout: float | None = None) -> int:
         """Free residuals on the server now; returns how many it still held."""
@@ -186,6 +199,16 @@ class Client:
         from gradserve.client.torch import RemoteModule
         return RemoteModule(self, name, timeout=timeout)
 
+    def jax(self, name: str, *, timeout: float | None = None):
+        """The endpoint as a differentiable function of ``jax.Array`` pytrees."""
+        from gradserve.client.jax import RemoteJaxFunction
+        return RemoteJaxFunction(self, name, timeout=timeout)
+
+    def jax_params(self, name: str, *, timeout: float | None = None) -> Any:
+        """The endpoint's parameters as a pytree of ``jax.Array`` (for ``f.apply(params, ...)``)."""
+        from gradserve.frameworks.jax import ADAPTER
+        return self.parameters(name, lambda wire, path: ADAPTER.from_wire(wire), timeout=timeout)
+
     # -- the protocol, for adapters ----------------------------------------
     def call_forward(self, call: Call, make_leaf: MakeLeaf, *, need_vjp: bool,
                      timeout: float | None = None) -> tuple[Any, Residual | None]:
@@ -202,20 +225,24 @@ class Client:
         return outputs, residual
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
-                 timeout: float | None = None) -> Gradients:
-        """Send a Vjp; re-sends the inputs if the server lost the residual."""
+                 batched: bool = False, timeout: float | None = None) -> Gradients:
+        """Send a Vjp; re-sends the inputs if the server lost the residual.
+
+        With ``batched``, every cotangent has an extra leading axis and so do the gradients.
+        """
         if residual.id:
             try:
-                return self._vjp_once(residual, cotangents, make_leaf, False, timeout)
+                return self._vjp_once(residual, cotangents, make_leaf, False, batched, timeout)
             except ResidualMissing:
                 residual.detach()
-        return self._vjp_once(residual, cotangents, make_leaf, True, timeout)
+        return self._vjp_once(residual, cotangents, make_leaf, True, batched, timeout)
 
     def _vjp_once(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf,
-                  resend: bool, timeout: float | None) -> Gradients:
+                  resend: bool, batched: bool, timeout: float | None) -> Gradients:
         writer = FrameWriter(self.chunk_bytes)
         request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
-                                cotangents=codec.encode(cotangents, writer, path="cotangents"))
+                                cotangents=codec.encode(cotangents, writer, path="cotangents"),
+                                batched_cotangents=batched)
         if resend:
             request.inputs.CopyFrom(self._forward_request(residual.call, writer, True))
         reader = FrameReader(self.max_receive_bytes)
@@ -233,7 +260,7 @@ class Client:
             kwargs=codec.encode(dict(call.kwargs), writer, call.requires_grad, "kwargs"))
         if call.parameters is not None:
             request.parameters.CopyFrom(
-                codec.encode(dict(call.parameters), writer, call.requires_grad, "parameters"))
+                codec.encode(call.parameters, writer, call.requires_grad, "parameters"))
         return request
 
     # -- plumbing ----------------------------------------------------------

@@ -23,6 +23,10 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def _is_functorch_wrapped(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _torch_leaf(wire: WireTensor, path: str) -> torch.Tensor:
     return ADAPTER.from_wire(wire)
 
@@ -36,58 +40,131 @@ def _leaf_maker(leaves: list[torch.Tensor]) -> Any:
 
 
 class _State:
-    """What one remote call's forward hands its backward."""
+    """What one remote call's forward hands its backward.
 
-    def __init__(self, fn: "RemoteFunction", treedef: pytree.TreeDef, make_leaf: Any):
+    After a plain forward, ``residual`` names the server's state. After a
+    forward under ``torch.func.vmap``, ``batched`` holds the per-call states:
+    one merged call (``merged``) or one per batch element.
+    """
+
+    def __init__(self, fn: "RemoteFunction", treedef: pytree.TreeDef, make_leaf: Any,
+                 mask: tuple[bool, ...]):
         self.fn = fn
         self.treedef = treedef
         self.make_leaf = make_leaf
+        self.mask = mask
         self.out_def: pytree.TreeDef | None = None
         self.residual: Residual | None = None
+        self.batched: list["_State"] = []
+        self.merged = False
+
+    def child(self) -> "_State":
+        return _State(self.fn, self.treedef, self.make_leaf, self.mask)
 
 
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        wants = [ctx.needs_input_grad[1 + i] for i in range(len(leaves))]
-        flagged = {id(leaf) for leaf, want in zip(leaves, wants) if want}
-        outputs, residual = state.fn.invoke(state.treedef, list(leaves), state.make_leaf,
-                                            lambda x: id(x) in flagged, need_vjp=True)
+    def forward(state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flagged = {id(leaf) for leaf, want in zip(leaves, state.mask) if want}
+        outputs, state.residual = state.fn.invoke(
+            state.treedef, list(leaves), state.make_leaf, lambda x: id(x) in flagged,
+            need_vjp=bool(flagged))
         out_leaves, state.out_def = pytree.flatten(outputs, _is_tensor)
-        state.residual = residual
+        return tuple(out_leaves)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        state, *leaves = inputs
         ctx.state = state
         ctx.devices = [(leaf.device, leaf.dtype) for leaf in leaves]
         ctx.save_for_backward(*leaves)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*[o for o in out_leaves if not is_differentiable(o)])
-        return tuple(out_leaves)
+        ctx.mark_non_differentiable(*[o for o in output if not is_differentiable(o)])
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         ctx.saved_tensors  # noqa: B018  (raises if an input was modified in place)
-        in_grads = _RemoteBackward.apply(ctx.state, ctx.devices, *grads)
-        return (None, *in_grads)
+        return (None, *_RemoteBackward.apply(ctx.state, ctx.devices, *grads))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, state: _State, *leaves: torch.Tensor) -> tuple:
+        size = info.batch_size
+        leaves = [x if d is None else x.movedim(d, 0) for x, d in zip(leaves, in_dims[1:])]
+        batched = [d is not None for d in in_dims[1:]]
+        n_args = len(leaves) - state.treedef.children[2].num_leaves
+        state.merged = (state.fn.batchable
+                        and all(x.dim() - b >= 1 for x, b in zip(leaves[:n_args], batched))
+                        and not any(batched[n_args:]) and not any(state.mask[n_args:]))
+        if state.merged:
+            sub = state.child()
+            full = [x if b else x.expand(size, *x.shape) for x, b in zip(leaves, batched)]
+            merged = [x.reshape(-1, *x.shape[2:]) if i < n_args else leaves[i]
+                      for i, x in enumerate(full)]
+            outs = _RemoteForward.apply(sub, *merged)
+            state.batched, state.out_def = [sub], sub.out_def
+            outs = tuple(o.reshape(size, -1, *o.shape[1:]) if o.dim() else o.expand(size)
+                         for o in outs)
+            return outs, tuple(0 for _ in outs)
+        state.batched = [state.child() for _ in range(size)]
+        per = [_RemoteForward.apply(sub, *[x[i] if b else x for x, b in zip(leaves, batched)])
+               for i, sub in enumerate(state.batched)]
+        state.out_def = state.batched[0].out_def
+        outs = tuple(torch.stack(parts) for parts in zip(*per))
+        return outs, tuple(0 for _ in outs)
 
 
 class _RemoteBackward(torch.autograd.Function):
+    """The Vjp as an autograd node of its own: under torch.func the backward sees
+    wrapped tensors, and differentiating it must fail loudly."""
+
     @staticmethod
-    def forward(ctx: Any, state: _State, devices: list, *grads: torch.Tensor | None) -> tuple:
-        ctx.endpoint = state.fn.name
-        if all(g is None for g in grads):
-            return tuple(None for _ in devices)
-        cotangents = pytree.unflatten(state.out_def, list(grads))
-        result = state.fn.client.call_vjp(state.residual, cotangents, _torch_leaf,
-                                          timeout=state.fn.timeout)
-        tree = (result.args, result.kwargs, result.parameters)
-        in_grads = pytree.flatten_up_to(state.treedef, tree)
-        return tuple(None if g is None else g.to(device=dev, dtype=dt)
-                     for g, (dev, dt) in zip(in_grads, devices))
+    def forward(state: _State, devices: list, *grads: torch.Tensor | None) -> tuple:
+        return _vjp(state, devices, list(grads), batched=False)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.endpoint = inputs[0].fn.name
 
     @staticmethod
     def backward(ctx: Any, *_: Any) -> None:
         raise RuntimeError(
             f"gradserve: differentiating the gradient of remote endpoint {ctx.endpoint!r} "
             "(double backward, grad of grad) is not supported")
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, state: _State, devices: list, *grads: Any) -> tuple:
+        size = info.batch_size
+        grads = [g if g is None or d is None else g.movedim(d, 0)
+                 for g, d in zip(grads, in_dims[2:])]
+        batched = [d is not None for d in in_dims[2:]]
+        full = [g if g is None or b else g.expand(size, *g.shape) for g, b in zip(grads, batched)]
+        if not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
+            out = _vjp(state, devices, full, batched=True)
+        elif state.merged:
+            sub = state.batched[0]
+            n_args = len(devices) - state.treedef.children[2].num_leaves
+            flat = [None if g is None else g.reshape(-1, *g.shape[2:]) if g.dim() > 1 else g[0]
+                    for g in full]
+            out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n_args else g
+                   for i, g in enumerate(_RemoteBackward.apply(sub, devices, *flat))]
+        else:
+            per = [_RemoteBackward.apply(sub, devices, *[None if g is None else g[i] for g in full])
+                   for i, sub in enumerate(state.batched)]
+            out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
+        out = tuple(out)
+        return out, tuple(None if g is None else 0 for g in out)
+
+
+def _vjp(state: _State, devices: list, grads: list, *, batched: bool) -> tuple:
+    """Send the Vjp of a plain forward; gradients on the inputs' devices and dtypes."""
+    if all(g is None for g in grads):
+        return tuple(None for _ in devices)
+    cotangents = pytree.unflatten(state.out_def, grads)
+    result = state.fn.client.call_vjp(state.residual, cotangents, _torch_leaf, batched=batched,
+                                      timeout=state.fn.timeout)
+    in_grads = pytree.flatten_up_to(state.treedef, (result.args, result.kwargs, result.parameters))
+    return tuple(None if g is None else g.to(device=dev, dtype=dt)
+                 for g, (dev, dt) in zip(in_grads, devices))
 
 
 class RemoteFunction:
@@ -101,6 +178,14 @@ class RemoteFunction:
         self.client = client
         self.name = name
         self.timeout = timeout
+        self._batchable: bool | None = None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the endpoint maps over axis 0 (then vmap sends one merged call)."""
+        if self._batchable is None:
+            self._batchable = self.client.describe(self.name, timeout=self.timeout).batchable
+        return self._batchable
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(args, kwargs)
@@ -108,11 +193,13 @@ class RemoteFunction:
     def call(self, args: tuple, kwargs: dict, parameters: dict | None = None) -> Any:
         """Run the endpoint; ``parameters`` replace the endpoint's own by name."""
         leaves, treedef = pytree.flatten((tuple(args), dict(kwargs), parameters), _is_tensor)
-        make_leaf = _leaf_maker(leaves)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves)):
-            outputs, _ = self.invoke(treedef, leaves, make_leaf, None, need_vjp=False)
-            return outputs
-        state = _State(self, treedef, make_leaf)
+        grad = torch.is_grad_enabled()
+        if any(_is_functorch_wrapped(t) for t in leaves):
+            # under torch.func the tracking level is invisible here: flag what could need grad
+            mask = tuple(grad and is_differentiable(t) for t in leaves)
+        else:
+            mask = tuple(grad and t.requires_grad and is_differentiable(t) for t in leaves)
+        state = _State(self, treedef, _leaf_maker(leaves), mask)
         out_leaves = _RemoteForward.apply(state, *leaves)
         return pytree.unflatten(state.out_def, out_leaves)
 

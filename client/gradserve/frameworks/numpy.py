@@ -22,7 +22,10 @@ class NumpyAdapter:
     def to_wire(self, x: Any) -> WireTensor:
         arr = np.asarray(x)
         code = dtypes.code_of(arr.dtype.name)
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)  # never 0-d here: 0-d arrays are contiguous
         return WireTensor(code, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)))
 
     def from_wire(self, t: WireTensor) -> np.ndarray:

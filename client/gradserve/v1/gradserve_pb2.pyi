@@ -75,7 +75,7 @@ class Mapping(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "none", "bool_value", "int_value", "float_value", "str_value", "list_value", "tuple_value", "dict_value")
+    __slots__ = ("tensor", "none", "bool_value", "int_value", "float_value", "str_value", "list_value", "tuple_value", "dict_value", "abstract")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     NONE_FIELD_NUMBER: _ClassVar[int]
     BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class Value(_message.Message):
     LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
     TUPLE_VALUE_FIELD_NUMBER: _ClassVar[int]
     DICT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ABSTRACT_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     none: NoneValue
     bool_value: bool
@@ -94,7 +95,8 @@ class Value(_message.Message):
     list_value: Sequence
     tuple_value: Sequence
     dict_value: Mapping
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., str_value: _Optional[str] = ..., list_value: _Optional[_Union[Sequence, _Mapping]] = ..., tuple_value: _Optional[_Union[Sequence, _Mapping]] = ..., dict_value: _Optional[_Union[Mapping, _Mapping]] = ...) -> None: ...
+    abstract: TensorSpec
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., str_value: _Optional[str] = ..., list_value: _Optional[_Union[Sequence, _Mapping]] = ..., tuple_value: _Optional[_Union[Sequence, _Mapping]] = ..., dict_value: _Optional[_Union[Mapping, _Mapping]] = ..., abstract: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("id", "data")
@@ -115,7 +117,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters")
+    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class EndpointInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    BATCHABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     framework: str
     device: str
@@ -134,7 +137,8 @@ class EndpointInfo(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     accepts_parameters: bool
-    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ...) -> None: ...
+    batchable: bool
+    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ...) -> None: ...
 
 class ResidualStats(_message.Message):
     __slots__ = ("count", "bytes", "max_bytes", "ttl_seconds", "evictions", "endpoint_count")
@@ -231,16 +235,18 @@ class ForwardReplyFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class VjpRequest(_message.Message):
-    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs")
+    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs", "batched_cotangents")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     residual_id: str
     cotangents: Value
     inputs: ForwardRequest
-    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ...) -> None: ...
+    batched_cotangents: bool
+    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ...) -> None: ...
 
 class VjpResponse(_message.Message):
     __slots__ = ("args", "kwargs", "parameters")
@@ -267,6 +273,18 @@ class VjpReplyFrame(_message.Message):
     header: VjpResponse
     chunk: Chunk
     def __init__(self, header: _Optional[_Union[VjpResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class SignatureRequest(_message.Message):
+    __slots__ = ("call",)
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    call: ForwardRequest
+    def __init__(self, call: _Optional[_Union[ForwardRequest, _Mapping]] = ...) -> None: ...
+
+class SignatureResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: Value
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("residual_ids",)

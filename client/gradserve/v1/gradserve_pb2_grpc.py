@@ -59,6 +59,11 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpFrame.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpReplyFrame.FromString,
                 _registered_method=True)
+        self.Signature = channel.unary_unary(
+                '/gradserve.v1.Gradserve/Signature',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SignatureRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SignatureResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/gradserve.v1.Gradserve/Release',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseRequest.SerializeToString,
@@ -107,6 +112,14 @@ class GradserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Signature(self, request, context):
+        """Output shapes and dtypes for given input shapes and dtypes, without
+        running the model (tensors on both sides are `abstract` leaves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Frees residuals early; unknown ids are ignored.
         """
@@ -141,6 +154,11 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.Vjp,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpFrame.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpReplyFrame.SerializeToString,
+            ),
+            'Signature': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signature,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SignatureRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.SignatureResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -283,6 +301,33 @@ class Gradserve:
             '/gradserve.v1.Gradserve/Vjp',
             gradserve_dot_v1_dot_gradserve__pb2.VjpFrame.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.VjpReplyFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signature(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/Signature',
+            gradserve_dot_v1_dot_gradserve__pb2.SignatureRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.SignatureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,11 +4,15 @@ from gradserve.server.host import Server
 from gradserve.server.registry import Endpoint
 from gradserve.specs import TensorSpec
 
-__all__ = ["Endpoint", "Server", "TensorSpec", "TorchEndpoint"]
+__all__ = ["Endpoint", "JaxEndpoint", "Server", "TensorSpec", "TorchEndpoint"]
 
 
 def __getattr__(name: str):
-    if name == "TorchEndpoint":  # imported lazily: needs torch
+    # imported lazily: each needs its framework
+    if name == "TorchEndpoint":
         from gradserve.server.torch_endpoint import TorchEndpoint
         return TorchEndpoint
+    if name == "JaxEndpoint":
+        from gradserve.server.jax_endpoint import JaxEndpoint
+        return JaxEndpoint
     raise AttributeError(f"module 'gradserve.server' has no attribute {name!r}")

@@ -62,11 +62,23 @@ def _is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
+def framework_of(fn: Any) -> str:
+    """"jax" for a jitted function or one whose module uses jax and not torch; else "torch".
+
+    Wrap a function in ``JaxEndpoint``/``TorchEndpoint`` to say it explicitly.
+    """
+    if type(fn).__module__.startswith(("jax", "jaxlib")):
+        return "jax"
+    names = {getattr(v, "__name__", "").split(".")[0]
+             for v in getattr(fn, "__globals__", {}).values() if inspect.ismodule(v)}
+    return "jax" if "jax" in names and "torch" not in names else "torch"
+
+
 def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoint]:
     """Turn a TARGET's object into named endpoints.
 
-    Accepts an ``Endpoint``, a torch module or function of tensors, a dict of
-    name -> any of these, or a factory (a callable with no required arguments,
+    Accepts an ``Endpoint``, a torch module, a function (JAX or torch, see
+    :func:`framework_of`), a dict of name -> any of these, or a factory (a callable with no required arguments,
     given ``device=`` if it accepts one) returning any of these.
     """
     if _is_factory(obj):
@@ -79,6 +91,9 @@ def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoi
         return endpoints
     if isinstance(obj, Endpoint):
         return {name: obj}
+    if callable(obj) and framework_of(obj) == "jax":
+        from gradserve.server.jax_endpoint import JaxEndpoint
+        return {name: JaxEndpoint(obj, device=device)}
     if callable(obj):
         from gradserve.server.torch_endpoint import TorchEndpoint
         return {name: TorchEndpoint(obj, device=device)}

@@ -78,6 +78,11 @@ class Server:
         from gradserve.server.torch_endpoint import TorchEndpoint
         return self.add(name, TorchEndpoint(fn, **options))
 
+    def add_jax(self, name: str, fn: Callable[..., Any], **options: Any) -> Endpoint:
+        """Host a JAX function (``params=`` for ``fn(params, *args)``); options as for ``JaxEndpoint``."""
+        from gradserve.server.jax_endpoint import JaxEndpoint
+        return self.add(name, JaxEndpoint(fn, **options))
+
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
         self._grpc.start()

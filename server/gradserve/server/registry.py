@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
+import traceback
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 
-from gradserve.errors import StatusError
+from gradserve.errors import StatusError, invalid
 from gradserve.frameworks import WireTensor
+from gradserve.specs import TensorSpec
 from gradserve.v1 import gradserve_pb2 as pb
 
 
@@ -23,10 +26,32 @@ class Endpoint(ABC):
     framework: str = ""
     name: str = ""
     debug: bool = False
+    #: The call signature clients see (checked on every call).
+    call_signature: inspect.Signature
+    #: Declared input specs by argument name (checked) and output specs (documentation).
+    input_specs: dict[str, TensorSpec]
+    output_specs: dict[str, TensorSpec]
+    doc: str = ""
+    device: Any = "cpu"
+    batchable: bool = False
 
-    @abstractmethod
     def info(self) -> pb.EndpointInfo:
         """Static description for ListEndpoints/Describe."""
+        return pb.EndpointInfo(
+            name=self.name, framework=self.framework, device=str(self.device),
+            signature=f"{self.name}{self.call_signature}", doc=self.doc,
+            inputs=[spec.to_pb(name) for name, spec in self.input_specs.items()],
+            outputs=[spec.to_pb(name) for name, spec in self.output_specs.items()],
+            parameters=[spec.to_pb(name) for name, spec in self.parameter_specs().items()],
+            accepts_parameters=self.accepts_parameters(), batchable=self.batchable)
+
+    @abstractmethod
+    def parameter_specs(self) -> dict[str, TensorSpec]:
+        """Shapes and dtypes of the endpoint's own parameters, by (path) name."""
+
+    def accepts_parameters(self) -> bool:
+        """Whether a client may send its own parameters."""
+        return bool(self.parameter_specs())
 
     @abstractmethod
     def parameters(self) -> dict[str, Any]:
@@ -42,8 +67,57 @@ class Endpoint(ABC):
         """Run the function: (outputs, residual or None, residual bytes)."""
 
     @abstractmethod
-    def vjp(self, residual: Any, cotangents: Any) -> tuple[Any, Any, Any]:
-        """Gradients (args, kwargs, parameters) for the inputs flagged at forward."""
+    def vjp(self, residual: Any, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
+        """Gradients (args, kwargs, parameters) for the inputs flagged at forward.
+
+        With ``batched`` every cotangent (and gradient) has an extra leading axis.
+        """
+
+    @abstractmethod
+    def signature(self, args: tuple, kwargs: dict, parameters: Any) -> Any:
+        """Output specs for inputs whose tensors may be :class:`TensorSpec` leaves."""
+
+    @abstractmethod
+    def leaf_spec(self, x: Any) -> TensorSpec | None:
+        """Shape and dtype of an input leaf, or None if it is no tensor."""
+
+    # -- shared helpers ----------------------------------------------------
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """INVALID_ARGUMENT naming the argument unless the call fits the signature and specs."""
+        try:
+            bound = self.call_signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise invalid(f"endpoint {self.name!r}{self.call_signature}: {err}") from None
+        for name, spec in self.input_specs.items():
+            if name not in bound.arguments:
+                continue
+            got = self.leaf_spec(bound.arguments[name])
+            if got is None:
+                raise invalid(f"argument {name!r}: expected a tensor {spec}, got "
+                              f"{type(bound.arguments[name]).__name__}")
+            problem = spec.mismatch(got.shape, got.dtype)
+            if problem:
+                raise invalid(f"argument {name!r}: {problem}")
+
+    def run(self, thunk: Callable[[], Any]) -> Any:
+        """Run model code; its exceptions become INTERNAL naming the endpoint."""
+        try:
+            return thunk()
+        except StatusError:
+            raise
+        except Exception as err:
+            message = f"endpoint {self.name!r} raised {type(err).__name__}: {err}"
+            if self.debug:
+                message += "\n" + traceback.format_exc()
+            raise StatusError(grpc.StatusCode.INTERNAL, message) from None
+
+
+def own_doc(fn: Any, library_prefixes: tuple[str, ...] = ()) -> str:
+    """The first paragraph of ``fn``'s docstring, unless a library (not the user) wrote it."""
+    owner = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn)
+    if getattr(owner, "__module__", "").startswith(library_prefixes):
+        return ""
+    return (inspect.getdoc(fn) or "").split("\n\n")[0]
 
 
 class Registry:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -32,6 +34,10 @@ class Limits:
     max_request_bytes: int    # most tensor bytes one request may carry
 
 
+#: Signature results kept per endpoint (input signatures seen most recently).
+SIGNATURE_CACHE_SIZE = 256
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, reason: str | None):
         self.code, self.message, self.reason = code, message, reason
@@ -44,6 +50,8 @@ class GradserveService(pb_grpc.GradserveServicer):
         self.residuals = residuals
         self.limits = limits
         self.debug = debug
+        self._signatures: OrderedDict[tuple[str, bytes], pb.Value] = OrderedDict()
+        self._signatures_lock = threading.Lock()
 
     # -- discovery ---------------------------------------------------------
     def ListEndpoints(self, request: pb.ListEndpointsRequest, context: grpc.ServicerContext):
@@ -62,6 +70,26 @@ class GradserveService(pb_grpc.GradserveServicer):
             writer = FrameWriter(self.limits.chunk_bytes)
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
         yield from writer.frames(pb.GetParametersFrame, header)
+
+    def Signature(self, request: pb.SignatureRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            endpoint = self.registry.get(request.call.endpoint)
+            key = (endpoint.name, request.call.SerializeToString(deterministic=True))
+            with self._signatures_lock:
+                outputs = self._signatures.get(key)
+                if outputs is not None:
+                    self._signatures.move_to_end(key)
+            if outputs is None:
+                reader = FrameReader(self.limits.max_request_bytes)
+                call = reader.read([pb.ForwardFrame(header=request.call)])
+                args, kwargs, parameters = self._inputs(endpoint, call, reader)
+                specs = endpoint.signature(args, kwargs, parameters)
+                outputs = codec.encode(specs, FrameWriter(inline_bytes=1 << 62), path="outputs")
+                with self._signatures_lock:
+                    self._signatures[key] = outputs
+                    while len(self._signatures) > SIGNATURE_CACHE_SIZE:
+                        self._signatures.popitem(last=False)
+            return pb.SignatureResponse(outputs=outputs)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
         with self._status(context):
@@ -93,7 +121,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             endpoint = self.registry.get(request.endpoint)
             residual = self._residual_for(endpoint, request, reader)
             cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
-            grads = endpoint.vjp(residual, cotangents)
+            grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
             reply = pb.VjpResponse(**{
                 part: codec.encode(g, writer, path=part)
                 for part, g in zip(("args", "kwargs", "parameters"), grads)})
@@ -122,24 +150,26 @@ class GradserveService(pb_grpc.GradserveServicer):
             raise invalid("no input of the re-sent call requires grad")
         return residual
 
-    @staticmethod
-    def _forward(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader,
+    @classmethod
+    def _forward(cls, endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader,
                  need_vjp: bool | None = None) -> tuple[Any, Any, int]:
+        args, kwargs, parameters = cls._inputs(endpoint, request, reader)
+        return endpoint.forward(args, kwargs, parameters,
+                                request.need_vjp if need_vjp is None else need_vjp)
+
+    @staticmethod
+    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest,
+                reader: FrameReader) -> tuple[tuple, dict, Any]:
         def part(name: str) -> Any:
             return codec.decode(getattr(request, name), reader, endpoint.make_leaf, name)
 
         args, kwargs = part("args"), part("kwargs")
-        if args is None:
-            args = ()
-        if kwargs is None:
-            kwargs = {}
+        args = () if args is None else args
+        kwargs = {} if kwargs is None else kwargs
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise invalid("args must be a tuple and kwargs a dict")
         parameters = part("parameters") if request.HasField("parameters") else None
-        if parameters is not None and not isinstance(parameters, dict):
-            raise invalid("parameters must be a dict of name -> tensor")
-        return endpoint.forward(args, kwargs, parameters,
-                                request.need_vjp if need_vjp is None else need_vjp)
+        return args, kwargs, parameters
 
     # -- errors ------------------------------------------------------------
     @contextlib.contextmanager

@@ -12,19 +12,16 @@ import contextlib
 import copy
 import inspect
 import threading
-import traceback
 from typing import Any, Callable
 
-import grpc
 import torch
 
 from gradserve import dtypes, pytree
-from gradserve.errors import StatusError, invalid
+from gradserve.errors import invalid
 from gradserve.frameworks import WireTensor
-from gradserve.frameworks.torch import ADAPTER, TO_NAME
-from gradserve.server.registry import Endpoint
+from gradserve.frameworks.torch import ADAPTER, FROM_CODE, TO_NAME
+from gradserve.server.registry import Endpoint, own_doc
 from gradserve.specs import TensorSpec
-from gradserve.v1 import gradserve_pb2 as pb
 
 
 def _is_tensor(x: Any) -> bool:
@@ -64,8 +61,10 @@ class TorchEndpoint(Endpoint):
     """Serve a torch ``nn.Module`` or function of tensors.
 
     ``inputs`` declares argument specs by parameter name (checked on every
-    call, reported by Describe); ``outputs`` documents output specs.
-    ``debug`` adds tracebacks to error messages.
+    call, reported by Describe); ``outputs`` documents output specs;
+    ``batchable`` declares that the function maps over axis 0 of every tensor
+    argument and output (a client's vmap then sends one call). ``debug`` adds
+    tracebacks to error messages.
 
     A module is served through a private replica that shares its parameter
     and buffer storage (so in-place weight updates show through) but never
@@ -78,8 +77,8 @@ class TorchEndpoint(Endpoint):
 
     def __init__(self, fn: Callable[..., Any], *, device: str | torch.device | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
-                 outputs: dict[str, TensorSpec] | None = None,
-                 doc: str | None = None, train: bool = False, debug: bool = False):
+                 outputs: dict[str, TensorSpec] | None = None, doc: str | None = None,
+                 batchable: bool = False, train: bool = False, debug: bool = False):
         if not callable(fn):
             raise TypeError(f"a torch endpoint needs a module or callable, got {type(fn).__name__}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -89,15 +88,15 @@ class TorchEndpoint(Endpoint):
             self.module.train(train)
         self.fn = self.module if self.module is not None else fn
         self._replicas = threading.local()
-        target = fn.forward if self.module is not None else fn
-        self.signature = inspect.signature(target)
+        self.call_signature = inspect.signature(fn.forward if self.module is not None else fn)
         self.input_specs = dict(inputs or {})
-        unknown = set(self.input_specs) - set(self.signature.parameters)
+        unknown = set(self.input_specs) - set(self.call_signature.parameters)
         if unknown:
             raise ValueError(f"input specs name unknown arguments {sorted(unknown)}; "
-                             f"the signature is {self.signature}")
+                             f"the signature is {self.call_signature}")
         self.output_specs = dict(outputs or {})
-        self.doc = doc if doc is not None else _own_doc(fn)
+        self.doc = doc if doc is not None else own_doc(fn, ("torch.",))
+        self.batchable = batchable
         self.debug = debug
 
     # -- description -------------------------------------------------------
@@ -106,15 +105,17 @@ class TorchEndpoint(Endpoint):
             return {}
         return {name: p.detach() for name, p in self.module.named_parameters()}
 
-    def info(self) -> pb.EndpointInfo:
-        return pb.EndpointInfo(
-            name=self.name, framework=self.framework, device=str(self.device),
-            signature=f"{self.name}{self.signature}", doc=self.doc,
-            inputs=[spec.to_pb(name) for name, spec in self.input_specs.items()],
-            outputs=[spec.to_pb(name) for name, spec in self.output_specs.items()],
-            parameters=[TensorSpec(tuple(p.shape), TO_NAME[p.dtype]).to_pb(name)
-                        for name, p in self.parameters().items()],
-            accepts_parameters=self.module is not None)
+    def parameter_specs(self) -> dict[str, TensorSpec]:
+        return {name: TensorSpec(tuple(p.shape), TO_NAME[p.dtype])
+                for name, p in self.parameters().items()}
+
+    def accepts_parameters(self) -> bool:
+        return self.module is not None
+
+    def leaf_spec(self, x: Any) -> TensorSpec | None:
+        if isinstance(x, torch.Tensor):
+            return TensorSpec(tuple(x.shape), TO_NAME[x.dtype])
+        return x if isinstance(x, TensorSpec) else None
 
     # -- calls -------------------------------------------------------------
     def make_leaf(self, wire: WireTensor, path: str) -> torch.Tensor:
@@ -128,7 +129,7 @@ class TorchEndpoint(Endpoint):
 
     def forward(self, args: tuple, kwargs: dict, parameters: dict | None,
                 need_vjp: bool) -> tuple[Any, Any, int]:
-        self._check_arguments(args, kwargs)
+        self.check_arguments(args, kwargs)
         if parameters is not None:
             self._check_parameters(parameters)
         inputs = (args, kwargs, parameters)
@@ -137,31 +138,37 @@ class TorchEndpoint(Endpoint):
         saved = _SavedBytes()
         with torch.enable_grad() if need_vjp else torch.no_grad(), \
                 saved.hooks() if need_vjp else contextlib.nullcontext():
-            outputs = self._run(lambda: self._call(args, kwargs, parameters))
-        out_leaves, _ = pytree.flatten(outputs, _is_tensor)
+            outputs = self.run(lambda: self._call(args, kwargs, parameters))
         if not need_vjp:
             return outputs, None, 0
-        for t in (*leaves, *out_leaves):
+        for t in (*leaves, *pytree.flatten(outputs, _is_tensor)[0]):
             saved.add(t)
         return outputs, _Residual(inputs, outputs), saved.total
 
-    def vjp(self, residual: _Residual, cotangents: Any) -> tuple[Any, Any, Any]:
+    def vjp(self, residual: _Residual, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
         out_leaves, out_def = pytree.flatten(residual.outputs, _is_tensor)
         try:
             cot_leaves = pytree.flatten_up_to(out_def, cotangents, "cotangents")
         except ValueError as err:
             raise invalid(f"{err} (cotangents must mirror the outputs)") from None
         outs, cots = [], []
+        batch = None
         for i, (out, cot) in enumerate(zip(out_leaves, cot_leaves)):
             if cot is None:
                 continue
             if not isinstance(cot, torch.Tensor):
                 raise invalid(f"cotangent for output tensor #{i} must be a tensor or None, "
                               f"got {type(cot).__name__}")
-            if cot.shape != out.shape or cot.dtype != out.dtype:
-                raise invalid(f"cotangent for output tensor #{i}: expected "
-                              f"{TO_NAME[out.dtype]}{list(out.shape)}, got "
+            shape = tuple(cot.shape[1:]) if batched else tuple(cot.shape)
+            if shape != tuple(out.shape) or cot.dtype != out.dtype or (batched and cot.dim() == 0):
+                want = f"{TO_NAME[out.dtype]}{[*(['B'] if batched else []), *out.shape]}"
+                raise invalid(f"cotangent for output tensor #{i}: expected {want}, got "
                               f"{TO_NAME.get(cot.dtype, cot.dtype)}{list(cot.shape)}")
+            if batched:
+                if batch is not None and cot.shape[0] != batch:
+                    raise invalid(f"batched cotangents disagree on the batch size "
+                                  f"({batch} and {cot.shape[0]})")
+                batch = cot.shape[0]
             if out.requires_grad:
                 outs.append(out)
                 cots.append(cot)
@@ -169,11 +176,38 @@ class TorchEndpoint(Endpoint):
         wrt = [t for t in in_leaves if t.requires_grad]
         grads: list[torch.Tensor | None] = [None] * len(wrt)
         if outs and wrt:
-            grads = list(self._run(lambda: torch.autograd.grad(
-                outs, wrt, cots, retain_graph=True, allow_unused=True)))
+            grads = list(self.run(lambda: torch.autograd.grad(
+                outs, wrt, cots, retain_graph=True, allow_unused=True, is_grads_batched=batched)))
         by_leaf = iter(grads)
         return pytree.unflatten(in_def, [next(by_leaf) if t.requires_grad else None
                                          for t in in_leaves])
+
+    def signature(self, args: tuple, kwargs: dict, parameters: Any) -> Any:
+        """Output specs from fake tensors; one real dry run on zeros if tracing fails."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.check_arguments(args, kwargs)
+        if parameters is not None:
+            self._check_parameters(parameters)
+
+        def run_with(make: Callable[[TensorSpec], torch.Tensor]) -> Any:
+            inputs = pytree.map_leaves(make, (args, kwargs, parameters),
+                                       lambda x: isinstance(x, TensorSpec))
+            with torch.no_grad():
+                return self._call(*inputs)
+
+        def empty(spec: TensorSpec) -> torch.Tensor:
+            return torch.empty(spec.shape, dtype=FROM_CODE[dtypes.code_of(spec.dtype)],
+                               device=self.device)
+
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                outputs = run_with(empty)
+        except Exception:
+            outputs = self.run(lambda: run_with(
+                lambda s: torch.zeros(s.shape, dtype=FROM_CODE[dtypes.code_of(s.dtype)],
+                                      device=self.device)))
+        return pytree.map_leaves(self.leaf_spec, outputs, _is_tensor)
 
     # -- helpers -----------------------------------------------------------
     def _call(self, args: tuple, kwargs: dict, parameters: dict | None) -> Any:
@@ -186,48 +220,20 @@ class TorchEndpoint(Endpoint):
             return torch.func.functional_call(replica, parameters, args, kwargs)
         return self.fn(*args, **kwargs)
 
-    def _run(self, thunk: Callable[[], Any]) -> Any:
-        try:
-            return thunk()
-        except StatusError:
-            raise
-        except Exception as err:
-            message = f"endpoint {self.name!r} raised {type(err).__name__}: {err}"
-            if self.debug:
-                message += "\n" + traceback.format_exc()
-            raise StatusError(grpc.StatusCode.INTERNAL, message) from None
-
-    def _check_arguments(self, args: tuple, kwargs: dict) -> None:
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as err:
-            raise invalid(f"endpoint {self.name!r}{self.signature}: {err}") from None
-        for name, spec in self.input_specs.items():
-            if name not in bound.arguments:
-                continue
-            value = bound.arguments[name]
-            if not isinstance(value, torch.Tensor):
-                raise invalid(f"argument {name!r}: expected a tensor {spec}, got "
-                              f"{type(value).__name__}")
-            problem = spec.mismatch(tuple(value.shape), TO_NAME[value.dtype])
-            if problem:
-                raise invalid(f"argument {name!r}: {problem}")
-
-    def _check_parameters(self, parameters: dict) -> None:
+    def _check_parameters(self, parameters: Any) -> None:
         if self.module is None:
             raise invalid(f"endpoint {self.name!r} is a function and takes no parameters")
-        own = dict(self.module.named_parameters())
+        if not isinstance(parameters, dict):
+            raise invalid("parameters must be a dict of name -> tensor")
+        own = self.parameter_specs()
         for name, value in parameters.items():
             if name not in own:
                 raise invalid(f"parameter {name!r} is not a parameter of endpoint {self.name!r}")
-            ref = own[name]
-            if not isinstance(value, torch.Tensor) or value.shape != ref.shape \
-                    or value.dtype != ref.dtype:
-                got = (f"{TO_NAME.get(value.dtype, value.dtype)}{list(value.shape)}"
-                       if isinstance(value, torch.Tensor) else type(value).__name__)
-                raise invalid(f"parameter {name!r}: expected {TO_NAME[ref.dtype]}"
-                              f"{list(ref.shape)}, got {got}")
-
+            got = self.leaf_spec(value)
+            if got is None or got != own[name]:
+                shown = f"{got.dtype}{list(got.shape)}" if got else type(value).__name__
+                raise invalid(f"parameter {name!r}: expected {own[name].dtype}"
+                              f"{list(own[name].shape)}, got {shown}")
 
 
 def _shared_replica(module: torch.nn.Module, parameters: dict | None = None) -> torch.nn.Module:
@@ -247,11 +253,3 @@ def _frozen_replica(module: torch.nn.Module) -> torch.nn.Module:
     frozen = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
               for p in module.parameters()}
     return _shared_replica(module, frozen)
-
-
-def _own_doc(fn: Any) -> str:
-    """The first paragraph of ``fn``'s docstring, unless it is torch's own."""
-    owner = type(fn) if isinstance(fn, torch.nn.Module) else fn
-    if getattr(owner, "__module__", "").startswith("torch."):
-        return ""
-    return (inspect.getdoc(fn) or "").split("\n\n")[0]

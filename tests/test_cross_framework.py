@@ -1,0 +1,215 @@
+"""Every pairing {torch client, JAX client} x {torch endpoint, JAX endpoint},
+each compared against the same computation done locally in the client's framework."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+
+from frameworks_impl import MODEL_PARAMS, ModelTorch, endpoints, model_jax, multi_jax, multi_torch
+
+ENDPOINTS = ["torch", "jax"]
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(params=ENDPOINTS)
+def remote(request, serve):
+    """(endpoint framework, server, client) for each endpoint framework."""
+    server, client = serve(endpoints(request.param))
+    return request.param, server, client
+
+
+def inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    return tuple(g.standard_normal(shape).astype(np.float32) for shape in ((4, 5), (4, 6), (4, 3)))
+
+
+def count_forwards(server, name: str) -> list:
+    """Record the input shapes of every Forward the endpoint runs."""
+    endpoint = server.registry.get(name)
+    seen, original = [], endpoint.forward
+
+    def counting(args, kwargs, parameters, need_vjp):
+        seen.append(tuple(endpoint.leaf_spec(a).shape for a in args))
+        return original(args, kwargs, parameters, need_vjp)
+
+    endpoint.forward = counting
+    return seen
+
+
+# -- torch client ------------------------------------------------------------------
+def test_torch_client_multi_io_kwargs_and_int_output(remote) -> None:
+    framework, _, client = remote
+    a, b, s = inputs()
+
+    def run(f):
+        ins = [torch.from_numpy(v).requires_grad_() for v in (a, b, s)]
+        out = f(ins[0], ins[1], scale=ins[2])
+        loss = out["out"][0].sum() + out["out"][1].pow(2).mean()
+        loss.backward()
+        return out, [t.grad for t in ins]
+
+    out_r, grads_r = run(client.torch("multi"))
+    out_l, grads_l = run(multi_torch)
+    # the endpoint's own integer type: JAX without x64 computes argmax in int32
+    argmax_dtype = torch.int64 if framework == "torch" else torch.int32
+    assert isinstance(out_r["out"], tuple) and out_r["argmax"].dtype == argmax_dtype
+    assert not out_r["argmax"].requires_grad
+    assert torch.equal(out_r["argmax"].long(), out_l["argmax"])
+    torch.testing.assert_close(grads_r, grads_l, **TOL)
+
+
+def test_torch_client_held_parameters(remote) -> None:
+    _, _, client = remote
+    module = client.torch_module("model")
+    assert sorted(n for n, _ in module.named_parameters()) == ["bias", "weight"]
+    local = ModelTorch()
+    x = torch.from_numpy(inputs()[0])
+    for m in (module, local):
+        m(x).pow(2).sum().backward()
+    torch.testing.assert_close(module.weight.grad, local.weight.grad, **TOL)
+    torch.testing.assert_close(module.bias.grad, local.bias.grad, **TOL)
+
+
+def test_torch_client_float64_gradcheck(remote, x64) -> None:
+    _, _, client = remote
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(client.torch("wave"), (x, y), fast_mode=True)
+
+
+def test_torch_func_transforms(remote) -> None:
+    _, server, client = remote
+    from torch.func import grad, jacrev, vjp, vmap
+
+    f, local = client.torch("batch"), ModelTorch()
+    x = torch.from_numpy(inputs()[0])
+    xs = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 4, 5)).astype(np.float32))
+
+    def loss(m):
+        return lambda v: m(v).pow(2).sum()
+
+    torch.testing.assert_close(grad(loss(f))(x), grad(loss(local))(x), **TOL)
+    out, pull = vjp(f, x)
+    torch.testing.assert_close(pull(torch.ones_like(out))[0], vjp(local, x)[1](torch.ones_like(out))[0], **TOL)
+    torch.testing.assert_close(jacrev(f)(x), jacrev(local)(x), **TOL)
+    seen = count_forwards(server, "batch")
+    torch.testing.assert_close(vmap(f)(xs), vmap(local)(xs), **TOL)
+    assert seen == [((12, 5),)]   # one merged call, not a Python loop
+    torch.testing.assert_close(vmap(grad(loss(f)))(xs), vmap(grad(loss(local)))(xs), **TOL)
+
+
+# -- JAX client --------------------------------------------------------------------
+def jax_loss(f):
+    def loss(a, b, s):
+        out = f(a, b, scale=s)
+        return out["out"][0].sum() + jnp.mean(out["out"][1] ** 2)
+    return loss
+
+
+def test_jax_client_multi_io_kwargs_and_int_output(remote) -> None:
+    _, _, client = remote
+    a, b, s = map(jnp.asarray, inputs())
+    f = client.jax("multi")
+    out = f(a, b, scale=s)
+    assert out["argmax"].dtype == jnp.int32
+    np.testing.assert_array_equal(out["argmax"], multi_jax(a, b, scale=s)["argmax"])
+    grads_r = jax.grad(jax_loss(f), argnums=(0, 1, 2))(a, b, s)
+    grads_l = jax.grad(jax_loss(multi_jax), argnums=(0, 1, 2))(a, b, s)
+    for r, l in zip(grads_r, grads_l):
+        np.testing.assert_allclose(r, l, **TOL)
+    value_r, _ = jax.value_and_grad(jax_loss(f))(a, b, s)
+    np.testing.assert_allclose(value_r, jax_loss(multi_jax)(a, b, s), **TOL)
+
+
+def test_jax_client_under_jit(remote) -> None:
+    _, _, client = remote
+    a, b, s = map(jnp.asarray, inputs())
+    f = client.jax("multi")
+    step = jax.jit(jax.value_and_grad(jax_loss(f)))
+    for seed in range(3):   # the second and third calls reuse the compiled step
+        a = jnp.asarray(inputs(seed)[0])
+        value, g = step(a, b, s)
+        lv, lg = jax.value_and_grad(jax_loss(multi_jax))(a, b, s)
+        np.testing.assert_allclose(value, lv, **TOL)
+        np.testing.assert_allclose(g, lg, **TOL)
+    only_grad = jax.jit(jax.grad(jax_loss(f)))(a, b, s)   # forward outputs unused
+    np.testing.assert_allclose(only_grad, jax.grad(jax_loss(multi_jax))(a, b, s), **TOL)
+
+
+def test_jax_client_held_parameters(remote) -> None:
+    _, _, client = remote
+    f = client.jax("model")
+    params = client.jax_params("model")
+    assert sorted(params) == ["bias", "weight"]
+    x = jnp.asarray(inputs()[0])
+    g_r = jax.grad(lambda p: jnp.sum(f.apply(p, x) ** 2))(params)
+    local = jax.tree_util.tree_map(jnp.asarray, MODEL_PARAMS)
+    g_l = jax.grad(lambda p: jnp.sum(model_jax(p, x) ** 2))(local)
+    for k in ("weight", "bias"):
+        np.testing.assert_allclose(g_r[k], g_l[k], **TOL)
+
+
+def test_jax_client_vmap_is_one_batched_call(remote) -> None:
+    _, server, client = remote
+    f, params = client.jax("batch"), jax.tree_util.tree_map(jnp.asarray, MODEL_PARAMS)
+    xs = jnp.asarray(np.random.default_rng(2).standard_normal((3, 4, 5)).astype(np.float32))
+    seen = count_forwards(server, "batch")
+    np.testing.assert_allclose(jax.vmap(f)(xs), jax.vmap(lambda x: model_jax(params, x))(xs), **TOL)
+    assert seen == [((12, 5),)]
+    loss_r = lambda x: jnp.sum(f(x) ** 2)  # noqa: E731
+    loss_l = lambda x: jnp.sum(model_jax(params, x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(loss_r)))(xs),
+                               jax.vmap(jax.grad(loss_l))(xs), **TOL)
+    np.testing.assert_allclose(jax.jacrev(f)(xs[0]), jax.jacrev(lambda x: model_jax(params, x))(xs[0]), **TOL)
+
+
+def test_jax_client_vmap_of_non_batchable_runs_per_element(remote) -> None:
+    _, server, client = remote
+    f = client.jax("model")
+    params = jax.tree_util.tree_map(jnp.asarray, MODEL_PARAMS)
+    xs = jnp.asarray(np.random.default_rng(3).standard_normal((3, 2, 5)).astype(np.float32))
+    seen = count_forwards(server, "model")
+    np.testing.assert_allclose(jax.vmap(f)(xs), jax.vmap(lambda x: model_jax(params, x))(xs), **TOL)
+    assert seen == [((2, 5),)] * 3
+
+
+def test_jax_client_float64_check_grads(remote, x64) -> None:
+    _, _, client = remote
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 4)))
+    y = jnp.asarray(np.random.default_rng(5).standard_normal((3, 4)))
+    assert x.dtype == jnp.float64
+    check_grads(client.jax("wave"), (x, y), order=1, modes=["rev"])
+
+
+def test_jax_forward_mode_and_grad_of_grad_fail_clearly(remote) -> None:
+    _, _, client = remote
+    f = client.jax("wave")
+    x = jnp.ones((2, 2))
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(lambda v: f(v, x), (x,), (x,))
+    with pytest.raises(NotImplementedError, match="grad of grad.*not supported"):
+        jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(f(u, x)))(v)))(x)
+
+
+# -- the seed library's examples -------------------------------------------------
+def test_seed_example_stax_dense_params_gradient(serve) -> None:
+    """PyCallChainRules' JaxFunctionWrapper example: stax.Dense(16) on (64, 32), remote."""
+    from jax.example_libraries import stax
+
+    init, apply = stax.Dense(16)
+    _, params = init(jax.random.PRNGKey(0), (-1, 32))
+    from gradserve.server.jax_endpoint import JaxEndpoint
+    _, client = serve({"dense": JaxEndpoint(jax.jit(apply), params=params)})
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 32))
+    y = jax.random.normal(jax.random.PRNGKey(2), (64, 16))
+    remote = client.jax("dense")
+    p = client.jax_params("dense")
+    grad_r = jax.grad(lambda p: jnp.sum(remote.apply(p, x) - y))(p)
+    grad_l = jax.grad(lambda p: jnp.sum(apply(p, x) - y))(params)
+    for r, l in zip(jax.tree_util.tree_leaves(grad_r), jax.tree_util.tree_leaves(grad_l)):
+        np.testing.assert_allclose(r, l, rtol=1e-6, atol=1e-5)
