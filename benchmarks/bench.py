@@ -2,13 +2,19 @@
 
 The workload is one 256-wide layer ``y = tanh(x @ W)`` (float32): ``x`` of
 shape ``(rows, 256)`` requires grad, ``W`` is fixed on the server. One *step*
-is a forward plus ``y.backward(ct)`` with a fixed random cotangent ``ct``.
+is a forward plus ``y.backward(ct)`` with a fixed random cotangent ``ct``
+(from JAX: ``y, pull = jax.vjp(f, x); pull(ct)``).
+
+The same torch-served endpoint is called from the torch client and from the
+JAX client (eager and under ``jax.jit``). A JAX step makes two
+``jax.pure_callback`` round trips (forward, vjp), so the cost of one callback
+with an empty body is measured too, to be subtracted by the reader.
 
 Each way of running a step is a *path* (``PATHS``): a context manager that
 owns its long-lived resources (servers, channels) and yields a function that
-builds the step for a given workload. The printed table is described by
-``COLUMNS``. A new transport or client (shared memory, JAX) is one more path
-and a few more columns.
+builds the step for a given workload. The printed tables are described by
+``TABLES`` of ``Column``s. A new transport or client (shared memory) is one more
+path and a few more columns.
 
 Every step is timed in one process on a shared machine, with client and
 servers competing for the same cores and GIL, so absolute milliseconds are
@@ -29,9 +35,10 @@ import sys
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import grpc
+import numpy as np
 import torch
 
 import gradserve
@@ -40,13 +47,15 @@ from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES as CHUNK_BYTES
 
 WIDTH = 256
 DEFAULT_ROWS = (16, 4096, 65536)
-#: Largest difference allowed between a remote and the local result.
+#: Largest difference allowed between a path's result and the local one, relative to the
+#: largest magnitude in the local result (absolute where that is below 1).
 TOLERANCE = 1e-5
 MiB = float(1 << 20)
 ECHO_METHOD = "/bench.Echo/Echo"
 
-#: One forward+vjp; returns ``(y, x.grad)`` when the path computes them, else None.
-Step = Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]
+#: One forward+vjp; returns ``(y, x.grad)`` when the path computes them, else None. JAX paths
+#: return ``jax.Array``s, compared after the timing (``_as_torch``) so that no step pays a copy.
+Step = Callable[[], "tuple[Any, Any] | None"]
 
 
 class Layer(torch.nn.Module):
@@ -105,18 +114,113 @@ def local_path(module: torch.nn.Module) -> Iterator[MakeStep]:
 
 
 @contextlib.contextmanager
-def gradserve_path(module: torch.nn.Module) -> Iterator[MakeStep]:
-    """``client.torch(...)`` against an in-process gradserve server (bytes transport)."""
+def _served(module: torch.nn.Module) -> Iterator[gradserve.Client]:
+    """A client of an in-process gradserve server (bytes transport) serving ``module`` as "layer".
+
+    Every client path gets its own server and channel, set up alike.
+    """
     server = Server(host="127.0.0.1", port=0, workers=4)
     server.add_torch("layer", module)
     server.start()
     client = gradserve.connect(server.address)
     try:
-        f = client.torch("layer")
-        yield lambda work: autograd_step(f, work)
+        yield client
     finally:
         client.close()
         server.stop()
+
+
+@contextlib.contextmanager
+def gradserve_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """``client.torch(...)`` against an in-process gradserve server (bytes transport)."""
+    with _served(module) as client:
+        f = client.torch("layer")
+        yield lambda work: autograd_step(f, work)
+
+
+# JAX is imported only by the JAX paths (when they are entered), not at module import.
+def _jax_inputs(work: Workload) -> tuple[Any, Any]:
+    """``work``'s ``x`` and ``ct`` as float32 ``jax.Array``s, made once outside the step."""
+    import jax.numpy as jnp
+    return jnp.asarray(work.x.detach().numpy()), jnp.asarray(work.ct.numpy())
+
+
+def _jitted_vjp_step(f: Callable[[Any], Any], work: Workload) -> Step:
+    """A step running ``jax.jit`` of ``f``'s forward and vjp at ``work.ct``; returns ``(y, grad)``."""
+    import jax
+
+    @jax.jit
+    def forward_vjp(x: Any, ct: Any) -> tuple[Any, Any]:
+        y, pull = jax.vjp(f, x)
+        return y, pull(ct)[0]
+
+    x, ct = _jax_inputs(work)
+
+    def step() -> tuple[Any, Any]:
+        return jax.block_until_ready(forward_vjp(x, ct))
+    return step
+
+
+@contextlib.contextmanager
+def local_jax_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """In-process JAX, jitted: ``jnp.tanh(x @ W)`` with the module's ``W``, the JAX baseline."""
+    import jax.numpy as jnp
+    weight = jnp.asarray(module.weight.detach().numpy())
+    yield lambda work: _jitted_vjp_step(lambda x: jnp.tanh(x @ weight), work)
+
+
+@contextlib.contextmanager
+def jax_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """``client.jax(...)`` called eagerly: ``y, pull = jax.vjp(f, x); pull(ct)`` per step."""
+    import jax
+    with _served(module) as client:
+        f = client.jax("layer")
+
+        def make(work: Workload) -> Step:
+            x, ct = _jax_inputs(work)
+
+            def step() -> tuple[Any, Any]:
+                y, pull = jax.vjp(f, x)
+                (grad,) = pull(ct)
+                return jax.block_until_ready((y, grad))
+            return step
+        yield make
+
+
+@contextlib.contextmanager
+def jax_jit_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """``client.jax(...)`` under ``jax.jit`` (compiled by the check, before any timing)."""
+    with _served(module) as client:
+        f = client.jax("layer")
+        yield lambda work: _jitted_vjp_step(f, work)
+
+
+def _empty_body(x: np.ndarray) -> np.ndarray:
+    """The host side of the callback paths: hands its input straight back."""
+    return x
+
+
+def _callback_path(jit: bool) -> Path:
+    @contextlib.contextmanager
+    def path(module: torch.nn.Module) -> Iterator[MakeStep]:
+        import jax
+
+        def call(x: Any) -> Any:
+            # One function object for every call: eager pure_callback is cached on the callable,
+            # and a fresh lambda per call would recompile every time (~10 ms).
+            return jax.pure_callback(_empty_body, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+        def make(work: Workload) -> Step:
+            x, _ = _jax_inputs(work)
+            run = jax.jit(call) if jit else call
+
+            def step() -> None:
+                jax.block_until_ready(run(x))
+            return step
+        yield make
+    path.__doc__ = (f"One ``jax.pure_callback`` round trip of ``x`` with an empty body"
+                    f"{', under jax.jit' if jit else ', eager'}: no server, no compute.")
+    return path
 
 
 def _chunks(data: bytes | memoryview) -> Iterator[bytes]:
@@ -173,6 +277,11 @@ PATHS: dict[str, Path] = {
     "local": local_path,
     "gradserve": gradserve_path,
     "echo": echo_path,
+    "local_jax": local_jax_path,
+    "jax": jax_path,
+    "jax_jit": jax_jit_path,
+    "callback": _callback_path(jit=False),
+    "callback_jit": _callback_path(jit=True),
 }
 REFERENCE = "local"
 
@@ -220,21 +329,31 @@ def measure(steps: Mapping[str, Step], budget: Budget) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def _as_torch(value: Any) -> torch.Tensor:
+    """A step's result as a torch tensor (JAX paths return ``jax.Array``s)."""
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+
+
 def check(work: Workload, steps: Mapping[str, Step]) -> None:
-    """Abort unless every path's output and gradient match the reference path's."""
+    """Abort unless every path's output and gradient match the reference path's.
+
+    Running every step once here also compiles the jitted paths before any timing.
+    """
     expected = steps[REFERENCE]()
     assert expected is not None
     for name, step in steps.items():
         got = step()
         if name == REFERENCE or got is None:
             continue
-        for what, want, have in zip(("output", "grad"), expected, got):
+        for what, want, have in zip(("output", "grad"), expected, map(_as_torch, got)):
             where = f"bench: {name} {what} differs from {REFERENCE} at rows={work.rows}"
-            if have.shape != want.shape:
+            if tuple(have.shape) != tuple(want.shape):
                 sys.exit(f"{where}: shape {tuple(have.shape)}, expected {tuple(want.shape)}")
-            err = (have - want).abs().max().item()
+            if have.dtype != want.dtype:
+                sys.exit(f"{where}: dtype {have.dtype}, expected {want.dtype}")
+            err = (have - want).abs().max().item() / max(1.0, want.abs().max().item())
             if not err <= TOLERANCE:  # also catches NaN
-                sys.exit(f"{where}: max |diff| {err:.3g} > {TOLERANCE}")
+                sys.exit(f"{where}: max relative |diff| {err:.3g} > {TOLERANCE}")
 
 
 # -- the table ------------------------------------------------------------------
@@ -266,8 +385,14 @@ def _ratio(path: str, over: str) -> Column:
     return Column(f"{path}/{over}", lambda r: f"{r.ratio(path, over):.2f}x")
 
 
+def _minus(path: str, over: str) -> Column:
+    return Column(f"{path}-{over} ms", lambda r: f"{r.ms(path) - r.ms(over):.2f}")
+
+
+ROWS = Column("rows", lambda r: str(r.work.rows))
+
 COLUMNS: list[Column] = [
-    Column("rows", lambda r: str(r.work.rows)),
+    ROWS,
     Column("MiB each way", lambda r: f"{2 * r.work.tensor_bytes / MiB:.3g}"),
     _ms("local"),
     _ms("gradserve"),
@@ -275,6 +400,39 @@ COLUMNS: list[Column] = [
     _ms("echo"),
     _ratio("gradserve", "echo"),
     Column("overhead ms", lambda r: f"{r.ms('gradserve') - r.ms('local'):.2f}"),
+]
+
+#: The JAX client on the same torch-served endpoint, against local torch and the torch client.
+JAX_COLUMNS: list[Column] = [
+    ROWS,
+    _ms("local_jax"),
+    _ms("jax"),
+    _ratio("jax", "local"),
+    _ratio("jax", "gradserve"),
+    _ms("jax_jit"),
+    _ratio("jax_jit", "local"),
+    _ratio("jax_jit", "gradserve"),
+]
+
+#: One empty ``pure_callback`` round trip, next to what the JAX client adds to the torch client.
+CALLBACK_COLUMNS: list[Column] = [
+    ROWS,
+    Column("MiB each way", lambda r: f"{r.work.tensor_bytes / MiB:.3g}"),
+    _ms("callback"),
+    _ms("callback_jit"),
+    _minus("jax", "gradserve"),
+    _minus("jax_jit", "gradserve"),
+]
+
+#: The printed tables: a title (None for the main one) and its columns.
+TABLES: list[tuple[str | None, list[Column]]] = [
+    (None, COLUMNS),
+    (("JAX client (client.jax), same torch-served endpoint; local_jax = jitted "
+      "jnp.tanh(x @ W) vjp; ratios over local (torch) and gradserve (torch client):"),
+     JAX_COLUMNS),
+    (("One jax.pure_callback round trip of x with an empty body (a JAX client step makes two: "
+      "forward, vjp), next to what the JAX client adds over the torch client:"),
+     CALLBACK_COLUMNS),
 ]
 
 
@@ -289,9 +447,11 @@ def render(results: Sequence[Result], columns: Sequence[Column]) -> str:
 
 
 def header(budget: Budget) -> str:
+    jax = sys.modules.get("jax")  # imported by the JAX paths, if they ran
+    jax_version = f"jax {jax.__version__} ({jax.default_backend()}), " if jax else ""
     return "\n".join([
         f"gradserve bench: y = tanh(x @ W), x (rows, {WIDTH}) float32, one forward + vjp per step",
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {jax_version}"
         f"grpcio {grpc.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs; "
         f"medians of {budget.rounds} interleaved rounds, ~{budget.seconds:g} s per cell",
         "client and servers share this process and its cores: on a shared machine the "
@@ -335,8 +495,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             check(work, steps)
             results.append(Result(work, measure(steps, budget)))
     print(header(budget))
-    print()
-    print(render(results, COLUMNS))
+    for title, columns in TABLES:
+        print()
+        if title:
+            print(title)
+        print(render(results, columns))
     print()
     print(f"total {time.perf_counter() - started:.1f} s")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-import gradserve
 from models import local_input_grad, mlp
 
 HERE = Path(__file__).resolve().parent

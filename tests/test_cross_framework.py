@@ -103,6 +103,26 @@ def test_torch_func_transforms(remote) -> None:
     torch.testing.assert_close(vmap(grad(loss(f)))(xs), vmap(grad(loss(local)))(xs), **TOL)
 
 
+def test_torch_func_vmap_of_non_batchable_and_per_sample_parameter_grads(remote) -> None:
+    _, server, client = remote
+    from torch.func import functional_call, grad, vmap
+
+    module, local = client.torch_module("model"), ModelTorch()
+    xs = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 2, 5)).astype(np.float32))
+    seen = count_forwards(server, "model")
+    torch.testing.assert_close(vmap(module)(xs), vmap(local)(xs), **TOL)
+    assert seen == [((2, 5),)] * 3        # not batchable: one call per element
+
+    def per_sample(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        loss = lambda p, x: functional_call(m, p, (x,)).pow(2).sum()  # noqa: E731
+        return vmap(grad(loss), in_dims=(None, 0))(params, xs)
+
+    remote_grads, local_grads = per_sample(module), per_sample(local)
+    assert remote_grads["weight"].shape == (3, 3, 5)
+    torch.testing.assert_close(remote_grads, local_grads, **TOL)
+
+
 # -- JAX client --------------------------------------------------------------------
 def jax_loss(f):
     def loss(a, b, s):

@@ -124,3 +124,60 @@ def test_flip_prediction_example(server):
     assert "final prediction: 3 (started as 2, target 3)" in lines
     assert "flipped: True" in lines
     assert any(line.startswith("step   0  loss ") for line in lines)
+
+
+def test_jax_gradient_matches_local_torch(client, model, samples):
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    images, labels = samples
+    x, targets = images[::7], (labels[::7] + 1) % 10
+    f = client.jax("digits")
+
+    def target_logits(x):
+        return jnp.take_along_axis(f(x), jnp.asarray(targets.numpy())[:, None], axis=1).sum()
+
+    grad = jax.grad(target_logits)(jnp.asarray(x.numpy()))
+    jitted = jax.jit(jax.grad(target_logits))(jnp.asarray(x.numpy()))
+
+    x_local = x.clone().requires_grad_(True)
+    model(x_local).gather(1, targets[:, None]).sum().backward()
+
+    assert grad.shape == tuple(x.shape) and grad.dtype == jnp.float32
+    assert x_local.grad.abs().sum() > 0
+    np.testing.assert_allclose(np.asarray(grad), x_local.grad.numpy(), **TOL)
+    np.testing.assert_allclose(np.asarray(jitted), x_local.grad.numpy(), **TOL)
+
+
+def _run_without_torch(script: str, *args: str) -> str:
+    """Run an example in a process where ``import torch`` fails."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = {[script, *args]!r}; "
+            f"runpy.run_path({str(EXAMPLES / script)!r}, run_name='__main__')")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_jax_flip_prediction_example_without_torch(server):
+    pytest.importorskip("jax")
+    out = _run_without_torch("jax_flip_prediction.py", "--address", server.address,
+                             "--index", "45")
+    lines = out.splitlines()
+    assert "sample 45: true label 2, predicted 2, target 3" in lines
+    assert "final prediction: 3 (started as 2, target 3)" in lines
+    assert "flipped: True" in lines
+    assert any(line.startswith("step   0  loss ") for line in lines)
+    losses = [float(line.split()[3]) for line in lines if line.startswith("step ")]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+
+
+def test_jax_flip_prediction_example_explicit_target(server):
+    pytest.importorskip("jax")
+    out = _run_without_torch("jax_flip_prediction.py", "--address", server.address,
+                             "--index", "0", "--target", "8", "--every", "20")
+    lines = out.splitlines()
+    assert "sample 0: true label 0, predicted 0, target 8" in lines
+    assert "final prediction: 8 (started as 0, target 8)" in lines
+    assert "flipped: True" in lines

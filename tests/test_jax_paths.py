@@ -112,9 +112,13 @@ def test_jax_client_releases_what_it_forgets(serve, monkeypatch) -> None:
     f = client.jax("model")
     x = jnp.ones((2, 5))
     for _ in range(10):
-        jax.grad(lambda v: jnp.sum(f(v)))(x)
+        jax.grad(lambda v: jnp.sum(f(v)))(x)     # each backward consumes its residual
+    gc.collect()
+    assert client.describe("model").residuals.endpoint_count == 0
+    pulls = [jax.vjp(f, x)[1] for _ in range(10)]  # forwards whose backward never runs
     gc.collect()
     assert client.describe("model").residuals.endpoint_count == 3
+    assert len(pulls) == 10
 
 
 def test_cli_serves_a_dict_mixing_torch_and_jax(tmp_path) -> None:
@@ -155,3 +159,20 @@ def test_each_client_runs_without_the_other_framework(serve, missing, body, endp
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 3)"
+
+
+def test_jax_client_errors_keep_their_type_or_at_least_their_text(serve) -> None:
+    def fails(x):
+        if x.shape[0] == 3:
+            raise ValueError("three rows")
+        return x * 2
+
+    _, client = serve({"fails": fails})
+    f = client.jax("fails")
+    np.testing.assert_allclose(f(jnp.ones(2)), 2 * np.ones(2))
+    with pytest.raises(gradserve.Internal, match="endpoint 'fails' raised ValueError: three rows"):
+        f(jnp.ones(3))
+    with pytest.raises(Exception, match="(?s)endpoint 'fails' raised ValueError: three rows"):
+        jax.jit(jax.grad(lambda v: jnp.sum(f(v))))(jnp.ones(3))
+    with pytest.raises(gradserve.NotFound):
+        client.jax("missing")(jnp.ones(2))   # fails at the Signature call, before any callback

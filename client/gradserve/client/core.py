@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import grpc
 import numpy as np
 
-from gradserve import codec, dtypes, frameworks, pytree
+from gradserve import codec, dtypes, frameworks
 from gradserve.errors import ResidualMissing, from_rpc_error
 from gradserve.frameworks import WireTensor
 from gradserve.frameworks.numpy import ADAPTER as NUMPY

@@ -29,11 +29,13 @@ import numpy as np
 
 from gradserve import dtypes, pytree
 from gradserve.client.core import Call, Client, Residual
+from gradserve.errors import GradserveError
 import gradserve.frameworks.jax  # noqa: F401  (registers jax arrays with the codec)
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.specs import TensorSpec
 
-#: Forward residuals a function remembers for its backward (older ones are released).
+#: Forward residuals awaiting their backward (older ones are released; each backward
+#: consumes its own, and a second backward of the same forward recomputes).
 RESIDUALS_KEPT = 256
 TOKEN = jax.ShapeDtypeStruct((), np.int32)
 
@@ -97,6 +99,7 @@ class RemoteJaxFunction:
         self._records: OrderedDict[int, _Record] = OrderedDict()
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
+        self._failure = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(args, kwargs, None)
@@ -115,8 +118,25 @@ class RemoteJaxFunction:
         leaves, in_def = pytree.flatten((tuple(args), dict(kwargs), params), _is_leaf)
         in_specs = tuple(TensorSpec(tuple(x.shape), np.dtype(x.dtype).name) for x in leaves)
         sig = self._signature(in_def, in_specs)
-        out_leaves = sig.function(*leaves)
+        self._failure.error = None
+        try:
+            out_leaves = sig.function(*leaves)
+        except Exception as err:
+            # JAX reports a failed callback as its own error type; where the call ran
+            # eagerly, give back the gradserve error (under jit its text is in JAX's message)
+            failure, self._failure.error = self._failure.error, None
+            if failure is not None:
+                raise failure from err
+            raise
         return pytree.unflatten(sig.out_def, list(out_leaves))
+
+    def _host(self, body: Any, *args: Any) -> Any:
+        """Run a host callback body, remembering a gradserve failure for ``_call``."""
+        try:
+            return body(*args)
+        except GradserveError as err:
+            self._failure.error = err
+            raise
 
     # -- trace-time: signatures and the custom_vjp function ----------------
     def _signature(self, in_def: pytree.TreeDef, in_specs: tuple[TensorSpec, ...]) -> _Signature:
@@ -141,12 +161,13 @@ class RemoteJaxFunction:
         @functools.lru_cache(maxsize=None)
         def forward(mask: tuple[bool, ...] | None) -> Any:
             shapes = out_shapes if mask is None else (*out_shapes, TOKEN)
-            return _callback(functools.partial(self._host_forward, sig, mask), shapes, refusal)
+            return _callback(functools.partial(self._host, self._host_forward, sig, mask), shapes,
+                             refusal)
 
         @functools.lru_cache(maxsize=None)
         def backward(ct_mask: tuple[bool, ...]) -> Any:
-            return _callback(functools.partial(self._host_backward, sig, ct_mask), grad_shapes,
-                             refusal)
+            return _callback(functools.partial(self._host, self._host_backward, sig, ct_mask),
+                             grad_shapes, refusal)
 
         @jax.custom_vjp
         def remote(*leaves: Any) -> tuple:
@@ -190,15 +211,16 @@ class RemoteJaxFunction:
 
     def _host_backward(self, sig: _Signature, ct_mask: tuple[bool, ...], token: Any,
                        leaves: tuple, cts: list) -> tuple:
-        leaves = [np.asarray(a) for a in leaves]
         it = iter(cts)
         full_cts = [np.asarray(next(it), _numpy_dtype(s)) if m else None  # the server's dtype
                     for m, s in zip(ct_mask, sig.out_specs)]
         given = [(c, s) for c, s in zip(full_cts, sig.out_specs) if c is not None]
         batch = _batch_shape([*leaves, *(c for c, _ in given)],
                              [*sig.in_specs, *(s for _, s in given)])
-        record = self._records.get(int(np.asarray(token).reshape(-1)[0]))
+        with self._lock:  # consumed: its residuals are released once this backward is done
+            record = self._records.pop(int(np.asarray(token).reshape(-1)[0]), None)
         if record is None:  # forward elided, duplicated or forgotten: recompute from the inputs
+            leaves = [np.asarray(a) for a in leaves]   # only now: a copy for large inputs
             record = self._plan(sig, leaves, _batch_shape(leaves, sig.in_specs), None)
         if not record.batch:  # one forward: plain, or batched cotangents (jacrev, vmap of vjp)
             n = int(np.prod(batch))

@@ -130,7 +130,8 @@ def list_endpoints(args: argparse.Namespace) -> int:
     import gradserve
     with gradserve.connect(args.address, timeout=args.timeout) as client:
         for info in client.endpoints():
-            print(f"{info.signature}  [{info.framework} on {info.device}]")
+            batch = ", batchable" if info.batchable else ""
+            print(f"{info.signature}  [{info.framework} on {info.device}{batch}]")
             if info.doc:
                 print(f"    {info.doc.splitlines()[0]}")
             for label, specs in (("input", info.inputs), ("output", info.outputs)):

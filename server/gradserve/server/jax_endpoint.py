@@ -21,7 +21,7 @@ import numpy as np
 from gradserve import dtypes, pytree
 from gradserve.errors import invalid
 from gradserve.frameworks import WireTensor
-from gradserve.frameworks.jax import ADAPTER as JAX
+import gradserve.frameworks.jax  # noqa: F401  (registers jax arrays: outputs are encoded)
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.server.registry import Endpoint, own_doc
 from gradserve.specs import TensorSpec
@@ -155,11 +155,8 @@ class JaxEndpoint(Endpoint):
         return outputs, _Residual(vjp_fn, outputs, in_def, mask), nbytes
 
     def vjp(self, residual: _Residual, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
-        out_leaves, out_def = pytree.flatten(residual.outputs, _is_array)
-        try:
-            cot_leaves = pytree.flatten_up_to(out_def, cotangents, "cotangents")
-        except ValueError as err:
-            raise invalid(f"{err} (cotangents must mirror the outputs)") from None
+        out_leaves, cot_leaves = self.align_cotangents(residual.outputs, cotangents, _is_array)
+        out_def = pytree.flatten(residual.outputs, _is_array)[1]
         batch = {c.value.shape[0] for c in cot_leaves
                  if isinstance(c, _Leaf) and batched and c.value.ndim}
         if len(batch) > 1:

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import grpc
 
+from gradserve import pytree
 from gradserve.errors import StatusError, invalid
 from gradserve.frameworks import WireTensor
 from gradserve.specs import TensorSpec
@@ -98,6 +99,16 @@ class Endpoint(ABC):
             problem = spec.mismatch(got.shape, got.dtype)
             if problem:
                 raise invalid(f"argument {name!r}: {problem}")
+
+    @staticmethod
+    def align_cotangents(outputs: Any, cotangents: Any,
+                         is_array: Callable[[Any], bool]) -> tuple[list, list]:
+        """(output arrays, their cotangents) in flatten order; INVALID_ARGUMENT on a mismatch."""
+        out_leaves, out_def = pytree.flatten(outputs, is_array)
+        try:
+            return out_leaves, pytree.flatten_up_to(out_def, cotangents, "cotangents")
+        except ValueError as err:
+            raise invalid(f"{err} (cotangents must mirror the outputs)") from None
 
     def run(self, thunk: Callable[[], Any]) -> Any:
         """Run model code; its exceptions become INTERNAL naming the endpoint."""

@@ -146,11 +146,7 @@ class TorchEndpoint(Endpoint):
         return outputs, _Residual(inputs, outputs), saved.total
 
     def vjp(self, residual: _Residual, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
-        out_leaves, out_def = pytree.flatten(residual.outputs, _is_tensor)
-        try:
-            cot_leaves = pytree.flatten_up_to(out_def, cotangents, "cotangents")
-        except ValueError as err:
-            raise invalid(f"{err} (cotangents must mirror the outputs)") from None
+        out_leaves, cot_leaves = self.align_cotangents(residual.outputs, cotangents, _is_tensor)
         outs, cots = [], []
         batch = None
         for i, (out, cot) in enumerate(zip(out_leaves, cot_leaves)):
