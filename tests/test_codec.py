@@ -130,3 +130,57 @@ def test_reader_accepts_interleaved_chunks() -> None:
     reader = FrameReader(1 << 20)
     out = codec.decode(reader.read(frames), reader, lambda w, p: TORCH.from_wire(w))
     assert torch.equal(out[0], a) and torch.equal(out[1], b)
+
+
+def test_pytree_holds_no_reference_cycles() -> None:
+    """Leaves must die with their last reference, not wait for the cycle collector."""
+    import gc
+    import weakref
+
+    from gradserve import pytree
+
+    gc.disable()
+    try:
+        t = torch.ones(3)
+        ref = weakref.ref(t)
+        leaves, treedef = pytree.flatten({"a": [t, 1]}, lambda x: isinstance(x, torch.Tensor))
+        tree = pytree.unflatten(treedef, leaves)
+        del t, leaves, tree
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_static_leaves_compare_by_type_and_exact_value() -> None:
+    from gradserve import pytree
+
+    defs = [pytree.flatten(v, lambda x: False)[1] for v in (1, 1.0, True, 0.0, -0.0, "1")]
+    assert len(set(defs)) == 6
+    assert pytree.flatten((1, "a"), lambda x: False)[1] == pytree.flatten((1, "a"), lambda x: False)[1]
+
+
+@pytest.mark.parametrize("shape, match", [
+    ([1] * 65, "65 dimensions, more than the 64"),
+    ([0, 2**40, 2**40], "overflows 64-bit indexing"),
+])
+def test_reader_rejects_absurd_shapes(shape, match) -> None:
+    with pytest.raises(StatusError, match=match) as info:
+        FrameReader(1 << 30).read(tensor_frames(shape=shape, data=b""))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="Linux only")
+def test_declared_size_is_not_committed_before_the_bytes_arrive() -> None:
+    header = pb.Value(tensor=pb.Tensor(dtype=pb.UINT8, shape=[1 << 30], stream=pb.StreamedPayload(id=0)))
+    frames = [pb.GetParametersFrame(header=header),
+              pb.GetParametersFrame(chunk=pb.Chunk(id=0, data=b"x"))]
+    before = resident_bytes()
+    reader = FrameReader(2 << 30)
+    with pytest.raises(StatusError, match="stream ended after 1 of 1073741824 bytes"):
+        reader.read(frames)
+    assert resident_bytes() - before < 64 << 20

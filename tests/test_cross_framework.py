@@ -233,3 +233,39 @@ def test_seed_example_stax_dense_params_gradient(serve) -> None:
     grad_l = jax.grad(lambda p: jnp.sum(apply(p, x) - y))(params)
     for r, l in zip(jax.tree_util.tree_leaves(grad_r), jax.tree_util.tree_leaves(grad_l)):
         np.testing.assert_allclose(r, l, rtol=1e-6, atol=1e-5)
+
+
+def test_complex_gradients_agree_across_every_pairing(serve) -> None:
+    """The wire carries torch's complex convention; the JAX sides convert."""
+    from gradserve.server.jax_endpoint import JaxEndpoint
+    from gradserve.server.torch_endpoint import TorchEndpoint
+
+    coef = np.complex64(1 + 2j)
+    _, client = serve({"torch": TorchEndpoint(lambda z: z * torch.tensor(coef) + z.conj() ** 2),
+                       "jax": JaxEndpoint(jax.jit(lambda z: z * coef + jnp.conj(z) ** 2))})
+    z = np.array([1 + 0.5j, -2 + 3j], np.complex64)
+    zt = torch.from_numpy(z.copy()).requires_grad_()
+    (zt * torch.tensor(coef) + zt.conj() ** 2).abs().pow(2).sum().backward()
+    jax_local = jax.grad(lambda v: jnp.sum(jnp.abs(v * coef + jnp.conj(v) ** 2) ** 2))(jnp.asarray(z))
+    for name in ("torch", "jax"):
+        zr = torch.from_numpy(z.copy()).requires_grad_()
+        client.torch(name)(zr).abs().pow(2).sum().backward()
+        torch.testing.assert_close(zr.grad, zt.grad, **TOL)
+        g = jax.grad(lambda v: jnp.sum(jnp.abs(client.jax(name)(v)) ** 2))(jnp.asarray(z))
+        np.testing.assert_allclose(g, jax_local, **TOL)
+
+
+def test_jax_client_with_a_numpy_float64_argument_and_x64_off(remote) -> None:
+    _, _, client = remote
+    f = client.jax("wave")
+    x = jnp.ones(3)
+    grad = jax.grad(lambda v: jnp.sum(f(v, np.ones(3))))(x)   # numpy float64: JAX narrows it
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, np.cos(1.0) * np.cos(1.0) + 1.0, **TOL)
+
+
+def test_static_arguments_that_compare_equal_are_not_confused(serve) -> None:
+    from gradserve.server.jax_endpoint import JaxEndpoint
+    _, client = serve({"full": JaxEndpoint(lambda n: jnp.full((2,), n))})
+    assert [client.forward("full", (v,)).outputs.dtype.name for v in (1, 1.0, True)] == \
+        ["int32", "float32", "bool"]

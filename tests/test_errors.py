@@ -230,3 +230,53 @@ def test_server_survives_bad_inputs(env) -> None:
     x = torch.randn(3, 6, requires_grad=True)
     client.torch("mlp")(x).sum().backward()
     assert x.grad.shape == (3, 6)
+
+
+def test_idle_request_streams_are_cancelled_and_the_server_keeps_serving(serve) -> None:
+    import threading
+    server, client = serve({"mlp": mlp()}, workers=2, idle_timeout=0.5)
+    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    never = threading.Event()
+
+    def stalled():
+        yield pb.ForwardFrame(header=pb.ForwardRequest(endpoint="mlp"))
+        never.wait(30)   # never half-closes
+
+    calls = [stub.Forward(stalled(), timeout=30) for _ in range(2)]
+    try:
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert [e.name for e in client.endpoints(timeout=5)] == ["mlp"]
+    finally:
+        never.set()
+
+
+def test_shape_only_tensors_count_against_the_limit_and_only_in_signature(env) -> None:
+    server, client = env
+    with pytest.raises(gradserve.ResourceExhausted, match="over the limit of 1048576"):
+        client.signature("mlp", (TensorSpec((1 << 29,), "float32"),))
+    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(tuple_value=pb.Sequence(items=[
+        pb.Value(abstract=pb.TensorSpec(dtype=pb.FLOAT32, shape=[1, 6]))])))
+    with pytest.raises(grpc.RpcError) as info:
+        raw_forward(stub, header)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "args[0]: a shape-only tensor is allowed in Signature requests only" in info.value.details()
+
+
+def test_empty_batch_of_cotangents_is_invalid(env) -> None:
+    _, client = env
+    res = client.forward("mlp", (np.ones((2, 6), np.float32),), need_vjp=True)
+    with pytest.raises(gradserve.InvalidArgument, match="batch of at least one"):
+        client.vjp(res.residual, np.ones((0, 2, 4), np.float32), batched=True)
+
+
+def test_releases_survive_a_failed_flush(serve) -> None:
+    server, client = serve({"mlp": mlp()})
+    server.stop(grace=0)
+    client._released.extend(["a", "b"])
+    with pytest.raises(gradserve.Unavailable):
+        client.describe("mlp", timeout=2)   # the describe fails, not the flush before it
+    assert list(client._released) == ["a", "b"]

@@ -76,10 +76,11 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
 
 
 def decode(value: pb.Value, reader: PayloadReader,
-           make_leaf: Callable[[WireTensor, str], Any], path: str = "") -> Any:
+           make_leaf: Callable[[WireTensor, str], Any], path: str = "",
+           abstract: bool = False) -> Any:
     """Decode a ``Value``; ``make_leaf(tensor, path)`` turns each wire tensor into an array.
 
-    Abstract tensors decode to :class:`TensorSpec`.
+    Abstract tensors decode to :class:`TensorSpec` where ``abstract`` allows them.
     """
     kind = value.WhichOneof("kind")
     if kind == "tensor":
@@ -87,10 +88,12 @@ def decode(value: pb.Value, reader: PayloadReader,
         return make_leaf(WireTensor(msg.dtype, tuple(msg.shape), reader.get(msg), msg.requires_grad),
                          path or "value")
     if kind == "abstract":
+        if not abstract:
+            raise invalid(f"{path or 'value'}: a shape-only tensor is allowed in Signature "
+                          "requests only")
         spec = value.abstract
-        shape = tuple(spec.shape)
-        tensor_nbytes(path, pb.Tensor(dtype=spec.dtype, shape=shape))
-        return TensorSpec(shape, dtypes.NAMES[spec.dtype])
+        tensor_nbytes(path, spec)
+        return TensorSpec(tuple(spec.shape), dtypes.NAMES[spec.dtype])
     if kind == "none" or kind is None:
         return None
     if kind in ("bool_value", "int_value", "float_value", "str_value"):
@@ -99,39 +102,41 @@ def decode(value: pb.Value, reader: PayloadReader,
         m = value.dict_value
         if len(m.keys) != len(m.values):
             raise invalid(f"{path or 'value'}: dict has {len(m.keys)} keys but {len(m.values)} values")
-        return {k: decode(v, reader, make_leaf, f"{path}[{k!r}]") for k, v in zip(m.keys, m.values)}
-    items = [decode(item, reader, make_leaf, f"{path}[{i}]")
+        return {k: decode(v, reader, make_leaf, f"{path}[{k!r}]", abstract)
+                for k, v in zip(m.keys, m.values)}
+    items = [decode(item, reader, make_leaf, f"{path}[{i}]", abstract)
              for i, item in enumerate(getattr(value, kind).items)]
     return items if kind == "list_value" else tuple(items)
 
 
-def tensors(msg: Message, path: str = "") -> Iterator[tuple[str, pb.Tensor]]:
-    """Every ``Tensor`` inside a message, with a readable path such as ``args[0]``."""
-    if isinstance(msg, pb.Tensor):
-        yield path, msg
-    elif isinstance(msg, pb.Value):
-        kind = msg.WhichOneof("kind")
-        if kind == "tensor":
-            yield path, msg.tensor
-        elif kind in ("list_value", "tuple_value"):
-            for i, item in enumerate(getattr(msg, kind).items):
-                yield from tensors(item, f"{path}[{i}]")
-        elif kind == "dict_value":
+def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tuple[str, Any]]:
+    """Every tensor leaf (``kind`` "tensor", or "abstract") inside a message, with a
+    readable path such as ``args[0]``."""
+    if isinstance(msg, pb.Value):
+        which = msg.WhichOneof("kind")
+        if which == kind:
+            yield path, getattr(msg, kind)
+        elif which in ("list_value", "tuple_value"):
+            for i, item in enumerate(getattr(msg, which).items):
+                yield from tensors(item, f"{path}[{i}]", kind)
+        elif which == "dict_value":
             for key, item in zip(msg.dict_value.keys, msg.dict_value.values):
-                yield from tensors(item, f"{path}[{key!r}]")
+                yield from tensors(item, f"{path}[{key!r}]", kind)
     else:
         for field, val in msg.ListFields():
             if field.message_type is None:
                 continue
             sub = f"{path}.{field.name}" if path else field.name
-            if field.is_repeated:
-                for i, item in enumerate(val):
-                    yield from tensors(item, f"{sub}[{i}]")
-            else:
-                yield from tensors(val, sub)
+            for i, item in enumerate(val) if field.is_repeated else [(None, val)]:
+                yield from tensors(item, sub if i is None else f"{sub}[{i}]", kind)
 
 
-def tensor_nbytes(path: str, msg: pb.Tensor) -> int:
+def abstract_tensors(msg: Message) -> Iterator[tuple[str, pb.TensorSpec]]:
+    """Every shape-only tensor inside a message (they count against size limits too)."""
+    return tensors(msg, kind="abstract")
+
+
+def tensor_nbytes(path: str, msg: pb.Tensor | pb.TensorSpec) -> int:
     """Validated byte size of a tensor message (dtype known, dims non-negative)."""
     try:
         return dtypes.nbytes(msg.dtype, tuple(msg.shape))

@@ -53,13 +53,26 @@ def numpy_dtype(code: int) -> np.dtype:
     return np.dtype(name).newbyteorder("<")
 
 
+#: Most dimensions a tensor may have (numpy's and JAX's limit).
+MAX_RANK = 64
+#: Most elements any dimension product may reach, zero dimensions aside (int64 strides).
+MAX_ELEMENTS = 2**62
+
+
 def nbytes(code: int, shape: tuple[int, ...]) -> int:
-    """Byte size of a dense tensor; rejects unknown dtypes and negative dims."""
+    """Byte size of a dense tensor; rejects unknown dtypes, bad ranks and dims, overflow."""
     size = ITEMSIZE.get(code)
     if size is None:
         raise invalid(f"unknown wire dtype {code}")
+    if len(shape) > MAX_RANK:
+        raise invalid(f"{len(shape)} dimensions, more than the {MAX_RANK} supported")
+    if any(dim < 0 for dim in shape):
+        raise invalid(f"negative dimension in shape {list(shape)}")
+    nonzero = 1
     for dim in shape:
-        if dim < 0:
-            raise invalid(f"negative dimension in shape {list(shape)}")
+        nonzero *= max(dim, 1)
+        if nonzero > MAX_ELEMENTS:
+            raise invalid(f"shape {list(shape)} overflows 64-bit indexing")
+    for dim in shape:
         size *= dim
     return size

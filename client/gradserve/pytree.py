@@ -2,25 +2,29 @@
 
 gradserve needs only ``flatten``/``unflatten`` to hand a pytree's tensors to an
 autograd node and put them back; static leaves (None, bool, int, float, str)
-stay inside the structure.
+stay inside the structure. The recursion lives in module-level functions (not
+self-referencing closures) so that no reference cycle keeps a tensor alive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-
-STATIC_TYPES = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True)
 class TreeDef:
-    """The structure of a pytree with its array leaves taken out."""
+    """The structure of a pytree with its array leaves taken out.
+
+    Static leaves compare by type and exact value (``1``, ``1.0`` and ``True``
+    differ, so do ``0.0`` and ``-0.0``): tree definitions are cache keys.
+    """
 
     kind: str                       # "leaf", "static", "tuple", "list", "dict"
     children: tuple["TreeDef", ...] = ()
     keys: tuple[str, ...] = ()
-    value: Any = None               # the static leaf's value
+    value: Any = field(default=None, compare=False)   # the static leaf's value
+    static_key: tuple[str, str] = ("", "")
 
     @property
     def num_leaves(self) -> int:
@@ -32,40 +36,49 @@ class TreeDef:
 _LEAF = TreeDef("leaf")
 
 
+def _static(value: Any) -> TreeDef:
+    key = (type(value).__qualname__, repr(value))
+    try:
+        hash(value)
+    except TypeError:
+        key = (type(value).__qualname__, f"id:{id(value)}")
+    return TreeDef("static", value=value, static_key=key)
+
+
+def _walk(node: Any, is_leaf: Callable[[Any], bool], leaves: list) -> TreeDef:
+    if is_leaf(node):
+        leaves.append(node)
+        return _LEAF
+    if isinstance(node, dict):
+        keys = tuple(node)
+        return TreeDef("dict", tuple(_walk(node[k], is_leaf, leaves) for k in keys), keys)
+    if isinstance(node, (tuple, list)):
+        kind = "list" if type(node) is list else "tuple"
+        return TreeDef(kind, tuple(_walk(item, is_leaf, leaves) for item in node))
+    return _static(node)
+
+
 def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[list[Any], TreeDef]:
     """Split ``tree`` into the list of leaves for which ``is_leaf`` holds and its structure."""
     leaves: list[Any] = []
+    treedef = _walk(tree, is_leaf, leaves)
+    return leaves, treedef
 
-    def walk(node: Any) -> TreeDef:
-        if is_leaf(node):
-            leaves.append(node)
-            return _LEAF
-        if isinstance(node, dict):
-            keys = tuple(node)
-            return TreeDef("dict", tuple(walk(node[k]) for k in keys), keys)
-        if isinstance(node, (tuple, list)):
-            return TreeDef(type(node).__name__ if type(node) in (tuple, list) else "tuple",
-                           tuple(walk(item) for item in node))
-        return TreeDef("static", value=node)
 
-    return leaves, walk(tree)
+def _build(td: TreeDef, it: Iterator[Any]) -> Any:
+    if td.kind == "leaf":
+        return next(it)
+    if td.kind == "static":
+        return td.value
+    items = [_build(child, it) for child in td.children]
+    if td.kind == "dict":
+        return dict(zip(td.keys, items))
+    return tuple(items) if td.kind == "tuple" else items
 
 
 def unflatten(treedef: TreeDef, leaves: Iterator[Any] | list[Any]) -> Any:
     """Rebuild a pytree from ``treedef`` and its leaves, in flatten order."""
-    it = iter(leaves)
-
-    def build(td: TreeDef) -> Any:
-        if td.kind == "leaf":
-            return next(it)
-        if td.kind == "static":
-            return td.value
-        items = [build(child) for child in td.children]
-        if td.kind == "dict":
-            return dict(zip(td.keys, items))
-        return tuple(items) if td.kind == "tuple" else items
-
-    return build(treedef)
+    return _build(treedef, iter(leaves))
 
 
 def flatten_up_to(treedef: TreeDef, tree: Any, path: str = "") -> list[Any]:

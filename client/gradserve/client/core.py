@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from gradserve import codec, dtypes, frameworks
-from gradserve.errors import ResidualMissing, from_rpc_error
+from gradserve.errors import RemoteError, ResidualMissing, from_rpc_error
 from gradserve.frameworks import WireTensor
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.specs import EndpointInfo
@@ -102,7 +102,6 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.max_receive_bytes = max_receive_bytes
-        self.transport = "grpc"
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", -1),
@@ -113,11 +112,8 @@ class Client:
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
-        """Release pending residuals and close the channel."""
-        try:
-            self._flush_releases(timeout=1.0)
-        except Exception:
-            pass
+        """Release pending residuals (best effort) and close the channel."""
+        self._flush_releases(timeout=1.0)
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -177,7 +173,7 @@ class Client:
         call = self._forward_request(Call(name, tuple(args), dict(kwargs or {}), parameters),
                                      writer, False)
         reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=call), timeout)
-        return codec.decode(reply.outputs, FrameReader(0), numpy_leaf, "outputs")
+        return codec.decode(reply.outputs, FrameReader(0), numpy_leaf, "outputs", abstract=True)
 
     def release(self, *residuals: Residual, timeout: float | None = None) -> int:
         """Free residuals on the server now; returns how many it still held."""
@@ -219,7 +215,11 @@ class Client:
         reader = FrameReader(self.max_receive_bytes)
         frames = self._stub.Forward(writer.frames(pb.ForwardFrame, request),
                                     timeout=self._deadline(timeout))
-        header = self._read(reader, frames)
+        try:
+            header = self._read(reader, frames)
+        except Exception:
+            self._released.extend(request.release)  # releasing twice is harmless
+            raise
         outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
         residual = Residual(call, header.residual_id, self._released) if need_vjp else None
         return outputs, residual
@@ -289,9 +289,13 @@ class Client:
         return ids
 
     def _flush_releases(self, timeout: float | None = None) -> None:
+        """Send queued releases; on failure keep them queued for the next call."""
         ids = self._take_releases()
         if ids:
-            self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout)
+            try:
+                self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout)
+            except RemoteError:
+                self._released.extend(ids)
 
 
 def connect(address: str, **options: Any) -> Client:

@@ -116,7 +116,8 @@ class RemoteJaxFunction:
 
     def _call(self, args: tuple, kwargs: dict, params: Any) -> Any:
         leaves, in_def = pytree.flatten((tuple(args), dict(kwargs), params), _is_leaf)
-        in_specs = tuple(TensorSpec(tuple(x.shape), np.dtype(x.dtype).name) for x in leaves)
+        in_specs = tuple(TensorSpec(tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype).name)
+                         for x in leaves)
         sig = self._signature(in_def, in_specs)
         self._failure.error = None
         try:
@@ -212,7 +213,8 @@ class RemoteJaxFunction:
     def _host_backward(self, sig: _Signature, ct_mask: tuple[bool, ...], token: Any,
                        leaves: tuple, cts: list) -> tuple:
         it = iter(cts)
-        full_cts = [np.asarray(next(it), _numpy_dtype(s)) if m else None  # the server's dtype
+        # in the server's dtype and the wire's complex convention (torch's: conj of JAX's)
+        full_cts = [_conj(np.asarray(next(it), _numpy_dtype(s))) if m else None
                     for m, s in zip(ct_mask, sig.out_specs)]
         given = [(c, s) for c, s in zip(full_cts, sig.out_specs) if c is not None]
         batch = _batch_shape([*leaves, *(c for c, _ in given)],
@@ -241,17 +243,17 @@ class RemoteJaxFunction:
     def _plan(self, sig: _Signature, arrays: list, batch: tuple,
               mask: tuple[bool, ...] | None) -> _Record:
         """The remote calls for one forward, as residuals not yet sent (id "")."""
-        n_args = len(arrays) - sig.n_params
+        n_inputs = len(arrays) - sig.n_params
         k = len(batch)
         if int(np.prod(batch)) == 1:   # no vmap, or a batch of one: one plain call
             arrays = [a.reshape(s.shape) for a, s in zip(arrays, sig.in_specs)]
             batch, merged = (), False
         else:
-            merged = (self.batchable and all(len(s.shape) >= 1 for s in sig.in_specs[:n_args])
-                      and all(all(d == 1 for d in a.shape[:k]) for a in arrays[n_args:])
-                      and not (mask and any(mask[n_args:])))
+            merged = (self.batchable and all(len(s.shape) >= 1 for s in sig.in_specs[:n_inputs])
+                      and all(all(d == 1 for d in a.shape[:k]) for a in arrays[n_inputs:])
+                      and not (mask and any(mask[n_inputs:])))
         flags = mask if mask is not None else tuple(
-            _differentiable(s) and not (merged and i >= n_args) for i, s in enumerate(sig.in_specs))
+            _differentiable(s) and not (merged and i >= n_inputs) for i, s in enumerate(sig.in_specs))
 
         def residual(leaves: list) -> Residual:
             flagged = {id(x) for x, f in zip(leaves, flags) if f}
@@ -264,8 +266,8 @@ class RemoteJaxFunction:
         full = [np.broadcast_to(a, batch + a.shape[k:]) for a in arrays]
         if merged:
             n = int(np.prod(batch))
-            leaves = ([a.reshape((n * a.shape[k], *a.shape[k + 1:])) for a in full[:n_args]]
-                      + [a.reshape(a.shape[k:]) for a in arrays[n_args:]])
+            leaves = ([a.reshape((n * a.shape[k], *a.shape[k + 1:])) for a in full[:n_inputs]]
+                      + [a.reshape(a.shape[k:]) for a in arrays[n_inputs:]])
             return _Record(batch, True, [residual(leaves)])
         return _Record(batch, False, [residual([np.ascontiguousarray(a[idx]) for a in full])
                                       for idx in np.ndindex(batch)])
@@ -288,6 +290,11 @@ def _callback(host: Any, shapes: Any, refusal: str) -> Any:
         raise NotImplementedError(refusal)
 
     return run
+
+
+def _conj(a: np.ndarray) -> np.ndarray:
+    """Between JAX's complex convention and the wire's (torch's); real arrays pass as they are."""
+    return np.conj(a) if np.iscomplexobj(a) else a
 
 
 def _is_symbolic_zero(x: Any) -> bool:
@@ -338,7 +345,8 @@ def _unbatch_grads(sig: _Signature, flats: list, batch: tuple, merged: bool) -> 
         if any(p is None for p in parts):
             out.append(np.zeros(batch + spec.shape, dtype))
         elif merged:
-            out.append(np.asarray(parts[0], dtype).reshape(batch + spec.shape))
+            out.append(_conj(np.asarray(parts[0], dtype)).reshape(batch + spec.shape))
         else:
-            out.append(np.stack([np.asarray(p, dtype) for p in parts]).reshape(batch + spec.shape))
+            out.append(_conj(np.stack([np.asarray(p, dtype) for p in parts]))
+                       .reshape(batch + spec.shape))
     return tuple(out)

@@ -91,14 +91,14 @@ class _RemoteForward(torch.autograd.Function):
         size = info.batch_size
         leaves = [x if d is None else x.movedim(d, 0) for x, d in zip(leaves, in_dims[1:])]
         batched = [d is not None for d in in_dims[1:]]
-        n_args = len(leaves) - state.treedef.children[2].num_leaves
+        n_inputs = len(leaves) - state.treedef.children[2].num_leaves
         state.merged = (state.fn.batchable
-                        and all(x.dim() - b >= 1 for x, b in zip(leaves[:n_args], batched))
-                        and not any(batched[n_args:]) and not any(state.mask[n_args:]))
+                        and all(x.dim() - b >= 1 for x, b in zip(leaves[:n_inputs], batched))
+                        and not any(batched[n_inputs:]) and not any(state.mask[n_inputs:]))
         if state.merged:
             sub = state.child()
             full = [x if b else x.expand(size, *x.shape) for x, b in zip(leaves, batched)]
-            merged = [x.reshape(-1, *x.shape[2:]) if i < n_args else leaves[i]
+            merged = [x.reshape(-1, *x.shape[2:]) if i < n_inputs else leaves[i]
                       for i, x in enumerate(full)]
             outs = _RemoteForward.apply(sub, *merged)
             state.batched, state.out_def = [sub], sub.out_def
@@ -142,10 +142,10 @@ class _RemoteBackward(torch.autograd.Function):
             out = _vjp(state, devices, full, batched=True)
         elif state.merged:
             sub = state.batched[0]
-            n_args = len(devices) - state.treedef.children[2].num_leaves
+            n_inputs = len(devices) - state.treedef.children[2].num_leaves
             flat = [None if g is None else g.reshape(-1, *g.shape[2:]) if g.dim() > 1 else g[0]
                     for g in full]
-            out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n_args else g
+            out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n_inputs else g
                    for i, g in enumerate(_RemoteBackward.apply(sub, devices, *flat))]
         else:
             per = [_RemoteBackward.apply(sub, devices, *[None if g is None else g[i] for g in full])

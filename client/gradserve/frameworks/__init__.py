@@ -57,11 +57,6 @@ def adapter_for(x: Any) -> ArrayAdapter | None:
     return None
 
 
-def is_array(x: Any) -> bool:
-    """Whether ``x`` is an array of any registered framework."""
-    return adapter_for(x) is not None
-
-
 from gradserve.frameworks import numpy as _numpy  # noqa: E402  (registers itself)
 
 register(_numpy.ADAPTER)

@@ -10,11 +10,12 @@ and the request's size limit *before* allocating anything.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+import mmap
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
-from gradserve.codec import tensor_nbytes, tensors
+from gradserve.codec import abstract_tensors, tensor_nbytes, tensors
 from gradserve.errors import StatusError, invalid
 from gradserve.frameworks import WireTensor
 from gradserve.v1 import gradserve_pb2 as pb
@@ -51,12 +52,19 @@ class FrameWriter:
 
 
 class FrameReader:
-    """Reassembles one framed message; implements ``PayloadReader``."""
+    """Reassembles one framed message; implements ``PayloadReader``.
 
-    def __init__(self, max_bytes: int):
+    Stream buffers are anonymous memory maps: their pages are committed only as
+    chunks arrive, so a header that declares a huge tensor costs nothing until
+    its bytes are really sent. ``on_frame`` is called for every frame (the
+    server's idle-stream watchdog).
+    """
+
+    def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None):
         self.max_bytes = max_bytes
+        self._on_frame = on_frame
         self._expected: dict[int, tuple[str, int]] = {}
-        self._buffers: dict[int, bytearray] = {}
+        self._buffers: dict[int, mmap.mmap] = {}
         self._filled: dict[int, int] = {}
 
     def read(self, frames: Iterable[Any]) -> Any:
@@ -68,6 +76,8 @@ class FrameReader:
         header = first.header
         self._plan(header)
         for frame in it:
+            if self._on_frame is not None:
+                self._on_frame()
             if frame.WhichOneof("frame") != "chunk":
                 raise invalid("only chunk frames may follow the header")
             self._append(frame.chunk)
@@ -93,6 +103,8 @@ class FrameReader:
                 self._expected[msg.stream.id] = (path, size)
             else:
                 raise invalid(f"{path}: tensor has no payload this transport can read ({kind})")
+        for path, spec in abstract_tensors(header):
+            total += tensor_nbytes(path, spec)
         if total > self.max_bytes:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message carries {total} tensor bytes, over the limit of "
@@ -108,7 +120,7 @@ class FrameReader:
             raise invalid(f"{path}: stream carries more than the {size} bytes its shape needs")
         buf = self._buffers.get(chunk.id)
         if buf is None:
-            buf = self._buffers[chunk.id] = bytearray(size)
+            buf = self._buffers[chunk.id] = mmap.mmap(-1, size)
         buf[start:end] = chunk.data
         self._filled[chunk.id] = end
 
@@ -116,4 +128,4 @@ class FrameReader:
         if msg.WhichOneof("payload") == "data":
             return memoryview(bytearray(msg.data))
         buf = self._buffers.get(msg.stream.id)
-        return memoryview(buf if buf is not None else bytearray(0))
+        return memoryview(buf) if buf is not None else memoryview(bytearray(0))

@@ -103,7 +103,9 @@ class GradserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Vjp(self, request_iterator, context):
-        """When the residual is gone (evicted, expired, never kept, another replica)
+        """Complex gradients follow torch's convention (the conjugate Wirtinger
+        derivative): for a JAX vjp, grad = conj(vjp(conj(cotangent))).
+        When the residual is gone (evicted, expired, never kept, another replica)
         and the request carries no inputs, fails with FAILED_PRECONDITION and the
         trailing metadata `gradserve-reason: residual-missing`; the client then
         re-sends the forward inputs and the server recomputes.

@@ -108,7 +108,8 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"gradserve: {args.target!r} defines no endpoints")
     server = Server(args.host, args.port, workers=args.workers,
                     max_residual_bytes=args.max_residual_bytes, residual_ttl=args.residual_ttl,
-                    max_request_bytes=args.max_request_bytes, debug=args.debug)
+                    max_request_bytes=args.max_request_bytes, idle_timeout=args.idle_timeout,
+                    debug=args.debug)
     for name, endpoint in endpoints.items():
         server.add(name, endpoint)
     server.start()
@@ -175,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--residual-ttl", type=float, default=600.0, help="seconds an unused residual lives")
     s.add_argument("--max-request-bytes", type=_byte_size, default=16 << 30,
                    help="largest tensor payload of one request")
+    s.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds a request stream may stay silent before it is cancelled")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")
     s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
     s.set_defaults(run=serve)

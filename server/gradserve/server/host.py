@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 from typing import Any, Callable
 
@@ -30,19 +31,22 @@ class Server:
     ``max_residual_bytes`` and ``residual_ttl`` (seconds) bound what Forward
     keeps for Vjp; ``max_request_bytes`` bounds the tensor bytes of one
     request; ``max_message_bytes`` bounds one gRPC message (clients chunk
-    larger tensors); ``chunk_bytes`` is the size of the chunks it sends.
+    larger tensors); ``chunk_bytes`` is the size of the chunks it sends;
+    a request stream that sends nothing for ``idle_timeout`` seconds is
+    cancelled, so stalled clients cannot pin the ``workers`` threads.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
                  max_residual_bytes: int = 2 * GiB, residual_ttl: float = 600.0,
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, debug: bool = False):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
+                 debug: bool = False):
         self.host = host
         self.debug = debug
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl)
         self.service = GradserveService(self.registry, self.residuals,
-                                        Limits(chunk_bytes, max_request_bytes), debug)
+                                        Limits(chunk_bytes, max_request_bytes, idle_timeout), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradserve"),
@@ -57,6 +61,7 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self._started = False
+        self._stopped = threading.Event()
 
     @property
     def address(self) -> str:
@@ -87,6 +92,7 @@ class Server:
     def start(self) -> "Server":
         self._grpc.start()
         self._started = True
+        threading.Thread(target=self._sweep, name="gradserve-ttl", daemon=True).start()
         for name in ("", SERVICE_NAME, *(e.name for e in self.registry.all())):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gradserve listening on %s with endpoints %s", self.address,
@@ -101,7 +107,15 @@ class Server:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, free residuals."""
         self._health.enter_graceful_shutdown()
         self._grpc.stop(grace).wait()
+        self._stopped.set()
+        self.service.idle.stop()
         self.residuals.clear()
+
+    def _sweep(self) -> None:
+        """Drop expired residuals even while no call arrives."""
+        interval = min(max(self.residuals.ttl / 4, 0.05), 30.0)
+        while not self._stopped.wait(interval):
+            self.residuals.sweep()
 
     def __enter__(self) -> "Server":
         return self.start() if not self._started else self

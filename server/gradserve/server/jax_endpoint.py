@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gradserve import dtypes, pytree
@@ -150,9 +151,8 @@ class JaxEndpoint(Endpoint):
         if not (need_vjp and diff):
             return self.run(lambda: compiled.forward(diff, rest)), None, 0
         outputs, vjp_fn = self.run(lambda: compiled.forward_vjp(diff, rest))
-        nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves((vjp_fn, outputs, arrays))
-                     if hasattr(x, "nbytes"))
-        return outputs, _Residual(vjp_fn, outputs, in_def, mask), nbytes
+        return outputs, _Residual(vjp_fn, outputs, in_def, mask), self._residual_bytes(
+            (vjp_fn, outputs, arrays))
 
     def vjp(self, residual: _Residual, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
         out_leaves, cot_leaves = self.align_cotangents(residual.outputs, cotangents, _is_array)
@@ -162,6 +162,8 @@ class JaxEndpoint(Endpoint):
         if len(batch) > 1:
             raise invalid(f"batched cotangents disagree on the batch size ({sorted(batch)})")
         size = batch.pop() if batch else 1
+        if batched and size == 0:
+            raise invalid("batched cotangents need a batch of at least one")
         cts = [self._cotangent(i, out, cot, size if batched else None)
                for i, (out, cot) in enumerate(zip(out_leaves, cot_leaves))]
         ct_tree = pytree.unflatten(out_def, jax.device_put(cts, self.device))
@@ -183,6 +185,15 @@ class JaxEndpoint(Endpoint):
                                  outputs, lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
     # -- helpers -----------------------------------------------------------
+    def _residual_bytes(self, tree: Any) -> int:
+        """Distinct device buffers in ``tree``, less the endpoint's own params."""
+        shared = {_buffer(x) for x in jax.tree_util.tree_leaves(self.params)}
+        seen: dict[Any, int] = {}
+        for x in jax.tree_util.tree_leaves(tree):
+            if isinstance(x, jax.Array) and _buffer(x) not in shared:
+                seen[_buffer(x)] = x.nbytes
+        return sum(seen.values())
+
     def _flatten(self, args: tuple, kwargs: dict,
                  parameters: Any) -> tuple[list, pytree.TreeDef, tuple[bool, ...]]:
         if parameters is not None:
@@ -242,13 +253,29 @@ class JaxEndpoint(Endpoint):
             call=call,
             forward=jax.jit(call),
             forward_vjp=jax.jit(lambda diff, rest: jax.vjp(lambda d: call(d, rest), diff)),
-            backward=jax.jit(lambda vjp_fn, ct: vjp_fn(ct)),
-            backward_batched=jax.jit(lambda vjp_fn, cts: jax.vmap(vjp_fn)(cts)))
+            backward=jax.jit(lambda vjp_fn, ct: _torch_convention(vjp_fn)(ct)),
+            backward_batched=jax.jit(lambda vjp_fn, cts: jax.vmap(_torch_convention(vjp_fn))(cts)))
         with self._lock:
             self._compiled[key] = compiled
             while len(self._compiled) > COMPILE_CACHE_SIZE:
                 self._compiled.popitem(last=False)
         return compiled
+
+
+def _conj(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.conj(x) if jnp.iscomplexobj(x) else x, tree)
+
+
+def _torch_convention(vjp_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The wire's complex convention is torch's (conjugate Wirtinger): conj . vjp . conj."""
+    return lambda ct: _conj(vjp_fn(_conj(ct)))
+
+
+def _buffer(x: Any) -> Any:
+    try:
+        return x.unsafe_buffer_pointer()
+    except Exception:  # sharded or deleted arrays: count them by identity
+        return id(x)
 
 
 def _device(name: str | None) -> Any:

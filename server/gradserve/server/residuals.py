@@ -80,6 +80,11 @@ class ResidualStore:
                                     max_bytes=self.max_bytes, ttl_seconds=self.ttl,
                                     evictions=self._evictions, endpoint_count=per_endpoint)
 
+    def sweep(self) -> None:
+        """Drop every residual unused for ``ttl`` seconds."""
+        with self._lock:
+            self._expire(self._clock())
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 
@@ -32,15 +33,52 @@ log = logging.getLogger("gradserve.server")
 class Limits:
     chunk_bytes: int          # largest chunk this server sends
     max_request_bytes: int    # most tensor bytes one request may carry
+    idle_seconds: float       # a request stream silent this long is cancelled
 
 
-#: Signature results kept per endpoint (input signatures seen most recently).
+#: Signature results kept, across endpoints (input signatures seen most recently).
 SIGNATURE_CACHE_SIZE = 256
+#: Calls larger than this (inline tensors) are not kept as signature cache keys.
+SIGNATURE_KEY_BYTES = 64 << 10
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None):
-        self.code, self.message, self.reason = code, message, reason
+class IdleWatch:
+    """Cancels request streams that stop sending, so they cannot pin worker threads."""
+
+    def __init__(self, idle_seconds: float):
+        self.idle_seconds = idle_seconds
+        self._last: dict[grpc.ServicerContext, float] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradserve-idle", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watching(self, context: grpc.ServicerContext) -> Iterator[Callable[[], None]]:
+        """While reading a request: yields the function to call on every frame."""
+        def touch() -> None:
+            self._last[context] = time.monotonic()
+
+        with self._lock:
+            touch()
+        try:
+            yield touch
+        finally:
+            with self._lock:
+                self._last.pop(context, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(min(1.0, self.idle_seconds / 4)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [c for c, t in self._last.items() if now - t > self.idle_seconds]
+            for context in idle:
+                log.warning("cancelling %s: request stream idle for over %.1f s",
+                            context.peer(), self.idle_seconds)
+                context.cancel()
 
 
 class GradserveService(pb_grpc.GradserveServicer):
@@ -50,8 +88,9 @@ class GradserveService(pb_grpc.GradserveServicer):
         self.residuals = residuals
         self.limits = limits
         self.debug = debug
-        self._signatures: OrderedDict[tuple[str, bytes], pb.Value] = OrderedDict()
+        self._signatures: OrderedDict[bytes, pb.Value] = OrderedDict()
         self._signatures_lock = threading.Lock()
+        self.idle = IdleWatch(limits.idle_seconds)
 
     # -- discovery ---------------------------------------------------------
     def ListEndpoints(self, request: pb.ListEndpointsRequest, context: grpc.ServicerContext):
@@ -74,19 +113,25 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Signature(self, request: pb.SignatureRequest, context: grpc.ServicerContext):
         with self._status(context):
             endpoint = self.registry.get(request.call.endpoint)
-            key = (endpoint.name, request.call.SerializeToString(deterministic=True))
+            call = pb.ForwardRequest(endpoint=endpoint.name, args=request.call.args,
+                                     kwargs=request.call.kwargs)
+            if request.call.HasField("parameters"):
+                call.parameters.CopyFrom(request.call.parameters)
+            key = call.SerializeToString(deterministic=True)
+            key = key if len(key) <= SIGNATURE_KEY_BYTES else None
             with self._signatures_lock:
-                outputs = self._signatures.get(key)
+                outputs = self._signatures.get(key) if key else None
                 if outputs is not None:
                     self._signatures.move_to_end(key)
             if outputs is None:
                 reader = FrameReader(self.limits.max_request_bytes)
-                call = reader.read([pb.ForwardFrame(header=request.call)])
-                args, kwargs, parameters = self._inputs(endpoint, call, reader)
+                call = reader.read([pb.ForwardFrame(header=call)])
+                args, kwargs, parameters = self._inputs(endpoint, call, reader, abstract=True)
                 specs = endpoint.signature(args, kwargs, parameters)
                 outputs = codec.encode(specs, FrameWriter(inline_bytes=1 << 62), path="outputs")
                 with self._signatures_lock:
-                    self._signatures[key] = outputs
+                    if key:
+                        self._signatures[key] = outputs
                     while len(self._signatures) > SIGNATURE_CACHE_SIZE:
                         self._signatures.popitem(last=False)
             return pb.SignatureResponse(outputs=outputs)
@@ -99,8 +144,8 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame], context: grpc.ServicerContext):
         writer = FrameWriter(self.limits.chunk_bytes)
         reply = None
-        with self._status(context):
-            reader = FrameReader(self.limits.max_request_bytes)
+        with self._status(context), self.idle.watching(context) as touch:
+            reader = FrameReader(self.limits.max_request_bytes, touch)
             request = reader.read(request_iterator)
             if request.release:
                 self.residuals.release(list(request.release))
@@ -115,8 +160,8 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame], context: grpc.ServicerContext):
         writer = FrameWriter(self.limits.chunk_bytes)
         reply = None
-        with self._status(context):
-            reader = FrameReader(self.limits.max_request_bytes)
+        with self._status(context), self.idle.watching(context) as touch:
+            reader = FrameReader(self.limits.max_request_bytes, touch)
             request = reader.read(request_iterator)
             endpoint = self.registry.get(request.endpoint)
             residual = self._residual_for(endpoint, request, reader)
@@ -158,10 +203,10 @@ class GradserveService(pb_grpc.GradserveServicer):
                                 request.need_vjp if need_vjp is None else need_vjp)
 
     @staticmethod
-    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest,
-                reader: FrameReader) -> tuple[tuple, dict, Any]:
+    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader,
+                abstract: bool = False) -> tuple[tuple, dict, Any]:
         def part(name: str) -> Any:
-            return codec.decode(getattr(request, name), reader, endpoint.make_leaf, name)
+            return codec.decode(getattr(request, name), reader, endpoint.make_leaf, name, abstract)
 
         args, kwargs = part("args"), part("kwargs")
         args = () if args is None else args
@@ -179,13 +224,15 @@ class GradserveService(pb_grpc.GradserveServicer):
         try:
             yield
         except StatusError as err:
-            failure = _Abort(err.code, err.message, err.reason)
+            failure = err
         except Exception as err:  # a bug or an unexpected input: never kill the server
+            if not context.is_active():
+                return  # cancelled (idle, or by the client): nobody to answer
             log.exception("unexpected error in %s", context.peer())
             message = f"{type(err).__name__}: {err}"
             if self.debug:
                 message += "\n" + traceback.format_exc()
-            failure = _Abort(grpc.StatusCode.INTERNAL, message, None)
+            failure = StatusError(grpc.StatusCode.INTERNAL, message)
         if failure is not None:
             if failure.reason:
                 context.set_trailing_metadata(((REASON_KEY, failure.reason),))

@@ -37,19 +37,27 @@ class _Residual:
 
 
 class _SavedBytes:
-    """Counts the distinct storage bytes autograd saves during a forward."""
+    """Counts the distinct storage bytes autograd saves during a forward.
 
-    def __init__(self) -> None:
+    Storages in ``shared`` (the endpoint's own weights, which outlive every
+    residual) are not charged.
+    """
+
+    def __init__(self, shared: frozenset[int]) -> None:
+        self.shared = shared
         self.storages: dict[int, int] = {}
 
     def add(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.shared:
+            self.storages[storage.data_ptr()] = storage.nbytes()
 
     def hooks(self) -> Any:
         def pack(t: torch.Tensor) -> torch.Tensor:
             self.add(t)
-            return t
+            # A detached alias, not ``t`` itself: an op that saves its own output
+            # would otherwise form a cycle inside autograd that is never freed.
+            return t.detach()
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     @property
@@ -135,7 +143,7 @@ class TorchEndpoint(Endpoint):
         inputs = (args, kwargs, parameters)
         leaves, _ = pytree.flatten(inputs, _is_tensor)
         need_vjp = need_vjp and any(t.requires_grad for t in leaves)
-        saved = _SavedBytes()
+        saved = _SavedBytes(self._shared_storages())
         with torch.enable_grad() if need_vjp else torch.no_grad(), \
                 saved.hooks() if need_vjp else contextlib.nullcontext():
             outputs = self.run(lambda: self._call(args, kwargs, parameters))
@@ -161,6 +169,8 @@ class TorchEndpoint(Endpoint):
                 raise invalid(f"cotangent for output tensor #{i}: expected {want}, got "
                               f"{TO_NAME.get(cot.dtype, cot.dtype)}{list(cot.shape)}")
             if batched:
+                if cot.shape[0] == 0:
+                    raise invalid("batched cotangents need a batch of at least one")
                 if batch is not None and cot.shape[0] != batch:
                     raise invalid(f"batched cotangents disagree on the batch size "
                                   f"({batch} and {cot.shape[0]})")
@@ -206,6 +216,12 @@ class TorchEndpoint(Endpoint):
         return pytree.map_leaves(self.leaf_spec, outputs, _is_tensor)
 
     # -- helpers -----------------------------------------------------------
+    def _shared_storages(self) -> frozenset[int]:
+        if self.module is None:
+            return frozenset()
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+
     def _call(self, args: tuple, kwargs: dict, parameters: dict | None) -> Any:
         if parameters:
             # functional_call swaps the module's attributes while it runs, so each
