@@ -21,6 +21,9 @@ from gradserve.frameworks import WireTensor
 from gradserve.v1 import gradserve_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+#: Stream buffers up to this size come from the heap (warm, fast); larger ones are
+#: anonymous maps whose pages are committed only as bytes arrive.
+EAGER_BUFFER_BYTES = 64 << 20
 #: Room for a header's non-tensor content on top of its inline payloads.
 MESSAGE_OVERHEAD = 1 << 20
 
@@ -54,9 +57,9 @@ class FrameWriter:
 class FrameReader:
     """Reassembles one framed message; implements ``PayloadReader``.
 
-    Stream buffers are anonymous memory maps: their pages are committed only as
-    chunks arrive, so a header that declares a huge tensor costs nothing until
-    its bytes are really sent. ``on_frame`` is called for every frame (the
+    A header that declares a huge tensor costs little until its bytes are
+    really sent: buffers over ``EAGER_BUFFER_BYTES`` are anonymous memory maps
+    committed page by page as chunks arrive. ``on_frame`` is called for every frame (the
     server's idle-stream watchdog).
     """
 
@@ -64,7 +67,7 @@ class FrameReader:
         self.max_bytes = max_bytes
         self._on_frame = on_frame
         self._expected: dict[int, tuple[str, int]] = {}
-        self._buffers: dict[int, mmap.mmap] = {}
+        self._buffers: dict[int, bytearray | mmap.mmap] = {}
         self._filled: dict[int, int] = {}
 
     def read(self, frames: Iterable[Any]) -> Any:
@@ -120,7 +123,8 @@ class FrameReader:
             raise invalid(f"{path}: stream carries more than the {size} bytes its shape needs")
         buf = self._buffers.get(chunk.id)
         if buf is None:
-            buf = self._buffers[chunk.id] = mmap.mmap(-1, size)
+            buf = self._buffers[chunk.id] = (bytearray(size) if size <= EAGER_BUFFER_BYTES
+                                             else mmap.mmap(-1, size))
         buf[start:end] = chunk.data
         self._filled[chunk.id] = end
 
