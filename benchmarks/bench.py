@@ -13,15 +13,23 @@ with an empty body is measured too, to be subtracted by the reader.
 Each way of running a step is a *path* (``PATHS``): a context manager that
 owns its long-lived resources (servers, channels) and yields a function that
 builds the step for a given workload. The printed tables are described by
-``TABLES`` of ``Column``s. A new transport or client (shared memory) is one more
-path and a few more columns.
+``TABLES`` of ``Column``s. A new transport or client is one more path and a few
+more columns.
+
+The torch client is measured over both of gradserve's transports: "gradserve"
+(``transport="grpc"``: tensor bytes in the gRPC stream) and "shm"
+(``transport="shm"``: tensors through shared-memory arenas), next to "memcpy",
+one single-threaded copy of the bytes a step moves. The JAX paths use the gRPC
+transport. The shared-memory table also runs a larger row count (``--shm-rows``)
+that only its paths are measured at.
 
 Every step is timed in one process on a shared machine, with client and
 servers competing for the same cores and GIL, so absolute milliseconds are
 noisy; the ratios are the meaningful numbers. Paths are sampled in
 interleaved rounds so that slow drifts in machine load hit all of them alike.
 
-Run with ``make bench`` or ``python benchmarks/bench.py [--quick] [--rows 16,4096]``.
+Run with ``make bench`` or
+``python benchmarks/bench.py [--quick] [--rows 16,4096] [--shm-rows 16,262144]``.
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES as CHUNK_BYTES
 
 WIDTH = 256
 DEFAULT_ROWS = (16, 4096, 65536)
+#: Row counts of the shared-memory table; 262144 rows = 256 MiB per tensor, 1 GiB moved per step.
+DEFAULT_SHM_ROWS = (16, 4096, 65536, 262144)
+#: Arena size the shm path asks for: a step has x and ct (request arena), y and the grad
+#: (reply arena) in flight, 256 MiB each at 262144 rows, plus the previous step's grad.
+SHM_ARENA_BYTES = 1 << 30
 #: Largest difference allowed between a path's result and the local one, relative to the
 #: largest magnitude in the local result (absolute where that is below 1).
 TOLERANCE = 1e-5
@@ -114,28 +127,65 @@ def local_path(module: torch.nn.Module) -> Iterator[MakeStep]:
 
 
 @contextlib.contextmanager
-def _served(module: torch.nn.Module) -> Iterator[gradserve.Client]:
-    """A client of an in-process gradserve server (bytes transport) serving ``module`` as "layer".
+def _served(module: torch.nn.Module, transport: str = "grpc",
+            **options: Any) -> Iterator[gradserve.Client]:
+    """A client of an in-process gradserve server serving ``module`` as "layer".
 
-    Every client path gets its own server and channel, set up alike.
+    The client uses ``transport`` ("grpc" unless told: the bytes path, whatever
+    "auto" would pick on this host) and fails if it got another. Every client
+    path gets its own server and channel, set up alike.
     """
     server = Server(host="127.0.0.1", port=0, workers=4)
     server.add_torch("layer", module)
     server.start()
-    client = gradserve.connect(server.address)
     try:
-        yield client
+        client = gradserve.connect(server.address, transport=transport, **options)
+        try:
+            if client.transport != transport:
+                raise RuntimeError(f"bench: asked for the {transport} transport, got "
+                                   f"{client.transport} ({client.fallback_reason})")
+            yield client
+        finally:
+            client.close()
     finally:
-        client.close()
         server.stop()
 
 
 @contextlib.contextmanager
 def gradserve_path(module: torch.nn.Module) -> Iterator[MakeStep]:
-    """``client.torch(...)`` against an in-process gradserve server (bytes transport)."""
-    with _served(module) as client:
+    """``client.torch(...)`` against an in-process gradserve server, bytes in the gRPC stream."""
+    with _served(module, transport="grpc") as client:
         f = client.torch("layer")
         yield lambda work: autograd_step(f, work)
+
+
+@contextlib.contextmanager
+def shm_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """``client.torch(...)`` over the shared-memory transport (arenas of ``SHM_ARENA_BYTES``)."""
+    with _served(module, transport="shm", arena_bytes=SHM_ARENA_BYTES) as client:
+        assert client.transport == "shm"
+        f = client.torch("layer")
+        yield lambda work: autograd_step(f, work)
+
+
+@contextlib.contextmanager
+def memcpy_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """One memcpy of the bytes a step moves: x and ct up, y and the grad down.
+
+    Four ``np.copyto`` calls (one thread, as the transports copy) from four
+    distinct sources into four preallocated destinations, all touched before
+    timing so that no page faults are counted. No server, no compute.
+    """
+    def make(work: Workload) -> Step:
+        x = work.x.detach().numpy()
+        sources = [x, work.ct.numpy(), np.tanh(x), -x]   # stand-ins for y and the grad
+        targets = [np.ones_like(a) for a in sources]
+
+        def step() -> None:
+            for target, source in zip(targets, sources):
+                np.copyto(target, source)
+        return step
+    yield make
 
 
 # JAX is imported only by the JAX paths (when they are entered), not at module import.
@@ -173,7 +223,7 @@ def local_jax_path(module: torch.nn.Module) -> Iterator[MakeStep]:
 def jax_path(module: torch.nn.Module) -> Iterator[MakeStep]:
     """``client.jax(...)`` called eagerly: ``y, pull = jax.vjp(f, x); pull(ct)`` per step."""
     import jax
-    with _served(module) as client:
+    with _served(module, transport="grpc") as client:
         f = client.jax("layer")
 
         def make(work: Workload) -> Step:
@@ -190,7 +240,7 @@ def jax_path(module: torch.nn.Module) -> Iterator[MakeStep]:
 @contextlib.contextmanager
 def jax_jit_path(module: torch.nn.Module) -> Iterator[MakeStep]:
     """``client.jax(...)`` under ``jax.jit`` (compiled by the check, before any timing)."""
-    with _served(module) as client:
+    with _served(module, transport="grpc") as client:
         f = client.jax("layer")
         yield lambda work: _jitted_vjp_step(f, work)
 
@@ -276,6 +326,8 @@ def echo_path(module: torch.nn.Module) -> Iterator[MakeStep]:
 PATHS: dict[str, Path] = {
     "local": local_path,
     "gradserve": gradserve_path,
+    "shm": shm_path,
+    "memcpy": memcpy_path,
     "echo": echo_path,
     "local_jax": local_jax_path,
     "jax": jax_path,
@@ -298,6 +350,17 @@ class Budget:
 
 FULL = Budget(seconds=2.0, rounds=7, warmup_s=0.3)
 QUICK = Budget(seconds=0.3, rounds=3, warmup_s=0.05)
+#: For tensors of at least ``BIG_BYTES`` (a bytes step at 262144 rows takes seconds): few
+#: rounds, but time enough that the sub-second paths still get several samples each.
+BIG = Budget(seconds=6.0, rounds=3, warmup_s=0.0)
+BIG_BYTES = 128 << 20
+
+
+def budget_for(work: Workload, budget: Budget) -> Budget:
+    """``budget``, or ``BIG`` (never more rounds than ``budget``) for big workloads."""
+    if work.tensor_bytes < BIG_BYTES:
+        return budget
+    return Budget(BIG.seconds, min(BIG.rounds, budget.rounds), BIG.warmup_s)
 
 
 def _time(step: Step) -> float:
@@ -389,6 +452,14 @@ def _minus(path: str, over: str) -> Column:
     return Column(f"{path}-{over} ms", lambda r: f"{r.ms(path) - r.ms(over):.2f}")
 
 
+def _overhead_ratio(path: str, over: str) -> Column:
+    """``(path - local) / (over - local)``; n/a where the denominator is not positive (noise)."""
+    def cell(r: Result) -> str:
+        den = r.ms(over) - r.ms(REFERENCE)
+        return f"{(r.ms(path) - r.ms(REFERENCE)) / den:.1f}x" if den > 0 else "n/a"
+    return Column(f"{path} overhead/{over} overhead", cell)
+
+
 ROWS = Column("rows", lambda r: str(r.work.rows))
 
 COLUMNS: list[Column] = [
@@ -424,16 +495,80 @@ CALLBACK_COLUMNS: list[Column] = [
     _minus("jax_jit", "gradserve"),
 ]
 
-#: The printed tables: a title (None for the main one) and its columns.
-TABLES: list[tuple[str | None, list[Column]]] = [
-    (None, COLUMNS),
-    (("JAX client (client.jax), same torch-served endpoint; local_jax = jitted "
-      "jnp.tanh(x @ W) vjp; ratios over local (torch) and gradserve (torch client):"),
-     JAX_COLUMNS),
-    (("One jax.pure_callback round trip of x with an empty body (a JAX client step makes two: "
-      "forward, vjp), next to what the JAX client adds over the torch client:"),
-     CALLBACK_COLUMNS),
+#: The torch client over shared memory ("shm") and over bytes ("gradserve"), with the time of
+#: one memcpy of the bytes a step moves; overheads are over local.
+SHM_COLUMNS: list[Column] = [
+    ROWS,
+    Column("MiB per tensor", lambda r: f"{r.work.tensor_bytes / MiB:.3g}"),
+    _ms("local"),
+    Column("bytes ms", lambda r: f"{r.ms('gradserve'):.2f}"),
+    _ms("shm"),
+    _ratio("shm", "local"),
+    Column("bytes overhead ms", lambda r: f"{r.ms('gradserve') - r.ms('local'):.2f}"),
+    Column("shm overhead ms", lambda r: f"{r.ms('shm') - r.ms('local'):.2f}"),
+    _ms("memcpy"),
+    Column("shm overhead/memcpy",
+           lambda r: f"{(r.ms('shm') - r.ms('local')) / r.ms('memcpy'):.1f}x"),
+    Column("bytes overhead/shm overhead", _overhead_ratio("gradserve", "shm").cell),
 ]
+SHM_PATHS = ("local", "gradserve", "shm", "memcpy")
+
+
+@dataclass(frozen=True)
+class Table:
+    """A printed table: a title (None for the main one), its columns, and which rows it shows.
+
+    ``paths`` are those its columns read (None: every path); ``shm_rows`` says its rows
+    are ``--shm-rows`` rather than ``--rows``.
+    """
+
+    title: str | None
+    columns: list[Column]
+    paths: tuple[str, ...] | None = None
+    shm_rows: bool = False
+
+    def rows(self, args: argparse.Namespace) -> list[int]:
+        return args.shm_rows if self.shm_rows else args.rows
+
+
+TABLES: list[Table] = [
+    Table(None, COLUMNS),
+    Table(("JAX client (client.jax), same torch-served endpoint; local_jax = jitted "
+           "jnp.tanh(x @ W) vjp; ratios over local (torch) and gradserve (torch client):"),
+          JAX_COLUMNS),
+    Table(("One jax.pure_callback round trip of x with an empty body (a JAX client step makes "
+           "two: forward, vjp), next to what the JAX client adds over the torch client:"),
+          CALLBACK_COLUMNS),
+    Table(("Torch client over the shared-memory transport (shm, arenas of "
+           f"{SHM_ARENA_BYTES / MiB:g} MiB) and over bytes in the gRPC stream (bytes = gradserve "
+           "above); overhead = remote - local; memcpy = np.copyto of the 4 tensors a step "
+           "moves (x, ct up; y, grad down) into warm buffers, one thread:"),
+          SHM_COLUMNS, SHM_PATHS, shm_rows=True),
+]
+
+#: The targets the verdict line checks, for tensors of at least ``TARGET_BYTES``.
+TARGET_BYTES = 64 << 20
+TARGET_SHM_OVER_MEMCPY = 2.0    # shm overhead at most this many memcpy times
+TARGET_BYTES_OVER_SHM = 20.0    # bytes overhead at least this many shm overheads
+
+
+def verdict(results: Sequence[Result]) -> str:
+    """One line: the shm table's big rows against the targets (worst row decides)."""
+    big = [r for r in results if r.work.tensor_bytes >= TARGET_BYTES]
+    if not big:
+        return f"verdict: no shm-table row with tensors of {TARGET_BYTES / MiB:g} MiB or more"
+    shm = [r.ms("shm") - r.ms("local") for r in big]
+    over_memcpy = [o / r.ms("memcpy") for o, r in zip(shm, big)]
+    over_shm = [(r.ms("gradserve") - r.ms("local")) / o if o > 0 else float("inf")
+                for o, r in zip(shm, big)]
+    ok_memcpy = max(over_memcpy) <= TARGET_SHM_OVER_MEMCPY
+    ok_bytes = min(over_shm) >= TARGET_BYTES_OVER_SHM
+    fmt = lambda values: ", ".join(f"{v:.1f}x" for v in values)  # noqa: E731
+    return (f"verdict at >= {TARGET_BYTES / MiB:g} MiB per tensor "
+            f"(rows {', '.join(str(r.work.rows) for r in big)}): "
+            f"shm overhead = {fmt(over_memcpy)} memcpy (target <= {TARGET_SHM_OVER_MEMCPY:g}x: "
+            f"{'met' if ok_memcpy else 'MISSED'}), bytes/shm overhead = {fmt(over_shm)} "
+            f"(target >= {TARGET_BYTES_OVER_SHM:g}x: {'met' if ok_bytes else 'MISSED'})")
 
 
 def render(results: Sequence[Result], columns: Sequence[Column]) -> str:
@@ -453,9 +588,12 @@ def header(budget: Budget) -> str:
         f"gradserve bench: y = tanh(x @ W), x (rows, {WIDTH}) float32, one forward + vjp per step",
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), {jax_version}"
         f"grpcio {grpc.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs; "
-        f"medians of {budget.rounds} interleaved rounds, ~{budget.seconds:g} s per cell",
+        f"medians of {budget.rounds} interleaved rounds, ~{budget.seconds:g} s per cell "
+        f"(tensors >= {BIG_BYTES / MiB:g} MiB: {min(BIG.rounds, budget.rounds)} rounds, "
+        f"~{BIG.seconds:g} s)",
         "client and servers share this process and its cores: on a shared machine the "
         "ratios are the meaningful numbers, not the milliseconds.",
+        "gradserve = torch client, transport=\"grpc\" (bytes in the gRPC stream); "
         "MiB each way = x + ct up, y + grad down; echo = bare gRPC stream-stream echo of the "
         f"same bytes in {CHUNK_BYTES / MiB:g} MiB chunks (no protobuf, no compute).",
     ])
@@ -478,6 +616,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         default=list(DEFAULT_ROWS),
                         help="comma-separated row counts (default: "
                              f"{','.join(map(str, DEFAULT_ROWS))})")
+    parser.add_argument("--shm-rows", type=_row_counts,
+                        default=list(DEFAULT_SHM_ROWS),
+                        help="row counts of the shared-memory table, whose paths alone run at "
+                             "those not in --rows (default: "
+                             f"{','.join(map(str, DEFAULT_SHM_ROWS))})")
     return parser.parse_args(argv)
 
 
@@ -486,21 +629,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget = QUICK if args.quick else FULL
     started = time.perf_counter()
     module = Layer()
-    results = []
+    results: dict[int, Result] = {}
     with contextlib.ExitStack() as stack:
         makers = {name: stack.enter_context(path(module)) for name, path in PATHS.items()}
-        for rows in args.rows:
+        for rows in sorted(set(args.rows) | set(args.shm_rows)):
+            wanted: set[str] = {REFERENCE}
+            for table in TABLES:
+                if rows in table.rows(args):
+                    wanted |= set(table.paths or PATHS)
             work = Workload.make(rows)
-            steps = {name: make(work) for name, make in makers.items()}
+            steps = {name: make(work) for name, make in makers.items() if name in wanted}
             check(work, steps)
-            results.append(Result(work, measure(steps, budget)))
+            results[rows] = Result(work, measure(steps, budget_for(work, budget)))
+            del steps, work   # free this row's tensors (and arena slots) before the next
     print(header(budget))
-    for title, columns in TABLES:
+    for table in TABLES:
         print()
-        if title:
-            print(title)
-        print(render(results, columns))
+        if table.title:
+            print(table.title)
+        print(render([results[rows] for rows in table.rows(args)], table.columns))
     print()
+    print(verdict([results[rows] for rows in args.shm_rows]))
     print(f"total {time.perf_counter() - started:.1f} s")
 
 

@@ -10,7 +10,7 @@ def scale_and_sum(x, w):
 
 
 def test_64_mib_tensor_forward_and_backward(serve) -> None:
-    _, client = serve({"scale": scale_and_sum})
+    _, client = serve({"scale": scale_and_sum}, client_options={"transport": "grpc"})
     x = torch.randn(16 << 20, requires_grad=True)       # 64 MiB of float32
     w = torch.tensor(3.0, requires_grad=True)
     y, s = client.torch("scale")(x, w)
@@ -27,7 +27,7 @@ def test_tensor_far_beyond_the_message_limit(serve) -> None:
     tensors are 64x that, so the only way through is chunking in both directions."""
     limit = 64 << 10
     _, client = serve({"scale": scale_and_sum}, max_message_bytes=limit, chunk_bytes=16 << 10,
-                      client_options={"chunk_bytes": 16 << 10})
+                      client_options={"chunk_bytes": 16 << 10, "transport": "grpc"})
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1 << 20, generator=g, dtype=torch.float32, requires_grad=True)  # 4 MiB
     w = torch.tensor(-0.5, requires_grad=True)

@@ -118,6 +118,7 @@ def test_deadline_exceeded(env) -> None:
 
 def test_request_over_size_limit_is_resource_exhausted(env) -> None:
     _, client = env
+    assert client.transport == "shm"   # slots count against the limit like bytes do
     with pytest.raises(gradserve.ResourceExhausted, match="over the limit of 1048576") as info:
         client.forward("mlp", (np.ones((50_000, 6), np.float32),))
     check(info, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -125,7 +126,7 @@ def test_request_over_size_limit_is_resource_exhausted(env) -> None:
 
 def test_message_over_grpc_limit_is_resource_exhausted(serve) -> None:
     _, client = serve({"mlp": mlp()}, max_message_bytes=64 << 10,
-                      client_options={"chunk_bytes": 1 << 20})
+                      client_options={"chunk_bytes": 1 << 20, "transport": "grpc"})
     with pytest.raises(gradserve.ResourceExhausted):
         client.forward("mlp", (np.ones((20_000, 6), np.float32),))
 

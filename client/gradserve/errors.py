@@ -13,6 +13,8 @@ import grpc
 REASON_KEY = "gradserve-reason"
 #: Reason sent when a Vjp names a residual the server no longer holds.
 RESIDUAL_MISSING = "residual-missing"
+#: Reason sent when a call names a shared-memory session the server does not hold.
+SESSION_MISSING = "session-missing"
 
 
 class GradserveError(Exception):
@@ -66,6 +68,10 @@ class ResidualMissing(FailedPrecondition):
     """The server no longer holds a residual; the client recomputes."""
 
 
+class SessionMissing(FailedPrecondition):
+    """The server no longer holds the shared-memory session; the client opens a new one."""
+
+
 class Internal(RemoteError):
     code = grpc.StatusCode.INTERNAL
 
@@ -97,4 +103,6 @@ def from_rpc_error(err: grpc.RpcError) -> RemoteError:
     reason = trailers.get(REASON_KEY)
     if reason == RESIDUAL_MISSING:
         return ResidualMissing(code, message or "", reason)
+    if reason == SESSION_MISSING:
+        return SessionMissing(code, message or "", reason)
     return _BY_CODE.get(code, RemoteError)(code, message or "", reason)

@@ -9,6 +9,7 @@ methods expose the same RPCs on numpy arrays.
 from __future__ import annotations
 
 import collections
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -17,7 +18,9 @@ import grpc
 import numpy as np
 
 from gradserve import codec, dtypes, frameworks
-from gradserve.errors import RemoteError, ResidualMissing, from_rpc_error
+from gradserve.client.session import ShmSession
+from gradserve.errors import (GradserveError, RemoteError, ResidualMissing, SessionMissing,
+                              from_rpc_error)
 from gradserve.frameworks import WireTensor
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.specs import EndpointInfo
@@ -26,6 +29,8 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 MakeLeaf = Callable[[WireTensor, str], Any]
+TRANSPORTS = ("auto", "grpc", "shm")
+log = logging.getLogger("gradserve.client")
 
 
 @dataclass
@@ -93,11 +98,20 @@ class Client:
 
     ``timeout`` (seconds) is the default deadline of every call;
     ``chunk_bytes`` is the largest gRPC message this client sends.
+    ``transport``: ``"grpc"`` sends tensor bytes in the gRPC stream;
+    ``"shm"`` moves them through shared memory (same host only: fails here if
+    the server is not on this host); ``"auto"`` tries shared memory and falls
+    back to gRPC, saying why in ``fallback_reason``. ``client.transport`` is
+    the one in use. ``arena_bytes`` sizes the shared-memory arenas (0: the
+    server's default).
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
+                 transport: str = "auto", arena_bytes: int = 0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
                  options: Iterable[tuple[str, Any]] = ()):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -109,11 +123,27 @@ class Client:
         ])
         self._stub = pb_grpc.GradserveStub(self._channel)
         self._released: collections.deque[str] = collections.deque()
+        self.arena_bytes = arena_bytes
+        self.transport = "grpc"
+        self.fallback_reason = ""
+        self._session: ShmSession | None = None
+        if transport != "grpc":
+            try:
+                self._session = ShmSession(self._stub, arena_bytes)
+                self.transport = "shm"
+            except GradserveError as err:
+                if transport == "shm":
+                    self._channel.close()
+                    raise GradserveError(f"the shm transport cannot work here: {err}") from None
+                self.fallback_reason = str(err)
+                log.info("gradserve: using the grpc transport to %s: %s", address, err)
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
-        """Release pending residuals (best effort) and close the channel."""
+        """Release pending residuals (best effort), end the session, close the channel."""
         self._flush_releases(timeout=1.0)
+        if self._session is not None:
+            self._session.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -209,19 +239,34 @@ class Client:
     def call_forward(self, call: Call, make_leaf: MakeLeaf, *, need_vjp: bool,
                      timeout: float | None = None) -> tuple[Any, Residual | None]:
         """Send a Forward; returns the decoded outputs and, with ``need_vjp``, a residual."""
-        writer = FrameWriter(self.chunk_bytes)
-        request = self._forward_request(call, writer, need_vjp)
-        request.release.extend(self._take_releases())
-        reader = FrameReader(self.max_receive_bytes)
-        frames = self._stub.Forward(writer.frames(pb.ForwardFrame, request),
-                                    timeout=self._deadline(timeout))
+        return self._in_session(lambda: self._forward_once(call, make_leaf, need_vjp, timeout))
+
+    def _forward_once(self, call: Call, make_leaf: MakeLeaf, need_vjp: bool,
+                      timeout: float | None) -> tuple[Any, Residual | None]:
+        session = self._session
+        writer = FrameWriter(self.chunk_bytes, shm=session.peer if session else None)
         try:
-            header = self._read(reader, frames)
+            request = self._forward_request(call, writer, need_vjp)
+        except Exception:
+            self._free_request_slots(session, writer)
+            raise
+        if session is not None:
+            request.session.CopyFrom(session.state())
+        request.release.extend(self._take_releases())
+        try:
+            header, reader = self._stream(self._stub.Forward, pb.ForwardFrame, request, writer,
+                                          session, timeout)
         except Exception:
             self._released.extend(request.release)  # releasing twice is harmless
+            self._free_request_slots(session, writer)
             raise
         outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
         residual = Residual(call, header.residual_id, self._released) if need_vjp else None
+        if residual is not None and residual.id and writer.placed:
+            # the server's residual views these input slots: keep them while it lives
+            weakref.finalize(residual, session.peer.release, writer.placed)
+        else:
+            self._free_request_slots(session, writer)
         return outputs, residual
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
@@ -230,24 +275,33 @@ class Client:
 
         With ``batched``, every cotangent has an extra leading axis and so do the gradients.
         """
+        def vjp(resend: bool) -> Gradients:
+            return self._in_session(
+                lambda: self._vjp_once(residual, cotangents, make_leaf, resend, batched, timeout))
+
         if residual.id:
             try:
-                return self._vjp_once(residual, cotangents, make_leaf, False, batched, timeout)
+                return vjp(False)
             except ResidualMissing:
                 residual.detach()
-        return self._vjp_once(residual, cotangents, make_leaf, True, batched, timeout)
+        return vjp(True)
 
     def _vjp_once(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf,
                   resend: bool, batched: bool, timeout: float | None) -> Gradients:
-        writer = FrameWriter(self.chunk_bytes)
-        request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
-                                cotangents=codec.encode(cotangents, writer, path="cotangents"),
-                                batched_cotangents=batched)
-        if resend:
-            request.inputs.CopyFrom(self._forward_request(residual.call, writer, True))
-        reader = FrameReader(self.max_receive_bytes)
-        frames = self._stub.Vjp(writer.frames(pb.VjpFrame, request), timeout=self._deadline(timeout))
-        header = self._read(reader, frames)
+        session = self._session
+        writer = FrameWriter(self.chunk_bytes, shm=session.peer if session else None)
+        try:
+            request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
+                                    cotangents=codec.encode(cotangents, writer, path="cotangents"),
+                                    batched_cotangents=batched)
+            if resend:
+                request.inputs.CopyFrom(self._forward_request(residual.call, writer, True))
+            if session is not None:
+                request.session.CopyFrom(session.state())
+            header, reader = self._stream(self._stub.Vjp, pb.VjpFrame, request, writer, session,
+                                          timeout)
+        finally:
+            self._free_request_slots(session, writer)
         grads = [codec.decode(getattr(header, part), reader, make_leaf, part)
                  for part in ("args", "kwargs", "parameters")]
         return Gradients(tuple(grads[0] or ()), dict(grads[1] or {}), grads[2])
@@ -264,6 +318,31 @@ class Client:
         return request
 
     # -- plumbing ----------------------------------------------------------
+    def _stream(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
+                session: ShmSession | None, timeout: float | None) -> tuple[Any, FrameReader]:
+        """Send a framed request; returns the reply header and the reader holding its payloads."""
+        peer = session.peer if session is not None else None
+        reader = FrameReader(self.max_receive_bytes, peer_for=lambda header: peer)
+        frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
+        return self._read(reader, frames), reader
+
+    def _in_session(self, call: Callable[[], Any]) -> Any:
+        """Run a call; if the server lost our shared-memory session (a restart), reopen it once."""
+        try:
+            return call()
+        except SessionMissing:
+            if self.transport != "shm":
+                raise
+            log.info("gradserve: shared-memory session lost (server restarted?); reopening")
+            self._session = ShmSession(self._stub, self.arena_bytes)
+            return call()
+
+    @staticmethod
+    def _free_request_slots(session: ShmSession | None, writer: FrameWriter) -> None:
+        if session is not None and writer.placed:
+            session.peer.release(writer.placed)
+            writer.placed = []
+
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
@@ -289,11 +368,16 @@ class Client:
         return ids
 
     def _flush_releases(self, timeout: float | None = None) -> None:
-        """Send queued releases; on failure keep them queued for the next call."""
+        """Send queued releases (and freed reply slots); on failure keep the ids queued."""
         ids = self._take_releases()
-        if ids:
+        session = self._session
+        freed = session is not None and bool(session.peer.freed)
+        if ids or freed:
+            request = pb.ReleaseRequest(residual_ids=ids)
+            if session is not None:
+                request.session.CopyFrom(session.state())
             try:
-                self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout)
+                self._unary(self._stub.Release, request, timeout)
             except RemoteError:
                 self._released.extend(ids)
 

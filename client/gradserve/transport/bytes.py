@@ -29,16 +29,28 @@ MESSAGE_OVERHEAD = 1 << 20
 
 
 class FrameWriter:
-    """Collects payloads while a header is encoded, then yields the frames."""
+    """Collects payloads while a header is encoded, then yields the frames.
 
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None):
+    With a shared-memory ``shm`` peer (``transport.shm``), payloads it can
+    place travel as slot references; ``placed`` lists them for their owner
+    to free. The rest go inline or as chunk streams.
+    """
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None,
+                 shm: Any = None):
         self.chunk_bytes = chunk_bytes
         self._inline_left = chunk_bytes if inline_bytes is None else inline_bytes
         self._streams: list[memoryview] = []
+        self._shm = shm
+        self.placed: list[pb.ShmRef] = []
 
     def put(self, msg: pb.Tensor, tensor: WireTensor) -> None:
         n = tensor.data.nbytes
-        if n <= self._inline_left:
+        ref = self._shm.place(tensor.data) if self._shm is not None else None
+        if ref is not None:
+            msg.shm.CopyFrom(ref)
+            self.placed.append(ref)
+        elif n <= self._inline_left:
             self._inline_left -= n
             msg.data = tensor.data.tobytes()
         else:
@@ -59,13 +71,17 @@ class FrameReader:
 
     A header that declares a huge tensor costs little until its bytes are
     really sent: buffers over ``EAGER_BUFFER_BYTES`` are anonymous memory maps
-    committed page by page as chunks arrive. ``on_frame`` is called for every frame (the
+    committed page by page as chunks arrive. ``peer_for(header)`` gives the
+    shared-memory peer (or None) that ``shm`` payloads refer to. ``on_frame`` is called for every frame (the
     server's idle-stream watchdog).
     """
 
-    def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None):
+    def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None,
+                 peer_for: Callable[[Any], Any] | None = None):
         self.max_bytes = max_bytes
         self._on_frame = on_frame
+        self._peer_for = peer_for
+        self.peer: Any = None
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
         self._filled: dict[int, int] = {}
@@ -77,6 +93,8 @@ class FrameReader:
         if first is None or first.WhichOneof("frame") != "header":
             raise invalid("stream must start with a header frame")
         header = first.header
+        if self._peer_for is not None:
+            self.peer = self._peer_for(header)
         self._plan(header)
         for frame in it:
             if self._on_frame is not None:
@@ -104,6 +122,8 @@ class FrameReader:
                 if msg.stream.id in self._expected:
                     raise invalid(f"{path}: stream id {msg.stream.id} used twice")
                 self._expected[msg.stream.id] = (path, size)
+            elif kind == "shm" and self.peer is not None:
+                self.peer.check(msg.shm, size, path)
             else:
                 raise invalid(f"{path}: tensor has no payload this transport can read ({kind})")
         for path, spec in abstract_tensors(header):
@@ -129,7 +149,10 @@ class FrameReader:
         self._filled[chunk.id] = end
 
     def get(self, msg: pb.Tensor) -> memoryview:
-        if msg.WhichOneof("payload") == "data":
+        kind = msg.WhichOneof("payload")
+        if kind == "data":
             return memoryview(bytearray(msg.data))
+        if kind == "shm":
+            return self.peer.view(msg.shm)
         buf = self._buffers.get(msg.stream.id)
         return memoryview(buf) if buf is not None else memoryview(bytearray(0))

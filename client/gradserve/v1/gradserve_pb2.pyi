@@ -43,18 +43,28 @@ class StreamedPayload(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "stream", "requires_grad")
+    __slots__ = ("dtype", "shape", "data", "stream", "shm", "requires_grad")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     stream: StreamedPayload
+    shm: ShmRef
     requires_grad: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+
+class ShmRef(_message.Message):
+    __slots__ = ("offset", "nbytes")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    nbytes: int
+    def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class NoneValue(_message.Message):
     __slots__ = ()
@@ -195,20 +205,30 @@ class GetParametersFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[Value, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("endpoint", "args", "kwargs", "parameters", "need_vjp", "release")
+    __slots__ = ("endpoint", "args", "kwargs", "parameters", "need_vjp", "release", "session")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NEED_VJP_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     args: Value
     kwargs: Value
     parameters: Value
     need_vjp: bool
     release: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, endpoint: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., need_vjp: _Optional[bool] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
+    session: SessionState
+    def __init__(self, endpoint: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., need_vjp: _Optional[bool] = ..., release: _Optional[_Iterable[str]] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
+
+class SessionState(_message.Message):
+    __slots__ = ("id", "freed")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    freed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., freed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "residual_id")
@@ -235,18 +255,20 @@ class ForwardReplyFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class VjpRequest(_message.Message):
-    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs", "batched_cotangents")
+    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs", "batched_cotangents", "session")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     residual_id: str
     cotangents: Value
     inputs: ForwardRequest
     batched_cotangents: bool
-    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ...) -> None: ...
+    session: SessionState
+    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
 
 class VjpResponse(_message.Message):
     __slots__ = ("args", "kwargs", "parameters")
@@ -287,13 +309,61 @@ class SignatureResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("residual_ids",)
+    __slots__ = ("residual_ids", "session")
     RESIDUAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     residual_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, residual_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    session: SessionState
+    def __init__(self, residual_ids: _Optional[_Iterable[str]] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("arena_bytes",)
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    arena_bytes: int
+    def __init__(self, arena_bytes: _Optional[int] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "probe_region", "request_region", "reply_region", "arena_bytes", "lease_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBE_REGION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_REGION_FIELD_NUMBER: _ClassVar[int]
+    REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    probe_region: str
+    request_region: str
+    reply_region: str
+    arena_bytes: int
+    lease_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., probe_region: _Optional[str] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class ConfirmSessionRequest(_message.Message):
+    __slots__ = ("session_id", "nonce")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    nonce: bytes
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class ConfirmSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("open",)
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    open: bool
+    def __init__(self, open: _Optional[bool] = ...) -> None: ...

@@ -69,6 +69,26 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/gradserve.v1.Gradserve/OpenSession',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.ConfirmSession = channel.unary_unary(
+                '/gradserve.v1.Gradserve/ConfirmSession',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionResponse.FromString,
+                _registered_method=True)
+        self.KeepAlive = channel.unary_unary(
+                '/gradserve.v1.Gradserve/KeepAlive',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/gradserve.v1.Gradserve/CloseSession',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class GradserveServicer:
@@ -129,6 +149,36 @@ class GradserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Same-host zero-copy sessions. The server creates every shared-memory
+        region itself (names carry an unguessable part) and never maps a name a
+        client sends. The client proves it shares the host by reading the probe
+        region's nonce back; the server then unlinks all the session's names, so
+        nothing is left in /dev/shm whoever dies. A session lives while calls or
+        KeepAlives arrive within its lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAlive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +216,26 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.OpenSessionRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'ConfirmSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSession,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionResponse.SerializeToString,
+            ),
+            'KeepAlive': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAlive,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.SessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +427,114 @@ class Gradserve:
             '/gradserve.v1.Gradserve/Release',
             gradserve_dot_v1_dot_gradserve__pb2.ReleaseRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/OpenSession',
+            gradserve_dot_v1_dot_gradserve__pb2.OpenSessionRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/ConfirmSession',
+            gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAlive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/KeepAlive',
+            gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/CloseSession',
+            gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

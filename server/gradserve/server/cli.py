@@ -129,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def list_endpoints(args: argparse.Namespace) -> int:
     import gradserve
-    with gradserve.connect(args.address, timeout=args.timeout) as client:
+    with gradserve.connect(args.address, timeout=args.timeout, transport="grpc") as client:
         for info in client.endpoints():
             batch = ", batchable" if info.batchable else ""
             print(f"{info.signature}  [{info.framework} on {info.device}{batch}]")

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.server.registry import Endpoint, Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.service import GradserveService, Limits
+from gradserve.server.sessions import SessionManager
 from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, MESSAGE_OVERHEAD
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -34,18 +35,23 @@ class Server:
     larger tensors); ``chunk_bytes`` is the size of the chunks it sends;
     a request stream that sends nothing for ``idle_timeout`` seconds is
     cancelled, so stalled clients cannot pin the ``workers`` threads.
+    Same-host clients get shared-memory sessions with two arenas of
+    ``shm_arena_bytes`` (a client may ask for up to ``max_shm_arena_bytes``),
+    dropped when not heard from for ``session_lease`` seconds.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
                  max_residual_bytes: int = 2 * GiB, residual_ttl: float = 600.0,
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
-                 debug: bool = False):
+                 shm_arena_bytes: int = 256 << 20, max_shm_arena_bytes: int = 4 * GiB,
+                 session_lease: float = 30.0, debug: bool = False):
         self.host = host
         self.debug = debug
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl)
-        self.service = GradserveService(self.registry, self.residuals,
+        self.sessions = SessionManager(shm_arena_bytes, max_shm_arena_bytes, session_lease)
+        self.service = GradserveService(self.registry, self.residuals, self.sessions,
                                         Limits(chunk_bytes, max_request_bytes, idle_timeout), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
         self._grpc = grpc.server(
@@ -110,12 +116,14 @@ class Server:
         self._stopped.set()
         self.service.idle.stop()
         self.residuals.clear()
+        self.sessions.close_all()
 
     def _sweep(self) -> None:
-        """Drop expired residuals even while no call arrives."""
-        interval = min(max(self.residuals.ttl / 4, 0.05), 30.0)
+        """Drop expired residuals and sessions even while no call arrives."""
+        interval = min(max(min(self.residuals.ttl, self.sessions.lease) / 4, 0.05), 30.0)
         while not self._stopped.wait(interval):
             self.residuals.sweep()
+            self.sessions.sweep()
 
     def __enter__(self) -> "Server":
         return self.start() if not self._started else self

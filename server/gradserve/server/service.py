@@ -22,6 +22,7 @@ from gradserve import codec
 from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, invalid
 from gradserve.server.registry import Endpoint, Registry
 from gradserve.server.residuals import ResidualStore
+from gradserve.server.sessions import SessionManager
 from gradserve.transport.bytes import FrameReader, FrameWriter
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -82,10 +83,11 @@ class IdleWatch:
 
 
 class GradserveService(pb_grpc.GradserveServicer):
-    def __init__(self, registry: Registry, residuals: ResidualStore, limits: Limits,
-                 debug: bool = False):
+    def __init__(self, registry: Registry, residuals: ResidualStore, sessions: SessionManager,
+                 limits: Limits, debug: bool = False):
         self.registry = registry
         self.residuals = residuals
+        self.sessions = sessions
         self.limits = limits
         self.debug = debug
         self._signatures: OrderedDict[bytes, pb.Value] = OrderedDict()
@@ -138,15 +140,39 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
         with self._status(context):
+            if request.HasField("session"):
+                self.sessions.peer(request.session)   # frees the reported reply slots
             return pb.ReleaseResponse(released=self.residuals.release(list(request.residual_ids)))
+
+    # -- shared-memory sessions --------------------------------------------
+    def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            return self.sessions.open(request)
+
+    def ConfirmSession(self, request: pb.ConfirmSessionRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            self.sessions.confirm(request)
+            return pb.ConfirmSessionResponse()
+
+    def KeepAlive(self, request: pb.SessionRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id))
+
+    def CloseSession(self, request: pb.SessionRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            self.sessions.close(request.session_id)
+            return pb.SessionResponse(open=False)
+
+    def _peer_for(self, header: Any) -> Any:
+        return self.sessions.peer(header.session) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame], context: grpc.ServicerContext):
-        writer = FrameWriter(self.limits.chunk_bytes)
         reply = None
         with self._status(context), self.idle.watching(context) as touch:
-            reader = FrameReader(self.limits.max_request_bytes, touch)
+            reader = FrameReader(self.limits.max_request_bytes, touch, self._peer_for)
             request = reader.read(request_iterator)
+            writer = FrameWriter(self.limits.chunk_bytes, shm=reader.peer)
             if request.release:
                 self.residuals.release(list(request.release))
             endpoint = self.registry.get(request.endpoint)
@@ -158,11 +184,11 @@ class GradserveService(pb_grpc.GradserveServicer):
             yield from writer.frames(pb.ForwardReplyFrame, reply)
 
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame], context: grpc.ServicerContext):
-        writer = FrameWriter(self.limits.chunk_bytes)
         reply = None
         with self._status(context), self.idle.watching(context) as touch:
-            reader = FrameReader(self.limits.max_request_bytes, touch)
+            reader = FrameReader(self.limits.max_request_bytes, touch, self._peer_for)
             request = reader.read(request_iterator)
+            writer = FrameWriter(self.limits.chunk_bytes, shm=reader.peer)
             endpoint = self.registry.get(request.endpoint)
             residual = self._residual_for(endpoint, request, reader)
             cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")

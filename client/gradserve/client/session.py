@@ -1,0 +1,71 @@
+"""The client's shared-memory session: open, prove same host, keep alive, close."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import grpc
+
+from gradserve.errors import GradserveError, from_rpc_error
+from gradserve.transport import shm
+from gradserve.v1 import gradserve_pb2 as pb
+
+log = logging.getLogger("gradserve.client")
+
+
+class ShmSession:
+    """A confirmed session: the mapped arenas (``peer``) and a keep-alive thread."""
+
+    def __init__(self, stub: Any, arena_bytes: int = 0, timeout: float = 10.0):
+        if not shm.available():
+            raise GradserveError("this machine has no /dev/shm")
+        try:
+            opened = stub.OpenSession(pb.OpenSessionRequest(arena_bytes=arena_bytes),
+                                      timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        self.id = opened.session_id
+        self.lease = opened.lease_seconds
+        self._stub = stub
+        try:
+            probe = shm.open_region(opened.probe_region, 32)
+            nonce = bytes(probe[:])
+            probe.close()
+            self.peer = shm.ClientPeer(shm.open_region(opened.request_region, opened.arena_bytes),
+                                       shm.open_region(opened.reply_region, opened.arena_bytes),
+                                       opened.arena_bytes)
+        except (OSError, ValueError) as err:
+            self.close()
+            raise GradserveError(f"cannot map the server's shared memory ({err}): the server is "
+                                 "on another host or in another IPC namespace") from None
+        try:
+            stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=self.id, nonce=nonce),
+                                timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        self._stopped = threading.Event()
+        threading.Thread(target=self._keep_alive, name="gradserve-keepalive", daemon=True).start()
+
+    def state(self) -> pb.SessionState:
+        """This session's id and the reply slots freed since the last request."""
+        return pb.SessionState(id=self.id, freed=self.peer.take_freed())
+
+    def close(self) -> None:
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()
+        try:
+            self._stub.CloseSession(pb.SessionRequest(session_id=self.id), timeout=1.0)
+        except grpc.RpcError:
+            pass   # the lease ends it anyway
+
+    def _keep_alive(self) -> None:
+        while not self._stopped.wait(self.lease / 3):
+            try:
+                if not self._stub.KeepAlive(pb.SessionRequest(session_id=self.id),
+                                            timeout=self.lease / 3).open:
+                    return   # gone: the next call gets SessionMissing and reopens
+            except grpc.RpcError as err:
+                log.debug("keep-alive of session %s failed: %s", self.id, err)

@@ -1,0 +1,201 @@
+"""The shared-memory transport: same-host tensor payloads that bypass gRPC.
+
+A session has two arenas, each a POSIX shared-memory region the *server*
+created (the server never maps a name a client sends): the request arena, in
+which the client allocates and writes inputs and cotangents, and the reply
+arena, in which the server allocates and writes outputs and gradients. A
+``Tensor`` then carries only ``ShmRef(offset, nbytes)``, checked against the
+arena's bounds before any view is made.
+
+Lifetimes: a request slot is freed by the client once the server no longer
+needs it (after the reply, or when the residual that views it is released);
+a reply slot is freed only when the last array viewing it is collected (a
+finalizer on the numpy owner that torch/numpy views keep alive), and the
+client reports it in the next request's ``SessionState.freed``.
+
+Both peers implement the payload interface the bytes transport consults:
+``place(data) -> ShmRef | None`` (None: arena full, send bytes instead),
+``check(ref, nbytes, path)`` and ``view(ref) -> memoryview``.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import re
+import secrets
+import threading
+import weakref
+import numpy as np
+
+from gradserve.errors import invalid
+from gradserve.v1 import gradserve_pb2 as pb
+
+SHM_DIR = "/dev/shm"
+#: Payloads smaller than this travel inline: a slot costs more than the copy saves.
+SHM_MIN_BYTES = 16 << 10
+ALIGN = 64   # JAX's CPU zero-copy import needs 64-byte alignment
+_NAME = re.compile(r"^gradserve-[0-9a-f]{32}-(probe|req|rep)$")
+
+
+def available() -> bool:
+    """Whether this machine has POSIX shared memory at /dev/shm."""
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+class Arena:
+    """A first-fit allocator of aligned slots in ``[0, size)``; thread-safe."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free: list[tuple[int, int]] = [(0, size)]   # sorted (offset, length)
+        self._used: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a new slot of ``nbytes`` (rounded up to ``ALIGN``), or None if full."""
+        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        with self._lock:
+            for i, (offset, length) in enumerate(self._free):
+                if length >= need:
+                    if length == need:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (offset + need, length - need)
+                    self._used[offset] = need
+                    return offset
+        return None
+
+    def free(self, offset: int) -> bool:
+        """Return a slot; False if ``offset`` is not an allocated slot."""
+        with self._lock:
+            length = self._used.pop(offset, None)
+            if length is None:
+                return False
+            self._free.append((offset, length))
+            self._free.sort()
+            merged: list[tuple[int, int]] = []
+            for start, size in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == start:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
+                else:
+                    merged.append((start, size))
+            self._free = merged
+            return True
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._used.values())
+
+
+def new_name(kind: str) -> str:
+    """An unguessable region name for ``kind`` ("probe", "req" or "rep")."""
+    return f"gradserve-{secrets.token_hex(16)}-{kind}"
+
+
+def create_region(name: str, size: int) -> mmap.mmap:
+    """Create (exclusively, mode 0600) and map a region; the server's side."""
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_region(name: str, size: int) -> mmap.mmap:
+    """Map a region the server created; refuses names that are not gradserve's."""
+    if not _NAME.match(name):
+        raise ValueError(f"refusing to map {name!r}: not a gradserve region name")
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ValueError(f"region {name!r} is not {size} bytes")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def _check(ref: pb.ShmRef, size: int, nbytes: int, path: str) -> None:
+    if ref.nbytes != nbytes:
+        raise invalid(f"{path}: shared-memory slot holds {ref.nbytes} bytes but dtype x shape "
+                      f"needs {nbytes}")
+    if ref.offset > size or ref.nbytes > size - ref.offset:
+        raise invalid(f"{path}: shared-memory slot [{ref.offset}, +{ref.nbytes}) lies outside "
+                      f"the {size}-byte arena")
+
+
+class ServerPeer:
+    """A session's arenas on the server: reads requests, writes replies."""
+
+    def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
+        self.size = size
+        self._request = request
+        self._reply = reply
+        self.reply_arena = Arena(size)
+
+    def place(self, data: memoryview) -> pb.ShmRef | None:
+        n = data.nbytes
+        offset = self.reply_arena.alloc(n) if n >= SHM_MIN_BYTES else None
+        if offset is None:
+            return None
+        self._reply[offset:offset + n] = data.cast("B")
+        return pb.ShmRef(offset=offset, nbytes=n)
+
+    def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
+        _check(ref, self.size, nbytes, path)
+
+    def view(self, ref: pb.ShmRef) -> memoryview:
+        return memoryview(self._request)[ref.offset:ref.offset + ref.nbytes]
+
+    def free(self, offsets: list[int]) -> None:
+        for offset in offsets:
+            self.reply_arena.free(offset)
+
+
+class ClientPeer:
+    """A session's arenas on the client: writes requests, views replies."""
+
+    def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
+        self.size = size
+        self._request = request
+        self._reply = reply
+        self.request_arena = Arena(size)
+        self.freed: collections.deque[int] = collections.deque()
+
+    def place(self, data: memoryview) -> pb.ShmRef | None:
+        n = data.nbytes
+        offset = self.request_arena.alloc(n) if n >= SHM_MIN_BYTES else None
+        if offset is None:
+            return None
+        self._request[offset:offset + n] = data.cast("B")
+        return pb.ShmRef(offset=offset, nbytes=n)
+
+    def release(self, refs: list[pb.ShmRef]) -> None:
+        """Return request slots the server no longer needs."""
+        for ref in refs:
+            self.request_arena.free(ref.offset)
+
+    def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
+        _check(ref, self.size, nbytes, path)
+
+    def view(self, ref: pb.ShmRef) -> memoryview:
+        owner = np.frombuffer(self._reply, np.uint8, ref.nbytes, ref.offset)
+        weakref.finalize(owner, self.freed.append, ref.offset)
+        return memoryview(owner)
+
+    def take_freed(self) -> list[int]:
+        taken = []
+        while self.freed:
+            taken.append(self.freed.popleft())
+        return taken
+
