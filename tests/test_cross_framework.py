@@ -251,7 +251,8 @@ def test_complex_gradients_agree_across_every_pairing(serve) -> None:
         zr = torch.from_numpy(z.copy()).requires_grad_()
         client.torch(name)(zr).abs().pow(2).sum().backward()
         torch.testing.assert_close(zr.grad, zt.grad, **TOL)
-        g = jax.grad(lambda v: jnp.sum(jnp.abs(client.jax(name)(v)) ** 2))(jnp.asarray(z))
+        remote = client.jax(name)
+        g = jax.grad(lambda v: jnp.sum(jnp.abs(remote(v)) ** 2))(jnp.asarray(z))
         np.testing.assert_allclose(g, jax_local, **TOL)
 
 

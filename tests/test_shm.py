@@ -123,7 +123,7 @@ def test_unknown_session_and_sessionless_slots(serve) -> None:
 
 def test_reply_slots_are_not_reused_while_viewed(serve) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    arena = server.sessions._sessions[client._session.id].peer.reply_arena
+    arena = server.sessions._sessions[client._session.id].peer.arena
     first = client.forward("double", (np.full(16384, 1.0, np.float32),)).outputs   # 64 KiB
     view = torch.from_numpy(first)[::2]       # a view of a view keeps the slot too
     del first

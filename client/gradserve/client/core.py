@@ -264,7 +264,7 @@ class Client:
         residual = Residual(call, header.residual_id, self._released) if need_vjp else None
         if residual is not None and residual.id and writer.placed:
             # the server's residual views these input slots: keep them while it lives
-            weakref.finalize(residual, session.peer.release, writer.placed)
+            weakref.finalize(residual, session.peer.free, [r.offset for r in writer.placed])
         else:
             self._free_request_slots(session, writer)
         return outputs, residual
@@ -340,7 +340,7 @@ class Client:
     @staticmethod
     def _free_request_slots(session: ShmSession | None, writer: FrameWriter) -> None:
         if session is not None and writer.placed:
-            session.peer.release(writer.placed)
+            session.peer.free([r.offset for r in writer.placed])
             writer.placed = []
 
     def _deadline(self, timeout: float | None) -> float | None:

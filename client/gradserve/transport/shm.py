@@ -134,62 +134,51 @@ def _check(ref: pb.ShmRef, size: int, nbytes: int, path: str) -> None:
                       f"the {size}-byte arena")
 
 
-class ServerPeer:
-    """A session's arenas on the server: reads requests, writes replies."""
+class _Peer:
+    """One side of a session: allocates and writes in its outgoing arena, reads the other."""
 
-    def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
+    def __init__(self, outgoing: mmap.mmap, incoming: mmap.mmap, size: int):
         self.size = size
-        self._request = request
-        self._reply = reply
-        self.reply_arena = Arena(size)
+        self._outgoing = outgoing
+        self._incoming = incoming
+        self.arena = Arena(size)
 
     def place(self, data: memoryview) -> pb.ShmRef | None:
         n = data.nbytes
-        offset = self.reply_arena.alloc(n) if n >= SHM_MIN_BYTES else None
+        offset = self.arena.alloc(n) if n >= SHM_MIN_BYTES else None
         if offset is None:
             return None
-        self._reply[offset:offset + n] = data.cast("B")
+        self._outgoing[offset:offset + n] = data.cast("B")
         return pb.ShmRef(offset=offset, nbytes=n)
 
     def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
         _check(ref, self.size, nbytes, path)
-
-    def view(self, ref: pb.ShmRef) -> memoryview:
-        return memoryview(self._request)[ref.offset:ref.offset + ref.nbytes]
 
     def free(self, offsets: list[int]) -> None:
+        """Return outgoing slots the other side no longer needs."""
         for offset in offsets:
-            self.reply_arena.free(offset)
+            self.arena.free(offset)
 
 
-class ClientPeer:
-    """A session's arenas on the client: writes requests, views replies."""
+class ServerPeer(_Peer):
+    """The server's side: reads requests in place, writes replies."""
 
     def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
-        self.size = size
-        self._request = request
-        self._reply = reply
-        self.request_arena = Arena(size)
-        self.freed: collections.deque[int] = collections.deque()
-
-    def place(self, data: memoryview) -> pb.ShmRef | None:
-        n = data.nbytes
-        offset = self.request_arena.alloc(n) if n >= SHM_MIN_BYTES else None
-        if offset is None:
-            return None
-        self._request[offset:offset + n] = data.cast("B")
-        return pb.ShmRef(offset=offset, nbytes=n)
-
-    def release(self, refs: list[pb.ShmRef]) -> None:
-        """Return request slots the server no longer needs."""
-        for ref in refs:
-            self.request_arena.free(ref.offset)
-
-    def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
-        _check(ref, self.size, nbytes, path)
+        super().__init__(reply, request, size)
 
     def view(self, ref: pb.ShmRef) -> memoryview:
-        owner = np.frombuffer(self._reply, np.uint8, ref.nbytes, ref.offset)
+        return memoryview(self._incoming)[ref.offset:ref.offset + ref.nbytes]
+
+
+class ClientPeer(_Peer):
+    """The client's side: writes requests, views replies until their owners are collected."""
+
+    def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
+        super().__init__(request, reply, size)
+        self.freed: collections.deque[int] = collections.deque()
+
+    def view(self, ref: pb.ShmRef) -> memoryview:
+        owner = np.frombuffer(self._incoming, np.uint8, ref.nbytes, ref.offset)
         weakref.finalize(owner, self.freed.append, ref.offset)
         return memoryview(owner)
 
@@ -198,4 +187,3 @@ class ClientPeer:
         while self.freed:
             taken.append(self.freed.popleft())
         return taken
-
