@@ -240,3 +240,28 @@ def test_threads_share_one_session_safely(serve) -> None:
 
     run_threads(worker, 8)
     assert client.transport == "shm"
+
+
+def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
+    model = torch.nn.Linear(64, 8)
+    _, client = serve({"lin": model, "double": double})
+    arena = client._session.peer.arena
+    x = client.empty((1024, 64))                     # 256 KiB in the request arena
+    x.copy_(torch.randn(1024, 64))
+    assert arena.used_bytes == 256 << 10
+    with torch.no_grad():
+        y = client.torch("lin")(x)
+    assert arena.used_bytes == 256 << 10            # no slot was taken for the call
+    torch.testing.assert_close(y, model(x).detach(), rtol=1e-6, atol=1e-6)
+    xg = x.requires_grad_()
+    client.torch("lin")(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, model.weight.detach().sum(0).expand(1024, 64),
+                               rtol=1e-6, atol=1e-6)
+    a = client.as_shared(np.arange(65536, dtype=np.float64))
+    np.testing.assert_array_equal(client.forward("double", (a,)).outputs, 2 * a)
+    del x, xg, y, a
+    gc.collect()
+    assert arena.used_bytes == 0                    # the user's slots go with their tensors
+    plain = gradserve.connect(client.address, transport="grpc")
+    assert isinstance(plain.empty((2, 2), "int64", like="numpy"), np.ndarray)
+    plain.close()

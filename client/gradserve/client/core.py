@@ -214,6 +214,43 @@ class Client:
             return 0
         return self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout).released
 
+    # -- tensors in shared memory ------------------------------------------
+    def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch") -> Any:
+        """An uninitialised tensor (``like="torch"``) or array (``"numpy"``) that lives in
+        this session's request arena: sending it copies nothing. Over the grpc
+        transport (or with the arena full) it is an ordinary one."""
+        if like == "torch":
+            import torch
+            from gradserve.frameworks.torch import TO_NAME
+            name = TO_NAME[dtype] if isinstance(dtype, torch.dtype) else str(dtype)
+        else:
+            name = np.dtype(dtype).name
+        count = int(np.prod(shape, dtype=np.int64))
+        itemsize = dtypes.ITEMSIZE[dtypes.code_of(name)]
+        owner = self._session.peer.allocate(max(count * itemsize, 1)) if self._session else None
+        if like == "numpy":
+            np_dtype = dtypes.numpy_dtype(dtypes.code_of(name))
+            if owner is None:
+                return np.empty(shape, np_dtype)
+            return owner[:count * itemsize].view(np_dtype).reshape(shape)
+        if like != "torch":
+            raise ValueError(f"like must be 'torch' or 'numpy', got {like!r}")
+        from gradserve.frameworks.torch import FROM_CODE
+        torch_dtype = FROM_CODE[dtypes.code_of(name)]
+        if owner is None or count == 0:
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.frombuffer(memoryview(owner[:count * itemsize]), dtype=torch_dtype).reshape(shape)
+
+    def as_shared(self, tensor: Any) -> Any:
+        """A copy of a torch tensor (or numpy array) in the request arena (see :meth:`empty`)."""
+        like = "numpy" if isinstance(tensor, np.ndarray) else "torch"
+        out = self.empty(tuple(tensor.shape), tensor.dtype, like=like)
+        if like == "numpy":
+            np.copyto(out, tensor)
+        else:
+            out.copy_(tensor.detach())
+        return out
+
     # -- framework adapters ------------------------------------------------
     def torch(self, name: str, *, timeout: float | None = None):
         """The endpoint as a differentiable function of torch tensors."""

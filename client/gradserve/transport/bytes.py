@@ -46,10 +46,12 @@ class FrameWriter:
 
     def put(self, msg: pb.Tensor, tensor: WireTensor) -> None:
         n = tensor.data.nbytes
-        ref = self._shm.place(tensor.data) if self._shm is not None else None
-        if ref is not None:
+        placed = self._shm.place(tensor.data) if self._shm is not None else None
+        if placed is not None:
+            ref, allocated = placed
             msg.shm.CopyFrom(ref)
-            self.placed.append(ref)
+            if allocated:
+                self.placed.append(ref)
         elif n <= self._inline_left:
             self._inline_left -= n
             msg.data = tensor.data.tobytes()

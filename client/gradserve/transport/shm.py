@@ -143,13 +143,15 @@ class _Peer:
         self._incoming = incoming
         self.arena = Arena(size)
 
-    def place(self, data: memoryview) -> pb.ShmRef | None:
+    def place(self, data: memoryview) -> tuple[pb.ShmRef, bool] | None:
+        """A slot holding ``data`` and whether it was allocated for it (then the
+        caller frees it); None when ``data`` is small or the arena is full."""
         n = data.nbytes
         offset = self.arena.alloc(n) if n >= SHM_MIN_BYTES else None
         if offset is None:
             return None
         self._outgoing[offset:offset + n] = data.cast("B")
-        return pb.ShmRef(offset=offset, nbytes=n)
+        return pb.ShmRef(offset=offset, nbytes=n), True
 
     def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
         _check(ref, self.size, nbytes, path)
@@ -176,6 +178,24 @@ class ClientPeer(_Peer):
     def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
         super().__init__(request, reply, size)
         self.freed: collections.deque[int] = collections.deque()
+        self._base = np.frombuffer(request, np.uint8).ctypes.data
+
+    def place(self, data: memoryview) -> tuple[pb.ShmRef, bool] | None:
+        # data that already lives in the request arena (``allocate``) is sent as it is
+        if data.nbytes:
+            address = np.frombuffer(data, np.uint8).ctypes.data
+            if self._base <= address and address + data.nbytes <= self._base + self.size:
+                return pb.ShmRef(offset=address - self._base, nbytes=data.nbytes), False
+        return super().place(data)
+
+    def allocate(self, nbytes: int) -> np.ndarray | None:
+        """A uint8 array in the request arena, its slot freed when it is collected."""
+        offset = self.arena.alloc(nbytes)
+        if offset is None:
+            return None
+        owner = np.frombuffer(self._outgoing, np.uint8, nbytes, offset)
+        weakref.finalize(owner, self.arena.free, offset)
+        return owner
 
     def view(self, ref: pb.ShmRef) -> memoryview:
         owner = np.frombuffer(self._incoming, np.uint8, ref.nbytes, ref.offset)
