@@ -346,21 +346,28 @@ class Budget:
     seconds: float    # target sampling time per path per row
     rounds: int       # interleaved rounds (and so the minimum number of samples)
     warmup_s: float   # warm-up time per path per row (at least one call)
+    big: Budget | None = None   # used instead for tensors of at least ``BIG_BYTES``
+    spread: bool = False  # spread each step's samples over its round (see ``measure``)
 
 
-FULL = Budget(seconds=2.0, rounds=7, warmup_s=0.3)
-QUICK = Budget(seconds=0.3, rounds=3, warmup_s=0.05)
-#: For tensors of at least ``BIG_BYTES`` (a bytes step at 262144 rows takes seconds): few
-#: rounds, but time enough that the sub-second paths still get several samples each.
-BIG = Budget(seconds=6.0, rounds=3, warmup_s=0.0)
+#: For tensors of ``BIG_BYTES`` and more (a bytes step at 262144 rows takes seconds) the
+#: budgets have few rounds, but time enough that the sub-second paths get several samples.
 BIG_BYTES = 128 << 20
+FULL = Budget(seconds=2.0, rounds=7, warmup_s=0.3,
+              big=Budget(seconds=8.0, rounds=5, warmup_s=0, spread=True))
+QUICK = Budget(seconds=0.3, rounds=3, warmup_s=0.05,
+               big=Budget(seconds=1.0, rounds=2, warmup_s=0, spread=True))
+#: After each path's samples in a round, wait this fraction of its step time (at most
+#: ``SETTLE_MAX_S``): a served step returns before its server thread has finished (freeing
+#: the request's buffers and the dropped residual), and that tail must not land in the next
+#: path's samples (it adds ~40 ms to whatever follows a bytes step at 262144 rows).
+SETTLE_FRACTION = 0.1
+SETTLE_MAX_S = 0.5
 
 
 def budget_for(work: Workload, budget: Budget) -> Budget:
-    """``budget``, or ``BIG`` (never more rounds than ``budget``) for big workloads."""
-    if work.tensor_bytes < BIG_BYTES:
-        return budget
-    return Budget(BIG.seconds, min(BIG.rounds, budget.rounds), BIG.warmup_s)
+    """``budget``, or its ``big`` budget for big workloads."""
+    return budget.big if budget.big is not None and work.tensor_bytes >= BIG_BYTES else budget
 
 
 def _time(step: Step) -> float:
@@ -375,20 +382,38 @@ def measure(steps: Mapping[str, Step], budget: Budget) -> dict[str, float]:
     Each step is warmed up, then sampled in ``budget.rounds`` interleaved
     rounds; in every round each step runs as many times as fit in its share of
     ``budget.seconds`` (at least once), so all steps get the same wall time
-    whatever their speed and see the same machine load.
+    whatever their speed and see the same machine load. With ``budget.spread``
+    each step's samples in a round are spread evenly among the others' (local,
+    shm, local, bytes, shm, local, ...) rather than run back to back, so that a
+    burst of machine load (page-fault time swings by 2x at 256 MiB tensors)
+    hits neighbouring samples of every step alike; for small workloads, where
+    back-to-back runs keep caches warm, it is off. After every run of a step
+    the machine settles (``SETTLE_FRACTION``).
     """
     estimate: dict[str, float] = {}
+
+    def settle(name: str) -> None:
+        time.sleep(min(SETTLE_MAX_S, SETTLE_FRACTION * estimate[name]))
+
     for name, step in steps.items():
         warm = [_time(step)]
         while sum(warm) < budget.warmup_s:
             warm.append(_time(step))
         estimate[name] = min(warm)
+        settle(name)
     per_round = budget.seconds / budget.rounds
     reps = {name: max(1, round(per_round / max(t, 1e-9))) for name, t in estimate.items()}
+    if budget.spread:   # the i-th of n samples sits at (i + 0.5) / n of the round
+        order = sorted(((i + 0.5) / n, k, name) for k, (name, n) in enumerate(reps.items())
+                       for i in range(n))
+        schedule = [(name, 1) for _, _, name in order]
+    else:
+        schedule = list(reps.items())
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(budget.rounds):
-        for name, step in steps.items():
-            samples[name].extend(_time(step) for _ in range(reps[name]))
+        for name, n in schedule:
+            samples[name].extend(_time(steps[name]) for _ in range(n))
+            settle(name)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -563,7 +588,10 @@ def verdict(results: Sequence[Result]) -> str:
                 for o, r in zip(shm, big)]
     ok_memcpy = max(over_memcpy) <= TARGET_SHM_OVER_MEMCPY
     ok_bytes = min(over_shm) >= TARGET_BYTES_OVER_SHM
-    fmt = lambda values: ", ".join(f"{v:.1f}x" for v in values)  # noqa: E731
+
+    def fmt(values: list[float]) -> str:
+        return ", ".join(f"{v:.2f}x" for v in values)
+
     return (f"verdict at >= {TARGET_BYTES / MiB:g} MiB per tensor "
             f"(rows {', '.join(str(r.work.rows) for r in big)}): "
             f"shm overhead = {fmt(over_memcpy)} memcpy (target <= {TARGET_SHM_OVER_MEMCPY:g}x: "
@@ -584,16 +612,16 @@ def render(results: Sequence[Result], columns: Sequence[Column]) -> str:
 def header(budget: Budget) -> str:
     jax = sys.modules.get("jax")  # imported by the JAX paths, if they ran
     jax_version = f"jax {jax.__version__} ({jax.default_backend()}), " if jax else ""
+    big = (f" (tensors >= {BIG_BYTES / MiB:g} MiB: {budget.big.rounds} rounds, "
+           f"~{budget.big.seconds:g} s)" if budget.big else "")
     return "\n".join([
         f"gradserve bench: y = tanh(x @ W), x (rows, {WIDTH}) float32, one forward + vjp per step",
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), {jax_version}"
         f"grpcio {grpc.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs; "
-        f"medians of {budget.rounds} interleaved rounds, ~{budget.seconds:g} s per cell "
-        f"(tensors >= {BIG_BYTES / MiB:g} MiB: {min(BIG.rounds, budget.rounds)} rounds, "
-        f"~{BIG.seconds:g} s)",
+        f"medians of {budget.rounds} interleaved rounds, ~{budget.seconds:g} s per cell{big}",
         "client and servers share this process and its cores: on a shared machine the "
         "ratios are the meaningful numbers, not the milliseconds.",
-        "gradserve = torch client, transport=\"grpc\" (bytes in the gRPC stream); "
+        "gradserve = torch client, transport='grpc' (bytes in the gRPC stream); "
         "MiB each way = x + ct up, y + grad down; echo = bare gRPC stream-stream echo of the "
         f"same bytes in {CHUNK_BYTES / MiB:g} MiB chunks (no protobuf, no compute).",
     ])
