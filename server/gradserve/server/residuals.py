@@ -7,6 +7,7 @@ correctness: the client re-sends the inputs and the server recomputes.
 
 from __future__ import annotations
 
+import queue
 import secrets
 import threading
 import time
@@ -25,10 +26,32 @@ class _Entry:
     last_used: float
 
 
+class Dropper:
+    """Frees objects on a background thread, off the path a waiting client sees.
+
+    Freeing a large autograd graph or tensor (returning its pages) takes
+    milliseconds per 64 MiB; a handler hands such objects here instead.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="gradserve-drop", daemon=True).start()
+
+    def drop(self, obj: Any) -> None:
+        self._queue.put(obj)
+
+    def _run(self) -> None:
+        while True:
+            obj = self._queue.get()
+            del obj
+
+
 class ResidualStore:
     """Thread-safe LRU + TTL store of residuals keyed by unguessable ids."""
 
-    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic,
+                 dropper: Dropper | None = None):
+        self.dropper = dropper or Dropper()
         self.max_bytes = max_bytes
         self.ttl = ttl
         self._clock = clock
@@ -99,4 +122,6 @@ class ResidualStore:
             self._evictions += 1
 
     def _drop(self, rid: str) -> None:
-        self._bytes -= self._entries.pop(rid).nbytes
+        entry = self._entries.pop(rid)
+        self._bytes -= entry.nbytes
+        self.dropper.drop(entry.value)

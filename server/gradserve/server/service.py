@@ -180,6 +180,9 @@ class GradserveService(pb_grpc.GradserveServicer):
             rid = self.residuals.put(endpoint.name, residual, nbytes) if residual is not None else ""
             reply = pb.ForwardResponse(outputs=codec.encode(outputs, writer, path="outputs"),
                                        residual_id=rid)
+            # everything but the reply is freed in the background, not while the client waits
+            self.residuals.dropper.drop((outputs, residual, reader, request))
+            del outputs, residual, reader, request
         if reply is not None:
             yield from writer.frames(pb.ForwardReplyFrame, reply)
 
@@ -196,6 +199,8 @@ class GradserveService(pb_grpc.GradserveServicer):
             reply = pb.VjpResponse(**{
                 part: codec.encode(g, writer, path=part)
                 for part, g in zip(("args", "kwargs", "parameters"), grads)})
+            self.residuals.dropper.drop((grads, cotangents, residual, reader, request))
+            del grads, cotangents, residual, reader, request
         if reply is not None:
             yield from writer.frames(pb.VjpReplyFrame, reply)
 
