@@ -252,7 +252,7 @@ def test_complex_gradients_agree_across_every_pairing(serve) -> None:
         client.torch(name)(zr).abs().pow(2).sum().backward()
         torch.testing.assert_close(zr.grad, zt.grad, **TOL)
         remote = client.jax(name)
-        g = jax.grad(lambda v: jnp.sum(jnp.abs(remote(v)) ** 2))(jnp.asarray(z))
+        g = jax.grad(lambda v, f=remote: jnp.sum(jnp.abs(f(v)) ** 2))(jnp.asarray(z))
         np.testing.assert_allclose(g, jax_local, **TOL)
 
 
