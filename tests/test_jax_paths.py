@@ -176,3 +176,22 @@ def test_jax_client_errors_keep_their_type_or_at_least_their_text(serve) -> None
         jax.jit(jax.grad(lambda v: jnp.sum(f(v))))(jnp.ones(3))
     with pytest.raises(gradserve.NotFound):
         client.jax("missing")(jnp.ones(2))   # fails at the Signature call, before any callback
+
+
+def test_the_jax_client_asks_for_each_signature_once(serve) -> None:
+    server, client = serve(endpoints("jax"))
+    endpoint = server.registry.get("wave")
+    asked, original = [], endpoint.signature
+    endpoint.signature = lambda *a: asked.append(1) or original(*a)
+    service_cache = server.service._signatures
+    f = client.jax("wave")
+    x = jnp.ones((2, 3))
+    for _ in range(3):
+        jax.grad(lambda v: jnp.sum(f(v, x)))(x)
+    jax.jit(lambda v: f(v, x))(x)
+    assert len(asked) == 1               # one server-side evaluation...
+    service_cache.clear()
+    f(jnp.ones((2, 3)), x)
+    assert len(asked) == 1               # ...and no further request from the client's cache
+    f(jnp.ones((4, 3)), jnp.ones((4, 3)))
+    assert len(asked) == 2               # a new input signature is asked for once

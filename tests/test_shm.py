@@ -265,3 +265,16 @@ def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
     plain = gradserve.connect(client.address, transport="grpc")
     assert isinstance(plain.empty((2, 2), "int64", like="numpy"), np.ndarray)
     plain.close()
+
+
+def test_a_dropped_client_stops_keeping_its_session_alive(serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"}, session_lease=0.6)
+    client = gradserve.connect(server.address, transport="shm")
+    time.sleep(1.0)                  # the keep-alive (every lease/3) holds it open
+    assert server.sessions.count() == 1
+    del client                       # no close(): its keep-alive must stop by itself
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while server.sessions.count() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.sessions.count() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any
 
 import grpc
@@ -46,7 +47,11 @@ class ShmSession:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         self._stopped = threading.Event()
-        threading.Thread(target=self._keep_alive, name="gradserve-keepalive", daemon=True).start()
+        # the thread holds no reference to the session: a client dropped without close()
+        # stops pinging, and the server ends the session when its lease runs out
+        weakref.finalize(self, self._stopped.set)
+        threading.Thread(target=_keep_alive, name="gradserve-keepalive", daemon=True,
+                         args=(stub, self.id, self.lease, self._stopped)).start()
 
     def state(self) -> pb.SessionState:
         """This session's id and the reply slots freed since the last request."""
@@ -61,11 +66,13 @@ class ShmSession:
         except grpc.RpcError:
             pass   # the lease ends it anyway
 
-    def _keep_alive(self) -> None:
-        while not self._stopped.wait(self.lease / 3):
-            try:
-                if not self._stub.KeepAlive(pb.SessionRequest(session_id=self.id),
-                                            timeout=self.lease / 3).open:
-                    return   # gone: the next call gets SessionMissing and reopens
-            except grpc.RpcError as err:
-                log.debug("keep-alive of session %s failed: %s", self.id, err)
+
+
+def _keep_alive(stub: Any, sid: str, lease: float, stopped: threading.Event) -> None:
+    """Ping the server every third of the lease until ``stopped`` or the session is gone."""
+    while not stopped.wait(lease / 3):
+        try:
+            if not stub.KeepAlive(pb.SessionRequest(session_id=sid), timeout=lease / 3).open:
+                return   # gone: the next call gets SessionMissing and reopens
+        except grpc.RpcError as err:
+            log.debug("keep-alive of session %s failed: %s", sid, err)

@@ -92,6 +92,7 @@ class JaxEndpoint(Endpoint):
         self.fn = fn
         self.has_params = params is not None
         self.params = jax.device_put(params, self.device) if self.has_params else None
+        self._shared = {_buffer(x) for x in jax.tree_util.tree_leaves(self.params)}
         if self.has_params:
             leaves, _ = pytree.flatten(self.params, _is_array)
             if len(leaves) != len(jax.tree_util.tree_leaves(self.params)):
@@ -187,10 +188,9 @@ class JaxEndpoint(Endpoint):
     # -- helpers -----------------------------------------------------------
     def _residual_bytes(self, tree: Any) -> int:
         """Distinct device buffers in ``tree``, less the endpoint's own params."""
-        shared = {_buffer(x) for x in jax.tree_util.tree_leaves(self.params)}
         seen: dict[Any, int] = {}
         for x in jax.tree_util.tree_leaves(tree):
-            if isinstance(x, jax.Array) and _buffer(x) not in shared:
+            if isinstance(x, jax.Array) and _buffer(x) not in self._shared:
                 seen[_buffer(x)] = x.nbytes
         return sum(seen.values())
 

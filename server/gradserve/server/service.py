@@ -168,11 +168,7 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     # -- differentiable calls ----------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame], context: grpc.ServicerContext):
-        reply = None
-        with self._status(context), self.idle.watching(context) as touch:
-            reader = FrameReader(self.limits.max_request_bytes, touch, self._peer_for)
-            request = reader.read(request_iterator)
-            writer = FrameWriter(self.limits.chunk_bytes, shm=reader.peer)
+        def run(request: pb.ForwardRequest, reader: FrameReader, writer: FrameWriter) -> tuple:
             if request.release:
                 self.residuals.release(list(request.release))
             endpoint = self.registry.get(request.endpoint)
@@ -180,29 +176,40 @@ class GradserveService(pb_grpc.GradserveServicer):
             rid = self.residuals.put(endpoint.name, residual, nbytes) if residual is not None else ""
             reply = pb.ForwardResponse(outputs=codec.encode(outputs, writer, path="outputs"),
                                        residual_id=rid)
-            # everything but the reply is freed in the background, not while the client waits
-            self.residuals.dropper.drop((outputs, residual, reader, request))
-            del outputs, residual, reader, request
-        if reply is not None:
-            yield from writer.frames(pb.ForwardReplyFrame, reply)
+            return reply, (outputs, residual)
+
+        yield from self._framed(request_iterator, context, pb.ForwardReplyFrame, run)
 
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame], context: grpc.ServicerContext):
+        def run(request: pb.VjpRequest, reader: FrameReader, writer: FrameWriter) -> tuple:
+            endpoint = self.registry.get(request.endpoint)
+            residual = self._residual_for(endpoint, request, reader)
+            cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
+            grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
+            reply = pb.VjpResponse(**{part: codec.encode(g, writer, path=part)
+                                      for part, g in zip(("args", "kwargs", "parameters"), grads)})
+            return reply, (grads, cotangents, residual)
+
+        yield from self._framed(request_iterator, context, pb.VjpReplyFrame, run)
+
+    def _framed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
+                reply_frame: type, run: Callable[..., tuple]) -> Iterator[Any]:
+        """Read a framed request (watched for idleness), ``run`` it, stream the reply.
+
+        ``run(request, reader, writer)`` returns the reply header and what the
+        call made; that, the request and its payloads are freed in the
+        background, not while the client waits for its reply.
+        """
         reply = None
         with self._status(context), self.idle.watching(context) as touch:
             reader = FrameReader(self.limits.max_request_bytes, touch, self._peer_for)
             request = reader.read(request_iterator)
             writer = FrameWriter(self.limits.chunk_bytes, shm=reader.peer)
-            endpoint = self.registry.get(request.endpoint)
-            residual = self._residual_for(endpoint, request, reader)
-            cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
-            grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
-            reply = pb.VjpResponse(**{
-                part: codec.encode(g, writer, path=part)
-                for part, g in zip(("args", "kwargs", "parameters"), grads)})
-            self.residuals.dropper.drop((grads, cotangents, residual, reader, request))
-            del grads, cotangents, residual, reader, request
+            reply, made = run(request, reader, writer)
+            self.residuals.dropper.drop((made, reader, request))
+            del made, reader, request
         if reply is not None:
-            yield from writer.frames(pb.VjpReplyFrame, reply)
+            yield from writer.frames(reply_frame, reply)
 
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest, reader: FrameReader) -> Any:
         if request.residual_id:

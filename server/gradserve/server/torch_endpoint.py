@@ -95,6 +95,9 @@ class TorchEndpoint(Endpoint):
             self.module.to(self.device)
             self.module.train(train)
         self.fn = self.module if self.module is not None else fn
+        # the endpoint's own weights outlive every residual: never charged to one
+        own = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
+        self._shared = frozenset(t.untyped_storage().data_ptr() for t in own)
         self._replicas = threading.local()
         self.call_signature = inspect.signature(fn.forward if self.module is not None else fn)
         self.input_specs = dict(inputs or {})
@@ -143,7 +146,7 @@ class TorchEndpoint(Endpoint):
         inputs = (args, kwargs, parameters)
         leaves, _ = pytree.flatten(inputs, _is_tensor)
         need_vjp = need_vjp and any(t.requires_grad for t in leaves)
-        saved = _SavedBytes(self._shared_storages())
+        saved = _SavedBytes(self._shared)
         with torch.enable_grad() if need_vjp else torch.no_grad(), \
                 saved.hooks() if need_vjp else contextlib.nullcontext():
             outputs = self.run(lambda: self._call(args, kwargs, parameters))
@@ -216,12 +219,6 @@ class TorchEndpoint(Endpoint):
         return pytree.map_leaves(self.leaf_spec, outputs, _is_tensor)
 
     # -- helpers -----------------------------------------------------------
-    def _shared_storages(self) -> frozenset[int]:
-        if self.module is None:
-            return frozenset()
-        tensors = [*self.module.parameters(), *self.module.buffers()]
-        return frozenset(t.untyped_storage().data_ptr() for t in tensors)
-
     def _call(self, args: tuple, kwargs: dict, parameters: dict | None) -> Any:
         if parameters:
             # functional_call swaps the module's attributes while it runs, so each
