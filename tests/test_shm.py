@@ -96,7 +96,8 @@ def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
 
 
 @pytest.mark.parametrize("ref, match", [
-    (pb.ShmRef(offset=1 << 20, nbytes=16), "lies outside the 1048576-byte arena"),
+    (pb.ShmRef(offset=1 << 20, nbytes=16), "lies outside the 1048576-byte segment 0"),
+    (pb.ShmRef(segment=1, offset=0, nbytes=16), "segment 1 does not exist (the session has 1)"),
     (pb.ShmRef(offset=2**64 - 8, nbytes=16), "lies outside"),
     (pb.ShmRef(offset=1048570, nbytes=16), "lies outside"),
     (pb.ShmRef(offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
@@ -123,7 +124,7 @@ def test_unknown_session_and_sessionless_slots(serve) -> None:
 
 def test_reply_slots_are_not_reused_while_viewed(serve) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    arena = server.sessions._sessions[client._session.id].peer.arena
+    arena = server.sessions._sessions[client._session.id].peer
     first = client.forward("double", (np.full(16384, 1.0, np.float32),)).outputs   # 64 KiB
     view = torch.from_numpy(first)[::2]       # a view of a view keeps the slot too
     del first
@@ -189,13 +190,68 @@ def test_server_restart_reopens_the_session(serve) -> None:
         second.stop(grace=0)
 
 
-def test_full_arena_falls_back_to_bytes(serve) -> None:
-    _, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    big = np.arange(1 << 20, dtype=np.float32)        # 4 MiB: larger than the arena
-    small = np.ones(8192, np.float32)                  # 32 KiB: through the arena
+def test_arenas_grow_on_demand_and_leave_no_names(serve) -> None:
+    before = gradserve_names()
+    server, client = serve({"double": double, "tile": lambda x: x.repeat(8)},
+                           client_options={"arena_bytes": 1 << 20})
+    peer = client._session.peer
+    served = server.sessions._sessions[client._session.id].peer
+    big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: larger than the arena
     out = client.forward("double", (big,)).outputs
     np.testing.assert_array_equal(out, 2 * big)
+    assert [s.arena.size for s in peer.segments] == [1 << 20, 4 << 20]   # grown for the input
+    assert served.used_bytes == 4 << 20     # and the output went through the grown segment
+    assert gradserve_names() == before      # grown segments are unlinked once both mapped them
+    small = np.ones(32768, np.float32)                     # 128 KiB in, 1 MiB out
+    held = [client.forward("tile", (small,)).outputs for _ in range(6)]
+    for tiled in held:
+        np.testing.assert_array_equal(tiled, np.ones(262144, np.float32))
+    # the reply arena filled up (one reply came as bytes) and grew for the next calls
+    assert len(peer.segments) == len(served.segments) == 3
+    assert peer.segments[2].arena.size == 5 << 20
+    assert served.used_bytes >= 5 << 20
+    del out, held, tiled
+    gc.collect()
+    client.describe("double")
+    assert served.used_bytes == 0 and peer.used_bytes == 0
+
+
+def test_arena_limit_falls_back_to_bytes(serve) -> None:
+    server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20},
+                           max_shm_arena_bytes=2 << 20)
+    big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: over the 2 MiB limit
+    for _ in range(2):   # the second call does not ask again
+        np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+    assert len(client._session.peer.segments) == 1
+    small = np.ones(8192, np.float32)                      # 32 KiB: through the arena
     np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)
+    stub = raw(server)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GrowSession(pb.GrowSessionRequest(session_id=client._session.id, min_bytes=2 << 20))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "this server's limit of 2097152" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=client._session.id, segment=7))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "segment 7 is not awaiting confirmation" in info.value.details()
+
+
+def test_a_full_dev_shm_is_refused_not_fatal(serve, monkeypatch) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+
+    real = os.posix_fallocate
+
+    def no_space(fd, offset, size):
+        if size > 1 << 20:    # room for the probe, not for an arena
+            raise OSError(28, "No space left on device")
+        real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with gradserve.connect(server.address) as client:
+        assert client.transport == "grpc"
+        assert "cannot create 16777216 bytes of shared memory" in client.fallback_reason
+        np.testing.assert_array_equal(client.forward("double", (np.ones(3),)).outputs, 2 * np.ones(3))
+    assert not gradserve_names() and server.sessions.count() == 0
 
 
 def test_jax_client_over_shared_memory(serve) -> None:
@@ -245,7 +301,7 @@ def test_threads_share_one_session_safely(serve) -> None:
 def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
     model = torch.nn.Linear(64, 8)
     _, client = serve({"lin": model, "double": double})
-    arena = client._session.peer.arena
+    arena = client._session.peer
     x = client.empty((1024, 64))                     # 256 KiB in the request arena
     x.copy_(torch.randn(1024, 64))
     assert arena.used_bytes == 256 << 10
@@ -278,3 +334,14 @@ def test_a_dropped_client_stops_keeping_its_session_alive(serve) -> None:
     while server.sessions.count() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.sessions.count() == 0
+
+
+def test_a_segment_the_client_has_not_mapped_gets_no_replies() -> None:
+    import mmap
+    peer = shm.ServerPeer(mmap.mmap(-1, 1 << 16), mmap.mmap(-1, 1 << 16), 1 << 16)
+    peer.add_segment(mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 1 << 20), 1 << 20, ready=False)
+    data = memoryview(np.ones(1 << 15, np.float32))     # 128 KiB: fits only segment 1
+    assert peer.place(data) is None                     # bytes, until the client confirms it
+    peer.segments[1].ready = True
+    ref, allocated = peer.place(data)
+    assert (ref.segment, ref.offset, ref.nbytes, allocated) == (1, 0, 1 << 17, True)

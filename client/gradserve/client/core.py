@@ -24,6 +24,7 @@ from gradserve.errors import (GradserveError, RemoteError, ResidualMissing, Sess
 from gradserve.frameworks import WireTensor
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.specs import EndpointInfo
+from gradserve.transport import shm
 from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -301,7 +302,7 @@ class Client:
         residual = Residual(call, header.residual_id, self._released) if need_vjp else None
         if residual is not None and residual.id and writer.placed:
             # the server's residual views these input slots: keep them while it lives
-            weakref.finalize(residual, session.peer.free, [r.offset for r in writer.placed])
+            weakref.finalize(residual, session.peer.free, shm.slots(writer.placed))
         else:
             self._free_request_slots(session, writer)
         return outputs, residual
@@ -361,7 +362,10 @@ class Client:
         peer = session.peer if session is not None else None
         reader = FrameReader(self.max_receive_bytes, peer_for=lambda header: peer)
         frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
-        return self._read(reader, frames), reader
+        header = self._read(reader, frames)
+        if reader.spilled:   # the reply arena was full: grow it for the next calls
+            session.grow(reader.spilled, len(session.peer.segments))
+        return header, reader
 
     def _in_session(self, call: Callable[[], Any]) -> Any:
         """Run a call; if the server lost our shared-memory session (a restart), reopen it once."""
@@ -377,7 +381,7 @@ class Client:
     @staticmethod
     def _free_request_slots(session: ShmSession | None, writer: FrameWriter) -> None:
         if session is not None and writer.placed:
-            session.peer.free([r.offset for r in writer.placed])
+            session.peer.free(shm.slots(writer.placed))
             writer.placed = []
 
     def _deadline(self, timeout: float | None) -> float | None:

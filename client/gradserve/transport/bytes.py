@@ -84,6 +84,9 @@ class FrameReader:
         self._on_frame = on_frame
         self._peer_for = peer_for
         self.peer: Any = None
+        #: bytes of large payloads that came as bytes although a peer was there:
+        #: its arena was full (the receiver may grow it)
+        self.spilled = 0
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
         self._filled: dict[int, int] = {}
@@ -116,6 +119,8 @@ class FrameReader:
             size = tensor_nbytes(path, msg)
             total += size
             kind = msg.WhichOneof("payload")
+            if self.peer is not None and kind != "shm" and size >= self.peer.min_bytes:
+                self.spilled += size
             if kind == "data":
                 if len(msg.data) != size:
                     raise invalid(f"{path}: payload has {len(msg.data)} bytes but dtype "

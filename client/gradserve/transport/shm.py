@@ -1,11 +1,17 @@
 """The shared-memory transport: same-host tensor payloads that bypass gRPC.
 
-A session has two arenas, each a POSIX shared-memory region the *server*
-created (the server never maps a name a client sends): the request arena, in
-which the client allocates and writes inputs and cotangents, and the reply
-arena, in which the server allocates and writes outputs and gradients. A
-``Tensor`` then carries only ``ShmRef(offset, nbytes)``, checked against the
-arena's bounds before any view is made.
+A session has two arenas, each a list of POSIX shared-memory regions
+(segments) the *server* created (the server never maps a name a client
+sends): the request arena, in which the client allocates and writes inputs
+and cotangents, and the reply arena, in which the server allocates and writes
+outputs and gradients. A ``Tensor`` then carries only ``ShmRef(segment,
+offset, nbytes)``, checked against the segment's bounds before any view is
+made. Arenas grow by whole segments (``GrowSession``), never by remapping,
+so views of existing slots stay valid.
+
+Regions are created with ``posix_fallocate``: a /dev/shm too small for them
+fails at creation (then the payload travels as bytes) instead of killing a
+process with SIGBUS on its first write.
 
 Lifetimes: a request slot is freed by the client once the server no longer
 needs it (after the reply, or when the residual that views it is released);
@@ -14,8 +20,8 @@ finalizer on the numpy owner that torch/numpy views keep alive), and the
 client reports it in the next request's ``SessionState.freed``.
 
 Both peers implement the payload interface the bytes transport consults:
-``place(data) -> ShmRef | None`` (None: arena full, send bytes instead),
-``check(ref, nbytes, path)`` and ``view(ref) -> memoryview``.
+``place(data) -> (ShmRef, allocated) | None`` (None: small, or arena full:
+send bytes instead), ``check(ref, nbytes, path)`` and ``view(ref) -> memoryview``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import re
 import secrets
 import threading
 import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
 import numpy as np
 
 from gradserve.errors import invalid
@@ -96,11 +105,18 @@ def new_name(kind: str) -> str:
 
 
 def create_region(name: str, size: int) -> mmap.mmap:
-    """Create (exclusively, mode 0600) and map a region; the server's side."""
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    """Create (exclusively, mode 0600), reserve and map a region; the server's side.
+
+    Raises OSError (ENOSPC) when /dev/shm cannot hold ``size`` bytes.
+    """
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
         return mmap.mmap(fd, size)
+    except OSError:
+        os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
@@ -125,41 +141,83 @@ def unlink(name: str) -> None:
         pass
 
 
-def _check(ref: pb.ShmRef, size: int, nbytes: int, path: str) -> None:
-    if ref.nbytes != nbytes:
-        raise invalid(f"{path}: shared-memory slot holds {ref.nbytes} bytes but dtype x shape "
-                      f"needs {nbytes}")
-    if ref.offset > size or ref.nbytes > size - ref.offset:
-        raise invalid(f"{path}: shared-memory slot [{ref.offset}, +{ref.nbytes}) lies outside "
-                      f"the {size}-byte arena")
+Slot = tuple[int, int]   # (segment, offset)
+
+
+@dataclass
+class _Segment:
+    """One region of each arena, the same size: ours (we allocate) and the peer's."""
+
+    outgoing: mmap.mmap
+    incoming: mmap.mmap
+    arena: Arena
+    base: int            # address of ``outgoing``
+    ready: bool          # False until the peer has mapped it: nothing is placed there
 
 
 class _Peer:
     """One side of a session: allocates and writes in its outgoing arena, reads the other."""
 
+    min_bytes = SHM_MIN_BYTES
+
     def __init__(self, outgoing: mmap.mmap, incoming: mmap.mmap, size: int):
-        self.size = size
-        self._outgoing = outgoing
-        self._incoming = incoming
-        self.arena = Arena(size)
+        self.segments: list[_Segment] = []
+        self.add_segment(outgoing, incoming, size)
+
+    def add_segment(self, outgoing: mmap.mmap, incoming: mmap.mmap, size: int,
+                    ready: bool = True) -> int:
+        """Append a segment to both arenas; returns its index."""
+        base = np.frombuffer(outgoing, np.uint8).ctypes.data
+        self.segments.append(_Segment(outgoing, incoming, Arena(size), base, ready))
+        return len(self.segments) - 1
+
+    @property
+    def size(self) -> int:
+        """Bytes in each arena, all segments together."""
+        return sum(s.arena.size for s in self.segments)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the outgoing arena in allocated slots."""
+        return sum(s.arena.used_bytes for s in self.segments)
+
+    def alloc(self, nbytes: int) -> Slot | None:
+        """A slot of ``nbytes`` in the outgoing arena (first segment that fits), or None."""
+        for index, segment in enumerate(list(self.segments)):
+            offset = segment.arena.alloc(nbytes) if segment.ready else None
+            if offset is not None:
+                return index, offset
+        return None
 
     def place(self, data: memoryview) -> tuple[pb.ShmRef, bool] | None:
         """A slot holding ``data`` and whether it was allocated for it (then the
         caller frees it); None when ``data`` is small or the arena is full."""
         n = data.nbytes
-        offset = self.arena.alloc(n) if n >= SHM_MIN_BYTES else None
-        if offset is None:
+        slot = self.alloc(n) if n >= SHM_MIN_BYTES else None
+        if slot is None:
             return None
-        self._outgoing[offset:offset + n] = data.cast("B")
-        return pb.ShmRef(offset=offset, nbytes=n), True
+        segment, offset = slot
+        self.segments[segment].outgoing[offset:offset + n] = data.cast("B")
+        return pb.ShmRef(segment=segment, offset=offset, nbytes=n), True
 
     def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
-        _check(ref, self.size, nbytes, path)
+        """Refuse a reference that does not fit inside one of the incoming segments."""
+        if ref.nbytes != nbytes:
+            raise invalid(f"{path}: shared-memory slot holds {ref.nbytes} bytes but dtype x "
+                          f"shape needs {nbytes}")
+        if ref.segment >= len(self.segments):
+            raise invalid(f"{path}: shared-memory segment {ref.segment} does not exist (the "
+                          f"session has {len(self.segments)})")
+        size = self.segments[ref.segment].arena.size
+        if ref.offset > size or ref.nbytes > size - ref.offset:
+            raise invalid(f"{path}: shared-memory slot [{ref.offset}, +{ref.nbytes}) lies "
+                          f"outside the {size}-byte segment {ref.segment}")
 
-    def free(self, offsets: list[int]) -> None:
-        """Return outgoing slots the other side no longer needs."""
-        for offset in offsets:
-            self.arena.free(offset)
+    def free(self, slots: Iterable[Slot]) -> None:
+        """Return outgoing slots the other side no longer needs (unknown ones are ignored)."""
+        for segment, offset in slots:
+            if segment < len(self.segments):
+                self.segments[segment].arena.free(offset)
 
 
 class ServerPeer(_Peer):
@@ -169,41 +227,62 @@ class ServerPeer(_Peer):
         super().__init__(reply, request, size)
 
     def view(self, ref: pb.ShmRef) -> memoryview:
-        return memoryview(self._incoming)[ref.offset:ref.offset + ref.nbytes]
+        return memoryview(self.segments[ref.segment].incoming)[ref.offset:ref.offset + ref.nbytes]
 
 
 class ClientPeer(_Peer):
-    """The client's side: writes requests, views replies until their owners are collected."""
+    """The client's side: writes requests, views replies until their owners are collected.
+
+    ``grow(nbytes, seen) -> bool`` (set by the session) adds a segment able to
+    hold ``nbytes`` when the request arena is full.
+    """
 
     def __init__(self, request: mmap.mmap, reply: mmap.mmap, size: int):
         super().__init__(request, reply, size)
-        self.freed: collections.deque[int] = collections.deque()
-        self._base = np.frombuffer(request, np.uint8).ctypes.data
+        self.freed: collections.deque[Slot] = collections.deque()
+        self.grow: Callable[[int], bool] | None = None
+
+    def alloc(self, nbytes: int) -> Slot | None:
+        seen = len(self.segments)
+        slot = super().alloc(nbytes)
+        if slot is None and self.grow is not None and self.grow(nbytes, seen):
+            slot = super().alloc(nbytes)
+        return slot
 
     def place(self, data: memoryview) -> tuple[pb.ShmRef, bool] | None:
         # data that already lives in the request arena (``allocate``) is sent as it is
         if data.nbytes:
             address = np.frombuffer(data, np.uint8).ctypes.data
-            if self._base <= address and address + data.nbytes <= self._base + self.size:
-                return pb.ShmRef(offset=address - self._base, nbytes=data.nbytes), False
+            for index, segment in enumerate(self.segments):
+                if segment.base <= address and address + data.nbytes <= segment.base + segment.arena.size:
+                    return pb.ShmRef(segment=index, offset=address - segment.base,
+                                     nbytes=data.nbytes), False
         return super().place(data)
 
     def allocate(self, nbytes: int) -> np.ndarray | None:
         """A uint8 array in the request arena, its slot freed when it is collected."""
-        offset = self.arena.alloc(nbytes)
-        if offset is None:
+        slot = self.alloc(nbytes)
+        if slot is None:
             return None
-        owner = np.frombuffer(self._outgoing, np.uint8, nbytes, offset)
-        weakref.finalize(owner, self.arena.free, offset)
+        segment, offset = slot
+        owner = np.frombuffer(self.segments[segment].outgoing, np.uint8, nbytes, offset)
+        weakref.finalize(owner, self.segments[segment].arena.free, offset)
         return owner
 
     def view(self, ref: pb.ShmRef) -> memoryview:
-        owner = np.frombuffer(self._incoming, np.uint8, ref.nbytes, ref.offset)
-        weakref.finalize(owner, self.freed.append, ref.offset)
+        owner = np.frombuffer(self.segments[ref.segment].incoming, np.uint8, ref.nbytes, ref.offset)
+        weakref.finalize(owner, self.freed.append, (ref.segment, ref.offset))
         return memoryview(owner)
 
-    def take_freed(self) -> list[int]:
+    def take_freed(self) -> list[pb.ShmRef]:
+        """The reply slots collected since the last call, for ``SessionState.freed``."""
         taken = []
         while self.freed:
-            taken.append(self.freed.popleft())
+            segment, offset = self.freed.popleft()
+            taken.append(pb.ShmRef(segment=segment, offset=offset))
         return taken
+
+
+def slots(refs: Iterable[pb.ShmRef]) -> list[Slot]:
+    """``(segment, offset)`` of each reference."""
+    return [(r.segment, r.offset) for r in refs]

@@ -59,12 +59,14 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
 
 class ShmRef(_message.Message):
-    __slots__ = ("offset", "nbytes")
+    __slots__ = ("offset", "nbytes", "segment")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
     offset: int
     nbytes: int
-    def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    segment: int
+    def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., segment: _Optional[int] = ...) -> None: ...
 
 class NoneValue(_message.Message):
     __slots__ = ()
@@ -227,8 +229,8 @@ class SessionState(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     FREED_FIELD_NUMBER: _ClassVar[int]
     id: str
-    freed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[str] = ..., freed: _Optional[_Iterable[int]] = ...) -> None: ...
+    freed: _containers.RepeatedCompositeFieldContainer[ShmRef]
+    def __init__(self, id: _Optional[str] = ..., freed: _Optional[_Iterable[_Union[ShmRef, _Mapping]]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "residual_id")
@@ -345,16 +347,38 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., probe_region: _Optional[str] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class ConfirmSessionRequest(_message.Message):
-    __slots__ = ("session_id", "nonce")
+    __slots__ = ("session_id", "nonce", "segment")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     nonce: bytes
-    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    segment: int
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., segment: _Optional[int] = ...) -> None: ...
 
 class ConfirmSessionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GrowSessionRequest(_message.Message):
+    __slots__ = ("session_id", "min_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    min_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., min_bytes: _Optional[int] = ...) -> None: ...
+
+class GrowSessionResponse(_message.Message):
+    __slots__ = ("segment", "request_region", "reply_region", "segment_bytes")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_REGION_FIELD_NUMBER: _ClassVar[int]
+    REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    segment: int
+    request_region: str
+    reply_region: str
+    segment_bytes: int
+    def __init__(self, segment: _Optional[int] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., segment_bytes: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -79,6 +79,11 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionResponse.FromString,
                 _registered_method=True)
+        self.GrowSession = channel.unary_unary(
+                '/gradserve.v1.Gradserve/GrowSession',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.GrowSessionRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.GrowSessionResponse.FromString,
+                _registered_method=True)
         self.KeepAlive = channel.unary_unary(
                 '/gradserve.v1.Gradserve/KeepAlive',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SessionRequest.SerializeToString,
@@ -167,6 +172,12 @@ class GradserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrowSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def KeepAlive(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -226,6 +237,11 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.ConfirmSession,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionResponse.SerializeToString,
+            ),
+            'GrowSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrowSession,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.GrowSessionRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.GrowSessionResponse.SerializeToString,
             ),
             'KeepAlive': grpc.unary_unary_rpc_method_handler(
                     servicer.KeepAlive,
@@ -481,6 +497,33 @@ class Gradserve:
             '/gradserve.v1.Gradserve/ConfirmSession',
             gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ConfirmSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrowSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/GrowSession',
+            gradserve_dot_v1_dot_gradserve__pb2.GrowSessionRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.GrowSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

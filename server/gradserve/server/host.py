@@ -35,16 +35,17 @@ class Server:
     larger tensors); ``chunk_bytes`` is the size of the chunks it sends;
     a request stream that sends nothing for ``idle_timeout`` seconds is
     cancelled, so stalled clients cannot pin the ``workers`` threads.
-    Same-host clients get shared-memory sessions with two arenas of
-    ``shm_arena_bytes`` (a client may ask for up to ``max_shm_arena_bytes``),
-    dropped when not heard from for ``session_lease`` seconds.
+    Same-host clients get shared-memory sessions with two arenas that start
+    at ``shm_arena_bytes`` and grow on demand up to ``max_shm_arena_bytes``
+    each (memory is reserved as they grow), dropped when not heard from for
+    ``session_lease`` seconds.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
                  max_residual_bytes: int = 2 * GiB, residual_ttl: float = 600.0,
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
-                 shm_arena_bytes: int = 256 << 20, max_shm_arena_bytes: int = 4 * GiB,
+                 shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
                  session_lease: float = 30.0, debug: bool = False):
         self.host = host
         self.debug = debug

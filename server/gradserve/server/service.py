@@ -154,6 +154,10 @@ class GradserveService(pb_grpc.GradserveServicer):
             self.sessions.confirm(request)
             return pb.ConfirmSessionResponse()
 
+    def GrowSession(self, request: pb.GrowSessionRequest, context: grpc.ServicerContext):
+        with self._status(context):
+            return self.sessions.grow(request)
+
     def KeepAlive(self, request: pb.SessionRequest, context: grpc.ServicerContext):
         with self._status(context):
             return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id))

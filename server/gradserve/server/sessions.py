@@ -1,12 +1,14 @@
 """Shared-memory sessions on the server: creation, same-host proof, leases.
 
 ``open`` creates three regions with unguessable names: a probe holding a
-random nonce, the request arena and the reply arena. ``confirm`` checks the
-nonce the client read back, which proves it maps this host's /dev/shm (a
-client in another IPC namespace or machine cannot), and then unlinks all three
-names: the memory lives on only while mapped, so nothing is left in /dev/shm
-whichever process dies. A session not heard from within its lease is dropped
-by ``sweep``.
+random nonce and the first segment of the request and reply arenas.
+``confirm`` checks the nonce the client read back, which proves it maps this
+host's /dev/shm (a client in another IPC namespace or machine cannot), and
+then unlinks the names: the memory lives on only while mapped, so nothing is
+left in /dev/shm whichever process dies. ``grow`` adds a segment to both
+arenas (doubling them, up to the per-session limit); its names are unlinked
+when the client confirms it. A session not heard from within its lease is
+dropped by ``sweep``.
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ from gradserve.v1 import gradserve_pb2 as pb
 @dataclass
 class _Session:
     peer: shm.ServerPeer
-    names: list[str]
+    names: dict[int, list[str]]      # segment -> region names not yet unlinked
     nonce: bytes
     confirmed: bool = False
     last_seen: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class SessionManager:
     """Thread-safe registry of shared-memory sessions."""
 
     def __init__(self, arena_bytes: int, max_arena_bytes: int, lease: float):
-        self.arena_bytes = arena_bytes
+        self.arena_bytes = arena_bytes     # each arena's first segment
+        # each arena, all segments together
         self.max_arena_bytes = max_arena_bytes
         self.lease = lease
         self._sessions: dict[str, _Session] = {}
@@ -51,34 +55,59 @@ class SessionManager:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"arena of {size} bytes asked for; this server allows at most "
                               f"{self.max_arena_bytes}")
-        probe, req, rep = (shm.new_name(kind) for kind in ("probe", "req", "rep"))
         nonce = secrets.token_bytes(32)
-        created: list[str] = []
+        probe = shm.new_name("probe")
+        (probe_map,), _ = _create([probe], len(nonce))
+        probe_map[:] = nonce
+        probe_map.close()
         try:
-            probe_map = shm.create_region(probe, len(nonce))
-            created.append(probe)
-            probe_map[:] = nonce
-            probe_map.close()
-            request_map = shm.create_region(req, size)
-            created.append(req)
-            reply_map = shm.create_region(rep, size)
-            created.append(rep)
-        except OSError as err:
-            for name in created:
-                shm.unlink(name)
-            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"cannot create shared memory: {err}") from None
+            (request_map, reply_map), (req, rep) = _create(
+                [shm.new_name("req"), shm.new_name("rep")], size)
+        except StatusError:
+            shm.unlink(probe)
+            raise
         sid = secrets.token_urlsafe(16)
         with self._lock:
             self._sessions[sid] = _Session(shm.ServerPeer(request_map, reply_map, size),
-                                           created, nonce)
+                                           {0: [probe, req, rep]}, nonce)
         return pb.OpenSessionResponse(session_id=sid, probe_region=probe, request_region=req,
                                       reply_region=rep, arena_bytes=size,
                                       lease_seconds=self.lease)
 
+    def grow(self, request: pb.GrowSessionRequest) -> pb.GrowSessionResponse:
+        """Add a segment of at least ``min_bytes`` (doubling the arenas) within the limit."""
+        session = self._get(request.session_id, confirmed=True)
+        with session.lock:
+            total = session.peer.size
+            room = self.max_arena_bytes - total
+            size = min(max(request.min_bytes, total), room)
+            size = -(-size // shm.ALIGN) * shm.ALIGN
+            if request.min_bytes == 0 or request.min_bytes > room or size > room:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"cannot grow the shared-memory arenas by {request.min_bytes} "
+                                  f"bytes: they hold {total} of this server's limit of "
+                                  f"{self.max_arena_bytes}")
+            (request_map, reply_map), names = _create(
+                [shm.new_name("req"), shm.new_name("rep")], size)
+            segment = session.peer.add_segment(reply_map, request_map, size, ready=False)
+            session.names[segment] = names
+        return pb.GrowSessionResponse(segment=segment, request_region=names[0],
+                                      reply_region=names[1], segment_bytes=size)
+
     def confirm(self, request: pb.ConfirmSessionRequest) -> None:
+        """Unlink a mapped segment's names; for segment 0, check the nonce first."""
+        if request.segment:
+            session = self._get(request.session_id, confirmed=True)
+            with session.lock:
+                names = session.names.pop(request.segment, None)
+            if names is None:
+                raise invalid(f"segment {request.segment} is not awaiting confirmation")
+            for name in names:
+                shm.unlink(name)
+            session.peer.segments[request.segment].ready = True
+            return
         session = self._get(request.session_id, confirmed=False)
-        for name in session.names:   # both sides have mapped them: drop the names now
+        for name in session.names.pop(0):   # both sides have mapped them: drop the names now
             shm.unlink(name)
         if not hmac.compare_digest(session.nonce, request.nonce):
             self.close(request.session_id)
@@ -88,7 +117,7 @@ class SessionManager:
     def peer(self, state: pb.SessionState) -> shm.ServerPeer:
         """The arenas of a confirmed session; frees the reply slots the client reports."""
         session = self._get(state.id, confirmed=True)
-        session.peer.free(list(state.freed))
+        session.peer.free(shm.slots(state.freed))
         return session.peer
 
     def keep_alive(self, sid: str) -> bool:
@@ -103,8 +132,9 @@ class SessionManager:
             session = self._sessions.pop(sid, None)
         if session is None:
             return False
-        for name in session.names:
-            shm.unlink(name)
+        for names in session.names.values():
+            for name in names:
+                shm.unlink(name)
         return True
 
     def sweep(self) -> None:
@@ -136,3 +166,17 @@ class SessionManager:
                               f"{sid!r} (expired, closed, or the server restarted)",
                               SESSION_MISSING)
         return session
+
+
+def _create(names: list[str], size: int) -> tuple[list, list[str]]:
+    """Create regions of ``size`` bytes under ``names``: all of them, or none."""
+    maps = []
+    try:
+        for name in names:
+            maps.append(shm.create_region(name, size))
+    except OSError as err:
+        for name in names[:len(maps)]:
+            shm.unlink(name)
+        raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"cannot create {size} bytes of shared memory: {err}") from None
+    return maps, names
