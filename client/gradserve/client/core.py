@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -217,9 +218,13 @@ class Client:
 
     # -- tensors in shared memory ------------------------------------------
     def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch") -> Any:
-        """An uninitialised tensor (``like="torch"``) or array (``"numpy"``) that lives in
-        this session's request arena: sending it copies nothing. Over the grpc
+        """An uninitialised tensor (``like="torch"``), array (``"numpy"``) or
+        ``jax.Array`` (``"jax"``: aliasing the arena on CPU) that lives in this
+        session's request arena: sending it copies nothing. Over the grpc
         transport (or with the arena full) it is an ordinary one."""
+        if like == "jax":
+            from gradserve.client.jax import as_jax
+            return as_jax(self.empty(shape, dtype, like="numpy"))
         if like == "torch":
             import torch
             from gradserve.frameworks.torch import TO_NAME
@@ -235,7 +240,7 @@ class Client:
                 return np.empty(shape, np_dtype)
             return owner[:count * itemsize].view(np_dtype).reshape(shape)
         if like != "torch":
-            raise ValueError(f"like must be 'torch' or 'numpy', got {like!r}")
+            raise ValueError(f"like must be 'torch', 'numpy' or 'jax', got {like!r}")
         from gradserve.frameworks.torch import FROM_CODE
         torch_dtype = FROM_CODE[dtypes.code_of(name)]
         if owner is None or count == 0:
@@ -243,7 +248,12 @@ class Client:
         return torch.frombuffer(memoryview(owner[:count * itemsize]), dtype=torch_dtype).reshape(shape)
 
     def as_shared(self, tensor: Any) -> Any:
-        """A copy of a torch tensor (or numpy array) in the request arena (see :meth:`empty`)."""
+        """A copy of a torch tensor, numpy array or ``jax.Array`` in the request arena
+        (see :meth:`empty`)."""
+        jax = sys.modules.get("jax")
+        if jax is not None and isinstance(tensor, jax.Array):
+            from gradserve.client.jax import as_jax
+            return as_jax(self.as_shared(np.asarray(tensor)))
         like = "numpy" if isinstance(tensor, np.ndarray) else "torch"
         out = self.empty(tuple(tensor.shape), tensor.dtype, like=like)
         if like == "numpy":

@@ -13,6 +13,14 @@ Under ``vmap`` the callbacks see every argument with the batch axes in front
 with the batch merged into its own axis 0; others get one call per element.
 A backward whose cotangents are batched but whose forward was not (``jacrev``,
 ``vmap`` of a vjp) becomes one Vjp with batched cotangents.
+
+Where the forward or backward runs eagerly (no argument is a tracer, as under
+eager ``jax.grad``/``vjp``), it skips the callback and calls the host directly:
+its results become ``jax.Array``s through DLPack, which on CPU alias a
+64-byte-aligned array without a copy. Over the shared-memory transport the
+outputs and gradients then live in the reply arena, whose slot stays in use
+as long as the ``jax.Array`` does. Traced calls (``jit``, ``vmap``, grad of
+grad) keep the callback, which copies.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gradserve import dtypes, pytree
@@ -38,6 +47,8 @@ from gradserve.specs import TensorSpec
 #: consumes its own, and a second backward of the same forward recomputes).
 RESIDUALS_KEPT = 256
 TOKEN = jax.ShapeDtypeStruct((), np.int32)
+#: JAX on CPU imports memory by DLPack without a copy only at this alignment.
+JAX_CPU_ALIGN = 64
 
 
 def _is_leaf(x: Any) -> bool:
@@ -124,9 +135,10 @@ class RemoteJaxFunction:
             out_leaves = sig.function(*leaves)
         except Exception as err:
             # JAX reports a failed callback as its own error type; where the call ran
-            # eagerly, give back the gradserve error (under jit its text is in JAX's message)
+            # eagerly, give back the gradserve error (under jit its text is in JAX's message;
+            # a host called directly raised it itself)
             failure, self._failure.error = self._failure.error, None
-            if failure is not None:
+            if failure is not None and failure is not err:
                 raise failure from err
             raise
         return pytree.unflatten(sig.out_def, list(out_leaves))
@@ -280,16 +292,45 @@ class RemoteJaxFunction:
 
 
 def _callback(host: Any, shapes: Any, refusal: str) -> Any:
-    """A host callback (one call per vmap batch) that refuses to be differentiated itself."""
+    """A host call: direct on concrete arrays, else a host callback (one call per vmap
+    batch) that refuses to be differentiated itself."""
     @jax.custom_jvp
-    def run(*args: Any) -> Any:
+    def traced(*args: Any) -> Any:
         return jax.pure_callback(host, shapes, *args, vmap_method="expand_dims")
 
-    @run.defjvp
+    @traced.defjvp
     def _refuse(primals: Any, tangents: Any) -> Any:
         raise NotImplementedError(refusal)
 
+    def run(*args: Any) -> Any:
+        leaves = jax.tree_util.tree_leaves(args)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return traced(*args)
+        devices = {d for x in leaves if isinstance(x, jax.Array) and x.committed
+                   for d in x.devices()}
+        if len(devices) > 1:   # where the results belong is for JAX to say
+            return traced(*args)
+        device = devices.pop() if devices else None
+        return tuple(as_jax(np.asarray(out), device) for out in host(*args))
+
     return run
+
+
+def as_jax(array: np.ndarray, device: jax.Device | None = None) -> jax.Array:
+    """``array`` as a ``jax.Array`` on ``device`` (None: the default device).
+
+    On CPU a writable, contiguous, 64-byte-aligned array of a dtype DLPack carries
+    is aliased, not copied, and kept alive as long as the result is (which is then
+    committed to its device, as DLPack imports are); anything else is copied.
+    """
+    platform = device.platform if device is not None else jax.default_backend()
+    if (platform == "cpu" and array.size and array.flags.writeable
+            and array.flags.c_contiguous and array.ctypes.data % JAX_CPU_ALIGN == 0):
+        try:
+            return jax.dlpack.from_dlpack(array, device, copy=False)
+        except (BufferError, ValueError):   # a dtype DLPack lacks, another CPU device
+            pass
+    return jnp.asarray(array) if device is None else jax.device_put(array, device)
 
 
 def _conj(a: np.ndarray) -> np.ndarray:
