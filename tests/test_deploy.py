@@ -113,3 +113,23 @@ def test_build_context_ignores_local_state(dockerfile):
     ignored = (DEPLOY / f"{dockerfile}.dockerignore").read_text().split()
     assert {".git", ".venv", "**/__pycache__"} <= set(ignored)
     assert not {"client", "server", "pyproject.toml"} & set(ignored)  # what the image COPYs
+
+
+def test_manifest_gives_shared_memory_sessions_room():
+    text = MANIFEST.read_text()
+    mount = re.search(r"volumeMounts:\s*\n\s*- name:\s*(\S+)\s*\n\s*mountPath:\s*/dev/shm", text)
+    assert mount, "the server container must mount a volume at /dev/shm"
+    volume = re.search(rf"- name:\s*{mount.group(1)}\s*\n\s*emptyDir:\s*\n\s*medium:\s*Memory", text)
+    assert volume, "/dev/shm must be a memory-backed emptyDir"
+
+
+def test_dockerfiles_install_extras_the_package_defines():
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+                 ["optional-dependencies"])
+    for dockerfile in DOCKERFILES:
+        text = (DEPLOY / dockerfile).read_text()
+        for group in re.findall(r"gradserve-\*\.whl\)\[([^\]]+)\]", text):
+            assert set(group.split(",")) <= extras, (dockerfile, group)
+    assert "cuda" in re.search(r"gradserve-\*\.whl\)\[([^\]]+)\]",
+                               (DEPLOY / "Dockerfile.gpu").read_text()).group(1)

@@ -41,9 +41,9 @@ def loss(f):
 
 
 def shm_peer(client: gradserve.Client):
-    """The client's shared-memory ``ClientPeer`` (``Session.shm``; ``.peer`` before CUDA IPC)."""
+    """The client's shared-memory ``ClientPeer``."""
     session = client._session
-    return session.shm if hasattr(session, "shm") else session.peer
+    return session.shm
 
 
 class ReplySlots:

@@ -18,6 +18,7 @@ import torch
 import gradserve
 from gradserve.server import Server
 from gradserve.transport import shm
+from gradserve.transport.arena import Arena
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from models import local_input_grad, mlp
@@ -194,7 +195,7 @@ def test_arenas_grow_on_demand_and_leave_no_names(serve) -> None:
     before = gradserve_names()
     server, client = serve({"double": double, "tile": lambda x: x.repeat(8)},
                            client_options={"arena_bytes": 1 << 20})
-    peer = client._session.peer
+    peer = client._session.shm
     served = server.sessions._sessions[client._session.id].peer
     big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: larger than the arena
     out = client.forward("double", (big,)).outputs
@@ -222,7 +223,7 @@ def test_arena_limit_falls_back_to_bytes(serve) -> None:
     big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: over the 2 MiB limit
     for _ in range(2):   # the second call does not ask again
         np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
-    assert len(client._session.peer.segments) == 1
+    assert len(client._session.shm.segments) == 1
     small = np.ones(8192, np.float32)                      # 32 KiB: through the arena
     np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)
     stub = raw(server)
@@ -268,7 +269,7 @@ def test_jax_client_over_shared_memory(serve) -> None:
 
 
 def test_arena_allocator_aligns_coalesces_and_fills() -> None:
-    arena = shm.Arena(1024)
+    arena = Arena(1024)
     a, b, c = arena.alloc(1), arena.alloc(100), arena.alloc(64)
     assert (a, b, c) == (0, 64, 192)               # 64-byte aligned, first fit
     assert arena.alloc(1024) is None               # full enough: caller falls back to bytes
@@ -301,7 +302,7 @@ def test_threads_share_one_session_safely(serve) -> None:
 def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
     model = torch.nn.Linear(64, 8)
     _, client = serve({"lin": model, "double": double})
-    arena = client._session.peer
+    arena = client._session.shm
     x = client.empty((1024, 64))                     # 256 KiB in the request arena
     x.copy_(torch.randn(1024, 64))
     assert arena.used_bytes == 256 << 10

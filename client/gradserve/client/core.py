@@ -19,19 +19,18 @@ import grpc
 import numpy as np
 
 from gradserve import codec, dtypes, frameworks
-from gradserve.client.session import ShmSession
+from gradserve.client.session import Session
 from gradserve.errors import (GradserveError, RemoteError, ResidualMissing, SessionMissing,
                               from_rpc_error)
 from gradserve.frameworks import WireTensor
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.specs import EndpointInfo
-from gradserve.transport import shm
-from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter
+from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter, free_slots
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 MakeLeaf = Callable[[WireTensor, str], Any]
-TRANSPORTS = ("auto", "grpc", "shm")
+TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")
 log = logging.getLogger("gradserve.client")
 
 
@@ -102,14 +101,17 @@ class Client:
     ``chunk_bytes`` is the largest gRPC message this client sends.
     ``transport``: ``"grpc"`` sends tensor bytes in the gRPC stream;
     ``"shm"`` moves them through shared memory (same host only: fails here if
-    the server is not on this host); ``"auto"`` tries shared memory and falls
-    back to gRPC, saying why in ``fallback_reason``. ``client.transport`` is
-    the one in use. ``arena_bytes`` sizes the shared-memory arenas (0: the
-    server's default).
+    the server is not on this host); ``"cuda_ipc"`` also moves GPU tensors
+    through CUDA IPC pools on the GPUs both sides see (fails here if there
+    are none; CPU tensors of the same call use shared memory); ``"auto"``
+    takes the best of these that works, saying why it did not get a better
+    one in ``fallback_reason``. ``client.transport`` is the one in use.
+    ``arena_bytes`` sizes the shared-memory arenas' first segment and
+    ``cuda_pool_bytes`` the CUDA IPC pools (0: the server's defaults).
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 transport: str = "auto", arena_bytes: int = 0,
+                 transport: str = "auto", arena_bytes: int = 0, cuda_pool_bytes: int = 0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
                  options: Iterable[tuple[str, Any]] = ()):
         if transport not in TRANSPORTS:
@@ -126,19 +128,33 @@ class Client:
         self._stub = pb_grpc.GradserveStub(self._channel)
         self._released: collections.deque[str] = collections.deque()
         self.arena_bytes = arena_bytes
+        self.cuda_pool_bytes = cuda_pool_bytes
         self.transport = "grpc"
         self.fallback_reason = ""
-        self._session: ShmSession | None = None
+        self._session: Session | None = None
         if transport != "grpc":
             try:
-                self._session = ShmSession(self._stub, arena_bytes)
-                self.transport = "shm"
+                self._session = self._open_session(cuda=transport != "shm")
             except GradserveError as err:
-                if transport == "shm":
+                if transport != "auto":
                     self._channel.close()
-                    raise GradserveError(f"the shm transport cannot work here: {err}") from None
+                    raise GradserveError(f"the {transport} transport cannot work here: {err}") from None
                 self.fallback_reason = str(err)
                 log.info("gradserve: using the grpc transport to %s: %s", address, err)
+                return
+            self.transport = "cuda_ipc" if self._session.cuda is not None else "shm"
+            reason = self._session.cuda_reason
+            if transport == "cuda_ipc" and self.transport != "cuda_ipc":
+                self._session.close()
+                self._channel.close()
+                raise GradserveError(f"the cuda_ipc transport cannot work here: {reason}")
+            if self.transport == "shm" and transport == "auto" and self._session.cuda_asked:
+                self.fallback_reason = f"no CUDA IPC: {reason}"
+                log.info("gradserve: GPU tensors to %s go through host memory: %s", address, reason)
+
+    def _open_session(self, cuda: bool) -> Session:
+        return Session(self._stub, self.arena_bytes, cuda=cuda,
+                       cuda_pool_bytes=self.cuda_pool_bytes)
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
@@ -217,35 +233,47 @@ class Client:
         return self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout).released
 
     # -- tensors in shared memory ------------------------------------------
-    def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch") -> Any:
+    def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch",
+              device: Any = None) -> Any:
         """An uninitialised tensor (``like="torch"``), array (``"numpy"``) or
         ``jax.Array`` (``"jax"``: aliasing the arena on CPU) that lives in this
-        session's request arena: sending it copies nothing. Over the grpc
-        transport (or with the arena full) it is an ordinary one."""
+        session's request arena: sending it copies nothing. A torch ``device``
+        on a GPU puts it in the session's CUDA IPC pool on that GPU instead.
+        Over the grpc transport (or with the arena or pool full) it is an
+        ordinary one."""
         if like == "jax":
             from gradserve.client.jax import as_jax
             return as_jax(self.empty(shape, dtype, like="numpy"))
+        if like not in ("torch", "numpy"):
+            raise ValueError(f"like must be 'torch', 'numpy' or 'jax', got {like!r}")
         if like == "torch":
             import torch
             from gradserve.frameworks.torch import TO_NAME
-            name = TO_NAME[dtype] if isinstance(dtype, torch.dtype) else str(dtype)
+            code = dtypes.code_of(TO_NAME[dtype] if isinstance(dtype, torch.dtype) else str(dtype))
         else:
-            name = np.dtype(dtype).name
-        count = int(np.prod(shape, dtype=np.int64))
-        itemsize = dtypes.ITEMSIZE[dtypes.code_of(name)]
-        owner = self._session.peer.allocate(max(count * itemsize, 1)) if self._session else None
+            code = dtypes.code_of(np.dtype(dtype).name)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtypes.ITEMSIZE[code]
+        session = self._session
         if like == "numpy":
-            np_dtype = dtypes.numpy_dtype(dtypes.code_of(name))
+            owner = session.shm.allocate(max(nbytes, 1)) if session else None
+            np_dtype = dtypes.numpy_dtype(code)
             if owner is None:
                 return np.empty(shape, np_dtype)
-            return owner[:count * itemsize].view(np_dtype).reshape(shape)
-        if like != "torch":
-            raise ValueError(f"like must be 'torch', 'numpy' or 'jax', got {like!r}")
+            return owner[:nbytes].view(np_dtype).reshape(shape)
         from gradserve.frameworks.torch import FROM_CODE
-        torch_dtype = FROM_CODE[dtypes.code_of(name)]
-        if owner is None or count == 0:
-            return torch.empty(shape, dtype=torch_dtype)
-        return torch.frombuffer(memoryview(owner[:count * itemsize]), dtype=torch_dtype).reshape(shape)
+        torch_dtype = FROM_CODE[code]
+        place = torch.device(device if device is not None else "cpu")
+        if place.type == "cuda":
+            index = place.index if place.index is not None else torch.cuda.current_device()
+            data = (session.cuda.allocate(nbytes, index)
+                    if session and session.cuda and nbytes else None)
+            if data is None:
+                return torch.empty(shape, dtype=torch_dtype, device=place)
+            return torch.from_dlpack(data.array).view(torch_dtype).reshape(shape)
+        owner = session.shm.allocate(nbytes) if session and nbytes else None
+        if owner is None or place.type != "cpu":
+            return torch.empty(shape, dtype=torch_dtype, device=place)
+        return torch.frombuffer(memoryview(owner), dtype=torch_dtype).reshape(shape)
 
     def as_shared(self, tensor: Any) -> Any:
         """A copy of a torch tensor, numpy array or ``jax.Array`` in the request arena
@@ -254,13 +282,12 @@ class Client:
         if jax is not None and isinstance(tensor, jax.Array):
             from gradserve.client.jax import as_jax
             return as_jax(self.as_shared(np.asarray(tensor)))
-        like = "numpy" if isinstance(tensor, np.ndarray) else "torch"
-        out = self.empty(tuple(tensor.shape), tensor.dtype, like=like)
-        if like == "numpy":
+        if isinstance(tensor, np.ndarray):
+            out = self.empty(tuple(tensor.shape), tensor.dtype, like="numpy")
             np.copyto(out, tensor)
-        else:
-            out.copy_(tensor.detach())
-        return out
+            return out
+        out = self.empty(tuple(tensor.shape), tensor.dtype, device=tensor.device)
+        return out.copy_(tensor.detach())
 
     # -- framework adapters ------------------------------------------------
     def torch(self, name: str, *, timeout: float | None = None):
@@ -292,11 +319,11 @@ class Client:
     def _forward_once(self, call: Call, make_leaf: MakeLeaf, need_vjp: bool,
                       timeout: float | None) -> tuple[Any, Residual | None]:
         session = self._session
-        writer = FrameWriter(self.chunk_bytes, shm=session.peer if session else None)
+        writer = FrameWriter(self.chunk_bytes, peers=session.peers if session else ())
         try:
             request = self._forward_request(call, writer, need_vjp)
         except Exception:
-            self._free_request_slots(session, writer)
+            writer.free_placed()
             raise
         if session is not None:
             request.session.CopyFrom(session.state())
@@ -306,15 +333,15 @@ class Client:
                                           session, timeout)
         except Exception:
             self._released.extend(request.release)  # releasing twice is harmless
-            self._free_request_slots(session, writer)
+            writer.free_placed()
             raise
         outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
         residual = Residual(call, header.residual_id, self._released) if need_vjp else None
         if residual is not None and residual.id and writer.placed:
             # the server's residual views these input slots: keep them while it lives
-            weakref.finalize(residual, session.peer.free, shm.slots(writer.placed))
+            weakref.finalize(residual, free_slots, writer.placed)
         else:
-            self._free_request_slots(session, writer)
+            writer.free_placed()
         return outputs, residual
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
@@ -337,7 +364,7 @@ class Client:
     def _vjp_once(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf,
                   resend: bool, batched: bool, timeout: float | None) -> Gradients:
         session = self._session
-        writer = FrameWriter(self.chunk_bytes, shm=session.peer if session else None)
+        writer = FrameWriter(self.chunk_bytes, peers=session.peers if session else ())
         try:
             request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
                                     cotangents=codec.encode(cotangents, writer, path="cotangents"),
@@ -349,7 +376,7 @@ class Client:
             header, reader = self._stream(self._stub.Vjp, pb.VjpFrame, request, writer, session,
                                           timeout)
         finally:
-            self._free_request_slots(session, writer)
+            writer.free_placed()
         grads = [codec.decode(getattr(header, part), reader, make_leaf, part)
                  for part in ("args", "kwargs", "parameters")]
         return Gradients(tuple(grads[0] or ()), dict(grads[1] or {}), grads[2])
@@ -367,14 +394,14 @@ class Client:
 
     # -- plumbing ----------------------------------------------------------
     def _stream(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
-                session: ShmSession | None, timeout: float | None) -> tuple[Any, FrameReader]:
+                session: Session | None, timeout: float | None) -> tuple[Any, FrameReader]:
         """Send a framed request; returns the reply header and the reader holding its payloads."""
-        peer = session.peer if session is not None else None
-        reader = FrameReader(self.max_receive_bytes, peer_for=lambda header: peer)
+        peers = session.peers if session is not None else ()
+        reader = FrameReader(self.max_receive_bytes, peers_for=lambda header: peers)
         frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
         header = self._read(reader, frames)
         if reader.spilled:   # the reply arena was full: grow it for the next calls
-            session.grow(reader.spilled, len(session.peer.segments))
+            session.grow(reader.spilled, len(session.shm.segments))
         return header, reader
 
     def _in_session(self, call: Callable[[], Any]) -> Any:
@@ -382,17 +409,12 @@ class Client:
         try:
             return call()
         except SessionMissing:
-            if self.transport != "shm":
+            if self._session is None:
                 raise
             log.info("gradserve: shared-memory session lost (server restarted?); reopening")
-            self._session = ShmSession(self._stub, self.arena_bytes)
+            self._session = self._open_session(cuda=self.transport == "cuda_ipc")
+            self.transport = "cuda_ipc" if self._session.cuda is not None else "shm"
             return call()
-
-    @staticmethod
-    def _free_request_slots(session: ShmSession | None, writer: FrameWriter) -> None:
-        if session is not None and writer.placed:
-            session.peer.free(shm.slots(writer.placed))
-            writer.placed = []
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -422,7 +444,7 @@ class Client:
         """Send queued releases (and freed reply slots); on failure keep the ids queued."""
         ids = self._take_releases()
         session = self._session
-        freed = session is not None and bool(session.peer.freed)
+        freed = session is not None and session.has_freed()
         if ids or freed:
             request = pb.ReleaseRequest(residual_ids=ids)
             if session is not None:

@@ -13,12 +13,36 @@ from typing import Any, Protocol
 
 
 @dataclass
+class DeviceBytes:
+    """Bytes in GPU memory: ``array`` is a contiguous 1-D CuPy uint8 array on GPU ``device``."""
+
+    array: Any
+    device: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    @property
+    def ptr(self) -> int:
+        return int(self.array.data.ptr)
+
+    def host(self) -> memoryview:
+        """A host copy (for transports that cannot move GPU memory)."""
+        return memoryview(self.array.get())
+
+
+@dataclass
 class WireTensor:
-    """A tensor on its way to or from the wire: dtype code, shape, raw bytes."""
+    """A tensor on its way to or from the wire: dtype code, shape, raw bytes.
+
+    ``data`` is host memory, or GPU memory (:class:`DeviceBytes`) where the
+    array lives on a GPU and CuPy is there to hand its bytes over.
+    """
 
     dtype: int
     shape: tuple[int, ...]
-    data: memoryview            # C-contiguous little-endian bytes, len == nbytes
+    data: memoryview | DeviceBytes   # C-contiguous little-endian bytes, len == nbytes
     requires_grad: bool = False
 
 

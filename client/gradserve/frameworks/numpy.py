@@ -29,7 +29,8 @@ class NumpyAdapter:
         return WireTensor(code, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)))
 
     def from_wire(self, t: WireTensor) -> np.ndarray:
-        return np.frombuffer(t.data, dtype=dtypes.numpy_dtype(t.dtype)).reshape(t.shape)
+        data = t.data if isinstance(t.data, memoryview) else t.data.host()
+        return np.frombuffer(data, dtype=dtypes.numpy_dtype(t.dtype)).reshape(t.shape)
 
 
 ADAPTER = NumpyAdapter()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from gradserve import dtypes, frameworks
-from gradserve.frameworks import WireTensor
+from gradserve.frameworks import DeviceBytes, WireTensor
 
 TO_NAME: dict[torch.dtype, str] = {
     torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8", torch.int16: "int16",
@@ -44,17 +44,31 @@ class TorchAdapter:
     def to_wire(self, x: Any) -> WireTensor:
         code = wire_dtype(x.dtype)
         t = x.detach()
-        if t.device.type != "cpu":
+        cupy = _cupy() if t.is_cuda and t.numel() else None
+        if t.device.type != "cpu" and cupy is None:
             t = t.cpu()
         t = t.resolve_conj().resolve_neg().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        return WireTensor(code, tuple(t.shape), memoryview(data))
+        flat = t.reshape(-1).view(torch.uint8) if t.numel() else None
+        if cupy is not None:   # handed over as GPU memory (a zero-copy DLPack view)
+            return WireTensor(code, tuple(t.shape), DeviceBytes(cupy.from_dlpack(flat), t.device.index))
+        return WireTensor(code, tuple(t.shape), memoryview(flat.numpy() if flat is not None else b""))
 
     def from_wire(self, t: WireTensor) -> torch.Tensor:
         dtype = FROM_CODE[t.dtype]
+        if isinstance(t.data, DeviceBytes):
+            return torch.from_dlpack(t.data.array).view(dtype).reshape(t.shape)
         if t.data.nbytes == 0:
             return torch.empty(t.shape, dtype=dtype)
         return torch.frombuffer(t.data, dtype=dtype).reshape(t.shape)
+
+
+def _cupy() -> Any:
+    """CuPy, if importable (it carries GPU payloads); else None."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
 
 
 ADAPTER = TorchAdapter()

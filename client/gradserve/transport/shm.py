@@ -19,9 +19,7 @@ a reply slot is freed only when the last array viewing it is collected (a
 finalizer on the numpy owner that torch/numpy views keep alive), and the
 client reports it in the next request's ``SessionState.freed``.
 
-Both peers implement the payload interface the bytes transport consults:
-``place(data) -> (ShmRef, allocated) | None`` (None: small, or arena full:
-send bytes instead), ``check(ref, nbytes, path)`` and ``view(ref) -> memoryview``.
+Both sides are ``transport.Peer``s of kind "shm".
 """
 
 from __future__ import annotations
@@ -31,72 +29,25 @@ import mmap
 import os
 import re
 import secrets
-import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from gradserve.errors import invalid
+from gradserve.transport.arena import ALIGN, Arena
 from gradserve.v1 import gradserve_pb2 as pb
 
 SHM_DIR = "/dev/shm"
 #: Payloads smaller than this travel inline: a slot costs more than the copy saves.
 SHM_MIN_BYTES = 16 << 10
-ALIGN = 64   # JAX's CPU zero-copy import needs 64-byte alignment
 _NAME = re.compile(r"^gradserve-[0-9a-f]{32}-(probe|req|rep)$")
 
 
 def available() -> bool:
     """Whether this machine has POSIX shared memory at /dev/shm."""
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
-
-
-class Arena:
-    """A first-fit allocator of aligned slots in ``[0, size)``; thread-safe."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._free: list[tuple[int, int]] = [(0, size)]   # sorted (offset, length)
-        self._used: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def alloc(self, nbytes: int) -> int | None:
-        """Offset of a new slot of ``nbytes`` (rounded up to ``ALIGN``), or None if full."""
-        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
-        with self._lock:
-            for i, (offset, length) in enumerate(self._free):
-                if length >= need:
-                    if length == need:
-                        del self._free[i]
-                    else:
-                        self._free[i] = (offset + need, length - need)
-                    self._used[offset] = need
-                    return offset
-        return None
-
-    def free(self, offset: int) -> bool:
-        """Return a slot; False if ``offset`` is not an allocated slot."""
-        with self._lock:
-            length = self._used.pop(offset, None)
-            if length is None:
-                return False
-            self._free.append((offset, length))
-            self._free.sort()
-            merged: list[tuple[int, int]] = []
-            for start, size in self._free:
-                if merged and merged[-1][0] + merged[-1][1] == start:
-                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
-                else:
-                    merged.append((start, size))
-            self._free = merged
-            return True
-
-    @property
-    def used_bytes(self) -> int:
-        with self._lock:
-            return sum(self._used.values())
 
 
 def new_name(kind: str) -> str:
@@ -158,6 +109,7 @@ class _Segment:
 class _Peer:
     """One side of a session: allocates and writes in its outgoing arena, reads the other."""
 
+    kind = "shm"
     min_bytes = SHM_MIN_BYTES
 
     def __init__(self, outgoing: mmap.mmap, incoming: mmap.mmap, size: int):
@@ -189,16 +141,22 @@ class _Peer:
                 return index, offset
         return None
 
+    def accepts(self, data: Any) -> bool:
+        return isinstance(data, memoryview)
+
     def place(self, data: memoryview) -> tuple[pb.ShmRef, bool] | None:
         """A slot holding ``data`` and whether it was allocated for it (then the
-        caller frees it); None when ``data`` is small or the arena is full."""
+        caller frees it); None when the arena is full."""
         n = data.nbytes
-        slot = self.alloc(n) if n >= SHM_MIN_BYTES else None
+        slot = self.alloc(n)
         if slot is None:
             return None
         segment, offset = slot
         self.segments[segment].outgoing[offset:offset + n] = data.cast("B")
         return pb.ShmRef(segment=segment, offset=offset, nbytes=n), True
+
+    def flush(self) -> None:
+        pass   # stores to shared memory are visible to the peer once the RPC is sent
 
     def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
         """Refuse a reference that does not fit inside one of the incoming segments."""
@@ -213,11 +171,11 @@ class _Peer:
             raise invalid(f"{path}: shared-memory slot [{ref.offset}, +{ref.nbytes}) lies "
                           f"outside the {size}-byte segment {ref.segment}")
 
-    def free(self, slots: Iterable[Slot]) -> None:
+    def free(self, refs: Iterable[pb.ShmRef]) -> None:
         """Return outgoing slots the other side no longer needs (unknown ones are ignored)."""
-        for segment, offset in slots:
-            if segment < len(self.segments):
-                self.segments[segment].arena.free(offset)
+        for ref in refs:
+            if ref.segment < len(self.segments):
+                self.segments[ref.segment].arena.free(ref.offset)
 
 
 class ServerPeer(_Peer):
@@ -281,8 +239,3 @@ class ClientPeer(_Peer):
             segment, offset = self.freed.popleft()
             taken.append(pb.ShmRef(segment=segment, offset=offset))
         return taken
-
-
-def slots(refs: Iterable[pb.ShmRef]) -> list[Slot]:
-    """``(segment, offset)`` of each reference."""
-    return [(r.segment, r.offset) for r in refs]

@@ -43,20 +43,22 @@ class StreamedPayload(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "stream", "shm", "requires_grad")
+    __slots__ = ("dtype", "shape", "data", "stream", "shm", "cuda", "requires_grad")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     stream: StreamedPayload
     shm: ShmRef
+    cuda: CudaRef
     requires_grad: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda: _Optional[_Union[CudaRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
 
 class ShmRef(_message.Message):
     __slots__ = ("offset", "nbytes", "segment")
@@ -67,6 +69,16 @@ class ShmRef(_message.Message):
     nbytes: int
     segment: int
     def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., segment: _Optional[int] = ...) -> None: ...
+
+class CudaRef(_message.Message):
+    __slots__ = ("pool", "offset", "nbytes")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    pool: int
+    offset: int
+    nbytes: int
+    def __init__(self, pool: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class NoneValue(_message.Message):
     __slots__ = ()
@@ -225,12 +237,14 @@ class ForwardRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., need_vjp: _Optional[bool] = ..., release: _Optional[_Iterable[str]] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("id", "freed")
+    __slots__ = ("id", "freed", "cuda_freed")
     ID_FIELD_NUMBER: _ClassVar[int]
     FREED_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FREED_FIELD_NUMBER: _ClassVar[int]
     id: str
     freed: _containers.RepeatedCompositeFieldContainer[ShmRef]
-    def __init__(self, id: _Optional[str] = ..., freed: _Optional[_Iterable[_Union[ShmRef, _Mapping]]] = ...) -> None: ...
+    cuda_freed: _containers.RepeatedCompositeFieldContainer[CudaRef]
+    def __init__(self, id: _Optional[str] = ..., freed: _Optional[_Iterable[_Union[ShmRef, _Mapping]]] = ..., cuda_freed: _Optional[_Iterable[_Union[CudaRef, _Mapping]]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "residual_id")
@@ -325,40 +339,64 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("arena_bytes",)
+    __slots__ = ("arena_bytes", "cuda_devices", "cuda_pool_bytes")
     ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     arena_bytes: int
-    def __init__(self, arena_bytes: _Optional[int] = ...) -> None: ...
+    cuda_devices: _containers.RepeatedScalarFieldContainer[str]
+    cuda_pool_bytes: int
+    def __init__(self, arena_bytes: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[str]] = ..., cuda_pool_bytes: _Optional[int] = ...) -> None: ...
+
+class CudaPool(_message.Message):
+    __slots__ = ("device", "request_handle", "reply_handle", "pool_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    request_handle: bytes
+    reply_handle: bytes
+    pool_bytes: int
+    def __init__(self, device: _Optional[str] = ..., request_handle: _Optional[bytes] = ..., reply_handle: _Optional[bytes] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "probe_region", "request_region", "reply_region", "arena_bytes", "lease_seconds")
+    __slots__ = ("session_id", "probe_region", "request_region", "reply_region", "arena_bytes", "lease_seconds", "cuda_pools", "cuda_unavailable")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROBE_REGION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_REGION_FIELD_NUMBER: _ClassVar[int]
     REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
     ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_POOLS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     probe_region: str
     request_region: str
     reply_region: str
     arena_bytes: int
     lease_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., probe_region: _Optional[str] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    cuda_pools: _containers.RepeatedCompositeFieldContainer[CudaPool]
+    cuda_unavailable: str
+    def __init__(self, session_id: _Optional[str] = ..., probe_region: _Optional[str] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., cuda_pools: _Optional[_Iterable[_Union[CudaPool, _Mapping]]] = ..., cuda_unavailable: _Optional[str] = ...) -> None: ...
 
 class ConfirmSessionRequest(_message.Message):
-    __slots__ = ("session_id", "nonce", "segment")
+    __slots__ = ("session_id", "nonce", "segment", "cuda_nonces")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    CUDA_NONCES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     nonce: bytes
     segment: int
-    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., segment: _Optional[int] = ...) -> None: ...
+    cuda_nonces: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., segment: _Optional[int] = ..., cuda_nonces: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ConfirmSessionResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("cuda_pools_ready",)
+    CUDA_POOLS_READY_FIELD_NUMBER: _ClassVar[int]
+    cuda_pools_ready: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, cuda_pools_ready: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GrowSessionRequest(_message.Message):
     __slots__ = ("session_id", "min_bytes")

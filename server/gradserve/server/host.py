@@ -38,7 +38,9 @@ class Server:
     Same-host clients get shared-memory sessions with two arenas that start
     at ``shm_arena_bytes`` and grow on demand up to ``max_shm_arena_bytes``
     each (memory is reserved as they grow), dropped when not heard from for
-    ``session_lease`` seconds.
+    ``session_lease`` seconds. Same-host clients with GPUs this server sees
+    also get CUDA IPC pools of ``cuda_pool_bytes`` (a client may ask for up to
+    ``max_cuda_pool_bytes``) on each such GPU.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
@@ -46,12 +48,14 @@ class Server:
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
                  shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
-                 session_lease: float = 30.0, debug: bool = False):
+                 session_lease: float = 30.0, cuda_pool_bytes: int = 256 << 20,
+                 max_cuda_pool_bytes: int = 4 * GiB, debug: bool = False):
         self.host = host
         self.debug = debug
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl)
-        self.sessions = SessionManager(shm_arena_bytes, max_shm_arena_bytes, session_lease)
+        self.sessions = SessionManager(shm_arena_bytes, max_shm_arena_bytes, session_lease,
+                                       cuda_pool_bytes, max_cuda_pool_bytes)
         self.service = GradserveService(self.registry, self.residuals, self.sessions,
                                         Limits(chunk_bytes, max_request_bytes, idle_timeout), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)

@@ -141,7 +141,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
         with self._status(context):
             if request.HasField("session"):
-                self.sessions.peer(request.session)   # frees the reported reply slots
+                self.sessions.peers(request.session)   # frees the reported reply slots
             return pb.ReleaseResponse(released=self.residuals.release(list(request.residual_ids)))
 
     # -- shared-memory sessions --------------------------------------------
@@ -151,8 +151,7 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def ConfirmSession(self, request: pb.ConfirmSessionRequest, context: grpc.ServicerContext):
         with self._status(context):
-            self.sessions.confirm(request)
-            return pb.ConfirmSessionResponse()
+            return self.sessions.confirm(request)
 
     def GrowSession(self, request: pb.GrowSessionRequest, context: grpc.ServicerContext):
         with self._status(context):
@@ -167,8 +166,8 @@ class GradserveService(pb_grpc.GradserveServicer):
             self.sessions.close(request.session_id)
             return pb.SessionResponse(open=False)
 
-    def _peer_for(self, header: Any) -> Any:
-        return self.sessions.peer(header.session) if header.HasField("session") else None
+    def _peers_for(self, header: Any) -> list:
+        return self.sessions.peers(header.session) if header.HasField("session") else []
 
     # -- differentiable calls ----------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame], context: grpc.ServicerContext):
@@ -206,9 +205,9 @@ class GradserveService(pb_grpc.GradserveServicer):
         """
         reply = None
         with self._status(context), self.idle.watching(context) as touch:
-            reader = FrameReader(self.limits.max_request_bytes, touch, self._peer_for)
+            reader = FrameReader(self.limits.max_request_bytes, touch, self._peers_for)
             request = reader.read(request_iterator)
-            writer = FrameWriter(self.limits.chunk_bytes, shm=reader.peer)
+            writer = FrameWriter(self.limits.chunk_bytes, peers=reader.peers)
             reply, made = run(request, reader, writer)
             self.residuals.dropper.drop((made, reader, request))
             del made, reader, request

@@ -9,6 +9,10 @@ left in /dev/shm whichever process dies. ``grow`` adds a segment to both
 arenas (doubling them, up to the per-session limit); its names are unlinked
 when the client confirms it. A session not heard from within its lease is
 dropped by ``sweep``.
+
+Asked for CUDA IPC, ``open`` also makes a request and a reply pool on each
+GPU the client named (by UUID) that this server sees too; ``confirm`` enables
+those whose nonce the client read back through the handle.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from gradserve.errors import SESSION_MISSING, StatusError, invalid
-from gradserve.transport import shm
+from gradserve.transport import cuda_ipc, shm
+from gradserve.transport.arena import ALIGN
 from gradserve.v1 import gradserve_pb2 as pb
 
 
@@ -31,6 +36,7 @@ class _Session:
     peer: shm.ServerPeer
     names: dict[int, list[str]]      # segment -> region names not yet unlinked
     nonce: bytes
+    cuda: cuda_ipc.ServerCudaPeer | None = None
     confirmed: bool = False
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -39,10 +45,13 @@ class _Session:
 class SessionManager:
     """Thread-safe registry of shared-memory sessions."""
 
-    def __init__(self, arena_bytes: int, max_arena_bytes: int, lease: float):
+    def __init__(self, arena_bytes: int, max_arena_bytes: int, lease: float,
+                 cuda_pool_bytes: int = 256 << 20, max_cuda_pool_bytes: int = 4 << 30):
         self.arena_bytes = arena_bytes     # each arena's first segment
         # each arena, all segments together
         self.max_arena_bytes = max_arena_bytes
+        self.cuda_pool_bytes = cuda_pool_bytes
+        self.max_cuda_pool_bytes = max_cuda_pool_bytes
         self.lease = lease
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
@@ -66,13 +75,39 @@ class SessionManager:
         except StatusError:
             shm.unlink(probe)
             raise
-        sid = secrets.token_urlsafe(16)
+        session = _Session(shm.ServerPeer(request_map, reply_map, size), {0: [probe, req, rep]},
+                           nonce)
+        reply = pb.OpenSessionResponse(probe_region=probe, request_region=req, reply_region=rep,
+                                       arena_bytes=size, lease_seconds=self.lease)
+        if request.cuda_devices:
+            try:
+                session.cuda, pools = self._cuda_pools(request)
+                reply.cuda_pools.extend(pools)
+            except _NoCuda as reason:
+                reply.cuda_unavailable = str(reason)
+        reply.session_id = sid = secrets.token_urlsafe(16)
         with self._lock:
-            self._sessions[sid] = _Session(shm.ServerPeer(request_map, reply_map, size),
-                                           {0: [probe, req, rep]}, nonce)
-        return pb.OpenSessionResponse(session_id=sid, probe_region=probe, request_region=req,
-                                      reply_region=rep, arena_bytes=size,
-                                      lease_seconds=self.lease)
+            self._sessions[sid] = session
+        return reply
+
+    def _cuda_pools(self, request: pb.OpenSessionRequest) -> tuple[cuda_ipc.ServerCudaPeer, list]:
+        size = request.cuda_pool_bytes or self.cuda_pool_bytes
+        if size > self.max_cuda_pool_bytes:
+            raise _NoCuda(f"CUDA IPC pools of {size} bytes asked for; this server allows at "
+                          f"most {self.max_cuda_pool_bytes}")
+        reason = cuda_ipc.unavailable()
+        if reason:
+            raise _NoCuda(f"the server cannot use CUDA IPC: {reason}")
+        local = cuda_ipc.local_devices()
+        shared = [(uuid, local[uuid]) for uuid in dict.fromkeys(request.cuda_devices)
+                  if uuid in local]
+        if not shared:
+            raise _NoCuda("the server sees none of the client's GPUs (it runs on another "
+                          "node, or they are hidden from it)")
+        try:
+            return cuda_ipc.ServerCudaPeer.create(shared, size)
+        except Exception as err:   # CUDARuntimeError: out of memory, IPC not permitted
+            raise _NoCuda(f"cannot make CUDA IPC pools: {err}") from None
 
     def grow(self, request: pb.GrowSessionRequest) -> pb.GrowSessionResponse:
         """Add a segment of at least ``min_bytes`` (doubling the arenas) within the limit."""
@@ -81,7 +116,7 @@ class SessionManager:
             total = session.peer.size
             room = self.max_arena_bytes - total
             size = min(max(request.min_bytes, total), room)
-            size = -(-size // shm.ALIGN) * shm.ALIGN
+            size = -(-size // ALIGN) * ALIGN
             if request.min_bytes == 0 or request.min_bytes > room or size > room:
                 raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"cannot grow the shared-memory arenas by {request.min_bytes} "
@@ -94,7 +129,7 @@ class SessionManager:
         return pb.GrowSessionResponse(segment=segment, request_region=names[0],
                                       reply_region=names[1], segment_bytes=size)
 
-    def confirm(self, request: pb.ConfirmSessionRequest) -> None:
+    def confirm(self, request: pb.ConfirmSessionRequest) -> pb.ConfirmSessionResponse:
         """Unlink a mapped segment's names; for segment 0, check the nonce first."""
         if request.segment:
             session = self._get(request.session_id, confirmed=True)
@@ -105,7 +140,7 @@ class SessionManager:
             for name in names:
                 shm.unlink(name)
             session.peer.segments[request.segment].ready = True
-            return
+            return pb.ConfirmSessionResponse()
         session = self._get(request.session_id, confirmed=False)
         for name in session.names.pop(0):   # both sides have mapped them: drop the names now
             shm.unlink(name)
@@ -113,12 +148,22 @@ class SessionManager:
             self.close(request.session_id)
             raise invalid("the nonce does not match: client and server do not share memory")
         session.confirmed = True
+        if session.cuda is None:
+            return pb.ConfirmSessionResponse()
+        ready = session.cuda.confirm(list(request.cuda_nonces))
+        if not any(ready):
+            session.cuda = None
+        return pb.ConfirmSessionResponse(cuda_pools_ready=ready)
 
-    def peer(self, state: pb.SessionState) -> shm.ServerPeer:
-        """The arenas of a confirmed session; frees the reply slots the client reports."""
+    def peers(self, state: pb.SessionState) -> list:
+        """The zero-copy peers of a confirmed session (CUDA IPC first, if any, then
+        shared memory); frees the reply slots the client reports."""
         session = self._get(state.id, confirmed=True)
-        session.peer.free(shm.slots(state.freed))
-        return session.peer
+        session.peer.free(state.freed)
+        if session.cuda is None:
+            return [session.peer]
+        session.cuda.free(state.cuda_freed)
+        return [session.cuda, session.peer]
 
     def keep_alive(self, sid: str) -> bool:
         with self._lock:
@@ -166,6 +211,10 @@ class SessionManager:
                               f"{sid!r} (expired, closed, or the server restarted)",
                               SESSION_MISSING)
         return session
+
+
+class _NoCuda(Exception):
+    """Why a session gets no CUDA IPC pools (told to the client, not an error)."""
 
 
 def _create(names: list[str], size: int) -> tuple[list, list[str]]:

@@ -1,0 +1,209 @@
+"""The CUDA IPC transport: refusal without CUDA (runs everywhere) and the GPU path
+(``gpu``-marked: runs only where torch sees a CUDA device and CuPy is installed)."""
+
+from __future__ import annotations
+
+import gc
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+import gradserve
+from gradserve.server import Server
+from gradserve.transport import cuda_ipc, shm
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from models import local_input_grad, mlp
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
+
+HAS_CUDA = torch.cuda.is_available() and not cuda_ipc.unavailable()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CuPy")
+
+
+def double(x):
+    return x * 2
+
+
+def raw(server):
+    return pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+
+
+# -- everywhere --------------------------------------------------------------
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_forced_cuda_ipc_fails_at_connect_without_cuda(serve) -> None:
+    server, client = serve({"double": double})
+    assert client.transport == "shm" and client.fallback_reason == ""   # nothing to fall back from
+    with pytest.raises(gradserve.GradserveError) as info:
+        gradserve.connect(server.address, transport="cuda_ipc")
+    assert str(info.value).startswith("the cuda_ipc transport cannot work here: ")
+    assert cuda_ipc.unavailable() in str(info.value)
+    assert server.sessions.count() == 1        # the refused session was closed at once
+
+
+def test_a_server_without_the_clients_gpus_makes_no_pools(serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    stub = raw(server)
+    opened = stub.OpenSession(pb.OpenSessionRequest(arena_bytes=1 << 20,
+                                                    cuda_devices=["00" * 16]))
+    assert not opened.cuda_pools
+    assert ("cannot use CUDA IPC" in opened.cuda_unavailable
+            or "sees none of the client's GPUs" in opened.cuda_unavailable)
+    stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
+    # pools the server will not make are not an error: the session opens without them
+    opened = stub.OpenSession(pb.OpenSessionRequest(arena_bytes=1 << 20, cuda_devices=["00" * 16],
+                                                    cuda_pool_bytes=1 << 40))
+    assert not opened.cuda_pools
+    assert "this server allows at most 4294967296" in opened.cuda_unavailable
+    stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
+    assert server.sessions.count() == 0
+
+
+def test_cuda_references_outside_a_cuda_session_are_refused(serve) -> None:
+    server, client = serve({"double": double})
+    header = pb.ForwardRequest(endpoint="double", args=pb.Value(tuple_value=pb.Sequence(items=[
+        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[4],
+                                  cuda=pb.CudaRef(pool=0, offset=0, nbytes=16)))])))
+    header.session.id = client._session.id
+    with pytest.raises(grpc.RpcError) as info:
+        list(raw(server).Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "args[0]: tensor has no payload this transport can read (cuda)" in info.value.details()
+
+
+@pytest.mark.parametrize("ref, match", [
+    (pb.CudaRef(pool=0, offset=1 << 20, nbytes=16), "lies outside the 1048576-byte pool 0"),
+    (pb.CudaRef(pool=0, offset=2**64 - 8, nbytes=16), "lies outside"),
+    (pb.CudaRef(pool=1, offset=0, nbytes=16), "pool 1 is not in use in this session"),
+    (pb.CudaRef(pool=2, offset=0, nbytes=16), "pool 2 is not in use in this session"),
+    (pb.CudaRef(pool=0, offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
+])
+def test_cuda_references_are_bounds_checked(ref, match) -> None:
+    with pytest.raises(gradserve.errors.StatusError) as info:
+        cuda_ipc.check_ref(ref, [1 << 20, None], 16, "args[0]")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in str(info.value)
+
+
+# -- on a GPU ----------------------------------------------------------------
+def cuda_pools_in_use(client) -> int:
+    return sum(p.arena.used_bytes for p in client._session.cuda.pools if p.ready)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_tensors_go_through_ipc_pools(serve) -> None:
+    model = mlp().cuda()
+    server, client = serve({"mlp": model})
+    assert client.transport == "cuda_ipc" and client.fallback_reason == ""
+    f = client.torch("mlp")
+    x = torch.randn(4096, 6, device="cuda", requires_grad=True)
+    ct = torch.randn(4096, 4, device="cuda")
+    y = f(x)
+    assert y.is_cuda and y.device == x.device
+    pool = client._session.cuda.pools[0]
+    assert pool.incoming.ptr <= y.data_ptr() < pool.incoming.ptr + pool.arena.size   # a view
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+    y.backward(ct)
+    torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_and_cpu_tensors_in_one_call(serve) -> None:
+    def mixed(a, b):
+        return a * b.to(a.device), (a.sum() + b.sum().to(a.device)).cpu()
+
+    _, client = serve({"mixed": mixed})
+    a = torch.randn(8192, device="cuda", requires_grad=True)     # CUDA IPC
+    b = torch.randn(8192, requires_grad=True)                   # shared memory
+    out, total = client.torch("mixed")(a, b)
+    assert out.is_cuda and not total.is_cuda
+    (out.sum() + total).backward()
+    torch.testing.assert_close(a.grad, b.detach().cuda() + 1)
+    torch.testing.assert_close(b.grad, a.detach().cpu() + 1)
+
+
+@pytest.mark.gpu
+@gpu
+def test_tensors_allocated_in_the_pool_are_sent_without_a_copy(serve) -> None:
+    model = torch.nn.Linear(64, 8).cuda()
+    _, client = serve({"lin": model})
+    x = client.empty((1024, 64), device="cuda")
+    assert x.is_cuda
+    x.copy_(torch.randn(1024, 64, device="cuda"))
+    used = sum(p.arena.used_bytes for p in client._session.cuda.pools)
+    assert used == 256 << 10
+    with torch.no_grad():
+        y = client.torch("lin")(x)
+    assert sum(p.arena.used_bytes for p in client._session.cuda.pools) == used
+    torch.testing.assert_close(y, model(x).detach(), rtol=1e-5, atol=1e-5)
+    del x, y
+    gc.collect()
+    assert sum(p.arena.used_bytes for p in client._session.cuda.pools) == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_reply_slots_are_not_reused_while_viewed(serve) -> None:
+    server, client = serve({"double": double})
+    first = client.torch("double")(torch.full((16384,), 1.0, device="cuda"))
+    view = first[::2]
+    del first
+    for i in range(40):
+        out = client.torch("double")(torch.full((16384,), float(i), device="cuda"))
+        assert out[0].item() == 2.0 * i
+        del out
+        gc.collect()
+    assert torch.all(view == 2.0)
+    served = server.sessions._sessions[client._session.id].cuda
+    client.describe("double")
+    assert sum(p.arena.used_bytes for p in served.pools) == 65536
+    del view
+    gc.collect()
+    client.describe("double")
+    assert sum(p.arena.used_bytes for p in served.pools) == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_server_restart_reopens_the_cuda_session() -> None:
+    model = mlp().cuda()
+    first = Server("127.0.0.1", 0)
+    first.add_torch("mlp", model)
+    first.start()
+    port = first.port
+    client = gradserve.connect(first.address, transport="cuda_ipc")
+    x = torch.randn(4096, 6, device="cuda", requires_grad=True)
+    ct = torch.randn(4096, 4, device="cuda")
+    client.torch("mlp")(x).backward(ct)
+    first.stop(grace=0)
+    second = Server("127.0.0.1", port)
+    second.add_torch("mlp", model)
+    second.start()
+    try:
+        x.grad = None
+        client.torch("mlp")(x).backward(ct)
+        assert client.transport == "cuda_ipc"
+        torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-5, atol=1e-5)
+    finally:
+        client.close()
+        second.stop(grace=0)
+
+
+@pytest.mark.gpu
+@gpu
+def test_jax_gpu_arrays_through_a_torch_endpoint(serve) -> None:
+    jax = pytest.importorskip("jax")
+    if jax.default_backend() != "gpu":
+        pytest.skip("jax has no GPU backend here")
+    jnp = jax.numpy
+    model = torch.nn.Linear(128, 32).cuda()
+    _, client = serve({"lin": model})
+    x = jnp.ones((256, 128))
+    w, b = (model.weight.detach().cpu().numpy(), model.bias.detach().cpu().numpy())
+    g = jax.grad(lambda v: jnp.sum(jnp.tanh(client.jax("lin")(v))))(x)
+    want = jax.grad(lambda v: jnp.sum(jnp.tanh(v @ w.T + b)))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=2e-4, atol=2e-4)
