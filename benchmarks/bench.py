@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import platform
 import statistics
@@ -199,6 +200,62 @@ def memcpy_path(module: torch.nn.Module) -> Iterator[MakeStep]:
     yield make
 
 
+# -- CUDA paths: only where torch sees a GPU and CuPy is there for CUDA IPC --------
+def _gpu_step(step: Step) -> Step:
+    """``step`` followed by a device synchronisation, so its GPU work is timed too."""
+    def synced() -> Any:
+        result = step()
+        torch.cuda.synchronize()
+        return result
+    return synced
+
+
+@contextlib.contextmanager
+def local_cuda_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """In-process torch on the GPU: the CUDA table's baseline."""
+    gpu = copy.deepcopy(module).cuda()
+    yield lambda work: _gpu_step(autograd_step(gpu, _cuda_workload(work)))
+
+
+@contextlib.contextmanager
+def cuda_ipc_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """``client.torch(...)`` over CUDA IPC to a server with the layer on the GPU; x and ct
+    are allocated in the request pool (``client.as_shared``)."""
+    with _served(copy.deepcopy(module).cuda(), transport="cuda_ipc") as client:
+        f = client.torch("layer")
+
+        def make(work: Workload) -> Step:
+            gpu = _cuda_workload(work)
+            shared = Workload(work.rows, client.as_shared(gpu.x.detach()).requires_grad_(True),
+                              client.as_shared(gpu.ct))
+            return _gpu_step(autograd_step(f, shared))
+        yield make
+
+
+@contextlib.contextmanager
+def memcpy_cuda_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """Device-to-device copies of the 4 tensors a step moves, into warm buffers."""
+    def make(work: Workload) -> Step:
+        sources = [t.cuda() for t in (work.x.detach(), work.ct, work.x.detach(), work.ct)]
+        targets = [torch.empty_like(t) for t in sources]
+
+        def step() -> None:
+            for target, source in zip(targets, sources):
+                target.copy_(source)
+            torch.cuda.synchronize()
+        return step
+    yield make
+
+
+def _cuda_workload(work: Workload) -> Workload:
+    return Workload(work.rows, work.x.detach().cuda().requires_grad_(True), work.ct.cuda())
+
+
+def _cuda_ipc_usable() -> bool:
+    from gradserve.transport import cuda_ipc
+    return torch.cuda.is_available() and not cuda_ipc.unavailable()
+
+
 # JAX is imported only by the JAX paths (when they are entered), not at module import.
 def _jax_inputs(work: Workload) -> tuple[Any, Any]:
     """``work``'s ``x`` and ``ct`` as float32 ``jax.Array``s, made once outside the step."""
@@ -347,6 +404,9 @@ PATHS: dict[str, Path] = {
     "callback": _callback_path(jit=False),
     "callback_jit": _callback_path(jit=True),
 }
+CUDA = _cuda_ipc_usable()
+if CUDA:
+    PATHS.update(local_cuda=local_cuda_path, cuda_ipc=cuda_ipc_path, memcpy_cuda=memcpy_cuda_path)
 REFERENCE = "local"
 
 
@@ -430,8 +490,8 @@ def measure(steps: Mapping[str, Step], budget: Budget) -> dict[str, float]:
 
 
 def _as_torch(value: Any) -> torch.Tensor:
-    """A step's result as a torch tensor (JAX paths return ``jax.Array``s)."""
-    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+    """A step's result as a CPU torch tensor (JAX paths return ``jax.Array``s)."""
+    return value.cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
 
 
 def check(work: Workload, steps: Mapping[str, Step]) -> None:
@@ -562,6 +622,19 @@ SHM_COLUMNS: list[Column] = [
 ]
 SHM_PATHS = ("local", "gradserve", "shm", "shm_arena", "memcpy")
 
+CUDA_COLUMNS: list[Column] = [
+    ROWS,
+    Column("MiB per tensor", lambda r: f"{r.work.tensor_bytes / MiB:.3g}"),
+    _ms("local_cuda"),
+    _ms("cuda_ipc"),
+    _ratio("cuda_ipc", "local_cuda"),
+    _minus("cuda_ipc", "local_cuda"),
+    _ms("memcpy_cuda"),
+]
+CUDA_PATHS = ("local", "local_cuda", "cuda_ipc", "memcpy_cuda")
+#: CUDA IPC overhead allowed at 256 MiB per tensor.
+TARGET_CUDA_OVERHEAD_MS = 2.0
+
 
 @dataclass(frozen=True)
 class Table:
@@ -575,6 +648,7 @@ class Table:
     columns: list[Column]
     paths: tuple[str, ...] | None = None
     shm_rows: bool = False
+    needs_cuda: bool = False
 
     def rows(self, args: argparse.Namespace) -> list[int]:
         return args.shm_rows if self.shm_rows else args.rows
@@ -594,7 +668,12 @@ TABLES: list[Table] = [
            "np.copyto of the 4 tensors a step moves (x, ct up; y, grad down) into warm "
            "buffers, one thread:"),
           SHM_COLUMNS, SHM_PATHS, shm_rows=True),
+    Table(("Torch client over CUDA IPC (x and ct allocated in the request pool), layer on the "
+           "GPU; overhead = cuda_ipc - local_cuda; memcpy_cuda = device-to-device copies of "
+           "the 4 tensors a step moves:"),
+          CUDA_COLUMNS, CUDA_PATHS, shm_rows=True, needs_cuda=True),
 ]
+ACTIVE_TABLES = [t for t in TABLES if CUDA or not t.needs_cuda]
 
 #: The targets the verdict line checks, for tensors of at least ``TARGET_BYTES``.
 TARGET_BYTES = 64 << 20
@@ -622,6 +701,16 @@ def verdict(results: Sequence[Result], path: str) -> str:
             f"overhead = {fmt(over_memcpy)} memcpy (target <= {TARGET_SHM_OVER_MEMCPY:g}x: "
             f"{'met' if ok_memcpy else 'MISSED'}), bytes/{path} overhead = {fmt(over_shm)} "
             f"(target >= {TARGET_BYTES_OVER_SHM:g}x: {'met' if ok_bytes else 'MISSED'})")
+
+
+def cuda_verdict(results: Sequence[Result]) -> str:
+    """One line: the CUDA IPC overhead at 256 MiB per tensor against its target."""
+    big = [r for r in results if r.work.tensor_bytes >= 256 << 20]
+    if not big:
+        return "verdict for cuda_ipc: no row with tensors of 256 MiB or more"
+    worst = max(r.ms("cuda_ipc") - r.ms("local_cuda") for r in big)
+    return (f"verdict for cuda_ipc at >= 256 MiB per tensor: overhead {worst:.2f} ms (target < "
+            f"{TARGET_CUDA_OVERHEAD_MS:g} ms: {'met' if worst < TARGET_CUDA_OVERHEAD_MS else 'MISSED'})")
 
 
 def render(results: Sequence[Result], columns: Sequence[Column]) -> str:
@@ -687,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         makers = {name: stack.enter_context(path(module)) for name, path in PATHS.items()}
         for rows in sorted(set(args.rows) | set(args.shm_rows)):
             wanted: set[str] = {REFERENCE}
-            for table in TABLES:
+            for table in ACTIVE_TABLES:
                 if rows in table.rows(args):
                     wanted |= set(table.paths or PATHS)
             work = Workload.make(rows)
@@ -696,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results[rows] = Result(work, measure(steps, budget_for(work, budget)))
             del steps, work   # free this row's tensors (and arena slots) before the next
     print(header(budget))
-    for table in TABLES:
+    for table in ACTIVE_TABLES:
         print()
         if table.title:
             print(table.title)
@@ -704,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     for path in ("shm", "shm_arena"):
         print(verdict([results[rows] for rows in args.shm_rows], path))
+    if CUDA:
+        print(cuda_verdict([results[rows] for rows in args.shm_rows]))
     print(f"total {time.perf_counter() - started:.1f} s")
 
 
