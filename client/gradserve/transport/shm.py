@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from gradserve.errors import invalid
-from gradserve.transport.arena import ALIGN, Arena
+from gradserve.transport.arena import Arena
 from gradserve.v1 import gradserve_pb2 as pb
 
 SHM_DIR = "/dev/shm"
