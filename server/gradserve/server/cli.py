@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import signal
 import sys
 import threading
@@ -124,7 +125,13 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, shutdown)
     stopped.wait()
     server.stop(grace=args.grace)
-    return 0
+    # Everything is released by now. Skip the interpreter's teardown: native thread pools
+    # (torch, grpc) sometimes abort in their static destructors ("terminate called without
+    # an active exception", SIGABRT), turning a clean stop into a failed exit status.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def list_endpoints(args: argparse.Namespace) -> int:
