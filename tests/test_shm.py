@@ -98,7 +98,7 @@ def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
 
 @pytest.mark.parametrize("ref, match", [
     (pb.ShmRef(offset=1 << 20, nbytes=16), "lies outside the 1048576-byte segment 0"),
-    (pb.ShmRef(segment=1, offset=0, nbytes=16), "segment 1 does not exist (the session has 1)"),
+    (pb.ShmRef(segment=1, offset=0, nbytes=16), "shared-memory segment 1 is not in use in this session"),
     (pb.ShmRef(offset=2**64 - 8, nbytes=16), "lies outside"),
     (pb.ShmRef(offset=1048570, nbytes=16), "lies outside"),
     (pb.ShmRef(offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
@@ -125,7 +125,7 @@ def test_unknown_session_and_sessionless_slots(serve) -> None:
 
 def test_reply_slots_are_not_reused_while_viewed(serve) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    arena = server.sessions._sessions[client._session.id].peer
+    arena = server.sessions._sessions[client._session.id].shm
     first = client.forward("double", (np.full(16384, 1.0, np.float32),)).outputs   # 64 KiB
     view = torch.from_numpy(first)[::2]       # a view of a view keeps the slot too
     del first
@@ -166,16 +166,18 @@ def test_a_killed_client_is_reclaimed_after_its_lease(serve) -> None:
     assert not gradserve_names()
 
 
-def test_server_restart_reopens_the_session(serve) -> None:
-    model = mlp()
+def check_restart_reopens_the_session(device: str, transport: str, tol: float) -> None:
+    """A call after the server restarted on the same port reopens the session and matches
+    local autograd; the client keeps ``transport``."""
+    model = mlp().to(device)
     first = Server("127.0.0.1", 0)
     first.add_torch("mlp", model)
     first.start()
     port = first.port
-    client = gradserve.connect(first.address)
+    client = gradserve.connect(first.address, transport=transport)
     old = client._session.id
-    x = torch.randn(4096, 6, requires_grad=True)      # 96 KiB: through the arena
-    ct = torch.randn(4096, 4)
+    x = torch.randn(4096, 6, device=device, requires_grad=True)   # 96 KiB: not inline
+    ct = torch.randn(4096, 4, device=device)
     client.torch("mlp")(x).backward(ct)
     first.stop(grace=0)
     second = Server("127.0.0.1", port)
@@ -184,11 +186,15 @@ def test_server_restart_reopens_the_session(serve) -> None:
     try:
         x.grad = None
         client.torch("mlp")(x).backward(ct)
-        assert client.transport == "shm" and client._session.id != old
-        torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-6, atol=1e-6)
+        assert client.transport == transport and client._session.id != old
+        torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=tol, atol=tol)
     finally:
         client.close()
         second.stop(grace=0)
+
+
+def test_server_restart_reopens_the_session() -> None:
+    check_restart_reopens_the_session("cpu", "shm", 1e-6)
 
 
 def test_arenas_grow_on_demand_and_leave_no_names(serve) -> None:
@@ -196,7 +202,7 @@ def test_arenas_grow_on_demand_and_leave_no_names(serve) -> None:
     server, client = serve({"double": double, "tile": lambda x: x.repeat(8)},
                            client_options={"arena_bytes": 1 << 20})
     peer = client._session.shm
-    served = server.sessions._sessions[client._session.id].peer
+    served = server.sessions._sessions[client._session.id].shm
     big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: larger than the arena
     out = client.forward("double", (big,)).outputs
     np.testing.assert_array_equal(out, 2 * big)
@@ -220,9 +226,14 @@ def test_arenas_grow_on_demand_and_leave_no_names(serve) -> None:
 def test_arena_limit_falls_back_to_bytes(serve) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20},
                            max_shm_arena_bytes=2 << 20)
+    grows = []
+    stub = client._session._stub
+    real_grow = stub.GrowSession
+    stub.GrowSession = lambda *a, **k: grows.append(1) or real_grow(*a, **k)
     big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: over the 2 MiB limit
-    for _ in range(2):   # the second call does not ask again
+    for _ in range(3):
         np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+    assert len(grows) == 1              # refused once: later calls do not ask again
     assert len(client._session.shm.segments) == 1
     small = np.ones(8192, np.float32)                      # 32 KiB: through the arena
     np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)

@@ -270,8 +270,9 @@ class Client:
             if data is None:
                 return torch.empty(shape, dtype=torch_dtype, device=place)
             return torch.from_dlpack(data.array).view(torch_dtype).reshape(shape)
-        owner = session.shm.allocate(nbytes) if session and nbytes else None
-        if owner is None or place.type != "cpu":
+        owner = (session.shm.allocate(nbytes)
+                 if session and nbytes and place.type == "cpu" else None)
+        if owner is None:
             return torch.empty(shape, dtype=torch_dtype, device=place)
         return torch.frombuffer(memoryview(owner), dtype=torch_dtype).reshape(shape)
 

@@ -42,13 +42,12 @@ from gradserve.errors import GradserveError
 import gradserve.frameworks.jax  # noqa: F401  (registers jax arrays with the codec)
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.specs import TensorSpec
+from gradserve.transport.arena import ALIGN   # also JAX's CPU DLPack import alignment
 
 #: Forward residuals awaiting their backward (older ones are released; each backward
 #: consumes its own, and a second backward of the same forward recomputes).
 RESIDUALS_KEPT = 256
 TOKEN = jax.ShapeDtypeStruct((), np.int32)
-#: JAX on CPU imports memory by DLPack without a copy only at this alignment.
-JAX_CPU_ALIGN = 64
 
 
 def _is_leaf(x: Any) -> bool:
@@ -325,7 +324,7 @@ def as_jax(array: np.ndarray, device: jax.Device | None = None) -> jax.Array:
     """
     platform = device.platform if device is not None else jax.default_backend()
     if (platform == "cpu" and array.size and array.flags.writeable
-            and array.flags.c_contiguous and array.ctypes.data % JAX_CPU_ALIGN == 0):
+            and array.flags.c_contiguous and array.ctypes.data % ALIGN == 0):
         try:
             return jax.dlpack.from_dlpack(array, device, copy=False)
         except (BufferError, ValueError):   # a dtype DLPack lacks, another CPU device

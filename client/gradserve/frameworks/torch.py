@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ class TorchAdapter:
         return torch.frombuffer(t.data, dtype=dtype).reshape(t.shape)
 
 
+@functools.cache
 def _cupy() -> Any:
     """CuPy, if importable (it carries GPU payloads); else None."""
     try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import threading
+from typing import Sequence
+
+from gradserve.errors import invalid
 
 ALIGN = 64   # JAX's CPU zero-copy import needs 64-byte alignment; GPUs like 256 (pools align up)
 
@@ -52,3 +55,17 @@ class Arena:
     def used_bytes(self) -> int:
         with self._lock:
             return sum(self._used.values())
+
+
+def check_slot(path: str, what: str, region: str, index: int, sizes: Sequence[int | None],
+               offset: int, nbytes: int, want: int) -> None:
+    """Refuse a reference to ``nbytes`` at ``offset`` of region ``index`` unless it holds
+    exactly ``want`` bytes and lies inside that region (``sizes``: None where not in use)."""
+    if nbytes != want:
+        raise invalid(f"{path}: {what} slot holds {nbytes} bytes but dtype x shape needs {want}")
+    size = sizes[index] if index < len(sizes) else None
+    if size is None:
+        raise invalid(f"{path}: {what} {region} {index} is not in use in this session")
+    if offset > size or nbytes > size - offset:
+        raise invalid(f"{path}: {what} slot [{offset}, +{nbytes}) lies outside the "
+                      f"{size}-byte {region} {index}")

@@ -142,11 +142,11 @@ class FrameReader:
 
     def _plan(self, header: Any) -> None:
         total = 0
+        shm = self._by_kind.get("shm")
         for path, msg in tensors(header):
             size = tensor_nbytes(path, msg)
             total += size
             kind = msg.WhichOneof("payload")
-            shm = self._by_kind.get("shm")
             if shm is not None and kind in ("data", "stream") and size >= shm.min_bytes:
                 self.spilled += size
             if kind == "data":

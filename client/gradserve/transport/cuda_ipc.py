@@ -27,6 +27,7 @@ DLPack; it is imported only when CUDA IPC is asked for.
 from __future__ import annotations
 
 import collections
+import hmac
 import secrets
 import weakref
 from dataclasses import dataclass
@@ -34,9 +35,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from gradserve.errors import invalid
 from gradserve.frameworks import DeviceBytes
-from gradserve.transport.arena import Arena
+from gradserve.transport.arena import Arena, check_slot
 from gradserve.v1 import gradserve_pb2 as pb
 
 NONCE_BYTES = 32
@@ -130,25 +130,14 @@ class _CudaPeer:
                 cupy.cuda.runtime.deviceSynchronize()
 
     def check(self, ref: pb.CudaRef, nbytes: int, path: str) -> None:
-        check_ref(ref, [p.arena.size if p.ready else None for p in self.pools], nbytes, path)
+        check_slot(path, "CUDA IPC", "pool", ref.pool,
+                   [p.arena.size if p.ready else None for p in self.pools],
+                   ref.offset, ref.nbytes, nbytes)
 
     def free(self, refs: Iterable[pb.CudaRef]) -> None:
         for ref in refs:
             if ref.pool < len(self.pools):
                 self.pools[ref.pool].arena.free(ref.offset)
-
-
-def check_ref(ref: pb.CudaRef, sizes: list[int | None], nbytes: int, path: str) -> None:
-    """Refuse a reference outside the pools of ``sizes`` (None: a pool not in use)."""
-    if ref.nbytes != nbytes:
-        raise invalid(f"{path}: CUDA IPC slot holds {ref.nbytes} bytes but dtype x shape "
-                      f"needs {nbytes}")
-    if ref.pool >= len(sizes) or sizes[ref.pool] is None:
-        raise invalid(f"{path}: CUDA IPC pool {ref.pool} is not in use in this session")
-    size = sizes[ref.pool]
-    if ref.offset > size or ref.nbytes > size - ref.offset:
-        raise invalid(f"{path}: CUDA IPC slot [{ref.offset}, +{ref.nbytes}) lies outside "
-                      f"the {size}-byte pool {ref.pool}")
 
 
 class ServerCudaPeer(_CudaPeer):
@@ -181,7 +170,6 @@ class ServerCudaPeer(_CudaPeer):
 
     def confirm(self, echoed: list[bytes]) -> list[bool]:
         """Enable the pools whose nonce the client read back; returns which."""
-        import hmac
         ready = []
         for i, pool in enumerate(self.pools):
             ok = i < len(echoed) and hmac.compare_digest(echoed[i], self._nonces[i])

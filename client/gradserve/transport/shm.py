@@ -35,8 +35,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from gradserve.errors import invalid
-from gradserve.transport.arena import Arena
+from gradserve.transport.arena import Arena, check_slot
 from gradserve.v1 import gradserve_pb2 as pb
 
 SHM_DIR = "/dev/shm"
@@ -160,16 +159,8 @@ class _Peer:
 
     def check(self, ref: pb.ShmRef, nbytes: int, path: str) -> None:
         """Refuse a reference that does not fit inside one of the incoming segments."""
-        if ref.nbytes != nbytes:
-            raise invalid(f"{path}: shared-memory slot holds {ref.nbytes} bytes but dtype x "
-                          f"shape needs {nbytes}")
-        if ref.segment >= len(self.segments):
-            raise invalid(f"{path}: shared-memory segment {ref.segment} does not exist (the "
-                          f"session has {len(self.segments)})")
-        size = self.segments[ref.segment].arena.size
-        if ref.offset > size or ref.nbytes > size - ref.offset:
-            raise invalid(f"{path}: shared-memory slot [{ref.offset}, +{ref.nbytes}) lies "
-                          f"outside the {size}-byte segment {ref.segment}")
+        check_slot(path, "shared-memory", "segment", ref.segment,
+                   [s.arena.size for s in self.segments], ref.offset, ref.nbytes, nbytes)
 
     def free(self, refs: Iterable[pb.ShmRef]) -> None:
         """Return outgoing slots the other side no longer needs (unknown ones are ignored)."""

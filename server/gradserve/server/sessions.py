@@ -33,7 +33,7 @@ from gradserve.v1 import gradserve_pb2 as pb
 
 @dataclass
 class _Session:
-    peer: shm.ServerPeer
+    shm: shm.ServerPeer
     names: dict[int, list[str]]      # segment -> region names not yet unlinked
     nonce: bytes
     cuda: cuda_ipc.ServerCudaPeer | None = None
@@ -113,7 +113,7 @@ class SessionManager:
         """Add a segment of at least ``min_bytes`` (doubling the arenas) within the limit."""
         session = self._get(request.session_id, confirmed=True)
         with session.lock:
-            total = session.peer.size
+            total = session.shm.size
             room = self.max_arena_bytes - total
             size = min(max(request.min_bytes, total), room)
             size = -(-size // ALIGN) * ALIGN
@@ -124,7 +124,7 @@ class SessionManager:
                                   f"{self.max_arena_bytes}")
             (request_map, reply_map), names = _create(
                 [shm.new_name("req"), shm.new_name("rep")], size)
-            segment = session.peer.add_segment(reply_map, request_map, size, ready=False)
+            segment = session.shm.add_segment(reply_map, request_map, size, ready=False)
             session.names[segment] = names
         return pb.GrowSessionResponse(segment=segment, request_region=names[0],
                                       reply_region=names[1], segment_bytes=size)
@@ -139,7 +139,7 @@ class SessionManager:
                 raise invalid(f"segment {request.segment} is not awaiting confirmation")
             for name in names:
                 shm.unlink(name)
-            session.peer.segments[request.segment].ready = True
+            session.shm.segments[request.segment].ready = True
             return pb.ConfirmSessionResponse()
         session = self._get(request.session_id, confirmed=False)
         for name in session.names.pop(0):   # both sides have mapped them: drop the names now
@@ -159,11 +159,11 @@ class SessionManager:
         """The zero-copy peers of a confirmed session (CUDA IPC first, if any, then
         shared memory); frees the reply slots the client reports."""
         session = self._get(state.id, confirmed=True)
-        session.peer.free(state.freed)
+        session.shm.free(state.freed)
         if session.cuda is None:
-            return [session.peer]
+            return [session.shm]
         session.cuda.free(state.cuda_freed)
-        return [session.cuda, session.peer]
+        return [session.cuda, session.shm]
 
     def keep_alive(self, sid: str) -> bool:
         with self._lock:
