@@ -54,7 +54,7 @@ import torch
 
 import gradserve
 from gradserve.server import Server
-from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES as CHUNK_BYTES
+from gradserve.wire.framing import DEFAULT_CHUNK_BYTES as CHUNK_BYTES
 
 WIDTH = 256
 DEFAULT_ROWS = (16, 4096, 65536)
@@ -252,7 +252,7 @@ def _cuda_workload(work: Workload) -> Workload:
 
 
 def _cuda_ipc_usable() -> bool:
-    from gradserve.transport import cuda_ipc
+    from gradserve.client.transports import cuda_ipc
     return torch.cuda.is_available() and not cuda_ipc.unavailable()
 
 

@@ -3,7 +3,7 @@
 import torch
 
 from gradserve.server.torch_endpoint import TorchEndpoint
-from gradserve.specs import TensorSpec
+from gradserve import TensorSpec
 
 
 def square(x):

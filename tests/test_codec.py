@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradserve import codec
+from gradserve.wire import codec
 from gradserve.errors import StatusError
 from gradserve.frameworks.torch import ADAPTER as TORCH
-from gradserve.transport.bytes import FrameReader, FrameWriter
+from gradserve.wire.framing import FrameReader, FrameWriter
 from gradserve.v1 import gradserve_pb2 as pb
 
 ALL_TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -137,7 +137,7 @@ def test_pytree_holds_no_reference_cycles() -> None:
     import gc
     import weakref
 
-    from gradserve import pytree
+    from gradserve.wire import pytree
 
     gc.disable()
     try:
@@ -152,7 +152,7 @@ def test_pytree_holds_no_reference_cycles() -> None:
 
 
 def test_static_leaves_compare_by_type_and_exact_value() -> None:
-    from gradserve import pytree
+    from gradserve.wire import pytree
 
     defs = [pytree.flatten(v, lambda x: False)[1] for v in (1, 1.0, True, 0.0, -0.0, "1")]
     assert len(set(defs)) == 6
@@ -184,3 +184,34 @@ def test_declared_size_is_not_committed_before_the_bytes_arrive() -> None:
     with pytest.raises(StatusError, match="stream ended after 1 of 1073741824 bytes"):
         reader.read(frames)
     assert resident_bytes() - before < 64 << 20
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.tensor(2.0).expand(1),                                  # one element, stride 0
+    lambda: torch.tensor([[3.0]]).expand(1, 1),
+    lambda: torch.block_diag(torch.ones(1, 1), torch.ones(1, 1))[:1, :1],
+    lambda: torch.tensor(5.0).expand(1, 1, 1).permute(2, 0, 1),
+], ids=["expand", "expand-2d", "block-diag-slice", "permuted"])
+def test_one_element_tensors_with_unusual_strides_roundtrip(make) -> None:
+    t = make()
+    out, _ = roundtrip(t)
+    assert out.shape == t.shape and torch.equal(out, t)
+
+
+def test_autograd_zero_tensors_travel_as_zeros() -> None:
+    z = torch._efficientzerotensor(2, 3, dtype=torch.float64)
+    out, _ = roundtrip({"g": z})
+    assert out["g"].dtype == torch.float64 and torch.equal(out["g"], torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_adapters_are_found_by_the_arrays_module_without_prior_imports() -> None:
+    import subprocess
+    import sys
+    code = ("import sys, gradserve.frameworks as f; "
+            "assert 'gradserve.frameworks.torch' not in sys.modules; "
+            "import torch; a = f.adapter_for(torch.ones(2)); "
+            "print(a.name, f.adapter_for(torch.nn.Parameter(torch.ones(1))).name, "
+            "f.adapter_for(1.0), f.adapter_for(__import__('numpy').float32(1)).name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "torch", "None", "numpy"]

@@ -33,9 +33,9 @@ def count_forwards(server, name: str) -> list:
     endpoint = server.registry.get(name)
     seen, original = [], endpoint.forward
 
-    def counting(args, kwargs, parameters, need_vjp):
-        seen.append(tuple(endpoint.leaf_spec(a).shape for a in args))
-        return original(args, kwargs, parameters, need_vjp)
+    def counting(inputs, need_vjp):
+        seen.append(tuple(endpoint.leaf_type(a).shape for a in inputs.args))
+        return original(inputs, need_vjp)
 
     endpoint.forward = counting
     return seen

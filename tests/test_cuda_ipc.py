@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import gradserve
-from gradserve.transport import cuda_ipc, shm
-from gradserve.transport.arena import Arena
+from gradserve.wire.slots import Region
+from gradserve.client.transports import cuda_ipc, shm
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from models import local_input_grad, mlp
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
+pytestmark = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
 
 HAS_CUDA = torch.cuda.is_available() and not cuda_ipc.unavailable()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CuPy")
@@ -43,20 +43,26 @@ def test_forced_cuda_ipc_fails_at_connect_without_cuda(serve) -> None:
     assert server.sessions.count() == 1        # the refused session was closed at once
 
 
+def ask(devices=("00" * 16,), pool_bytes=0) -> pb.OpenSessionRequest:
+    return pb.OpenSessionRequest(transports=[
+        pb.TransportRequest(kind=pb.SHARED_MEMORY, region_bytes=1 << 20),
+        pb.TransportRequest(kind=pb.CUDA_IPC, region_bytes=pool_bytes, devices=list(devices))])
+
+
 def test_a_server_without_the_clients_gpus_makes_no_pools(serve) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
     stub = raw(server)
-    opened = stub.OpenSession(pb.OpenSessionRequest(arena_bytes=1 << 20,
-                                                    cuda_devices=["00" * 16]))
-    assert not opened.cuda_pools
-    assert ("cannot use CUDA IPC" in opened.cuda_unavailable
-            or "sees none of the client's GPUs" in opened.cuda_unavailable)
+    opened = stub.OpenSession(ask())
+    assert {r.kind for r in opened.regions} == {pb.SHARED_MEMORY}
+    (refusal,) = opened.refused
+    assert refusal.kind == pb.CUDA_IPC
+    assert ("cannot use CUDA IPC" in refusal.reason
+            or "sees none of the client's GPUs" in refusal.reason)
     stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
     # pools the server will not make are not an error: the session opens without them
-    opened = stub.OpenSession(pb.OpenSessionRequest(arena_bytes=1 << 20, cuda_devices=["00" * 16],
-                                                    cuda_pool_bytes=1 << 40))
-    assert not opened.cuda_pools
-    assert "this server allows at most 4294967296" in opened.cuda_unavailable
+    opened = stub.OpenSession(ask(pool_bytes=1 << 40))
+    assert {r.kind for r in opened.regions} == {pb.SHARED_MEMORY}
+    assert "this server allows at most 4294967296" in opened.refused[0].reason
     stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
     assert server.sessions.count() == 0
 
@@ -65,34 +71,50 @@ def test_cuda_references_outside_a_cuda_session_are_refused(serve) -> None:
     server, client = serve({"double": double})
     header = pb.ForwardRequest(endpoint="double", args=pb.Value(tuple_value=pb.Sequence(items=[
         pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[4],
-                                  cuda=pb.CudaRef(pool=0, offset=0, nbytes=16)))])))
-    header.session.id = client._session.id
+                                  slot=pb.SlotRef(region=2, offset=0, nbytes=16)))])))
+    header.session.id = client.session_info().id
     with pytest.raises(grpc.RpcError) as info:
         list(raw(server).Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "args[0]: tensor has no payload this transport can read (cuda)" in info.value.details()
+    assert "args[0]: region 2 is not in use in this session" in info.value.details()
+
+
+class FakeDeviceMemory:
+    """Stands in for CuPy memory: the checks read only sizes, directions and readiness."""
+
+    ptr = 1 << 40
 
 
 @pytest.mark.parametrize("ref, match", [
-    (pb.CudaRef(pool=0, offset=1 << 20, nbytes=16), "lies outside the 1048576-byte pool 0"),
-    (pb.CudaRef(pool=0, offset=2**64 - 8, nbytes=16), "lies outside"),
-    (pb.CudaRef(pool=1, offset=0, nbytes=16), "pool 1 is not in use in this session"),
-    (pb.CudaRef(pool=2, offset=0, nbytes=16), "pool 2 is not in use in this session"),
-    (pb.CudaRef(pool=0, offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
+    (pb.SlotRef(region=0, offset=1 << 20, nbytes=16), "lies outside the 1048576-byte region 0"),
+    (pb.SlotRef(region=0, offset=2**64 - 8, nbytes=16), "lies outside"),
+    (pb.SlotRef(region=1, offset=0, nbytes=16), "CUDA IPC region 1 is not in use in this session"),
+    (pb.SlotRef(region=2, offset=0, nbytes=16),
+     "CUDA IPC region 2 is a request region; this side reads only reply regions"),
+    (pb.SlotRef(region=3, offset=0, nbytes=16), "CUDA IPC region 3 is not in use in this session"),
+    (pb.SlotRef(region=0, offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
 ])
 def test_cuda_references_are_bounds_checked(ref, match) -> None:
-    # the check reads only the pools' sizes and readiness: no GPU memory needed
-    peer = cuda_ipc._CudaPeer([cuda_ipc._Pool(0, None, None, Arena(1 << 20)),
-                               cuda_ipc._Pool(0, None, None, Arena(0), ready=False)])
+    # the client's side of a CUDA IPC session: no GPU memory is touched by the checks
+    transport = cuda_ipc.CudaIpcTransport()
+    for index, direction, ready in ((0, pb.REPLY, True), (1, pb.REPLY, False),
+                                    (2, pb.REQUEST, True)):
+        transport.add(Region(index, pb.CUDA_IPC, direction, "uuid", 1 << 20, FakeDeviceMemory(),
+                             gpu=0, ready=ready))
     with pytest.raises(gradserve.errors.StatusError) as info:
-        peer.check(ref, 16, "args[0]")
+        transport.check(ref, 16, "outputs")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert match in str(info.value)
 
 
 # -- on a GPU ----------------------------------------------------------------
-def cuda_pools_in_use(client) -> int:
-    return sum(p.arena.used_bytes for p in client._session.cuda.pools if p.ready)
+def pools_in_use(info, direction: str) -> int:
+    return sum(r.used_bytes for r in info.regions if r.kind == "CUDA IPC" and r.direction == direction)
+
+
+def pool(info, direction: str):
+    (found,) = [r for r in info.regions if r.kind == "CUDA IPC" and r.direction == direction]
+    return found
 
 
 @pytest.mark.gpu
@@ -106,8 +128,9 @@ def test_cuda_tensors_go_through_ipc_pools(serve) -> None:
     ct = torch.randn(4096, 4, device="cuda")
     y = f(x)
     assert y.is_cuda and y.device == x.device
-    pool = client._session.cuda.pools[0]
-    assert pool.incoming.ptr <= y.data_ptr() < pool.incoming.ptr + pool.arena.size   # a view
+    reply = pool(client.session_info(), "reply")
+    assert reply.address <= y.data_ptr() < reply.address + reply.size   # a view of the pool
+    assert client.session_info().transports == ("shm", "cuda_ipc")
     torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
     y.backward(ct)
     torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-5, atol=1e-5)
@@ -137,15 +160,15 @@ def test_tensors_allocated_in_the_pool_are_sent_without_a_copy(serve) -> None:
     x = client.empty((1024, 64), device="cuda")
     assert x.is_cuda
     x.copy_(torch.randn(1024, 64, device="cuda"))
-    used = sum(p.arena.used_bytes for p in client._session.cuda.pools)
-    assert used == 256 << 10
+    assert pools_in_use(client.session_info(), "request") == 256 << 10
     with torch.no_grad():
         y = client.torch("lin")(x)
-    assert sum(p.arena.used_bytes for p in client._session.cuda.pools) == used
+    info = client.session_info()
+    assert pools_in_use(info, "request") == 256 << 10 and (info.copied, info.in_place) == (0, 1)
     torch.testing.assert_close(y, model(x).detach(), rtol=1e-5, atol=1e-5)
     del x, y
     gc.collect()
-    assert sum(p.arena.used_bytes for p in client._session.cuda.pools) == 0
+    assert pools_in_use(client.session_info(), "request") == 0
 
 
 @pytest.mark.gpu
@@ -161,13 +184,13 @@ def test_cuda_reply_slots_are_not_reused_while_viewed(serve) -> None:
         del out
         gc.collect()
     assert torch.all(view == 2.0)
-    served = server.sessions._sessions[client._session.id].cuda
+    sid = client.session_info().id
     client.describe("double")
-    assert sum(p.arena.used_bytes for p in served.pools) == 65536
+    assert pools_in_use(server.sessions.info(sid), "reply") == 65536
     del view
     gc.collect()
     client.describe("double")
-    assert sum(p.arena.used_bytes for p in served.pools) == 0
+    assert pools_in_use(server.sessions.info(sid), "reply") == 0
 
 
 @pytest.mark.gpu

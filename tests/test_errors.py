@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import gradserve
+from faults import fault_client
 from gradserve.server.torch_endpoint import TorchEndpoint
-from gradserve.specs import TensorSpec
+from gradserve.wire.specs import TensorSpec, TensorType
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from models import mlp
@@ -134,13 +135,16 @@ def test_message_over_grpc_limit_is_resource_exhausted(serve) -> None:
 def test_client_parameters_are_checked(env) -> None:
     _, client = env
     x = (np.ones((1, 6), np.float32),)
-    with pytest.raises(gradserve.InvalidArgument, match="parameter 'nope' is not a parameter"):
+    with pytest.raises(gradserve.InvalidArgument,
+                       match=r"parameters\['nope'\] is not a parameter of endpoint 'mlp'"):
         client.forward("mlp", x, parameters={"nope": np.ones(1, np.float32)})
     with pytest.raises(gradserve.InvalidArgument,
-                       match=r"parameter '0.weight': expected float32\[16, 6\], got float32\[16, 5\]"):
+                       match=r"parameters\['0.weight'\]: expected float32\[16, 6\], got float32\[16, 5\]"):
         client.forward("mlp", x, parameters={"0.weight": np.ones((16, 5), np.float32)})
-    with pytest.raises(gradserve.InvalidArgument, match="is a function and takes no parameters"):
+    with pytest.raises(gradserve.InvalidArgument, match="endpoint 'boom' takes no parameters"):
         client.forward("boom", x, parameters={})
+    with pytest.raises(gradserve.InvalidArgument, match="parameters must be a dict"):
+        client.forward("mlp", x, parameters=[np.ones(1, np.float32)])
 
 
 def test_cotangent_mismatches_are_invalid(env) -> None:
@@ -257,7 +261,7 @@ def test_idle_request_streams_are_cancelled_and_the_server_keeps_serving(serve) 
 def test_shape_only_tensors_count_against_the_limit_and_only_in_signature(env) -> None:
     server, client = env
     with pytest.raises(gradserve.ResourceExhausted, match="over the limit of 1048576"):
-        client.signature("mlp", (TensorSpec((1 << 29,), "float32"),))
+        client.signature("mlp", (TensorType((1 << 29,), "float32"),))
     stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
     header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(tuple_value=pb.Sequence(items=[
         pb.Value(abstract=pb.TensorSpec(dtype=pb.FLOAT32, shape=[1, 6]))])))
@@ -275,9 +279,52 @@ def test_empty_batch_of_cotangents_is_invalid(env) -> None:
 
 
 def test_releases_survive_a_failed_flush(serve) -> None:
-    server, client = serve({"mlp": mlp()})
-    server.stop(grace=0)
-    client._released.extend(["a", "b"])
-    with pytest.raises(gradserve.Unavailable):
-        client.describe("mlp", timeout=2)   # the describe fails, not the flush before it
-    assert list(client._released) == ["a", "b"]
+    server, _ = serve({"mlp": mlp()})
+    client, channel = fault_client(server.address)
+    try:
+        held = [client.forward("mlp", (np.ones((2, 6), np.float32),), need_vjp=True)
+                for _ in range(2)]
+        assert client.describe("mlp").residuals.count == 2
+        del held                                  # queued for release with the next call
+        assert client.pending_releases == 2
+        channel.fail("Release", grpc.StatusCode.UNAVAILABLE)
+        assert client.describe("mlp").residuals.count == 2   # the flush failed; Describe did not
+        assert client.pending_releases == 2 and channel.calls["Release"] == 1
+        assert client.describe("mlp").residuals.count == 0   # flushed with the next call
+        assert client.pending_releases == 0 and channel.calls["Release"] == 2
+    finally:
+        client.close()
+
+
+def test_a_missing_residual_is_recomputed_once(serve) -> None:
+    model = mlp()
+    server, _ = serve({"mlp": model})
+    client, channel = fault_client(server.address)
+    try:
+        x = torch.randn(3, 6, requires_grad=True)
+        ct = torch.randn(3, 4)
+        y = client.torch("mlp")(x)
+        channel.fail("Vjp", grpc.StatusCode.FAILED_PRECONDITION, "gone",
+                     trailers=(("gradserve-reason", "residual-missing"),))
+        y.backward(ct)
+        assert channel.calls["Vjp"] == 2          # refused, then re-sent with the inputs
+        xl = x.detach().clone().requires_grad_()
+        model(xl).backward(ct)
+        torch.testing.assert_close(x.grad, xl.grad, rtol=1e-6, atol=1e-6)
+    finally:
+        client.close()
+
+
+def test_a_session_the_server_lost_is_reopened_and_the_call_retried(serve) -> None:
+    server, _ = serve({"mlp": mlp()})
+    client, channel = fault_client(server.address)
+    try:
+        first = client.session_info().id
+        channel.fail("Forward", grpc.StatusCode.FAILED_PRECONDITION, "no such session",
+                     trailers=(("gradserve-reason", "session-missing"),))
+        out = client.forward("mlp", (np.ones((2, 6), np.float32),)).outputs
+        assert out.shape == (2, 4)
+        assert channel.calls["Forward"] == 2 and channel.calls["OpenSession"] == 2
+        assert client.session_info().id != first and client.transport == "shm"
+    finally:
+        client.close()

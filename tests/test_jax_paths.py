@@ -17,7 +17,7 @@ import gradserve
 from frameworks_impl import MODEL_PARAMS, endpoints, model_jax
 from gradserve.server.jax_endpoint import JaxEndpoint
 from gradserve.server.torch_endpoint import TorchEndpoint
-from gradserve.specs import TensorSpec
+from gradserve.wire.specs import TensorType
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -30,10 +30,10 @@ def test_signature_of_torch_endpoint_uses_fake_tensors_and_is_cached(serve) -> N
         return {"y": x @ x.T, "n": x.sum(-1).long(), "k": k}
 
     _, client = serve({"big": big})
-    spec = TensorSpec((20_000, 30_000), "float32")   # 2.4 GB if it really ran
+    spec = TensorType((20_000, 30_000), "float32")   # 2.4 GB if it really ran
     out = client.signature("big", (spec,), {"k": 3})
-    assert out == {"y": TensorSpec((20_000, 20_000), "float32"),
-                   "n": TensorSpec((20_000,), "int64"), "k": 3}
+    assert out == {"y": TensorType((20_000, 20_000), "float32"),
+                   "n": TensorType((20_000,), "int64"), "k": 3}
     assert calls == ["FakeTensor"]
     client.signature("big", (spec,), {"k": 3})
     assert calls == ["FakeTensor"]          # served from the server's cache
@@ -44,19 +44,19 @@ def test_signature_falls_back_to_one_dry_run(serve) -> None:
         return torch.from_numpy(np.asarray(x.numpy()) * 2)   # fake tensors have no data
 
     _, client = serve({"np": via_numpy})
-    assert client.signature("np", (TensorSpec((3, 2), "float64"),)) == TensorSpec((3, 2), "float64")
+    assert client.signature("np", (TensorType((3, 2), "float64"),)) == TensorType((3, 2), "float64")
 
 
 def test_signature_of_jax_endpoint_and_errors(serve) -> None:
     _, client = serve(endpoints("jax"))
-    assert client.signature("model", (TensorSpec((7, 5), "float32"),)) == TensorSpec((7, 3), "float32")
-    out = client.signature("multi", (TensorSpec((2, 5), "float32"), TensorSpec((2, 4), "float32")),
-                           {"scale": TensorSpec((2, 3), "float32")})
-    assert out["argmax"] == TensorSpec((2,), "int32")
+    assert client.signature("model", (TensorType((7, 5), "float32"),)) == TensorType((7, 3), "float32")
+    out = client.signature("multi", (TensorType((2, 5), "float32"), TensorType((2, 4), "float32")),
+                           {"scale": TensorType((2, 3), "float32")})
+    assert out["argmax"] == TensorType((2,), "int32")
     with pytest.raises(gradserve.InvalidArgument, match="missing a required argument: 'x'"):
         client.signature("model", ())
     with pytest.raises(gradserve.Internal, match="endpoint 'model' raised TypeError"):
-        client.signature("model", (TensorSpec((7, 4), "float32"),))
+        client.signature("model", (TensorType((7, 4), "float32"),))
 
 
 def test_jax_endpoint_bad_inputs(serve) -> None:
@@ -65,12 +65,12 @@ def test_jax_endpoint_bad_inputs(serve) -> None:
     with pytest.raises(gradserve.InvalidArgument, match="float64 input, but this server's JAX runs "
                                                         "without 64-bit types"):
         client.forward("model", (np.ones((2, 5)),))
-    with pytest.raises(gradserve.InvalidArgument, match=r"parameter \['bias'\]: expected float32\[3\]"):
+    with pytest.raises(gradserve.InvalidArgument, match=r"parameters\['bias'\]: expected float32\[3\]"):
         client.forward("model", (x,), parameters={"weight": MODEL_PARAMS["weight"],
                                                   "bias": np.ones(4, np.float32)})
     with pytest.raises(gradserve.InvalidArgument, match="expected a dict with keys"):
         client.forward("model", (x,), parameters={"weight": MODEL_PARAMS["weight"]})
-    with pytest.raises(gradserve.InvalidArgument, match="has no params"):
+    with pytest.raises(gradserve.InvalidArgument, match="endpoint 'wave' takes no parameters"):
         client.forward("wave", (x, x), parameters={})
     res = client.forward("model", (x,), need_vjp=True)
     with pytest.raises(gradserve.InvalidArgument, match=r"cotangent for output tensor #0: expected "
@@ -99,17 +99,18 @@ def test_jax_client_survives_forgotten_tokens_and_lost_residuals(serve, framewor
     out, pull = jax.vjp(f, x)
     server.residuals.clear()                       # the server lost it
     np.testing.assert_allclose(pull(2 * out)[0], want, **TOL)
-    out, pull = jax.vjp(f, x)
-    f._records.clear()                             # the client forgot the token
+    forgetful = client.jax("model", residuals_kept=0)   # keeps no token for its backward
+    out, pull = jax.vjp(forgetful, x)
     np.testing.assert_allclose(pull(2 * out)[0], want, **TOL)
     np.testing.assert_allclose(pull(2 * out)[0], want, **TOL)   # a vjp_fn used twice
+    out, pull = jax.vjp(f, x)
+    np.testing.assert_allclose(pull(2 * out)[0], want, **TOL)
+    np.testing.assert_allclose(pull(2 * out)[0], want, **TOL)   # its token was consumed
 
 
-def test_jax_client_releases_what_it_forgets(serve, monkeypatch) -> None:
-    import gradserve.client.jax as jax_client
-    monkeypatch.setattr(jax_client, "RESIDUALS_KEPT", 3)
+def test_jax_client_releases_what_it_forgets(serve) -> None:
     _, client = serve(endpoints("jax"))
-    f = client.jax("model")
+    f = client.jax("model", residuals_kept=3)
     x = jnp.ones((2, 5))
     for _ in range(10):
         jax.grad(lambda v: jnp.sum(f(v)))(x)     # each backward consumes its residual
@@ -183,7 +184,7 @@ def test_the_jax_client_asks_for_each_signature_once(serve) -> None:
     endpoint = server.registry.get("wave")
     asked, original = [], endpoint.signature
     endpoint.signature = lambda *a: asked.append(1) or original(*a)
-    service_cache = server.service._signatures
+    service_cache = server.service.signatures
     f = client.jax("wave")
     x = jnp.ones((2, 3))
     for _ in range(3):

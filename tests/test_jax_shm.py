@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import gradserve
-from gradserve.client.jax import as_jax
-from gradserve.transport import shm
+from gradserve.client.transports import shm
+from gradserve.frameworks.jax import as_jax
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
+pytestmark = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 W = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32) / 16
@@ -40,104 +40,76 @@ def loss(f):
     return lambda x: jnp.sum(f(x) ** 2)
 
 
-def shm_peer(client: gradserve.Client):
-    """The client's shared-memory ``ClientPeer``."""
-    session = client._session
-    return session.shm
+def in_reply_region(client: gradserve.Client, x: jax.Array) -> bool:
+    """Whether ``x``'s buffer lies inside one of the session's reply regions (no copy)."""
+    start = x.unsafe_buffer_pointer()
+    return any(r.direction == "reply" and r.address <= start and start + x.nbytes <= r.address + r.size
+               for r in client.session_info().regions)
 
 
-class ReplySlots:
-    """Records each reply slot the client's transport hands out, as (address, nbytes)."""
-
-    def __init__(self, client: gradserve.Client, monkeypatch: pytest.MonkeyPatch):
-        self.handed: list[tuple[int, int]] = []
-        peer = shm_peer(client)
-        view = peer.view
-
-        def recording(ref):
-            out = view(ref)
-            self.handed.append((np.frombuffer(out, np.uint8).ctypes.data, out.nbytes))
-            return out
-
-        monkeypatch.setattr(peer, "view", recording)
-
-    def holds(self, x: jax.Array) -> bool:
-        """Whether ``x``'s buffer is exactly one of the handed-out reply slots."""
-        return (x.unsafe_buffer_pointer(), x.nbytes) in self.handed
-
-
-def test_eager_outputs_and_gradients_alias_the_reply_arena(serve, monkeypatch) -> None:
+def test_eager_outputs_and_gradients_alias_the_reply_arena(serve) -> None:
     _, client = serve({"layer": layer})
     assert client.transport == "shm"
-    slots = ReplySlots(client, monkeypatch)
     f = client.jax("layer")
     x = inputs(0)
     y = f(x)
-    assert slots.holds(y)
+    assert in_reply_region(client, y)
     np.testing.assert_allclose(y, local(x), **TOL)
     value, grad = jax.value_and_grad(loss(f))(x)
-    assert slots.holds(grad)
+    assert in_reply_region(client, grad)
     want_value, want_grad = jax.value_and_grad(loss(local))(x)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, **TOL)
     committed = jax.device_put(inputs(1), jax.devices()[0])
     out, pull = jax.vjp(f, committed)
     (g,) = pull(2 * out)
-    assert slots.holds(out) and slots.holds(g)
+    assert in_reply_region(client, out) and in_reply_region(client, g)
     assert out.devices() == g.devices() == committed.devices()
     np.testing.assert_allclose(g, jax.grad(loss(local))(committed), **TOL)
 
 
-def test_a_held_output_keeps_its_slot_until_collected(serve, monkeypatch) -> None:
+def test_a_held_output_keeps_its_slot_until_collected(serve) -> None:
     _, client = serve({"layer": layer})
-    peer = shm_peer(client)
-    slots = ReplySlots(client, monkeypatch)
     f = client.jax("layer")
     held = f(inputs(0))
     want = np.array(held)
     start, end = held.unsafe_buffer_pointer(), held.unsafe_buffer_pointer() + held.nbytes
     for seed in range(1, 41):
         out = f(inputs(seed))
-        address, nbytes = slots.handed[-1]
-        assert slots.holds(out) and (address + nbytes <= start or address >= end)
+        address, nbytes = out.unsafe_buffer_pointer(), out.nbytes
+        assert in_reply_region(client, out) and (address + nbytes <= start or address >= end)
         del out
     np.testing.assert_array_equal(held, want)
     client.describe("layer")          # reports the slots collected so far
-    assert not peer.freed
+    assert client.session_info().pending_frees == 0
     del held
     gc.collect()
-    assert len(peer.freed) == 1       # its slot, reported with the next request...
+    assert client.session_info().pending_frees == 1   # its slot, reported with the next request...
     client.describe("layer")
-    assert not peer.freed
+    assert client.session_info().pending_frees == 0
     assert f(inputs(0)).unsafe_buffer_pointer() == start   # ...which frees it on the server
 
 
-def test_jax_inputs_in_the_request_arena_travel_without_a_copy(serve, monkeypatch) -> None:
+def test_jax_inputs_in_the_request_arena_travel_without_a_copy(serve) -> None:
     _, client = serve({"layer": layer})
-    peer = shm_peer(client)
-    placed = []
-    place = peer.place
 
-    def recording(data):
-        out = place(data)
-        placed.append((data.nbytes, out is not None and out[1]))
-        return out
+    def sent() -> tuple[int, int]:
+        info = client.session_info()
+        return info.in_place, info.copied
 
-    monkeypatch.setattr(peer, "place", recording)
     x = client.as_shared(inputs(0))
     np.testing.assert_array_equal(x, inputs(0))
     f = client.jax("layer")
     value, grad = jax.value_and_grad(loss(f))(x)
-    assert placed == [(x.nbytes, False),   # the input is sent from where it lies
-                      (x.nbytes, True)]    # the cotangent, computed by JAX, is copied in
+    assert sent() == (1,    # the input is sent from where it lies
+                      1)    # the cotangent, computed by JAX, is copied in
     want_value, want_grad = jax.value_and_grad(loss(local))(x)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, **TOL)
     empty = client.empty((ROWS, 256), "float32", like="jax")
     assert isinstance(empty, jax.Array) and empty.shape == (ROWS, 256)
-    placed.clear()
     f(empty)
-    assert placed == [(empty.nbytes, False)]
+    assert sent() == (2, 1)
     address = x.unsafe_buffer_pointer()
     del x, value, grad
     gc.collect()

@@ -7,6 +7,7 @@ import gc
 import torch
 
 from gradserve.server.residuals import ResidualStore
+from gradserve.wire.codec import Arguments
 from models import local_input_grad, mlp
 
 
@@ -135,11 +136,11 @@ def test_a_released_torch_graph_is_freed() -> None:
     endpoint = TorchEndpoint(lambda x: x.tanh().exp())
     endpoint.name = "f"
     x = torch.randn(100, requires_grad=True)
-    outputs, residual, nbytes = endpoint.forward((x,), {}, None, need_vjp=True)
-    ref = weakref.ref(outputs)
-    assert nbytes == 3 * 400   # x, tanh(x) and exp(tanh(x))
-    endpoint.vjp(residual, torch.ones(100))
-    del outputs, residual
+    made = endpoint.forward(Arguments((x,), {}), need_vjp=True)
+    ref = weakref.ref(made.outputs)
+    assert made.nbytes == 3 * 400   # x, tanh(x) and exp(tanh(x))
+    endpoint.vjp(made.residual, torch.ones(100))
+    del made
     gc.collect()
     assert ref() is None
 
@@ -154,7 +155,7 @@ def test_jax_residual_bytes_count_params_once_not_twice() -> None:
     endpoint = JaxEndpoint(jax.jit(lambda p, x: jnp.tanh(x @ p["w"])), params=params)
     endpoint.name = "f"
     x = _Leaf(np.ones((4, 512), np.float32), True)
-    _, _, nbytes = endpoint.forward((x,), {}, None, need_vjp=True)
+    nbytes = endpoint.forward(Arguments((x,), {}), need_vjp=True).nbytes
     # jit hands the vjp closure its own copy of w (1 MiB, really held per residual) plus
     # 8 KiB each for x, tanh(x @ w), its derivative and the output; the endpoint's own w
     # (another 1 MiB) is shared by every residual and not charged
@@ -165,7 +166,7 @@ def test_expired_residuals_go_even_when_no_call_arrives(serve) -> None:
     import time
     server, client = serve({"mlp": mlp()}, residual_ttl=0.2)
     y = client.torch("mlp")(torch.randn(2, 6, requires_grad=True))
-    assert server.residuals._bytes > 0
+    assert server.residuals.held_bytes > 0
     time.sleep(0.6)
-    assert server.residuals._bytes == 0   # read directly: any RPC would sweep too
+    assert server.residuals.held_bytes == 0   # not stats(): any call would expire them too
     del y

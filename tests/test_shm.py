@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import grpc
@@ -16,14 +19,18 @@ import pytest
 import torch
 
 import gradserve
+from faults import fault_client
+from gradserve.client.transports import shm
 from gradserve.server import Server
-from gradserve.transport import shm
-from gradserve.transport.arena import Arena
+from gradserve.server.transports import SessionSettings
+from gradserve.server.transports.shm import ShmTransport
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.slots import Arena
 from models import local_input_grad, mlp
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
+pytestmark = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
+SHM = "shared-memory"
 
 
 def gradserve_names() -> list[str]:
@@ -32,6 +39,20 @@ def gradserve_names() -> list[str]:
 
 def double(x):
     return x * 2
+
+
+def served(server, client) -> gradserve.client.SessionInfo:
+    """The server's view of ``client``'s session."""
+    return server.sessions.info(client.session_info().id)
+
+
+def raw(server):
+    return pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+
+
+def ask_shm(region_bytes: int = 1 << 20) -> pb.OpenSessionRequest:
+    return pb.OpenSessionRequest(transports=[pb.TransportRequest(kind=pb.SHARED_MEMORY,
+                                                                 region_bytes=region_bytes)])
 
 
 def test_auto_picks_shm_and_leaves_no_names_behind(serve) -> None:
@@ -44,6 +65,9 @@ def test_auto_picks_shm_and_leaves_no_names_behind(serve) -> None:
     client.torch("m")(x).backward(ct)
     torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-6, atol=1e-6)
     assert server.sessions.count() == 1
+    info = client.session_info()
+    assert info.transports == ("shm",)
+    assert info.sizes(SHM, "request") == info.sizes(SHM, "reply") == [16 << 20]
 
 
 def test_forced_shm_fails_at_connect_and_auto_falls_back(serve, monkeypatch) -> None:
@@ -57,51 +81,61 @@ def test_forced_shm_fails_at_connect_and_auto_falls_back(serve, monkeypatch) -> 
                                                        "cannot map the server's shared memory"):
         gradserve.connect(server.address, transport="shm")
     with gradserve.connect(server.address) as client:
-        assert client.transport == "grpc"
+        assert client.transport == "grpc" and client.session_info() is None
         assert "another host or in another IPC namespace" in client.fallback_reason
         np.testing.assert_array_equal(client.forward("double", (np.ones(3),)).outputs, 2 * np.ones(3))
     assert server.sessions.count() == 0   # the failed sessions were closed
-
-
-def raw(server):
-    return pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    assert not gradserve_names()
 
 
 def test_wrong_nonce_is_refused_and_cleaned_up(serve) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
     stub = raw(server)
-    opened = stub.OpenSession(pb.OpenSessionRequest(arena_bytes=1 << 20))
+    opened = stub.OpenSession(ask_shm())
+    assert [(r.kind, r.direction, r.nbytes) for r in opened.regions] == \
+        [(pb.SHARED_MEMORY, pb.REQUEST, 1 << 20), (pb.SHARED_MEMORY, pb.REPLY, 1 << 20)]
+    proofs = [pb.RegionProof(region=r.index, nonce=b"x" * 32) for r in opened.regions]
     with pytest.raises(grpc.RpcError) as info:
-        stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=opened.session_id, nonce=b"x" * 32))
+        stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=opened.session_id, proofs=proofs))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "do not share memory" in info.value.details()
+    assert "the nonce of region 0 does not match" in info.value.details()
     assert server.sessions.count() == 0
-    assert not any(opened.session_id in n for n in gradserve_names())
-    assert opened.probe_region not in gradserve_names()
+    assert not gradserve_names()
 
 
-def test_arena_size_is_bounded(serve) -> None:
+def test_region_size_is_bounded_and_unknown_kinds_are_refused(serve) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"},
                       max_shm_arena_bytes=1 << 20)
+    request = ask_shm(2 << 20)
+    request.transports.add(kind=77)
+    opened = raw(server).OpenSession(request)
+    assert not opened.regions and not opened.session_id
+    assert [(r.kind, r.reason) for r in opened.refused] == [
+        (pb.SHARED_MEMORY, "regions of 2097152 bytes asked for; this server allows at most 1048576"),
+        (77, "this server offers no region kind 77")]
+    assert server.sessions.count() == 0
     with pytest.raises(grpc.RpcError) as info:
-        raw(server).OpenSession(pb.OpenSessionRequest(arena_bytes=2 << 20))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        raw(server).OpenSession(pb.OpenSessionRequest())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "asks for no transport" in info.value.details()
 
 
 def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
     header = pb.ForwardRequest(endpoint="double", args=pb.Value(tuple_value=pb.Sequence(items=[
-        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(shape), shm=ref))])))
+        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(shape), slot=ref))])))
     if session_id is not False:
-        header.session.id = session_id or client._session.id
+        header.session.id = session_id or client.session_info().id
     return list(raw(server).Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
 
 
 @pytest.mark.parametrize("ref, match", [
-    (pb.ShmRef(offset=1 << 20, nbytes=16), "lies outside the 1048576-byte segment 0"),
-    (pb.ShmRef(segment=1, offset=0, nbytes=16), "shared-memory segment 1 is not in use in this session"),
-    (pb.ShmRef(offset=2**64 - 8, nbytes=16), "lies outside"),
-    (pb.ShmRef(offset=1048570, nbytes=16), "lies outside"),
-    (pb.ShmRef(offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
+    (pb.SlotRef(offset=1 << 20, nbytes=16), "lies outside the 1048576-byte region 0"),
+    (pb.SlotRef(region=5, offset=0, nbytes=16), "region 5 is not in use in this session"),
+    (pb.SlotRef(region=1, offset=0, nbytes=16),
+     "shared-memory region 1 is a reply region; this side reads only request regions"),
+    (pb.SlotRef(offset=2**64 - 8, nbytes=16), "lies outside"),
+    (pb.SlotRef(offset=1048570, nbytes=16), "lies outside"),
+    (pb.SlotRef(offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
 ])
 def test_slot_references_are_bounds_checked(serve, ref, match) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
@@ -114,33 +148,64 @@ def test_slot_references_are_bounds_checked(serve, ref, match) -> None:
 def test_unknown_session_and_sessionless_slots(serve) -> None:
     server, client = serve({"double": double})
     with pytest.raises(grpc.RpcError) as info:
-        forward_with_ref(server, client, pb.ShmRef(offset=0, nbytes=16), session_id="forged")
+        forward_with_ref(server, client, pb.SlotRef(offset=0, nbytes=16), session_id="forged")
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert ("gradserve-reason", "session-missing") in info.value.trailing_metadata()
     with pytest.raises(grpc.RpcError) as info:
-        forward_with_ref(server, client, pb.ShmRef(offset=0, nbytes=16), session_id=False)
+        forward_with_ref(server, client, pb.SlotRef(offset=0, nbytes=16), session_id=False)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "no payload this transport can read (shm)" in info.value.details()
+    assert "args[0]: a slot reference needs a same-host session" in info.value.details()
 
 
 def test_reply_slots_are_not_reused_while_viewed(serve) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    arena = server.sessions._sessions[client._session.id].shm
     first = client.forward("double", (np.full(16384, 1.0, np.float32),)).outputs   # 64 KiB
     view = torch.from_numpy(first)[::2]       # a view of a view keeps the slot too
     del first
-    for i in range(40):                       # far more than the arena holds at once
+    for i in range(24):                       # more than the 1 MiB reply region holds at once
         out = client.forward("double", (np.full(16384, float(i), np.float32),)).outputs
         assert out[0] == 2.0 * i
         del out
-        gc.collect()
     assert torch.all(view == 2.0)
     client.describe("double")                 # carries freed slots to the server
-    assert arena.used_bytes == 65536          # only the slot still viewed
+    assert served(server, client).used_bytes("reply") == 65536   # only the slot still viewed
     del view
     gc.collect()
     client.describe("double")
-    assert arena.used_bytes == 0
+    assert served(server, client).used_bytes("reply") == 0
+
+
+def test_freed_slots_survive_a_failed_call(serve) -> None:
+    """A reply slot reported freed by a call that then fails is reported again."""
+    server, client = serve({"double": double})
+    out = client.forward("double", (np.ones(65536, np.float32),)).outputs   # 256 KiB reply
+    assert served(server, client).used_bytes("reply") == 262144
+    del out                                   # freed here; reported with the next request
+    assert client.session_info().pending_frees == 1
+    with pytest.raises(gradserve.DeadlineExceeded):
+        client.forward("double", (np.ones(3, np.float32),), timeout=1e-9)
+    assert client.session_info().pending_frees == 1   # put back: the call never landed
+    np.testing.assert_array_equal(client.forward("double", (np.ones(3, np.float32),)).outputs,
+                                  2 * np.ones(3, np.float32))
+    assert client.session_info().pending_frees == 0
+    assert served(server, client).used_bytes("reply") == 0
+
+
+def test_reporting_a_freed_slot_twice_frees_nothing_else(serve) -> None:
+    server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
+    first = client.forward("double", (np.ones(16384, np.float32),)).outputs
+    del first
+    client.describe("double")                          # its slot is free on the server now
+    held = client.forward("double", (np.ones(16384, np.float32),)).outputs   # reuses offset 0
+    assert served(server, client).used_bytes("reply") == 65536
+    # a late duplicate of the first report names the old allocation: it must not free `held`
+    old_generation = 1   # any generation but the one `held` got
+    request = pb.ReleaseRequest(session=pb.SessionState(
+        id=client.session_info().id,
+        freed_slots=[pb.SlotRef(region=1, offset=0, generation=old_generation)]))
+    raw(server).Release(request)
+    assert served(server, client).used_bytes("reply") == 65536
+    np.testing.assert_array_equal(held, 2 * np.ones(16384, np.float32))
 
 
 def test_a_killed_client_is_reclaimed_after_its_lease(serve) -> None:
@@ -149,7 +214,7 @@ def test_a_killed_client_is_reclaimed_after_its_lease(serve) -> None:
         import time, gradserve, numpy as np
         client = gradserve.connect({server.address!r}, transport="shm")
         client.forward("double", (np.ones(65536, np.float32),))
-        print(client._session.id, flush=True)
+        print(client.session_info().id, flush=True)
         time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -175,7 +240,7 @@ def check_restart_reopens_the_session(device: str, transport: str, tol: float) -
     first.start()
     port = first.port
     client = gradserve.connect(first.address, transport=transport)
-    old = client._session.id
+    old = client.session_info().id
     x = torch.randn(4096, 6, device=device, requires_grad=True)   # 96 KiB: not inline
     ct = torch.randn(4096, 4, device=device)
     client.torch("mlp")(x).backward(ct)
@@ -186,7 +251,7 @@ def check_restart_reopens_the_session(device: str, transport: str, tol: float) -
     try:
         x.grad = None
         client.torch("mlp")(x).backward(ct)
-        assert client.transport == transport and client._session.id != old
+        assert client.transport == transport and client.session_info().id != old
         torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=tol, atol=tol)
     finally:
         client.close()
@@ -197,66 +262,141 @@ def test_server_restart_reopens_the_session() -> None:
     check_restart_reopens_the_session("cpu", "shm", 1e-6)
 
 
+def test_a_lost_session_is_reopened_once_by_many_threads(serve) -> None:
+    from test_concurrency import run_threads
+
+    model = mlp()
+    server, _ = serve({"mlp": model}, workers=8)
+    client, channel = fault_client(server.address)
+    try:
+        client.forward("mlp", (np.ones((4096, 6), np.float32),))
+        server.sessions.close(client.session_info().id)      # as if the server lost it
+        barrier = threading.Barrier(6)
+
+        def worker(i: int) -> None:
+            x = torch.randn(4096, 6, requires_grad=True)
+            ct = torch.randn(4096, 4)
+            barrier.wait()
+            client.torch("mlp")(x).backward(ct)
+            torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-6,
+                                       atol=1e-6)
+
+        run_threads(worker, 6)
+        assert channel.calls["OpenSession"] == 2       # the first, and one reopening
+        assert server.sessions.count() == 2            # the fixture's client's, and the new one
+        assert client.transport == "shm"
+    finally:
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_client_started_before_its_server_upgrades_to_shared_memory() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    client = gradserve.connect(address, timeout=5)       # nothing listens there yet
+    assert client.transport == "grpc"
+    assert "not reachable yet" in client.fallback_reason
+    forced = gradserve.Client(address, transport="shm", timeout=5)
+    with pytest.raises(gradserve.Unavailable, match="the shm transport is not set up"):
+        forced.forward("double", (np.ones(3),))
+    server = Server("127.0.0.1", int(address.rsplit(":", 1)[1]))
+    server.add_torch("double", double)
+    server.start()
+    try:
+        time.sleep(1.1)   # past the renegotiation interval
+        big = np.ones(65536, np.float32)
+        for c in (client, forced):
+            np.testing.assert_array_equal(c.forward("double", (big,)).outputs, 2 * big)
+            assert c.transport == "shm" and c.fallback_reason == ""
+        assert client.session_info().copied == 1 and served(server, client).copied == 1
+    finally:
+        client.close()
+        forced.close()
+        server.stop(grace=0)
+
+
 def test_arenas_grow_on_demand_and_leave_no_names(serve) -> None:
     before = gradserve_names()
     server, client = serve({"double": double, "tile": lambda x: x.repeat(8)},
                            client_options={"arena_bytes": 1 << 20})
-    peer = client._session.shm
-    served = server.sessions._sessions[client._session.id].shm
-    big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: larger than the arena
+    big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: larger than the region
     out = client.forward("double", (big,)).outputs
     np.testing.assert_array_equal(out, 2 * big)
-    assert [s.arena.size for s in peer.segments] == [1 << 20, 4 << 20]   # grown for the input
-    assert served.used_bytes == 4 << 20     # and the output went through the grown segment
-    assert gradserve_names() == before      # grown segments are unlinked once both mapped them
+    assert client.session_info().sizes(SHM, "request") == [1 << 20, 4 << 20]   # grown for it
+    assert served(server, client).used_bytes("reply") == 4 << 20   # the output went there too
+    assert gradserve_names() == before      # grown regions are unlinked once both mapped them
     small = np.ones(32768, np.float32)                     # 128 KiB in, 1 MiB out
     held = [client.forward("tile", (small,)).outputs for _ in range(6)]
     for tiled in held:
         np.testing.assert_array_equal(tiled, np.ones(262144, np.float32))
-    # the reply arena filled up (one reply came as bytes) and grew for the next calls
-    assert len(peer.segments) == len(served.segments) == 3
-    assert peer.segments[2].arena.size == 5 << 20
-    assert served.used_bytes >= 5 << 20
+    # the reply regions filled up (one reply came as bytes) and grew for the next calls
+    sizes = client.session_info().sizes(SHM, "reply")
+    assert sizes == served(server, client).sizes(SHM, "reply") == [1 << 20, 4 << 20, 5 << 20]
+    assert served(server, client).used_bytes("reply") >= 5 << 20
     del out, held, tiled
     gc.collect()
     client.describe("double")
-    assert served.used_bytes == 0 and peer.used_bytes == 0
+    assert served(server, client).used_bytes("reply") == 0
+    assert client.session_info().used_bytes("request") == 0
 
 
 def test_arena_limit_falls_back_to_bytes(serve) -> None:
-    server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20},
-                           max_shm_arena_bytes=2 << 20)
-    grows = []
-    stub = client._session._stub
-    real_grow = stub.GrowSession
-    stub.GrowSession = lambda *a, **k: grows.append(1) or real_grow(*a, **k)
-    big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: over the 2 MiB limit
-    for _ in range(3):
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      max_shm_arena_bytes=2 << 20)
+    client, channel = fault_client(server.address, arena_bytes=1 << 20)
+    try:
+        big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: over the 2 MiB limit
+        for _ in range(3):
+            np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+        assert channel.calls["GrowSession"] == 1   # refused once: later calls do not ask again
+        assert client.session_info().sizes(SHM, "request") == [1 << 20]
+        small = np.ones(8192, np.float32)                      # 32 KiB: through the region
+        np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)
+        assert client.session_info().copied == 1
+        stub, sid = raw(server), client.session_info().id
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GrowSession(pb.GrowSessionRequest(session_id=sid, kind=pb.SHARED_MEMORY,
+                                                   min_bytes=2 << 20))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this server's limit of 2097152" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GrowSession(pb.GrowSessionRequest(session_id=sid, kind=pb.CUDA_IPC,
+                                                   min_bytes=1))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=sid,
+                                                         proofs=[pb.RegionProof(region=7)]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "region 7 is not awaiting confirmation" in info.value.details()
+    finally:
+        client.close()
+
+
+def test_a_transient_growth_failure_does_not_stop_growth(serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    client, channel = fault_client(server.address, arena_bytes=1 << 20)
+    try:
+        channel.fail("GrowSession", grpc.StatusCode.UNAVAILABLE)
+        big = np.arange(1 << 19, dtype=np.float32)              # 2 MiB
         np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
-    assert len(grows) == 1              # refused once: later calls do not ask again
-    assert len(client._session.shm.segments) == 1
-    small = np.ones(8192, np.float32)                      # 32 KiB: through the arena
-    np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)
-    stub = raw(server)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.GrowSession(pb.GrowSessionRequest(session_id=client._session.id, min_bytes=2 << 20))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "this server's limit of 2097152" in info.value.details()
-    with pytest.raises(grpc.RpcError) as info:
-        stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=client._session.id, segment=7))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "segment 7 is not awaiting confirmation" in info.value.details()
+        assert client.session_info().sizes(SHM, "request") == [1 << 20]   # went as bytes
+        time.sleep(1.1)                                          # past the retry interval
+        np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+        assert channel.calls["GrowSession"] == 2
+        assert client.session_info().sizes(SHM, "request") == [1 << 20, 2 << 20]
+    finally:
+        client.close()
 
 
 def test_a_full_dev_shm_is_refused_not_fatal(serve, monkeypatch) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
 
-    real = os.posix_fallocate
-
     def no_space(fd, offset, size):
-        if size > 1 << 20:    # room for the probe, not for an arena
-            raise OSError(28, "No space left on device")
-        real(fd, offset, size)
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with gradserve.connect(server.address) as client:
@@ -279,16 +419,20 @@ def test_jax_client_over_shared_memory(serve) -> None:
     np.testing.assert_allclose(g, want, rtol=2e-5, atol=2e-5)
 
 
-def test_arena_allocator_aligns_coalesces_and_fills() -> None:
+def test_arena_allocator_aligns_coalesces_fills_and_tells_allocations_apart() -> None:
     arena = Arena(1024)
-    a, b, c = arena.alloc(1), arena.alloc(100), arena.alloc(64)
+    (a, ga), (b, gb), (c, _) = arena.alloc(1), arena.alloc(100), arena.alloc(64)
     assert (a, b, c) == (0, 64, 192)               # 64-byte aligned, first fit
     assert arena.alloc(1024) is None               # full enough: caller falls back to bytes
-    assert arena.free(b) and not arena.free(b)     # double free is refused
-    assert arena.alloc(128) == 64                  # the hole is reused
+    assert arena.free(b, gb) and not arena.free(b, gb)     # double free is refused
+    again, g2 = arena.alloc(128)
+    assert again == 64 and g2 != gb                # the hole is reused, as a new allocation
+    assert not arena.free(64, gb)                  # a stale free of the old one is refused
+    assert arena.used_bytes == 64 + 128 + 64
     for offset in (a, 64, c):
-        arena.free(offset)
-    assert arena.used_bytes == 0 and arena.alloc(1024) == 0   # coalesced back into one block
+        assert arena.free(offset)                  # generation 0: whichever allocation is there
+    assert arena.used_bytes == 0 and arena.alloc(1024)[0] == 0   # coalesced back into one block
+    del ga
 
 
 def test_threads_share_one_session_safely(serve) -> None:
@@ -313,13 +457,14 @@ def test_threads_share_one_session_safely(serve) -> None:
 def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
     model = torch.nn.Linear(64, 8)
     _, client = serve({"lin": model, "double": double})
-    arena = client._session.shm
-    x = client.empty((1024, 64))                     # 256 KiB in the request arena
+    x = client.empty((1024, 64))                     # 256 KiB in the request region
     x.copy_(torch.randn(1024, 64))
-    assert arena.used_bytes == 256 << 10
+    assert client.session_info().used_bytes("request") == 256 << 10
     with torch.no_grad():
         y = client.torch("lin")(x)
-    assert arena.used_bytes == 256 << 10            # no slot was taken for the call
+    info = client.session_info()
+    assert info.used_bytes("request") == 256 << 10  # no slot was taken for the call
+    assert (info.copied, info.in_place) == (0, 1)
     torch.testing.assert_close(y, model(x).detach(), rtol=1e-6, atol=1e-6)
     xg = x.requires_grad_()
     client.torch("lin")(xg).sum().backward()
@@ -327,11 +472,13 @@ def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
                                rtol=1e-6, atol=1e-6)
     a = client.as_shared(np.arange(65536, dtype=np.float64))
     np.testing.assert_array_equal(client.forward("double", (a,)).outputs, 2 * a)
+    assert client.session_info().in_place == 3
     del x, xg, y, a
     gc.collect()
-    assert arena.used_bytes == 0                    # the user's slots go with their tensors
+    assert client.session_info().used_bytes("request") == 0   # the slots go with their arrays
     plain = gradserve.connect(client.address, transport="grpc")
     assert isinstance(plain.empty((2, 2), "int64", like="numpy"), np.ndarray)
+    assert torch.equal(plain.as_shared(torch.arange(3)), torch.arange(3))
     plain.close()
 
 
@@ -348,12 +495,24 @@ def test_a_dropped_client_stops_keeping_its_session_alive(serve) -> None:
     assert server.sessions.count() == 0
 
 
-def test_a_segment_the_client_has_not_mapped_gets_no_replies() -> None:
-    import mmap
-    peer = shm.ServerPeer(mmap.mmap(-1, 1 << 16), mmap.mmap(-1, 1 << 16), 1 << 16)
-    peer.add_segment(mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 1 << 20), 1 << 20, ready=False)
-    data = memoryview(np.ones(1 << 15, np.float32))     # 128 KiB: fits only segment 1
-    assert peer.place(data) is None                     # bytes, until the client confirms it
-    peer.segments[1].ready = True
-    ref, allocated = peer.place(data)
-    assert (ref.segment, ref.offset, ref.nbytes, allocated) == (1, 0, 1 << 17, True)
+def test_a_region_the_client_has_not_proved_gets_no_replies() -> None:
+    made = iter(range(100))
+    transport, first = ShmTransport.create(pb.TransportRequest(kind=pb.SHARED_MEMORY,
+                                                               region_bytes=1 << 16),
+                                           SessionSettings(), lambda: next(made))
+    try:
+        for new in first:
+            transport.confirm(new.region)
+        grown = transport.grow(pb.GrowSessionRequest(min_bytes=1 << 20), lambda: next(made))
+        assert [r.region.size for r in grown] == [1 << 20, 1 << 20]
+        data = memoryview(np.ones(1 << 15, np.float32))     # 128 KiB: fits only the new pair
+        assert transport.place(data) is None                # bytes, until the client proves it
+        reply = grown[1].region
+        transport.confirm(reply)
+        ref, allocated = transport.place(data)
+        assert (ref.region, ref.offset, ref.nbytes, allocated) == (reply.index, 0, 1 << 17, True)
+        assert bytes(reply.view(0, 8)) == bytes(memoryview(np.ones(2, np.float32)))
+    finally:
+        transport.close()
+    assert not any(name in gradserve_names() for name in (r.handle.decode() for r in grown))
+    assert isinstance(reply.memory, mmap.mmap)

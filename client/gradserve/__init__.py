@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import pkgutil
+from typing import Any
 
 # The server lives in a separate source folder (server/) but the same package.
 __path__ = pkgutil.extend_path(__path__, __name__)
@@ -16,7 +17,7 @@ from gradserve.errors import (  # noqa: E402
     Cancelled, DeadlineExceeded, FailedPrecondition, GradserveError, Internal, InvalidArgument,
     NotFound, RemoteError, ResidualMissing, ResourceExhausted, Unavailable,
 )
-from gradserve.specs import EndpointInfo, ResidualStats, TensorSpec  # noqa: E402
+from gradserve.wire.specs import EndpointInfo, ResidualStats, TensorSpec, TensorType  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,11 +25,11 @@ __all__ = [
     "Cancelled", "Client", "DeadlineExceeded", "EndpointInfo", "FailedPrecondition",
     "GradserveError", "Internal", "InvalidArgument", "NotFound", "RemoteError",
     "ResidualMissing", "ResidualStats", "ResourceExhausted", "Server", "TensorSpec",
-    "Unavailable", "connect",
+    "TensorType", "Unavailable", "connect",
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "Server":  # imported lazily: the server needs the `server` extra
         from gradserve.server import Server
         return Server

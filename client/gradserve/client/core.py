@@ -1,47 +1,59 @@
 """The framework-neutral client: one connection to a gradserve server.
 
 ``Client`` speaks the protocol (framing, codec, error mapping, residual
-lifetime). Framework adapters (``client.torch(...)``) build autograd nodes on
-top of its ``call_forward``/``call_vjp``; the low-level ``forward``/``vjp``
-methods expose the same RPCs on numpy arrays.
+lifetime, the same-host session). Autograd front-ends (``client.torch(...)``,
+``client.jax(...)``, found through :mod:`gradserve.frameworks`) build on its
+``call_forward``/``call_vjp``; the low-level ``forward``/``vjp`` methods expose
+the same RPCs on numpy arrays (or any framework's arrays).
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
-import sys
+import threading
+import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from types import ModuleType
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
-import numpy as np
 
-from gradserve import codec, dtypes, frameworks
+from gradserve import frameworks
 from gradserve.client.session import Session
-from gradserve.errors import (GradserveError, RemoteError, ResidualMissing, SessionMissing,
-                              from_rpc_error)
-from gradserve.frameworks import WireTensor
-from gradserve.frameworks.numpy import ADAPTER as NUMPY
-from gradserve.specs import EndpointInfo
-from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter, free_slots
+from gradserve.client.transports import TRANSPORTS
+from gradserve.errors import (DeadlineExceeded, GradserveError, RemoteError, ResidualMissing,
+                              SessionMissing, Unavailable, from_rpc_error)
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire import codec, dtypes
+from gradserve.wire.codec import Arguments, MakeLeaf
+from gradserve.wire.framing import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter
+from gradserve.wire.memory import DeviceBytes, WireTensor, clone, copy_into
+from gradserve.wire.slots import SessionInfo
+from gradserve.wire.specs import EndpointInfo
 
-MakeLeaf = Callable[[WireTensor, str], Any]
-TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")
+#: ``transport=`` values: "auto", "grpc" (bytes in the gRPC stream), then each same-host one.
+TRANSPORT_NAMES = ("auto", "grpc", *TRANSPORTS)
+#: Seconds between attempts to open a same-host session with a server not reachable yet.
+RENEGOTIATE_SECONDS = 1.0
 log = logging.getLogger("gradserve.client")
+
+#: Gradients mirror a call's inputs: ``args``, ``kwargs``, ``parameters``.
+Gradients = Arguments
 
 
 @dataclass
 class Call:
-    """One invocation's inputs: what Forward sends and a recomputing Vjp re-sends."""
+    """One invocation's inputs: what Forward sends and a recomputing Vjp re-sends.
+
+    ``requires_grad(leaf)`` flags the leaves to differentiate (None: none).
+    """
 
     endpoint: str
-    args: tuple
-    kwargs: dict
-    parameters: dict | None = None
+    inputs: Arguments
     requires_grad: Callable[[Any], bool] | None = None
 
 
@@ -49,16 +61,16 @@ class Residual:
     """A handle to the state a Forward kept on the server for its Vjp.
 
     Holds the call's inputs so a Vjp can recompute when the server no longer
-    has the residual. Dropping the handle queues a Release to the server.
+    has the residual (one with no id always recomputes). Dropping the handle
+    queues a Release to the server.
     """
 
-    def __init__(self, call: Call, residual_id: str, release_queue: collections.deque):
+    def __init__(self, call: Call, residual_id: str = "",
+                 release_queue: collections.deque[str] | None = None):
         self.call = call
         self.id = residual_id
-        if residual_id:
-            self._finalizer = weakref.finalize(self, release_queue.append, residual_id)
-        else:
-            self._finalizer = None
+        self._finalizer = (weakref.finalize(self, release_queue.append, residual_id)
+                           if residual_id and release_queue is not None else None)
 
     def detach(self) -> None:
         """Forget the server-side id (after an explicit release)."""
@@ -75,18 +87,9 @@ class ForwardResult:
     residual: Residual | None
 
 
-@dataclass
-class Gradients:
-    """Gradients mirroring a call's inputs; None where none was asked for."""
-
-    args: tuple
-    kwargs: dict
-    parameters: dict | None
-
-
-def numpy_leaf(wire: WireTensor, path: str) -> np.ndarray:
+def numpy_leaf(wire: WireTensor, path: str) -> Any:
     """Decode a wire tensor to a numpy array (the low-level API's array type)."""
-    return NUMPY.from_wire(wire)
+    return frameworks.adapter("numpy").from_wire(wire)
 
 
 def _differentiable_leaf(x: Any) -> bool:
@@ -100,75 +103,86 @@ class Client:
     ``timeout`` (seconds) is the default deadline of every call;
     ``chunk_bytes`` is the largest gRPC message this client sends.
     ``transport``: ``"grpc"`` sends tensor bytes in the gRPC stream;
-    ``"shm"`` moves them through shared memory (same host only: fails here if
-    the server is not on this host); ``"cuda_ipc"`` also moves GPU tensors
-    through CUDA IPC pools on the GPUs both sides see (fails here if there
-    are none; CPU tensors of the same call use shared memory); ``"auto"``
-    takes the best of these that works, saying why it did not get a better
-    one in ``fallback_reason``. ``client.transport`` is the one in use.
-    ``arena_bytes`` sizes the shared-memory arenas' first segment and
+    ``"shm"`` moves them through shared memory (same host only);
+    ``"cuda_ipc"`` also moves GPU tensors through CUDA IPC pools on the GPUs
+    both sides see (CPU tensors of the same call use shared memory); a forced
+    transport that cannot work raises when it is negotiated (``connect``, or
+    the first call). ``"auto"`` takes the best of these that works, saying why
+    it did not get a better one in ``fallback_reason``; a server not reachable
+    yet is asked again on later calls, so a client started before its server
+    still gets shared memory. ``client.transport`` is the one in use.
+    ``arena_bytes`` sizes the shared-memory regions' first pair and
     ``cuda_pool_bytes`` the CUDA IPC pools (0: the server's defaults).
+    ``channel`` replaces the channel the client would open (a test seam, or a
+    channel with interceptors); ``close`` leaves an injected channel open.
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  transport: str = "auto", arena_bytes: int = 0, cuda_pool_bytes: int = 0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
-                 options: Iterable[tuple[str, Any]] = ()):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+                 options: Iterable[tuple[str, Any]] = (), channel: grpc.Channel | None = None):
+        if transport not in TRANSPORT_NAMES:
+            raise ValueError(f"transport must be one of {TRANSPORT_NAMES}, got {transport!r}")
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.max_receive_bytes = max_receive_bytes
-        self._channel = grpc.insecure_channel(address, options=[
+        self.requested = transport
+        self.region_bytes = {"shm": arena_bytes, "cuda_ipc": cuda_pool_bytes}
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", -1),
             *options,
         ])
         self._stub = pb_grpc.GradserveStub(self._channel)
         self._released: collections.deque[str] = collections.deque()
-        self.arena_bytes = arena_bytes
-        self.cuda_pool_bytes = cuda_pool_bytes
         self.transport = "grpc"
         self.fallback_reason = ""
         self._session: Session | None = None
-        if transport != "grpc":
-            try:
-                self._session = self._open_session(cuda=transport != "shm")
-            except GradserveError as err:
-                if transport != "auto":
-                    self._channel.close()
-                    raise GradserveError(f"the {transport} transport cannot work here: {err}") from None
-                self.fallback_reason = str(err)
-                log.info("gradserve: using the grpc transport to %s: %s", address, err)
-                return
-            self.transport = "cuda_ipc" if self._session.cuda is not None else "shm"
-            reason = self._session.cuda_reason
-            if transport == "cuda_ipc" and self.transport != "cuda_ipc":
-                self._session.close()
-                self._channel.close()
-                raise GradserveError(f"the cuda_ipc transport cannot work here: {reason}")
-            if self.transport == "shm" and transport == "auto" and self._session.cuda_asked:
-                self.fallback_reason = f"no CUDA IPC: {reason}"
-                log.info("gradserve: GPU tensors to %s go through host memory: %s", address, reason)
-
-    def _open_session(self, cuda: bool) -> Session:
-        return Session(self._stub, self.arena_bytes, cuda=cuda,
-                       cuda_pool_bytes=self.cuda_pool_bytes)
+        self._session_lock = threading.Lock()
+        self._closed = False
+        #: when to (re)try opening a same-host session; None: settled
+        self._negotiate_at: float | None = None if transport == "grpc" else 0.0
 
     # -- lifecycle ---------------------------------------------------------
+    def open(self) -> "Client":
+        """Negotiate the same-host transport now (``connect`` does): a forced transport
+        that cannot work raises here; a server not reachable yet is asked again later."""
+        with self._session_lock:
+            if self._negotiate_at is not None:
+                self._negotiate()
+        return self
+
     def close(self) -> None:
         """Release pending residuals (best effort), end the session, close the channel."""
+        if self._closed:
+            return
         self._flush_releases(timeout=1.0)
-        if self._session is not None:
-            self._session.close()
-        self._channel.close()
+        self._closed = True
+        with self._session_lock:
+            session, self._session = self._session, None
+            self._negotiate_at = None
+        if session is not None:
+            session.close()
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def session_info(self) -> SessionInfo | None:
+        """The same-host session in use (regions, pending frees, copy counters), if any."""
+        session = self._session
+        return session.info() if session is not None else None
+
+    @property
+    def pending_releases(self) -> int:
+        """Residuals dropped here whose release the server has not been sent yet."""
+        return len(self._released)
 
     # -- discovery ---------------------------------------------------------
     def endpoints(self, *, timeout: float | None = None) -> list[EndpointInfo]:
@@ -181,32 +195,36 @@ class Client:
         reply = self._unary(self._stub.Describe, pb.DescribeRequest(endpoint=name), timeout)
         return EndpointInfo.from_pb(reply.endpoint, reply.residuals)
 
-    def parameters(self, name: str, make_leaf: MakeLeaf = numpy_leaf, *,
+    def parameters(self, name: str, *, like: str = "numpy",
                    timeout: float | None = None) -> dict[str, Any]:
-        """The endpoint's own parameter values, by name."""
+        """The endpoint's own parameter values, as arrays of framework ``like``."""
+        adapter = frameworks.adapter(like)
         self._flush_releases(timeout)
         reader = FrameReader(self.max_receive_bytes)
         frames = self._stub.GetParameters(pb.GetParametersRequest(endpoint=name),
                                           timeout=self._deadline(timeout))
         header = self._read(reader, frames)
-        return codec.decode(header, reader, make_leaf, "parameters")
+        found: dict[str, Any] = codec.decode(header, reader,
+                                             lambda wire, path: adapter.from_wire(wire),
+                                             "parameters")
+        return found
 
     # -- low-level differentiable calls ------------------------------------
-    def forward(self, name: str, args: tuple = (), kwargs: dict | None = None, *,
-                parameters: dict | None = None, need_vjp: bool = False,
+    def forward(self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+                *, parameters: Any = None, need_vjp: bool = False,
                 timeout: float | None = None) -> ForwardResult:
-        """Run the endpoint on numpy arrays (or any registered framework's arrays).
+        """Run the endpoint on numpy arrays (or any framework's arrays).
 
         With ``need_vjp`` every floating-point input is differentiable and the
         result carries a residual for :meth:`vjp`.
         """
-        call = Call(name, tuple(args), dict(kwargs or {}), parameters,
+        call = Call(name, Arguments(tuple(args), dict(kwargs or {}), parameters),
                     _differentiable_leaf if need_vjp else None)
         outputs, residual = self.call_forward(call, numpy_leaf, need_vjp=need_vjp, timeout=timeout)
         return ForwardResult(outputs, residual)
 
     def vjp(self, residual: Residual, cotangents: Any, *, batched: bool = False,
-            timeout: float | None = None) -> Gradients:
+            timeout: float | None = None) -> Arguments:
         """Vector-Jacobian product for the inputs a ``forward(need_vjp=True)`` flagged.
 
         With ``batched``, cotangents carry an extra leading axis of B vectors and
@@ -214,13 +232,15 @@ class Client:
         """
         return self.call_vjp(residual, cotangents, numpy_leaf, batched=batched, timeout=timeout)
 
-    def signature(self, name: str, args: tuple = (), kwargs: dict | None = None,
+    def signature(self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
                   parameters: Any = None, *, timeout: float | None = None) -> Any:
-        """Output specs of a call whose tensors are given as :class:`TensorSpec` leaves."""
+        """Output types of a call whose tensors are given as :class:`TensorType` leaves
+        (nothing runs on the server)."""
         writer = FrameWriter(self.chunk_bytes, inline_bytes=self.chunk_bytes)
-        call = self._forward_request(Call(name, tuple(args), dict(kwargs or {}), parameters),
-                                     writer, False)
-        reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=call), timeout)
+        request = pb.ForwardRequest(endpoint=name)
+        codec.encode_arguments(Arguments(tuple(args), dict(kwargs or {}), parameters), writer,
+                               request)
+        reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=request), timeout)
         return codec.decode(reply.outputs, FrameReader(0), numpy_leaf, "outputs", abstract=True)
 
     def release(self, *residuals: Residual, timeout: float | None = None) -> int:
@@ -230,130 +250,78 @@ class Client:
             r.detach()
         if not ids:
             return 0
-        return self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids), timeout).released
+        released: int = self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids),
+                                    timeout).released
+        return released
 
-    # -- tensors in shared memory ------------------------------------------
+    # -- arrays in the session's request slots -----------------------------
     def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch",
               device: Any = None) -> Any:
-        """An uninitialised tensor (``like="torch"``), array (``"numpy"``) or
-        ``jax.Array`` (``"jax"``: aliasing the arena on CPU) that lives in this
-        session's request arena: sending it copies nothing. A torch ``device``
-        on a GPU puts it in the session's CUDA IPC pool on that GPU instead.
-        Over the grpc transport (or with the arena or pool full) it is an
-        ordinary one."""
-        if like == "jax":
-            from gradserve.client.jax import as_jax
-            return as_jax(self.empty(shape, dtype, like="numpy"))
-        if like not in ("torch", "numpy"):
-            raise ValueError(f"like must be 'torch', 'numpy' or 'jax', got {like!r}")
-        if like == "torch":
-            import torch
-            from gradserve.frameworks.torch import TO_NAME
-            code = dtypes.code_of(TO_NAME[dtype] if isinstance(dtype, torch.dtype) else str(dtype))
+        """An uninitialised array of framework ``like`` ("torch", "numpy", "jax") that
+        lives in a request slot of the same-host session: sending it copies nothing. A
+        ``device`` on a GPU (torch) puts it in that GPU's CUDA IPC pool. Without a
+        session (or with its regions full) it is an ordinary array."""
+        adapter = frameworks.adapter(like)
+        code = adapter.dtype_code(dtype)
+        shape = tuple(int(d) for d in shape)
+        nbytes = dtypes.nbytes(code, shape)
+        session = self._session_now()
+        data = session.allocate(nbytes, adapter.gpu(device)) if session and nbytes else None
+        if data is None:
+            return adapter.empty(shape, code, device)
+        return adapter.from_wire(WireTensor(code, shape, data))
+
+    def as_shared(self, array: Any) -> Any:
+        """A copy of ``array`` (torch, numpy or JAX) in a request slot (see :meth:`empty`);
+        an ordinary copy where no slot can be had."""
+        adapter = frameworks.adapter_for(array)
+        if adapter is None:
+            raise TypeError(f"as_shared needs an array, got {type(array).__name__}")
+        wire = adapter.to_wire(array)
+        gpu = wire.data.device if isinstance(wire.data, DeviceBytes) else None
+        session = self._session_now()
+        data = session.allocate(wire.data.nbytes, gpu) if session and wire.data.nbytes else None
+        if data is None:
+            data = clone(wire.data)
         else:
-            code = dtypes.code_of(np.dtype(dtype).name)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtypes.ITEMSIZE[code]
-        session = self._session
-        if like == "numpy":
-            owner = session.shm.allocate(max(nbytes, 1)) if session else None
-            np_dtype = dtypes.numpy_dtype(code)
-            if owner is None:
-                return np.empty(shape, np_dtype)
-            return owner[:nbytes].view(np_dtype).reshape(shape)
-        from gradserve.frameworks.torch import FROM_CODE
-        torch_dtype = FROM_CODE[code]
-        place = torch.device(device if device is not None else "cpu")
-        if place.type == "cuda":
-            index = place.index if place.index is not None else torch.cuda.current_device()
-            data = (session.cuda.allocate(nbytes, index)
-                    if session and session.cuda and nbytes else None)
-            if data is None:
-                return torch.empty(shape, dtype=torch_dtype, device=place)
-            return torch.from_dlpack(data.array).view(torch_dtype).reshape(shape)
-        owner = (session.shm.allocate(nbytes)
-                 if session and nbytes and place.type == "cpu" else None)
-        if owner is None:
-            return torch.empty(shape, dtype=torch_dtype, device=place)
-        return torch.frombuffer(memoryview(owner), dtype=torch_dtype).reshape(shape)
+            copy_into(data, wire.data)
+        return adapter.from_wire(WireTensor(wire.dtype, wire.shape, data))
 
-    def as_shared(self, tensor: Any) -> Any:
-        """A copy of a torch tensor, numpy array or ``jax.Array`` in the request arena
-        (see :meth:`empty`)."""
-        jax = sys.modules.get("jax")
-        if jax is not None and isinstance(tensor, jax.Array):
-            from gradserve.client.jax import as_jax
-            return as_jax(self.as_shared(np.asarray(tensor)))
-        if isinstance(tensor, np.ndarray):
-            out = self.empty(tuple(tensor.shape), tensor.dtype, like="numpy")
-            np.copyto(out, tensor)
-            return out
-        out = self.empty(tuple(tensor.shape), tensor.dtype, device=tensor.device)
-        return out.copy_(tensor.detach())
-
-    # -- framework adapters ------------------------------------------------
-    def torch(self, name: str, *, timeout: float | None = None):
+    # -- autograd front-ends -----------------------------------------------
+    def torch(self, name: str, *, timeout: float | None = None) -> Any:
         """The endpoint as a differentiable function of torch tensors."""
-        from gradserve.client.torch import RemoteFunction
-        return RemoteFunction(self, name, timeout=timeout)
+        return _frontend("torch").RemoteFunction(self, name, timeout=timeout)
 
-    def torch_module(self, name: str, *, timeout: float | None = None):
+    def torch_module(self, name: str, *, timeout: float | None = None) -> Any:
         """A ``torch.nn.Module`` holding local, trainable copies of the endpoint's parameters."""
-        from gradserve.client.torch import RemoteModule
-        return RemoteModule(self, name, timeout=timeout)
+        return _frontend("torch").RemoteModule(self, name, timeout=timeout)
 
-    def jax(self, name: str, *, timeout: float | None = None):
+    def jax(self, name: str, *, timeout: float | None = None, **options: Any) -> Any:
         """The endpoint as a differentiable function of ``jax.Array`` pytrees."""
-        from gradserve.client.jax import RemoteJaxFunction
-        return RemoteJaxFunction(self, name, timeout=timeout)
+        return _frontend("jax").RemoteJaxFunction(self, name, timeout=timeout, **options)
 
     def jax_params(self, name: str, *, timeout: float | None = None) -> Any:
         """The endpoint's parameters as a pytree of ``jax.Array`` (for ``f.apply(params, ...)``)."""
-        from gradserve.frameworks.jax import ADAPTER
-        return self.parameters(name, lambda wire, path: ADAPTER.from_wire(wire), timeout=timeout)
+        return self.parameters(name, like="jax", timeout=timeout)
 
-    # -- the protocol, for adapters ----------------------------------------
+    # -- the protocol, for front-ends --------------------------------------
     def call_forward(self, call: Call, make_leaf: MakeLeaf, *, need_vjp: bool,
                      timeout: float | None = None) -> tuple[Any, Residual | None]:
         """Send a Forward; returns the decoded outputs and, with ``need_vjp``, a residual."""
-        return self._in_session(lambda: self._forward_once(call, make_leaf, need_vjp, timeout))
-
-    def _forward_once(self, call: Call, make_leaf: MakeLeaf, need_vjp: bool,
-                      timeout: float | None) -> tuple[Any, Residual | None]:
-        session = self._session
-        writer = FrameWriter(self.chunk_bytes, peers=session.peers if session else ())
-        try:
-            request = self._forward_request(call, writer, need_vjp)
-        except Exception:
-            writer.free_placed()
-            raise
-        if session is not None:
-            request.session.CopyFrom(session.state())
-        request.release.extend(self._take_releases())
-        try:
-            header, reader = self._stream(self._stub.Forward, pb.ForwardFrame, request, writer,
-                                          session, timeout)
-        except Exception:
-            self._released.extend(request.release)  # releasing twice is harmless
-            writer.free_placed()
-            raise
-        outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
-        residual = Residual(call, header.residual_id, self._released) if need_vjp else None
-        if residual is not None and residual.id and writer.placed:
-            # the server's residual views these input slots: keep them while it lives
-            weakref.finalize(residual, free_slots, writer.placed)
-        else:
-            writer.free_placed()
-        return outputs, residual
+        found: tuple[Any, Residual | None] = self._in_session(
+            lambda session: self._forward_once(session, call, make_leaf, need_vjp, timeout))
+        return found
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
-                 batched: bool = False, timeout: float | None = None) -> Gradients:
+                 batched: bool = False, timeout: float | None = None) -> Arguments:
         """Send a Vjp; re-sends the inputs if the server lost the residual.
 
         With ``batched``, every cotangent has an extra leading axis and so do the gradients.
         """
-        def vjp(resend: bool) -> Gradients:
-            return self._in_session(
-                lambda: self._vjp_once(residual, cotangents, make_leaf, resend, batched, timeout))
+        def vjp(resend: bool) -> Arguments:
+            found: Arguments = self._in_session(lambda session: self._vjp_once(
+                session, residual, cotangents, make_leaf, resend, batched, timeout))
+            return found
 
         if residual.id:
             try:
@@ -362,60 +330,153 @@ class Client:
                 residual.detach()
         return vjp(True)
 
-    def _vjp_once(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf,
-                  resend: bool, batched: bool, timeout: float | None) -> Gradients:
-        session = self._session
-        writer = FrameWriter(self.chunk_bytes, peers=session.peers if session else ())
+    def _forward_once(self, session: Session | None, call: Call, make_leaf: MakeLeaf,
+                      need_vjp: bool, timeout: float | None) -> tuple[Any, Residual | None]:
+        writer = FrameWriter(self.chunk_bytes, slots=session)
+        request = pb.ForwardRequest(endpoint=call.endpoint, need_vjp=need_vjp)
+        try:
+            codec.encode_arguments(call.inputs, writer, request, call.requires_grad)
+            request.release.extend(self._take_releases())
+            header, reader = self._exchange(self._stub.Forward, pb.ForwardFrame, request, writer,
+                                            session, timeout)
+        except BaseException:
+            self._released.extend(request.release)  # releasing twice is harmless
+            _free(session, writer)
+            raise
+        outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
+        residual = Residual(call, header.residual_id, self._released) if need_vjp else None
+        if residual is not None and residual.id and writer.placed and session is not None:
+            # the server's residual views these input slots: keep them while it lives
+            weakref.finalize(residual, session.free, writer.placed)
+        else:
+            _free(session, writer)
+        return outputs, residual
+
+    def _vjp_once(self, session: Session | None, residual: Residual, cotangents: Any,
+                  make_leaf: MakeLeaf, resend: bool, batched: bool,
+                  timeout: float | None) -> Arguments:
+        writer = FrameWriter(self.chunk_bytes, slots=session)
         try:
             request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
                                     cotangents=codec.encode(cotangents, writer, path="cotangents"),
                                     batched_cotangents=batched)
             if resend:
-                request.inputs.CopyFrom(self._forward_request(residual.call, writer, True))
-            if session is not None:
-                request.session.CopyFrom(session.state())
-            header, reader = self._stream(self._stub.Vjp, pb.VjpFrame, request, writer, session,
-                                          timeout)
+                request.inputs.endpoint = residual.call.endpoint
+                request.inputs.need_vjp = True
+                codec.encode_arguments(residual.call.inputs, writer, request.inputs,
+                                       residual.call.requires_grad)
+            header, reader = self._exchange(self._stub.Vjp, pb.VjpFrame, request, writer,
+                                            session, timeout)
         finally:
-            writer.free_placed()
-        grads = [codec.decode(getattr(header, part), reader, make_leaf, part)
-                 for part in ("args", "kwargs", "parameters")]
-        return Gradients(tuple(grads[0] or ()), dict(grads[1] or {}), grads[2])
-
-    @staticmethod
-    def _forward_request(call: Call, writer: FrameWriter, need_vjp: bool) -> pb.ForwardRequest:
-        request = pb.ForwardRequest(
-            endpoint=call.endpoint, need_vjp=need_vjp,
-            args=codec.encode(tuple(call.args), writer, call.requires_grad, "args"),
-            kwargs=codec.encode(dict(call.kwargs), writer, call.requires_grad, "kwargs"))
-        if call.parameters is not None:
-            request.parameters.CopyFrom(
-                codec.encode(call.parameters, writer, call.requires_grad, "parameters"))
-        return request
+            _free(session, writer)
+        return codec.decode_arguments(header, reader, make_leaf)
 
     # -- plumbing ----------------------------------------------------------
-    def _stream(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
-                session: Session | None, timeout: float | None) -> tuple[Any, FrameReader]:
-        """Send a framed request; returns the reply header and the reader holding its payloads."""
-        peers = session.peers if session is not None else ()
-        reader = FrameReader(self.max_receive_bytes, peers_for=lambda header: peers)
-        frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
-        header = self._read(reader, frames)
-        if reader.spilled:   # the reply arena was full: grow it for the next calls
-            session.grow(reader.spilled, len(session.shm.segments))
+    def _exchange(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
+                  session: Session | None, timeout: float | None) -> tuple[Any, FrameReader]:
+        """Send a framed request; the reply header and the reader holding its payloads.
+        The freed reply slots it reports are reported again if it fails."""
+        state = session.state() if session is not None else None
+        if state is not None:
+            request.session.CopyFrom(state)
+        reader = FrameReader(self.max_receive_bytes, slots_for=lambda header: session)
+        try:
+            frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
+            header = self._read(reader, frames)
+        except BaseException:
+            if session is not None and state is not None:
+                session.put_back(state)
+            raise
+        if reader.spilled and session is not None:   # the reply regions were full: grow them
+            session.spilled(reader.spilled)
         return header, reader
 
-    def _in_session(self, call: Callable[[], Any]) -> Any:
-        """Run a call; if the server lost our shared-memory session (a restart), reopen it once."""
+    def _in_session(self, attempt: Callable[[Session | None], Any]) -> Any:
+        """Run a call in the current session; if the server lost it (a restart), reopen once."""
+        session = self._session_now()
         try:
-            return call()
+            return attempt(session)
         except SessionMissing:
-            if self._session is None:
+            if session is None:
                 raise
-            log.info("gradserve: shared-memory session lost (server restarted?); reopening")
-            self._session = self._open_session(cuda=self.transport == "cuda_ipc")
-            self.transport = "cuda_ipc" if self._session.cuda is not None else "shm"
-            return call()
+            return attempt(self._reopen(session))
+
+    def _session_now(self) -> Session | None:
+        """The session calls go through, negotiating it first where that is due."""
+        if self._closed:
+            raise GradserveError(f"this client of {self.address} is closed")
+        due = self._negotiate_at
+        forced = self.requested not in ("auto", "grpc")
+        if due is not None and time.monotonic() >= due:
+            if self._session_lock.acquire(blocking=forced):
+                try:
+                    if self._negotiate_at is not None:
+                        self._negotiate()
+                finally:
+                    self._session_lock.release()
+        session = self._session
+        if session is None and forced:
+            reason = f"the {self.requested} transport is not set up: {self.fallback_reason}"
+            if self._negotiate_at is not None:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, reason)
+            raise GradserveError(reason)
+        return session
+
+    def _reopen(self, lost: Session) -> Session | None:
+        """Replace a session the server no longer holds (once, whichever thread asks)."""
+        with self._session_lock:
+            if self._session is lost:
+                log.info("gradserve: same-host session lost (server restarted?); reopening")
+                lost.close(tell_server=False)
+                self._session = None
+                self._negotiate()
+            return self._session
+
+    def _negotiate(self) -> None:
+        """Open a same-host session for the requested transport (holding the session lock)."""
+        names = list(TRANSPORTS)
+        if self.requested != "auto":
+            names = names[:names.index(self.requested) + 1]
+        transports = [TRANSPORTS[n](self.region_bytes.get(n, 0)) for n in names]
+        local = {t.name: t.unavailable() for t in transports}
+        if self.requested != "auto" and local[self.requested]:
+            self._settle_failure(local[self.requested])
+        usable = [t for t in transports if not local[t.name]]
+        reasons = {n: why for n, why in local.items() if why}
+        session = None
+        if usable:
+            try:
+                session, reasons = Session.open(self._stub, usable)
+            except (Unavailable, DeadlineExceeded) as err:   # no server there yet: ask later
+                self._negotiate_at = time.monotonic() + RENEGOTIATE_SECONDS
+                self.fallback_reason = f"the server is not reachable yet ({err.message})"
+                return
+            except RemoteError as err:
+                reasons = {t.name: str(err) for t in usable}
+        self._negotiate_at = None
+        in_use = [t.name for t in session.transports] if session is not None else []
+        if self.requested not in ("auto", *in_use):
+            if session is not None:
+                session.close()
+            self._settle_failure(reasons.get(self.requested, "the server refused it"))
+        if session is not None:
+            session.start()
+        self._session = session
+        rank = ["grpc", *TRANSPORTS]
+        self.transport = in_use[-1] if in_use else "grpc"
+        candidates = [t.name for t in usable] or names
+        self.fallback_reason = "; ".join(
+            f"{n}: {reasons[n]}" for n in candidates
+            if rank.index(n) > rank.index(self.transport) and n in reasons)
+        if self.fallback_reason:
+            log.warning("gradserve: using the %s transport to %s (%s)", self.transport,
+                        self.address, self.fallback_reason)
+
+    def _settle_failure(self, reason: str) -> None:
+        """A forced transport cannot work: remember why, and raise it."""
+        self._negotiate_at = None
+        self.fallback_reason = reason
+        raise GradserveError(f"the {self.requested} transport cannot work here: {reason}")
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -429,7 +490,7 @@ class Client:
             raise from_rpc_error(err) from None
 
     @staticmethod
-    def _read(reader: FrameReader, frames: Any) -> Any:
+    def _read(reader: FrameReader, frames: Iterator[Any]) -> Any:
         try:
             return reader.read(frames)
         except grpc.RpcError as err:
@@ -442,20 +503,35 @@ class Client:
         return ids
 
     def _flush_releases(self, timeout: float | None = None) -> None:
-        """Send queued releases (and freed reply slots); on failure keep the ids queued."""
-        ids = self._take_releases()
+        """Send queued releases and freed reply slots; on failure keep both queued."""
         session = self._session
-        freed = session is not None and session.has_freed()
-        if ids or freed:
-            request = pb.ReleaseRequest(residual_ids=ids)
-            if session is not None:
-                request.session.CopyFrom(session.state())
-            try:
-                self._unary(self._stub.Release, request, timeout)
-            except RemoteError:
-                self._released.extend(ids)
+        if not self._released and not (session is not None and session.has_freed()):
+            return
+        ids = self._take_releases()
+        request = pb.ReleaseRequest(residual_ids=ids)
+        state = session.state() if session is not None else None
+        if state is not None:
+            request.session.CopyFrom(state)
+        try:
+            self._unary(self._stub.Release, request, timeout)
+        except RemoteError:
+            self._released.extend(ids)
+            if session is not None and state is not None:
+                session.put_back(state)
+
+
+def _free(session: Session | None, writer: FrameWriter) -> None:
+    """Return the request slots ``writer`` allocated (the server is done with them)."""
+    if session is not None and writer.placed:
+        session.free(writer.placed)
+        writer.placed = []
+
+
+def _frontend(name: str) -> ModuleType:
+    return importlib.import_module(frameworks.framework(name).frontend)
 
 
 def connect(address: str, **options: Any) -> Client:
-    """Open a :class:`Client` to the gradserve server at ``host:port``."""
-    return Client(address, **options)
+    """Open a :class:`Client` to the gradserve server at ``host:port`` and negotiate its
+    transport (see :class:`Client` for the options)."""
+    return Client(address, **options).open()

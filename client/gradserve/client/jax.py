@@ -18,7 +18,7 @@ Where the forward or backward runs eagerly (no argument is a tracer, as under
 eager ``jax.grad``/``vjp``), it skips the callback and calls the host directly:
 its results become ``jax.Array``s through DLPack, which on CPU alias a
 64-byte-aligned array without a copy. Over the shared-memory transport the
-outputs and gradients then live in the reply arena, whose slot stays in use
+outputs and gradients then live in the reply regions, whose slot stays in use
 as long as the ``jax.Array`` does. Traced calls (``jit``, ``vmap``, grad of
 grad) keep the callback, which copies.
 """
@@ -28,25 +28,27 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gradserve import dtypes, pytree
-from gradserve.client.core import Call, Client, Residual
+from gradserve.client.core import Call, Client, Residual, numpy_leaf
+from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, higher_order_refusal, \
+    mergeable
 from gradserve.errors import GradserveError
-import gradserve.frameworks.jax  # noqa: F401  (registers jax arrays with the codec)
-from gradserve.frameworks.numpy import ADAPTER as NUMPY
-from gradserve.specs import TensorSpec
-from gradserve.transport.arena import ALIGN   # also JAX's CPU DLPack import alignment
+from gradserve.frameworks.jax import as_jax
+from gradserve.lru import LRU
+from gradserve.wire import dtypes, pytree
+from gradserve.wire.codec import Arguments
+from gradserve.wire.specs import TensorType
 
 #: Forward residuals awaiting their backward (older ones are released; each backward
 #: consumes its own, and a second backward of the same forward recomputes).
 RESIDUALS_KEPT = 256
+#: Input signatures whose output structure and custom_vjp function are kept.
+SIGNATURES_KEPT = 256
 TOKEN = jax.ShapeDtypeStruct((), np.int32)
 
 
@@ -54,81 +56,74 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def _numpy_leaf(wire: Any, path: str) -> np.ndarray:
-    return NUMPY.from_wire(wire)
+def _numpy_dtype(t: TensorType) -> np.dtype[Any]:
+    return dtypes.numpy_dtype(dtypes.code_of(t.dtype))
 
 
-def _numpy_dtype(spec: TensorSpec) -> np.dtype:
-    return dtypes.numpy_dtype(dtypes.code_of(spec.dtype))
+def _shape_dtype(t: TensorType) -> jax.ShapeDtypeStruct:
+    """The JAX view of a type: 64-bit types narrow to 32 bits unless x64 is on, as in JAX."""
+    return jax.ShapeDtypeStruct(t.shape, jax.dtypes.canonicalize_dtype(_numpy_dtype(t)))
 
 
-def _shape_dtype(spec: TensorSpec) -> jax.ShapeDtypeStruct:
-    """The JAX view of a spec: 64-bit types narrow to 32 bits unless x64 is on, as in JAX."""
-    return jax.ShapeDtypeStruct(spec.shape, jax.dtypes.canonicalize_dtype(_numpy_dtype(spec)))
-
-
-def _differentiable(spec: TensorSpec) -> bool:
-    return dtypes.code_of(spec.dtype) in dtypes.DIFFERENTIABLE
+def _differentiable(t: TensorType) -> bool:
+    return dtypes.code_of(t.dtype) in dtypes.DIFFERENTIABLE
 
 
 @dataclass
 class _Signature:
     """One input signature's output structure and the custom_vjp function for it."""
 
-    in_def: pytree.TreeDef
-    in_specs: tuple[TensorSpec, ...]
+    in_def: CallDef
+    in_types: tuple[TensorType, ...]
     out_def: pytree.TreeDef
-    out_specs: tuple[TensorSpec, ...]
-    n_params: int
+    out_types: tuple[TensorType, ...]
     function: Any = None
 
 
 @dataclass
 class _Record:
-    """What one forward callback sent: the batch shape, and a residual per remote call."""
+    """What one forward callback sends: the batch shape, and the calls that make it up
+    (one, or one per batch element), with their residuals once sent."""
 
     batch: tuple[int, ...]
     merged: bool
-    residuals: list[Residual]
+    calls: list[Call]
+    residuals: list[Residual] = field(default_factory=list)
+
+    def pending(self) -> list[Residual]:
+        """Residuals to differentiate: those kept, else id-less ones that recompute."""
+        return self.residuals or [Residual(call) for call in self.calls]
 
 
-class RemoteJaxFunction:
+class RemoteJaxFunction(RemoteEndpoint):
     """A remote endpoint called on ``jax.Array`` pytrees, differentiable with JAX.
 
     ``f(*args, **kwargs)`` uses the server's parameters; ``f.apply(params,
     *args, **kwargs)`` sends the caller's own (``client.jax_params(name)``
     gives the server's as a starting point) and differentiates them too.
+    ``residuals_kept`` bounds the forwards whose residual awaits a backward.
     """
 
-    def __init__(self, client: Client, name: str, *, timeout: float | None = None):
-        self.client = client
-        self.name = name
-        self.timeout = timeout
-        self._batchable: bool | None = None
-        self._signatures: dict[tuple, _Signature] = {}
-        self._records: OrderedDict[int, _Record] = OrderedDict()
+    def __init__(self, client: Client, name: str, *, timeout: float | None = None,
+                 residuals_kept: int = RESIDUALS_KEPT):
+        super().__init__(client, name, timeout=timeout)
+        self._signatures: LRU[tuple[Any, ...], _Signature] = LRU(SIGNATURES_KEPT)
+        self._records: LRU[int, _Record] = LRU(residuals_kept)
         self._tokens = itertools.count(1)
-        self._lock = threading.Lock()
         self._failure = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(args, kwargs, None)
+        return self._call(Arguments(args, kwargs))
 
     def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
         """Call with client-held ``params`` (a pytree like the endpoint's own)."""
-        return self._call(args, kwargs, params)
+        return self._call(Arguments(args, kwargs, params))
 
-    @property
-    def batchable(self) -> bool:
-        if self._batchable is None:
-            self._batchable = self.client.describe(self.name, timeout=self.timeout).batchable
-        return self._batchable
-
-    def _call(self, args: tuple, kwargs: dict, params: Any) -> Any:
-        leaves, in_def = pytree.flatten((tuple(args), dict(kwargs), params), _is_leaf)
-        in_specs = tuple(TensorSpec(tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype).name)
+    def _call(self, inputs: Arguments) -> Any:
+        leaves, call_def = flatten_call(inputs, _is_leaf)
+        in_types = tuple(TensorType(tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype).name)
                          for x in leaves)
-        sig = self._signature(in_def, in_specs)
+        sig = self._signature(call_def, in_types)
         self._failure.error = None
         try:
             out_leaves = sig.function(*leaves)
@@ -142,7 +137,7 @@ class RemoteJaxFunction:
             raise
         return pytree.unflatten(sig.out_def, list(out_leaves))
 
-    def _host(self, body: Any, *args: Any) -> Any:
+    def _host(self, body: Callable[..., Any], *args: Any) -> Any:
         """Run a host callback body, remembering a gradserve failure for ``_call``."""
         try:
             return body(*args)
@@ -151,24 +146,23 @@ class RemoteJaxFunction:
             raise
 
     # -- trace-time: signatures and the custom_vjp function ----------------
-    def _signature(self, in_def: pytree.TreeDef, in_specs: tuple[TensorSpec, ...]) -> _Signature:
-        key = (in_def, in_specs)
+    def _signature(self, call_def: CallDef, in_types: tuple[TensorType, ...]) -> _Signature:
+        key = (call_def.treedef, in_types)
         sig = self._signatures.get(key)
         if sig is None:
-            outputs = self.client.signature(self.name, *pytree.unflatten(in_def, list(in_specs)),
+            parts = call_def.unflatten(in_types)
+            outputs = self.client.signature(self.name, parts.args, parts.kwargs, parts.parameters,
                                             timeout=self.timeout)
-            out_specs, out_def = pytree.flatten(outputs, lambda x: isinstance(x, TensorSpec))
-            n_params = in_def.children[2].num_leaves
-            sig = _Signature(in_def, in_specs, out_def, tuple(out_specs), n_params)
+            out_types, out_def = pytree.flatten(outputs, lambda x: isinstance(x, TensorType))
+            sig = _Signature(call_def, in_types, out_def, tuple(out_types))
             sig.function = self._build(sig)
-            self._signatures[key] = sig
+            self._signatures.put(key, sig)
         return sig
 
     def _build(self, sig: _Signature) -> Any:
-        out_shapes = tuple(_shape_dtype(s) for s in sig.out_specs)
-        grad_shapes = tuple(_shape_dtype(s) for s in sig.in_specs if _differentiable(s))
-        refusal = (f"gradserve: differentiating the gradient of remote endpoint {self.name!r} "
-                   "(grad of grad, hessian) is not supported; reverse mode works once")
+        out_shapes = tuple(_shape_dtype(t) for t in sig.out_types)
+        grad_shapes = tuple(_shape_dtype(t) for t in sig.in_types if _differentiable(t))
+        refusal = higher_order_refusal(self.name)
 
         @functools.lru_cache(maxsize=None)
         def forward(mask: tuple[bool, ...] | None) -> Any:
@@ -182,115 +176,105 @@ class RemoteJaxFunction:
                              grad_shapes, refusal)
 
         @jax.custom_vjp
-        def remote(*leaves: Any) -> tuple:
+        def remote(*leaves: Any) -> tuple[Any, ...]:
             return tuple(forward(None)(*leaves))
 
-        def remote_fwd(*primals: Any) -> tuple:
+        def remote_fwd(*primals: Any) -> tuple[Any, ...]:
             mask = tuple(bool(p.perturbed) for p in primals)
             leaves = tuple(p.value for p in primals)
             *outs, token = forward(mask)(*leaves)
             return tuple(outs), (leaves, token)
 
-        def remote_bwd(residual: tuple, cts: tuple) -> tuple:
+        def remote_bwd(residual: tuple[Any, ...], cts: tuple[Any, ...]) -> tuple[Any, ...]:
             leaves, token = residual
-            ct_mask = tuple(_differentiable(spec) and not _is_symbolic_zero(ct)
-                            for spec, ct in zip(sig.out_specs, cts))
+            ct_mask = tuple(_differentiable(t) and not _is_symbolic_zero(ct)
+                            for t, ct in zip(sig.out_types, cts))
             grads = iter(backward(ct_mask)(token, leaves, [ct for ct, m in zip(cts, ct_mask) if m]))
-            return tuple(next(grads) if _differentiable(s) else None for s in sig.in_specs)
+            return tuple(next(grads) if _differentiable(t) else None for t in sig.in_types)
 
         remote.defvjp(remote_fwd, remote_bwd, symbolic_zeros=True)
         return remote
 
     # -- run-time: the host callbacks --------------------------------------
-    def _host_forward(self, sig: _Signature, mask: tuple[bool, ...] | None, *arrays: Any) -> tuple:
-        arrays = [np.asarray(a) for a in arrays]
-        batch = _batch_shape(arrays, sig.in_specs)
+    def _host_forward(self, sig: _Signature, mask: tuple[bool, ...] | None,
+                      *arrays: Any) -> tuple[Any, ...]:
+        arrays_np = [np.asarray(a) for a in arrays]
+        batch = _batch_shape(arrays_np, sig.in_types)
         need_vjp = mask is not None and any(mask)
-        record = self._plan(sig, arrays, batch, mask if need_vjp else None)
-        results = [self.client.call_forward(res.call, _numpy_leaf, need_vjp=need_vjp,
-                                            timeout=self.timeout) for res in record.residuals]
-        outs = [o.astype(_shape_dtype(s).dtype, copy=False)
-                for o, s in zip(_unbatch_outputs(sig, [r[0] for r in results], batch, record),
-                                sig.out_specs)]
+        record = self._plan(sig, arrays_np, batch, mask if need_vjp else None)
+        results = [self.forward(call, numpy_leaf, need_vjp=need_vjp) for call in record.calls]
+        outs = [o.astype(_shape_dtype(t).dtype, copy=False)
+                for o, t in zip(_unbatch_outputs(sig, [r[0] for r in results], batch, record),
+                                sig.out_types)]
         if mask is None:
             return tuple(outs)
         token = np.int32(0)
         if need_vjp:
-            record.residuals = [r[1] for r in results]
+            record.residuals = [r[1] for r in results if r[1] is not None]
             token = np.int32(next(self._tokens) % (2**31 - 1) + 1)
-            self._remember(int(token), record)
+            self._records.put(int(token), record)   # the oldest beyond the bound are released
         return (*outs, np.broadcast_to(token, batch))
 
     def _host_backward(self, sig: _Signature, ct_mask: tuple[bool, ...], token: Any,
-                       leaves: tuple, cts: list) -> tuple:
+                       leaves: tuple[Any, ...], cts: list[Any]) -> tuple[Any, ...]:
         it = iter(cts)
         # in the server's dtype and the wire's complex convention (torch's: conj of JAX's)
-        full_cts = [_conj(np.asarray(next(it), _numpy_dtype(s))) if m else None
-                    for m, s in zip(ct_mask, sig.out_specs)]
-        given = [(c, s) for c, s in zip(full_cts, sig.out_specs) if c is not None]
+        full_cts = [_conj(np.asarray(next(it), _numpy_dtype(t))) if m else None
+                    for m, t in zip(ct_mask, sig.out_types)]
+        given = [(c, t) for c, t in zip(full_cts, sig.out_types) if c is not None]
         batch = _batch_shape([*leaves, *(c for c, _ in given)],
-                             [*sig.in_specs, *(s for _, s in given)])
-        with self._lock:  # consumed: its residuals are released once this backward is done
-            record = self._records.pop(int(np.asarray(token).reshape(-1)[0]), None)
+                             [*sig.in_types, *(t for _, t in given)])
+        # consumed: its residuals are released once this backward is done
+        record = self._records.pop(int(np.asarray(token).reshape(-1)[0]))
         if record is None:  # forward elided, duplicated or forgotten: recompute from the inputs
-            leaves = [np.asarray(a) for a in leaves]   # only now: a copy for large inputs
-            record = self._plan(sig, leaves, _batch_shape(leaves, sig.in_specs), None)
+            arrays = [np.asarray(a) for a in leaves]   # only now: a copy for large inputs
+            record = self._plan(sig, arrays, _batch_shape(arrays, sig.in_types), None)
+        pending = record.pending()
         if not record.batch:  # one forward: plain, or batched cotangents (jacrev, vmap of vjp)
             n = int(np.prod(batch))
             lead = (n,) if n > 1 else ()
             cotangents = pytree.unflatten(sig.out_def, [
-                None if c is None else np.broadcast_to(c, batch + s.shape).reshape(lead + s.shape)
-                for c, s in zip(full_cts, sig.out_specs)])
-            grads = self.client.call_vjp(record.residuals[0], cotangents, _numpy_leaf,
-                                         batched=n > 1, timeout=self.timeout)
-            flats = [pytree.flatten_up_to(sig.in_def, (grads.args, grads.kwargs, grads.parameters))]
-            return _unbatch_grads(sig, flats, batch, merged=True)
+                None if c is None else np.broadcast_to(c, batch + t.shape).reshape(lead + t.shape)
+                for c, t in zip(full_cts, sig.out_types)])
+            grads = self.vjp(pending[0], cotangents, numpy_leaf, batched=n > 1)
+            return _unbatch_grads(sig, [sig.in_def.grads(grads)], batch, merged=True)
         per_call = _batch_cotangents(sig, full_cts, record)
-        grads = [self.client.call_vjp(res, ct, _numpy_leaf, timeout=self.timeout)
-                 for res, ct in zip(record.residuals, per_call)]
-        flats = [pytree.flatten_up_to(sig.in_def, (g.args, g.kwargs, g.parameters)) for g in grads]
+        flats = [sig.in_def.grads(self.vjp(res, ct, numpy_leaf))
+                 for res, ct in zip(pending, per_call)]
         return _unbatch_grads(sig, flats, record.batch, record.merged)
 
-    def _plan(self, sig: _Signature, arrays: list, batch: tuple,
+    def _plan(self, sig: _Signature, arrays: list[Any], batch: tuple[int, ...],
               mask: tuple[bool, ...] | None) -> _Record:
-        """The remote calls for one forward, as residuals not yet sent (id "")."""
-        n_inputs = len(arrays) - sig.n_params
+        """The remote calls for one forward, not yet sent."""
+        n_inputs = len(arrays) - sig.in_def.n_params
         k = len(batch)
         if int(np.prod(batch)) == 1:   # no vmap, or a batch of one: one plain call
-            arrays = [a.reshape(s.shape) for a, s in zip(arrays, sig.in_specs)]
+            arrays = [a.reshape(t.shape) for a, t in zip(arrays, sig.in_types)]
             batch, merged = (), False
         else:
-            merged = (self.batchable and all(len(s.shape) >= 1 for s in sig.in_specs[:n_inputs])
-                      and all(all(d == 1 for d in a.shape[:k]) for a in arrays[n_inputs:])
-                      and not (mask and any(mask[n_inputs:])))
+            merged = mergeable(self.batchable, [len(t.shape) for t in sig.in_types[:n_inputs]],
+                               any(any(d != 1 for d in a.shape[:k]) for a in arrays[n_inputs:]),
+                               bool(mask and any(mask[n_inputs:])))
         flags = mask if mask is not None else tuple(
-            _differentiable(s) and not (merged and i >= n_inputs) for i, s in enumerate(sig.in_specs))
+            _differentiable(t) and not (merged and i >= n_inputs)
+            for i, t in enumerate(sig.in_types))
 
-        def residual(leaves: list) -> Residual:
-            flagged = {id(x) for x, f in zip(leaves, flags) if f}
-            args, kwargs, params = pytree.unflatten(sig.in_def, leaves)
-            call = Call(self.name, args, kwargs, params, lambda x: id(x) in flagged)
-            return Residual(call, "", self.client._released)
+        def call(leaves: Sequence[Any]) -> Call:
+            return self.make_call(sig.in_def, leaves, flags)
 
         if not batch:
-            return _Record((), False, [residual(arrays)])
+            return _Record((), False, [call(arrays)])
         full = [np.broadcast_to(a, batch + a.shape[k:]) for a in arrays]
         if merged:
             n = int(np.prod(batch))
             leaves = ([a.reshape((n * a.shape[k], *a.shape[k + 1:])) for a in full[:n_inputs]]
                       + [a.reshape(a.shape[k:]) for a in arrays[n_inputs:]])
-            return _Record(batch, True, [residual(leaves)])
-        return _Record(batch, False, [residual([np.ascontiguousarray(a[idx]) for a in full])
+            return _Record(batch, True, [call(leaves)])
+        return _Record(batch, False, [call([np.ascontiguousarray(a[idx]) for a in full])
                                       for idx in np.ndindex(batch)])
 
-    def _remember(self, token: int, record: _Record) -> None:
-        with self._lock:
-            self._records[token] = record
-            while len(self._records) > RESIDUALS_KEPT:
-                self._records.popitem(last=False)  # its residuals are released on collection
 
-
-def _callback(host: Any, shapes: Any, refusal: str) -> Any:
+def _callback(host: Callable[..., Any], shapes: Any, refusal: str) -> Callable[..., Any]:
     """A host call: direct on concrete arrays, else a host callback (one call per vmap
     batch) that refuses to be differentiated itself."""
     @jax.custom_jvp
@@ -315,24 +299,7 @@ def _callback(host: Any, shapes: Any, refusal: str) -> Any:
     return run
 
 
-def as_jax(array: np.ndarray, device: jax.Device | None = None) -> jax.Array:
-    """``array`` as a ``jax.Array`` on ``device`` (None: the default device).
-
-    On CPU a writable, contiguous, 64-byte-aligned array of a dtype DLPack carries
-    is aliased, not copied, and kept alive as long as the result is (which is then
-    committed to its device, as DLPack imports are); anything else is copied.
-    """
-    platform = device.platform if device is not None else jax.default_backend()
-    if (platform == "cpu" and array.size and array.flags.writeable
-            and array.flags.c_contiguous and array.ctypes.data % ALIGN == 0):
-        try:
-            return jax.dlpack.from_dlpack(array, device, copy=False)
-        except (BufferError, ValueError):   # a dtype DLPack lacks, another CPU device
-            pass
-    return jnp.asarray(array) if device is None else jax.device_put(array, device)
-
-
-def _conj(a: np.ndarray) -> np.ndarray:
+def _conj(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Between JAX's complex convention and the wire's (torch's); real arrays pass as they are."""
     return np.conj(a) if np.iscomplexobj(a) else a
 
@@ -341,52 +308,54 @@ def _is_symbolic_zero(x: Any) -> bool:
     return type(x).__name__ == "SymbolicZero"
 
 
-def _batch_shape(arrays: list, specs: list | tuple) -> tuple[int, ...]:
+def _batch_shape(arrays: Sequence[Any], types: Sequence[TensorType]) -> tuple[int, ...]:
     """The vmap batch axes in front of every array (``expand_dims`` puts them there)."""
     if not arrays:
         return ()
-    k = arrays[0].ndim - len(specs[0].shape)
+    k = arrays[0].ndim - len(types[0].shape)
     if k <= 0:
         return ()
     return tuple(np.broadcast_shapes(*(a.shape[:k] for a in arrays)))
 
 
-def _unbatch_outputs(sig: _Signature, results: list, batch: tuple, record: _Record) -> list:
+def _unbatch_outputs(sig: _Signature, results: list[Any], batch: tuple[int, ...],
+                     record: _Record) -> list[Any]:
     flats = [pytree.flatten_up_to(sig.out_def, r) for r in results]
     if not record.batch or record.merged:
-        return [np.asarray(o).reshape(batch + s.shape) for o, s in zip(flats[0], sig.out_specs)]
-    return [np.stack([np.asarray(f[i]) for f in flats]).reshape(batch + s.shape)
-            for i, s in enumerate(sig.out_specs)]
+        return [np.asarray(o).reshape(batch + t.shape) for o, t in zip(flats[0], sig.out_types)]
+    return [np.stack([np.asarray(f[i]) for f in flats]).reshape(batch + t.shape)
+            for i, t in enumerate(sig.out_types)]
 
 
-def _batch_cotangents(sig: _Signature, cts: list, record: _Record) -> list:
+def _batch_cotangents(sig: _Signature, cts: list[Any], record: _Record) -> list[Any]:
     """Cotangent trees, one per remote call of a batched ``record``."""
     batch = record.batch
-    full = [None if c is None else np.broadcast_to(c, batch + s.shape)
-            for c, s in zip(cts, sig.out_specs)]
+    full = [None if c is None else np.broadcast_to(c, batch + t.shape)
+            for c, t in zip(cts, sig.out_types)]
     if record.merged:
         n = int(np.prod(batch))
         return [pytree.unflatten(sig.out_def, [
-            None if c is None else c.reshape((n * s.shape[0], *s.shape[1:]))
-            for c, s in zip(full, sig.out_specs)])]
+            None if c is None else c.reshape((n * t.shape[0], *t.shape[1:]))
+            for c, t in zip(full, sig.out_types)])]
     return [pytree.unflatten(sig.out_def, [None if c is None else np.ascontiguousarray(c[idx])
                                            for c in full])
             for idx in np.ndindex(batch)]
 
 
-def _unbatch_grads(sig: _Signature, flats: list, batch: tuple, merged: bool) -> tuple:
+def _unbatch_grads(sig: _Signature, flats: list[list[Any]], batch: tuple[int, ...],
+                   merged: bool) -> tuple[Any, ...]:
     """Gradients of the differentiable inputs with the batch axes in front (zeros for None)."""
     out = []
-    for i, spec in enumerate(sig.in_specs):
-        if not _differentiable(spec):
+    for i, t in enumerate(sig.in_types):
+        if not _differentiable(t):
             continue
-        dtype = _numpy_dtype(spec)
+        dtype = _numpy_dtype(t)
         parts = [f[i] for f in flats]
         if any(p is None for p in parts):
-            out.append(np.zeros(batch + spec.shape, dtype))
+            out.append(np.zeros(batch + t.shape, dtype))
         elif merged:
-            out.append(_conj(np.asarray(parts[0], dtype)).reshape(batch + spec.shape))
+            out.append(_conj(np.asarray(parts[0], dtype)).reshape(batch + t.shape))
         else:
             out.append(_conj(np.stack([np.asarray(p, dtype) for p in parts]))
-                       .reshape(batch + spec.shape))
+                       .reshape(batch + t.shape))
     return tuple(out)

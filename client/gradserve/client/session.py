@@ -1,134 +1,202 @@
-"""The client's same-host session: open, prove same host (and same GPU), keep alive, close.
+"""The client's same-host session: open, attach and prove, grow, keep alive, close.
 
-A session always has shared-memory arenas (``shm``); asked to, it also opens
-the server's CUDA IPC pools on the GPUs both sides see (``cuda``).
+A session is made of transports (``gradserve.client.transports``), each owning
+its kind of region; this module runs the session RPCs for all of them alike
+and routes slot references to the transport whose region they name.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import grpc
 
-from gradserve.errors import GradserveError, from_rpc_error
-from gradserve.transport import cuda_ipc, shm
+from gradserve.client.transports.base import ClientTransport
+from gradserve.errors import GradserveError, ResourceExhausted, from_rpc_error
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.memory import Data
+from gradserve.wire.slots import SessionInfo, Slots
 
 log = logging.getLogger("gradserve.client")
 
+#: Seconds a growth that failed for a passing reason is not asked for again.
+GROW_RETRY_SECONDS = 1.0
 
-class Session:
-    """A confirmed session: the mapped arenas (``shm``), the CUDA IPC pools if any
-    (``cuda``, else None with the reason in ``cuda_reason``) and a keep-alive thread."""
 
-    def __init__(self, stub: Any, arena_bytes: int = 0, *, cuda: bool = False,
-                 cuda_pool_bytes: int = 0, timeout: float = 10.0):
-        if not shm.available():
-            raise GradserveError("this machine has no /dev/shm")
-        request = pb.OpenSessionRequest(arena_bytes=arena_bytes, cuda_pool_bytes=cuda_pool_bytes)
-        self.cuda: cuda_ipc.ClientCudaPeer | None = None
-        self.cuda_reason = cuda_ipc.unavailable() if cuda else "not asked for"
-        self.cuda_asked = not self.cuda_reason   # asked for, and this process has GPUs
-        if self.cuda_asked:
-            request.cuda_devices.extend(cuda_ipc.local_devices())
-        try:
-            opened = stub.OpenSession(request, timeout=timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        self.id = opened.session_id
-        self.lease = opened.lease_seconds
+class Session(Slots[ClientTransport]):
+    """A confirmed session: its transports, what the framing places payloads in and reads
+    replies from, and a keep-alive thread (``start``/``close``)."""
+
+    def __init__(self, stub: Any, session_id: str, lease: float,
+                 transports: Sequence[ClientTransport], timeout: float = 10.0):
+        super().__init__(transports)
+        self.id = session_id
+        self.lease = lease
+        self.timeout = timeout
         self._stub = stub
-        try:
-            probe = shm.open_region(opened.probe_region, 32)
-            nonce = bytes(probe[:])
-            probe.close()
-            self.shm = shm.ClientPeer(*self._map(opened.request_region, opened.reply_region,
-                                                 opened.arena_bytes), opened.arena_bytes)
-        except (OSError, ValueError) as err:
-            self.close()
-            raise GradserveError(f"cannot map the server's shared memory ({err}): the server is "
-                                 "on another host or in another IPC namespace") from None
-        confirm = pb.ConfirmSessionRequest(session_id=self.id, nonce=nonce)
-        if opened.cuda_pools:
-            self.cuda, nonces, failures = cuda_ipc.ClientCudaPeer.open(opened.cuda_pools)
-            confirm.cuda_nonces.extend(nonces)
-            self.cuda_reason = "; ".join(failures)
-        elif not self.cuda_reason:
-            self.cuda_reason = opened.cuda_unavailable or "the server made no CUDA IPC pools"
-        try:
-            confirmed = stub.ConfirmSession(confirm, timeout=timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        if self.cuda is not None:
-            self.cuda.confirmed(confirmed.cuda_pools_ready)
-            if not self.cuda.usable:
-                self.cuda_reason = self.cuda_reason or "the server refused every CUDA IPC pool"
-                self.cuda = None
-        self.peers = [p for p in (self.cuda, self.shm) if p is not None]
         self._grow_lock = threading.Lock()
-        self._grown_out = False
-        self.shm.grow = self.grow
+        self._grown_out: set[int] = set()
+        self._grow_retry: dict[int, float] = {}
         self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        for transport in transports:
+            transport.growth = self
+
+    @classmethod
+    def open(cls, stub: Any, transports: Sequence[ClientTransport],
+             timeout: float = 10.0) -> tuple["Session | None", dict[str, str]]:
+        """Ask the server for ``transports`` and attach to the regions it makes; the session
+        (None when no transport came up) and why each that did not."""
+        reasons: dict[str, str] = {}
+        asked = list(transports)
+        request = pb.OpenSessionRequest(transports=[t.ask() for t in asked])
+        opened = _call(stub.OpenSession, request, timeout)
+        session = cls(stub, opened.session_id, opened.lease_seconds, asked, timeout)
+        try:
+            by_kind = {t.kind: t for t in asked}
+            for refusal in opened.refused:
+                if refusal.kind in by_kind:
+                    reasons[by_kind[refusal.kind].name] = refusal.reason
+            proofs = []
+            for transport in asked:
+                regions = [r for r in opened.regions if r.kind == transport.kind]
+                if not regions:
+                    reasons.setdefault(transport.name, "the server made no regions for it")
+                    continue
+                made, failures = transport.attach(regions)
+                proofs.extend(made)
+                if failures:
+                    reasons[transport.name] = "; ".join(failures)
+            if any(p.nonce for p in proofs):
+                confirmed = _call(stub.ConfirmSession,
+                                  pb.ConfirmSessionRequest(session_id=session.id, proofs=proofs),
+                                  timeout)
+                for transport in asked:
+                    transport.confirmed(set(confirmed.ready))
+            session.transports = [t for t in asked if t.usable]
+            for transport in asked:
+                if not transport.usable:
+                    reasons.setdefault(transport.name, "the server refused its regions")
+        except BaseException:
+            session.close()
+            raise
+        if not session.transports:
+            session.close()
+            return None, reasons
+        return session, reasons
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        """Start pinging the server every third of the lease, until ``close``."""
+        if self._thread is not None:
+            return
         # the thread holds no reference to the session: a client dropped without close()
         # stops pinging, and the server ends the session when its lease runs out
         weakref.finalize(self, self._stopped.set)
-        threading.Thread(target=_keep_alive, name="gradserve-keepalive", daemon=True,
-                         args=(stub, self.id, self.lease, self._stopped)).start()
+        self._thread = threading.Thread(target=_keep_alive, name="gradserve-keepalive",
+                                        daemon=True,
+                                        args=(self._stub, self.id, self.lease, self._stopped))
+        self._thread.start()
 
-    @staticmethod
-    def _map(request_region: str, reply_region: str, size: int) -> tuple:
-        return shm.open_region(request_region, size), shm.open_region(reply_region, size)
+    def close(self, tell_server: bool = True) -> None:
+        """Stop the keep-alive and end the session on the server (best effort)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.lease / 3 + 1)
+        if tell_server:
+            try:
+                self._stub.CloseSession(pb.SessionRequest(session_id=self.id), timeout=1.0)
+            except grpc.RpcError:
+                pass   # the lease ends it anyway
 
-    def grow(self, nbytes: int, seen: int) -> bool:
-        """Add a segment to both arenas that can hold ``nbytes``, unless one was
-        added since the caller saw ``seen`` segments. False once the server
-        refuses (its per-session limit, or /dev/shm full): from then on what
-        does not fit travels as bytes."""
+    # -- growth ------------------------------------------------------------
+    def grow(self, transport: ClientTransport, min_bytes: int, seen: int) -> bool:
+        """Add a pair of regions of ``transport``'s kind that can hold ``min_bytes``,
+        unless regions were added since the caller saw ``seen``. Once the server refuses
+        for good (its limit, or no memory), what does not fit travels as bytes."""
+        kind = transport.kind
         with self._grow_lock:
-            if len(self.shm.segments) > seen:
+            if len(transport.regions) > seen:
                 return True
-            if self._grown_out:
+            if kind in self._grown_out or time.monotonic() < self._grow_retry.get(kind, 0.0):
                 return False
             try:
-                grown = self._stub.GrowSession(
-                    pb.GrowSessionRequest(session_id=self.id, min_bytes=nbytes), timeout=10.0)
-                maps = self._map(grown.request_region, grown.reply_region, grown.segment_bytes)
-                if self.shm.add_segment(*maps, grown.segment_bytes) != grown.segment:
-                    raise GradserveError(f"segment {grown.segment} arrived out of order")
-                self._stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=self.id,
-                                                                   segment=grown.segment),
-                                          timeout=10.0)
-            except (grpc.RpcError, OSError, ValueError, GradserveError) as err:
-                self._grown_out = True
-                detail = err.details() if isinstance(err, grpc.RpcError) else err
-                log.info("gradserve: shared-memory arenas stay at %d bytes (%s); larger "
-                         "payloads travel as bytes", self.shm.size, detail)
+                grown = _call(self._stub.GrowSession,
+                              pb.GrowSessionRequest(session_id=self.id, min_bytes=min_bytes,
+                                                    kind=kind), self.timeout)
+                proofs, failures = transport.attach(list(grown.regions))
+                if failures:
+                    raise GradserveError("; ".join(failures))
+                confirmed = _call(self._stub.ConfirmSession,
+                                  pb.ConfirmSessionRequest(session_id=self.id, proofs=proofs),
+                                  self.timeout)
+                transport.confirmed(set(confirmed.ready))
+            except ResourceExhausted as err:
+                self._grown_out.add(kind)
+                log.info("gradserve: %s regions stay as they are (%s); larger payloads travel "
+                         "as bytes", transport.label, err.message)
+                return False
+            except GradserveError as err:
+                self._grow_retry[kind] = time.monotonic() + GROW_RETRY_SECONDS
+                log.info("gradserve: could not grow the %s regions (%s); trying again later",
+                         transport.label, err)
                 return False
             return True
 
+    # -- per call ----------------------------------------------------------
     def state(self) -> pb.SessionState:
         """This session's id and the reply slots freed since the last request."""
-        state = pb.SessionState(id=self.id, freed=self.shm.take_freed())
-        if self.cuda is not None:
-            state.cuda_freed.extend(self.cuda.take_freed())
+        state = pb.SessionState(id=self.id)
+        for transport in self.transports:
+            state.freed_slots.extend(transport.take_freed())
         return state
+
+    def put_back(self, state: pb.SessionState) -> None:
+        """The request that carried ``state`` failed: report its freed slots again."""
+        for ref in state.freed_slots:
+            transport = self.transport_of(ref.region)
+            if transport is not None:
+                transport.put_back([ref])
 
     def has_freed(self) -> bool:
         """Whether reply slots wait to be reported freed."""
-        return bool(self.shm.freed) or (self.cuda is not None and bool(self.cuda.freed))
+        return any(t.pending_frees for t in self.transports)
 
-    def close(self) -> None:
-        stopped = getattr(self, "_stopped", None)
-        if stopped is not None:
-            stopped.set()
-        try:
-            self._stub.CloseSession(pb.SessionRequest(session_id=self.id), timeout=1.0)
-        except grpc.RpcError:
-            pass   # the lease ends it anyway
+    def spilled(self, nbytes: int) -> None:
+        """A reply came partly as bytes for want of reply slots: let transports grow."""
+        for transport in self.transports:
+            transport.spilled(nbytes)
 
+    def allocate(self, nbytes: int, gpu: int | None) -> Data | None:
+        """Bytes in a request slot on ``gpu`` (None: host memory), or None."""
+        for transport in self.transports:
+            data = transport.allocate(nbytes, gpu)
+            if data is not None:
+                return data
+        return None
+
+    def info(self) -> SessionInfo:
+        """A snapshot: transports, regions, pending frees, copy counters."""
+        transports = self.transports
+        return SessionInfo(self.id, tuple(t.name for t in transports),
+                           tuple(r.info() for t in transports for r in t.regions),
+                           sum(t.pending_frees for t in transports),
+                           sum(t.copied for t in transports), sum(t.in_place for t in transports))
+
+
+def _call(method: Any, request: Any, timeout: float) -> Any:
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
 
 
 def _keep_alive(stub: Any, sid: str, lease: float, stopped: threading.Event) -> None:

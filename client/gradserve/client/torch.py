@@ -3,8 +3,10 @@
 ``RemoteFunction`` calls an endpoint on torch tensors; when any input requires
 grad, the call is recorded as one autograd node (``_RemoteForward``) whose
 backward sends a Vjp. The backward is itself an autograd function
-(``_RemoteBackward``) so that differentiating a gradient fails with a clear
-message instead of silently returning wrong numbers.
+(``_RemoteBackward``) that takes the forward's inputs too, so that autograd
+sees the gradient depend on them: differentiating it (double backward,
+``create_graph=True``, ``hessian``, grad of grad) then fails with a clear
+message instead of silently returning zeros.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Any
 
 import torch
 
-from gradserve import pytree
-from gradserve.client.core import Call, Client, Residual
-from gradserve.frameworks import WireTensor
+from gradserve.client.core import Client, Residual
+from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, higher_order_refusal, \
+    mergeable
 from gradserve.frameworks.torch import ADAPTER, is_differentiable
+from gradserve.wire import pytree
+from gradserve.wire.codec import Arguments, MakeLeaf
+from gradserve.wire.memory import WireTensor
 
 
 def _is_tensor(x: Any) -> bool:
@@ -24,14 +29,14 @@ def _is_tensor(x: Any) -> bool:
 
 
 def _is_functorch_wrapped(t: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _torch_leaf(wire: WireTensor, path: str) -> torch.Tensor:
     return ADAPTER.from_wire(wire)
 
 
-def _leaf_maker(leaves: list[torch.Tensor]) -> Any:
+def _leaf_maker(leaves: list[torch.Tensor]) -> MakeLeaf:
     """Decode outputs onto the device of the caller's first non-CPU input, if any."""
     device = next((t.device for t in leaves if t.device.type != "cpu"), None)
     if device is None:
@@ -47,10 +52,10 @@ class _State:
     one merged call (``merged``) or one per batch element.
     """
 
-    def __init__(self, fn: "RemoteFunction", treedef: pytree.TreeDef, make_leaf: Any,
+    def __init__(self, fn: "RemoteFunction", call_def: CallDef, make_leaf: MakeLeaf,
                  mask: tuple[bool, ...]):
         self.fn = fn
-        self.treedef = treedef
+        self.call_def = call_def
         self.make_leaf = make_leaf
         self.mask = mask
         self.out_def: pytree.TreeDef | None = None
@@ -59,21 +64,25 @@ class _State:
         self.merged = False
 
     def child(self) -> "_State":
-        return _State(self.fn, self.treedef, self.make_leaf, self.mask)
+        return _State(self.fn, self.call_def, self.make_leaf, self.mask)
+
+    @property
+    def n_inputs(self) -> int:
+        """Leaves that are arguments (the rest are parameters)."""
+        return len(self.mask) - self.call_def.n_params
 
 
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
-    def forward(state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flagged = {id(leaf) for leaf, want in zip(leaves, state.mask) if want}
-        outputs, state.residual = state.fn.invoke(
-            state.treedef, list(leaves), state.make_leaf, lambda x: id(x) in flagged,
-            need_vjp=bool(flagged))
+    def forward(state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        call = state.fn.make_call(state.call_def, leaves, state.mask)
+        outputs, state.residual = state.fn.forward(call, state.make_leaf,
+                                                   need_vjp=any(state.mask))
         out_leaves, state.out_def = pytree.flatten(outputs, _is_tensor)
         return tuple(out_leaves)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         state, *leaves = inputs
         ctx.state = state
         ctx.devices = [(leaf.device, leaf.dtype) for leaf in leaves]
@@ -82,23 +91,24 @@ class _RemoteForward(torch.autograd.Function):
         ctx.mark_non_differentiable(*[o for o in output if not is_differentiable(o)])
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        ctx.saved_tensors  # noqa: B018  (raises if an input was modified in place)
-        return (None, *_RemoteBackward.apply(ctx.state, ctx.devices, *grads))
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        leaves = ctx.saved_tensors   # raises if an input was modified in place
+        return (None, *_RemoteBackward.apply(ctx.state, ctx.devices, len(grads), *grads, *leaves))
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, state: _State, *leaves: torch.Tensor) -> tuple:
+    def vmap(info: Any, in_dims: tuple[Any, ...], state: _State,
+             *leaves: torch.Tensor) -> tuple[Any, ...]:
         size = info.batch_size
-        leaves = [x if d is None else x.movedim(d, 0) for x, d in zip(leaves, in_dims[1:])]
+        leaves = tuple(x if d is None else x.movedim(d, 0) for x, d in zip(leaves, in_dims[1:]))
         batched = [d is not None for d in in_dims[1:]]
-        n_inputs = len(leaves) - state.treedef.children[2].num_leaves
-        state.merged = (state.fn.batchable
-                        and all(x.dim() - b >= 1 for x, b in zip(leaves[:n_inputs], batched))
-                        and not any(batched[n_inputs:]) and not any(state.mask[n_inputs:]))
+        n = state.n_inputs
+        state.merged = mergeable(state.fn.batchable,
+                                 [x.dim() - b for x, b in zip(leaves[:n], batched)],
+                                 any(batched[n:]), any(state.mask[n:]))
         if state.merged:
             sub = state.child()
             full = [x if b else x.expand(size, *x.shape) for x, b in zip(leaves, batched)]
-            merged = [x.reshape(-1, *x.shape[2:]) if i < n_inputs else leaves[i]
+            merged = [x.reshape(-1, *x.shape[2:]) if i < n else leaves[i]
                       for i, x in enumerate(full)]
             outs = _RemoteForward.apply(sub, *merged)
             state.batched, state.out_def = [sub], sub.out_def
@@ -115,100 +125,84 @@ class _RemoteForward(torch.autograd.Function):
 
 class _RemoteBackward(torch.autograd.Function):
     """The Vjp as an autograd node of its own: under torch.func the backward sees
-    wrapped tensors, and differentiating it must fail loudly."""
+    wrapped tensors, and differentiating it must fail loudly. Its inputs are the
+    cotangents and then the forward's inputs (unused: the residual holds them)."""
 
     @staticmethod
-    def forward(state: _State, devices: list, *grads: torch.Tensor | None) -> tuple:
-        return _vjp(state, devices, list(grads), batched=False)
+    def forward(state: _State, devices: list[Any], n_grads: int,  # type: ignore[override]
+                *grads_and_leaves: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return _vjp(state, devices, list(grads_and_leaves[:n_grads]), batched=False)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.endpoint = inputs[0].fn.name
 
     @staticmethod
-    def backward(ctx: Any, *_: Any) -> None:
-        raise RuntimeError(
-            f"gradserve: differentiating the gradient of remote endpoint {ctx.endpoint!r} "
-            "(double backward, grad of grad) is not supported")
+    def backward(ctx: Any, *_: Any) -> None:  # type: ignore[override]
+        raise RuntimeError(higher_order_refusal(ctx.endpoint))
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, state: _State, devices: list, *grads: Any) -> tuple:
+    def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, devices: list[Any],
+             n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
         size = info.batch_size
         grads = [g if g is None or d is None else g.movedim(d, 0)
-                 for g, d in zip(grads, in_dims[2:])]
-        batched = [d is not None for d in in_dims[2:]]
+                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[3:])]
+        batched = [d is not None for d in in_dims[3:3 + n_grads]]
         full = [g if g is None or b else g.expand(size, *g.shape) for g, b in zip(grads, batched)]
+        out: list[torch.Tensor | None]
         if not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
-            out = _vjp(state, devices, full, batched=True)
+            out = list(_vjp(state, devices, full, batched=True))
         elif state.merged:
             sub = state.batched[0]
-            n_inputs = len(devices) - state.treedef.children[2].num_leaves
+            n = state.n_inputs
             flat = [None if g is None else g.reshape(-1, *g.shape[2:]) if g.dim() > 1 else g[0]
                     for g in full]
-            out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n_inputs else g
-                   for i, g in enumerate(_RemoteBackward.apply(sub, devices, *flat))]
+            out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n else g
+                   for i, g in enumerate(_RemoteBackward.apply(sub, devices, len(flat), *flat))]
         else:
-            per = [_RemoteBackward.apply(sub, devices, *[None if g is None else g[i] for g in full])
+            per = [_RemoteBackward.apply(sub, devices, n_grads,
+                                         *[None if g is None else g[i] for g in full])
                    for i, sub in enumerate(state.batched)]
             out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
-        out = tuple(out)
-        return out, tuple(None if g is None else 0 for g in out)
+        return tuple(out), tuple(None if g is None else 0 for g in out)
 
 
-def _vjp(state: _State, devices: list, grads: list, *, batched: bool) -> tuple:
+def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
+         batched: bool) -> tuple[torch.Tensor | None, ...]:
     """Send the Vjp of a plain forward; gradients on the inputs' devices and dtypes."""
-    if all(g is None for g in grads):
+    if all(g is None for g in grads) or state.residual is None or state.out_def is None:
         return tuple(None for _ in devices)
     cotangents = pytree.unflatten(state.out_def, grads)
-    result = state.fn.client.call_vjp(state.residual, cotangents, _torch_leaf, batched=batched,
-                                      timeout=state.fn.timeout)
-    in_grads = pytree.flatten_up_to(state.treedef, (result.args, result.kwargs, result.parameters))
+    result = state.fn.vjp(state.residual, cotangents, _torch_leaf, batched=batched)
     return tuple(None if g is None else g.to(device=dev, dtype=dt)
-                 for g, (dev, dt) in zip(in_grads, devices))
+                 for g, (dev, dt) in zip(state.call_def.grads(result), devices))
 
 
-class RemoteFunction:
+class RemoteFunction(RemoteEndpoint):
     """A remote endpoint called on torch tensors, differentiable with torch autograd.
 
     Inputs and outputs are pytrees (tuples, lists, dicts of tensors and static
     values); keyword arguments may be tensors and are differentiable too.
     """
 
-    def __init__(self, client: Client, name: str, *, timeout: float | None = None):
-        self.client = client
-        self.name = name
-        self.timeout = timeout
-        self._batchable: bool | None = None
-
-    @property
-    def batchable(self) -> bool:
-        """Whether the endpoint maps over axis 0 (then vmap sends one merged call)."""
-        if self._batchable is None:
-            self._batchable = self.client.describe(self.name, timeout=self.timeout).batchable
-        return self._batchable
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(args, kwargs)
 
-    def call(self, args: tuple, kwargs: dict, parameters: dict | None = None) -> Any:
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+              parameters: dict[str, torch.Tensor] | None = None) -> Any:
         """Run the endpoint; ``parameters`` replace the endpoint's own by name."""
-        leaves, treedef = pytree.flatten((tuple(args), dict(kwargs), parameters), _is_tensor)
+        leaves, call_def = flatten_call(Arguments(tuple(args), dict(kwargs), parameters),
+                                        _is_tensor)
         grad = torch.is_grad_enabled()
         if any(_is_functorch_wrapped(t) for t in leaves):
             # under torch.func the tracking level is invisible here: flag what could need grad
             mask = tuple(grad and is_differentiable(t) for t in leaves)
         else:
             mask = tuple(grad and t.requires_grad and is_differentiable(t) for t in leaves)
-        state = _State(self, treedef, _leaf_maker(leaves), mask)
+        state = _State(self, call_def, _leaf_maker(leaves), mask)
         out_leaves = _RemoteForward.apply(state, *leaves)
-        return pytree.unflatten(state.out_def, out_leaves)
-
-    def invoke(self, treedef: pytree.TreeDef, leaves: list, make_leaf: Any, requires_grad: Any,
-               *, need_vjp: bool) -> tuple[Any, Residual | None]:
-        """Send one Forward for flattened inputs."""
-        args, kwargs, parameters = pytree.unflatten(treedef, leaves)
-        call = Call(self.name, args, kwargs, parameters, requires_grad)
-        return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout)
+        assert state.out_def is not None
+        return pytree.unflatten(state.out_def, list(out_leaves))
 
 
 class RemoteModule(torch.nn.Module):
@@ -221,7 +215,7 @@ class RemoteModule(torch.nn.Module):
     def __init__(self, client: Client, name: str, *, timeout: float | None = None):
         super().__init__()
         self._remote = RemoteFunction(client, name, timeout=timeout)
-        values = client.parameters(name, _torch_leaf, timeout=timeout)
+        values = client.parameters(name, like="torch", timeout=timeout)
         if not values:
             raise ValueError(f"endpoint {name!r} has no parameters to hold locally")
         for qualified, value in values.items():

@@ -1,49 +1,21 @@
-"""Array adapters: how each framework's arrays become wire tensors and back.
+"""Frameworks: how each one's arrays become wire tensors and back, and where its parts live.
 
-Each framework is one module registering an :class:`ArrayAdapter`; the codec
-asks the registry which adapter owns a leaf. numpy is always registered; torch
-and jax register when their module is imported (which happens only when a
-caller uses them, so the client core never imports either).
+A framework is three modules: an :class:`ArrayAdapter` (``ADAPTER`` in
+``gradserve.frameworks.<name>``), an autograd front-end for the client, and an
+``Endpoint`` subclass for the server. :data:`FRAMEWORKS` names them; nothing
+is imported until an array of that framework is met (found by the top-level
+module its type comes from) or the framework is asked for by name, so whether
+an array can be sent never depends on what happened to be imported before.
 """
 
 from __future__ import annotations
 
+import importlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-
-@dataclass
-class DeviceBytes:
-    """Bytes in GPU memory: ``array`` is a contiguous 1-D CuPy uint8 array on GPU ``device``."""
-
-    array: Any
-    device: int
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.array.nbytes)
-
-    @property
-    def ptr(self) -> int:
-        return int(self.array.data.ptr)
-
-    def host(self) -> memoryview:
-        """A host copy (for transports that cannot move GPU memory)."""
-        return memoryview(self.array.get())
-
-
-@dataclass
-class WireTensor:
-    """A tensor on its way to or from the wire: dtype code, shape, raw bytes.
-
-    ``data`` is host memory, or GPU memory (:class:`DeviceBytes`) where the
-    array lives on a GPU and CuPy is there to hand its bytes over.
-    """
-
-    dtype: int
-    shape: tuple[int, ...]
-    data: memoryview | DeviceBytes   # C-contiguous little-endian bytes, len == nbytes
-    requires_grad: bool = False
+from gradserve.wire.memory import WireTensor
 
 
 class ArrayAdapter(Protocol):
@@ -55,32 +27,78 @@ class ArrayAdapter(Protocol):
         """Whether ``x`` is an array of this framework."""
 
     def wire_dtype(self, x: Any) -> int:
-        """The wire dtype code of ``x``."""
+        """The wire dtype code of array ``x``."""
+
+    def dtype_code(self, dtype: Any) -> int:
+        """The wire dtype code of one of this framework's dtypes (or a dtype name)."""
 
     def to_wire(self, x: Any) -> WireTensor:
-        """Host bytes of ``x`` (a copy only where the framework forces one)."""
+        """Bytes of ``x`` (a copy only where the framework forces one)."""
 
     def from_wire(self, t: WireTensor) -> Any:
-        """An array of this framework viewing or copying ``t.data``."""
+        """An array of this framework over ``t.data`` (a view wherever it can be one)."""
+
+    def empty(self, shape: tuple[int, ...], code: int, device: Any) -> Any:
+        """An ordinary uninitialised array of wire dtype ``code`` on ``device``."""
+
+    def gpu(self, device: Any) -> int | None:
+        """The local GPU index ``device`` names (None: host memory)."""
 
 
-_ADAPTERS: list[ArrayAdapter] = []
+@dataclass(frozen=True)
+class Framework:
+    """Where one framework's parts live (module paths, imported on use)."""
+
+    name: str
+    roots: tuple[str, ...]       # top-level modules whose arrays the adapter converts
+    adapter: str                 # module with ``ADAPTER``
+    frontend: str = ""           # client autograd front-end
+    endpoint: str = ""           # server ``Endpoint`` subclass (with ``claims``/``build``)
 
 
-def register(adapter: ArrayAdapter) -> None:
-    """Make ``adapter``'s arrays encodable as tensor leaves."""
-    if all(a.name != adapter.name for a in _ADAPTERS):
-        _ADAPTERS.append(adapter)
+FRAMEWORKS: tuple[Framework, ...] = (
+    Framework("numpy", ("numpy",), "gradserve.frameworks.numpy"),
+    Framework("torch", ("torch",), "gradserve.frameworks.torch", "gradserve.client.torch",
+              "gradserve.server.torch_endpoint"),
+    Framework("jax", ("jax", "jaxlib"), "gradserve.frameworks.jax", "gradserve.client.jax",
+              "gradserve.server.jax_endpoint"),
+)
+
+_BY_ROOT = {root: fw for fw in FRAMEWORKS for root in fw.roots}
+_by_type: dict[type, ArrayAdapter | None] = {}
+_lock = threading.Lock()
+
+
+def framework(name: str) -> Framework:
+    """The framework called ``name`` ("numpy", "torch", "jax")."""
+    for fw in FRAMEWORKS:
+        if fw.name == name:
+            return fw
+    raise ValueError(f"unknown framework {name!r}; known: {', '.join(f.name for f in FRAMEWORKS)}")
+
+
+def adapter(name: str) -> ArrayAdapter:
+    """The adapter of framework ``name`` (imports it)."""
+    module = importlib.import_module(framework(name).adapter)
+    found: ArrayAdapter = module.ADAPTER
+    return found
 
 
 def adapter_for(x: Any) -> ArrayAdapter | None:
     """The adapter whose framework owns ``x``, or None for non-arrays."""
-    for adapter in _ADAPTERS:
-        if adapter.is_array(x):
-            return adapter
-    return None
-
-
-from gradserve.frameworks import numpy as _numpy  # noqa: E402  (registers itself)
-
-register(_numpy.ADAPTER)
+    kind = type(x)
+    try:
+        return _by_type[kind]
+    except KeyError:
+        pass
+    found = None
+    for cls in kind.__mro__:
+        fw = _BY_ROOT.get(cls.__module__.partition(".")[0])
+        if fw is not None:
+            candidate = adapter(fw.name)
+            if candidate.is_array(x):
+                found = candidate
+                break
+    with _lock:
+        _by_type[kind] = found
+    return found

@@ -6,11 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from gradserve import dtypes
-from gradserve.frameworks import WireTensor
+from gradserve.wire import dtypes
+from gradserve.wire.memory import WireTensor
 
 
 class NumpyAdapter:
+    """numpy arrays and scalars; GPU payloads are copied to the host."""
+
     name = "numpy"
 
     def is_array(self, x: Any) -> bool:
@@ -18,6 +20,9 @@ class NumpyAdapter:
 
     def wire_dtype(self, x: Any) -> int:
         return dtypes.code_of(np.asarray(x).dtype.name)
+
+    def dtype_code(self, dtype: Any) -> int:
+        return dtypes.code_of(np.dtype(dtype).name)
 
     def to_wire(self, x: Any) -> WireTensor:
         arr = np.asarray(x)
@@ -31,6 +36,14 @@ class NumpyAdapter:
     def from_wire(self, t: WireTensor) -> np.ndarray:
         data = t.data if isinstance(t.data, memoryview) else t.data.host()
         return np.frombuffer(data, dtype=dtypes.numpy_dtype(t.dtype)).reshape(t.shape)
+
+    def empty(self, shape: tuple[int, ...], code: int, device: Any) -> np.ndarray:
+        return np.empty(shape, dtypes.numpy_dtype(code))
+
+    def gpu(self, device: Any) -> int | None:
+        if device not in (None, "cpu"):
+            raise ValueError(f"numpy arrays live in host memory, not on {device!r}")
+        return None
 
 
 ADAPTER = NumpyAdapter()

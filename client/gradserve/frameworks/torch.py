@@ -1,14 +1,17 @@
-"""torch tensors as wire tensors (used by the torch client and torch endpoints)."""
+"""torch tensors as wire tensors (used by the torch client and torch endpoints).
+
+A CUDA tensor's bytes are handed over as GPU memory (a zero-copy DLPack view,
+with CuPy installed); without CuPy they are copied to the host.
+"""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
-from gradserve import dtypes, frameworks
-from gradserve.frameworks import DeviceBytes, WireTensor
+from gradserve.wire import dtypes
+from gradserve.wire.memory import DeviceBytes, WireTensor, cupy_or_none
 
 TO_NAME: dict[torch.dtype, str] = {
     torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8", torch.int16: "int16",
@@ -34,6 +37,8 @@ def is_differentiable(t: torch.Tensor) -> bool:
 
 
 class TorchAdapter:
+    """torch tensors, on the CPU or a CUDA device."""
+
     name = "torch"
 
     def is_array(self, x: Any) -> bool:
@@ -42,17 +47,27 @@ class TorchAdapter:
     def wire_dtype(self, x: Any) -> int:
         return wire_dtype(x.dtype)
 
+    def dtype_code(self, dtype: Any) -> int:
+        return wire_dtype(dtype) if isinstance(dtype, torch.dtype) else dtypes.code_of(str(dtype))
+
     def to_wire(self, x: Any) -> WireTensor:
         code = wire_dtype(x.dtype)
         t = x.detach()
-        cupy = _cupy() if t.is_cuda and t.numel() else None
+        if t._is_zerotensor():   # autograd's symbolic zeros have no storage to send
+            t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+        cupy = cupy_or_none() if t.is_cuda and t.numel() else None
         if t.device.type != "cpu" and cupy is None:
             t = t.cpu()
         t = t.resolve_conj().resolve_neg().contiguous()
-        flat = t.reshape(-1).view(torch.uint8) if t.numel() else None
-        if cupy is not None:   # handed over as GPU memory (a zero-copy DLPack view)
-            return WireTensor(code, tuple(t.shape), DeviceBytes(cupy.from_dlpack(flat), t.device.index))
-        return WireTensor(code, tuple(t.shape), memoryview(flat.numpy() if flat is not None else b""))
+        if not t.numel():
+            return WireTensor(code, tuple(t.shape), memoryview(b""))
+        flat = t.reshape(-1)
+        if flat.stride(0) != 1:   # one element behind a 0 stride (expand, block_diag grads)
+            flat = flat.new_empty(flat.shape).copy_(flat)
+        raw = flat.view(torch.uint8)
+        if cupy is not None:
+            return WireTensor(code, tuple(t.shape), DeviceBytes(cupy.from_dlpack(raw), t.device.index))
+        return WireTensor(code, tuple(t.shape), memoryview(raw.numpy()))
 
     def from_wire(self, t: WireTensor) -> torch.Tensor:
         dtype = FROM_CODE[t.dtype]
@@ -62,16 +77,14 @@ class TorchAdapter:
             return torch.empty(t.shape, dtype=dtype)
         return torch.frombuffer(t.data, dtype=dtype).reshape(t.shape)
 
+    def empty(self, shape: tuple[int, ...], code: int, device: Any) -> torch.Tensor:
+        return torch.empty(shape, dtype=FROM_CODE[code], device=device)
 
-@functools.cache
-def _cupy() -> Any:
-    """CuPy, if importable (it carries GPU payloads); else None."""
-    try:
-        import cupy
-    except ImportError:
-        return None
-    return cupy
+    def gpu(self, device: Any) -> int | None:
+        place = torch.device(device if device is not None else "cpu")
+        if place.type != "cuda":
+            return None
+        return place.index if place.index is not None else torch.cuda.current_device()
 
 
 ADAPTER = TorchAdapter()
-frameworks.register(ADAPTER)

@@ -22,6 +22,18 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT64: _ClassVar[DType]
     COMPLEX64: _ClassVar[DType]
     COMPLEX128: _ClassVar[DType]
+
+class RegionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REGION_KIND_UNSPECIFIED: _ClassVar[RegionKind]
+    SHARED_MEMORY: _ClassVar[RegionKind]
+    CUDA_IPC: _ClassVar[RegionKind]
+
+class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIRECTION_UNSPECIFIED: _ClassVar[Direction]
+    REQUEST: _ClassVar[Direction]
+    REPLY: _ClassVar[Direction]
 DTYPE_UNSPECIFIED: DType
 BOOL: DType
 UINT8: DType
@@ -35,6 +47,12 @@ FLOAT32: DType
 FLOAT64: DType
 COMPLEX64: DType
 COMPLEX128: DType
+REGION_KIND_UNSPECIFIED: RegionKind
+SHARED_MEMORY: RegionKind
+CUDA_IPC: RegionKind
+DIRECTION_UNSPECIFIED: Direction
+REQUEST: Direction
+REPLY: Direction
 
 class StreamedPayload(_message.Message):
     __slots__ = ("id",)
@@ -43,42 +61,32 @@ class StreamedPayload(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "stream", "shm", "cuda", "requires_grad")
+    __slots__ = ("dtype", "shape", "data", "stream", "slot", "requires_grad")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
-    SHM_FIELD_NUMBER: _ClassVar[int]
-    CUDA_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     stream: StreamedPayload
-    shm: ShmRef
-    cuda: CudaRef
+    slot: SlotRef
     requires_grad: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda: _Optional[_Union[CudaRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
 
-class ShmRef(_message.Message):
-    __slots__ = ("offset", "nbytes", "segment")
+class SlotRef(_message.Message):
+    __slots__ = ("region", "offset", "nbytes", "generation")
+    REGION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
-    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    region: int
     offset: int
     nbytes: int
-    segment: int
-    def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., segment: _Optional[int] = ...) -> None: ...
-
-class CudaRef(_message.Message):
-    __slots__ = ("pool", "offset", "nbytes")
-    POOL_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    NBYTES_FIELD_NUMBER: _ClassVar[int]
-    pool: int
-    offset: int
-    nbytes: int
-    def __init__(self, pool: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class NoneValue(_message.Message):
     __slots__ = ()
@@ -237,14 +245,12 @@ class ForwardRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., need_vjp: _Optional[bool] = ..., release: _Optional[_Iterable[str]] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("id", "freed", "cuda_freed")
+    __slots__ = ("id", "freed_slots")
     ID_FIELD_NUMBER: _ClassVar[int]
-    FREED_FIELD_NUMBER: _ClassVar[int]
-    CUDA_FREED_FIELD_NUMBER: _ClassVar[int]
+    FREED_SLOTS_FIELD_NUMBER: _ClassVar[int]
     id: str
-    freed: _containers.RepeatedCompositeFieldContainer[ShmRef]
-    cuda_freed: _containers.RepeatedCompositeFieldContainer[CudaRef]
-    def __init__(self, id: _Optional[str] = ..., freed: _Optional[_Iterable[_Union[ShmRef, _Mapping]]] = ..., cuda_freed: _Optional[_Iterable[_Union[CudaRef, _Mapping]]] = ...) -> None: ...
+    freed_slots: _containers.RepeatedCompositeFieldContainer[SlotRef]
+    def __init__(self, id: _Optional[str] = ..., freed_slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "residual_id")
@@ -338,85 +344,97 @@ class ReleaseResponse(_message.Message):
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
-class OpenSessionRequest(_message.Message):
-    __slots__ = ("arena_bytes", "cuda_devices", "cuda_pool_bytes")
-    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CUDA_DEVICES_FIELD_NUMBER: _ClassVar[int]
-    CUDA_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    arena_bytes: int
-    cuda_devices: _containers.RepeatedScalarFieldContainer[str]
-    cuda_pool_bytes: int
-    def __init__(self, arena_bytes: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[str]] = ..., cuda_pool_bytes: _Optional[int] = ...) -> None: ...
-
-class CudaPool(_message.Message):
-    __slots__ = ("device", "request_handle", "reply_handle", "pool_bytes")
+class Region(_message.Message):
+    __slots__ = ("index", "kind", "direction", "nbytes", "device", "handle")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    REPLY_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    kind: RegionKind
+    direction: Direction
+    nbytes: int
     device: str
-    request_handle: bytes
-    reply_handle: bytes
-    pool_bytes: int
-    def __init__(self, device: _Optional[str] = ..., request_handle: _Optional[bytes] = ..., reply_handle: _Optional[bytes] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
+    handle: bytes
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., direction: _Optional[_Union[Direction, str]] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., handle: _Optional[bytes] = ...) -> None: ...
+
+class TransportRequest(_message.Message):
+    __slots__ = ("kind", "region_bytes", "devices")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    kind: RegionKind
+    region_bytes: int
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[RegionKind, str]] = ..., region_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TransportRefusal(_message.Message):
+    __slots__ = ("kind", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: RegionKind
+    reason: str
+    def __init__(self, kind: _Optional[_Union[RegionKind, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("transports",)
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    transports: _containers.RepeatedCompositeFieldContainer[TransportRequest]
+    def __init__(self, transports: _Optional[_Iterable[_Union[TransportRequest, _Mapping]]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "probe_region", "request_region", "reply_region", "arena_bytes", "lease_seconds", "cuda_pools", "cuda_unavailable")
+    __slots__ = ("session_id", "lease_seconds", "regions", "refused")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    PROBE_REGION_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_REGION_FIELD_NUMBER: _ClassVar[int]
-    REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
-    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    CUDA_POOLS_FIELD_NUMBER: _ClassVar[int]
-    CUDA_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    probe_region: str
-    request_region: str
-    reply_region: str
-    arena_bytes: int
     lease_seconds: float
-    cuda_pools: _containers.RepeatedCompositeFieldContainer[CudaPool]
-    cuda_unavailable: str
-    def __init__(self, session_id: _Optional[str] = ..., probe_region: _Optional[str] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., cuda_pools: _Optional[_Iterable[_Union[CudaPool, _Mapping]]] = ..., cuda_unavailable: _Optional[str] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    refused: _containers.RepeatedCompositeFieldContainer[TransportRefusal]
+    def __init__(self, session_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[TransportRefusal, _Mapping]]] = ...) -> None: ...
+
+class RegionProof(_message.Message):
+    __slots__ = ("region", "nonce")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    nonce: bytes
+    def __init__(self, region: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class ConfirmSessionRequest(_message.Message):
-    __slots__ = ("session_id", "nonce", "segment", "cuda_nonces")
+    __slots__ = ("session_id", "proofs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    NONCE_FIELD_NUMBER: _ClassVar[int]
-    SEGMENT_FIELD_NUMBER: _ClassVar[int]
-    CUDA_NONCES_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    nonce: bytes
-    segment: int
-    cuda_nonces: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., segment: _Optional[int] = ..., cuda_nonces: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    proofs: _containers.RepeatedCompositeFieldContainer[RegionProof]
+    def __init__(self, session_id: _Optional[str] = ..., proofs: _Optional[_Iterable[_Union[RegionProof, _Mapping]]] = ...) -> None: ...
 
 class ConfirmSessionResponse(_message.Message):
-    __slots__ = ("cuda_pools_ready",)
-    CUDA_POOLS_READY_FIELD_NUMBER: _ClassVar[int]
-    cuda_pools_ready: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, cuda_pools_ready: _Optional[_Iterable[bool]] = ...) -> None: ...
+    __slots__ = ("ready",)
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ready: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ready: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GrowSessionRequest(_message.Message):
-    __slots__ = ("session_id", "min_bytes")
+    __slots__ = ("session_id", "min_bytes", "kind", "device")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     min_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., min_bytes: _Optional[int] = ...) -> None: ...
+    kind: RegionKind
+    device: str
+    def __init__(self, session_id: _Optional[str] = ..., min_bytes: _Optional[int] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GrowSessionResponse(_message.Message):
-    __slots__ = ("segment", "request_region", "reply_region", "segment_bytes")
-    SEGMENT_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_REGION_FIELD_NUMBER: _ClassVar[int]
-    REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
-    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
-    segment: int
-    request_region: str
-    reply_region: str
-    segment_bytes: int
-    def __init__(self, segment: _Optional[int] = ..., request_region: _Optional[str] = ..., reply_region: _Optional[str] = ..., segment_bytes: _Optional[int] = ...) -> None: ...
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -155,12 +155,13 @@ class GradserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OpenSession(self, request, context):
-        """Same-host zero-copy sessions. The server creates every shared-memory
-        region itself (names carry an unguessable part) and never maps a name a
-        client sends. The client proves it shares the host by reading the probe
-        region's nonce back; the server then unlinks all the session's names, so
-        nothing is left in /dev/shm whoever dies. A session lives while calls or
-        KeepAlives arrive within its lease.
+        """Same-host zero-copy sessions. The client asks for transports (shared
+        memory, CUDA IPC, ...); the server creates every region itself and lists
+        them in a per-session table (`Region`). The server never attaches to
+        memory a client names. Every region starts with a random nonce: the client
+        reads it through its own mapping and sends it back (`ConfirmSession`),
+        which proves it shares that memory; only proven regions are used. A
+        session lives while calls or KeepAlives arrive within its lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gradserve.server.host import Server
-from gradserve.server.registry import Endpoint
+from gradserve.server.endpoint import Endpoint, build_endpoint
 
 log = logging.getLogger("gradserve.cli")
 
@@ -48,7 +48,12 @@ def load_target(target: str) -> tuple[str, Any]:
 
 
 def _is_factory(obj: Any) -> bool:
-    if isinstance(obj, Endpoint) or not callable(obj) or _is_torch_module(obj):
+    """A callable with no required arguments that is not itself servable (a module,
+    an ``Endpoint``, a jitted function, a plain function taking arguments)."""
+    if isinstance(obj, Endpoint) or not callable(obj) or inspect.isbuiltin(obj):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
         return False
     try:
         params = inspect.signature(obj).parameters.values()
@@ -58,29 +63,13 @@ def _is_factory(obj: Any) -> bool:
                for p in params)
 
 
-def _is_torch_module(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
-
-
-def framework_of(fn: Any) -> str:
-    """"jax" for a jitted function or one whose module uses jax and not torch; else "torch".
-
-    Wrap a function in ``JaxEndpoint``/``TorchEndpoint`` to say it explicitly.
-    """
-    if type(fn).__module__.startswith(("jax", "jaxlib")):
-        return "jax"
-    names = {getattr(v, "__name__", "").split(".")[0]
-             for v in getattr(fn, "__globals__", {}).values() if inspect.ismodule(v)}
-    return "jax" if "jax" in names and "torch" not in names else "torch"
-
-
 def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoint]:
     """Turn a TARGET's object into named endpoints.
 
-    Accepts an ``Endpoint``, a torch module, a function (JAX or torch, see
-    :func:`framework_of`), a dict of name -> any of these, or a factory (a callable with no required arguments,
-    given ``device=`` if it accepts one) returning any of these.
+    Accepts an ``Endpoint``, a model or function (served by the framework that
+    claims it: ``gradserve.server.endpoint.build_endpoint``), a dict of name ->
+    any of these, or a factory (a callable with no required arguments, given
+    ``device=`` if it accepts one) returning any of these.
     """
     if _is_factory(obj):
         accepts_device = "device" in inspect.signature(obj).parameters
@@ -92,12 +81,8 @@ def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoi
         return endpoints
     if isinstance(obj, Endpoint):
         return {name: obj}
-    if callable(obj) and framework_of(obj) == "jax":
-        from gradserve.server.jax_endpoint import JaxEndpoint
-        return {name: JaxEndpoint(obj, device=device)}
     if callable(obj):
-        from gradserve.server.torch_endpoint import TorchEndpoint
-        return {name: TorchEndpoint(obj, device=device)}
+        return {name: build_endpoint(obj, device=device)}
     raise SystemExit(f"gradserve: {name!r} is a {type(obj).__name__}, not a module, function, "
                      "Endpoint, dict of those, or a factory returning one")
 

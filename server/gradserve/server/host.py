@@ -11,13 +11,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradserve.server.registry import Endpoint, Registry
+from gradserve.server.endpoint import Endpoint, build_endpoint
+from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.service import GradserveService, Limits
 from gradserve.server.sessions import SessionManager
-from gradserve.transport.bytes import DEFAULT_CHUNK_BYTES, MESSAGE_OVERHEAD
+from gradserve.server.transports import SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.framing import DEFAULT_CHUNK_BYTES, MESSAGE_OVERHEAD
 
 log = logging.getLogger("gradserve.server")
 
@@ -28,19 +30,23 @@ GiB = 1 << 30
 class Server:
     """A gradserve server.
 
-    ``port=0`` picks a free port (read it back from ``server.port``).
-    ``max_residual_bytes`` and ``residual_ttl`` (seconds) bound what Forward
-    keeps for Vjp; ``max_request_bytes`` bounds the tensor bytes of one
-    request; ``max_message_bytes`` bounds one gRPC message (clients chunk
-    larger tensors); ``chunk_bytes`` is the size of the chunks it sends;
-    a request stream that sends nothing for ``idle_timeout`` seconds is
-    cancelled, so stalled clients cannot pin the ``workers`` threads.
-    Same-host clients get shared-memory sessions with two arenas that start
-    at ``shm_arena_bytes`` and grow on demand up to ``max_shm_arena_bytes``
-    each (memory is reserved as they grow), dropped when not heard from for
+    ``port=0`` picks a free port (read it back from ``server.port``); a port
+    another process (or server) listens on is refused unless ``reuse_port``
+    asks to share it. ``max_residual_bytes`` and ``residual_ttl`` (seconds)
+    bound what Forward keeps for Vjp; ``max_request_bytes`` bounds the tensor
+    bytes of one request; ``max_message_bytes`` bounds one gRPC message
+    (clients chunk larger tensors); ``chunk_bytes`` is the size of the chunks
+    it sends; a request stream that sends nothing for ``idle_timeout`` seconds
+    is cancelled, so stalled clients cannot pin the ``workers`` threads.
+    Same-host clients get sessions whose shared-memory regions start at
+    ``shm_arena_bytes`` and grow on demand up to ``max_shm_arena_bytes`` each
+    way (memory is reserved as they grow), dropped when not heard from for
     ``session_lease`` seconds. Same-host clients with GPUs this server sees
     also get CUDA IPC pools of ``cuda_pool_bytes`` (a client may ask for up to
     ``max_cuda_pool_bytes``) on each such GPU.
+
+    The constructor binds the port and starts nothing; ``start`` starts the
+    gRPC server and the background threads, ``stop`` stops them all.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
@@ -49,30 +55,33 @@ class Server:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
                  shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
                  session_lease: float = 30.0, cuda_pool_bytes: int = 256 << 20,
-                 max_cuda_pool_bytes: int = 4 * GiB, debug: bool = False):
+                 max_cuda_pool_bytes: int = 4 * GiB, reuse_port: bool = False,
+                 debug: bool = False):
         self.host = host
         self.debug = debug
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl)
-        self.sessions = SessionManager(shm_arena_bytes, max_shm_arena_bytes, session_lease,
-                                       cuda_pool_bytes, max_cuda_pool_bytes)
+        self.sessions = SessionManager(SessionSettings(shm_arena_bytes, max_shm_arena_bytes,
+                                                       cuda_pool_bytes, max_cuda_pool_bytes,
+                                                       session_lease))
         self.service = GradserveService(self.registry, self.residuals, self.sessions,
                                         Limits(chunk_bytes, max_request_bytes, idle_timeout), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradserve"),
-            options=[("grpc.max_receive_message_length", max_message),
-                     ("grpc.max_send_message_length", -1)])
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers,
+                                                    thread_name_prefix="gradserve")
+        self._grpc = grpc.server(self._executor, options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 1 if reuse_port else 0)])
         pb_grpc.add_GradserveServicer_to_server(self.service, self._grpc)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
+        self.port = _bind(self._grpc, host, port)
         self._started = False
         self._stopped = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     @property
     def address(self) -> str:
@@ -81,29 +90,34 @@ class Server:
         return f"{host}:{self.port}"
 
     # -- endpoints ---------------------------------------------------------
-    def add(self, name: str, endpoint: Endpoint) -> Endpoint:
-        """Host an endpoint built by a framework module (e.g. ``TorchEndpoint``)."""
-        endpoint.debug = endpoint.debug or self.debug
-        self.registry.add(name, endpoint)
+    def add(self, name: str, endpoint: Any, *, framework: str | None = None,
+            **options: Any) -> Endpoint:
+        """Host ``endpoint`` under ``name``: an ``Endpoint``, or a model or function that
+        ``framework`` (default: the one that claims it) serves with ``options``."""
+        served = build_endpoint(endpoint, framework_name=framework, **options)
+        served.debug = served.debug or self.debug
+        self.registry.add(name, served)
         if self._started:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return endpoint
+        return served
 
     def add_torch(self, name: str, fn: Callable[..., Any], **options: Any) -> Endpoint:
         """Host a torch ``nn.Module`` or function; options as for ``TorchEndpoint``."""
-        from gradserve.server.torch_endpoint import TorchEndpoint
-        return self.add(name, TorchEndpoint(fn, **options))
+        return self.add(name, fn, framework="torch", **options)
 
     def add_jax(self, name: str, fn: Callable[..., Any], **options: Any) -> Endpoint:
         """Host a JAX function (``params=`` for ``fn(params, *args)``); options as for ``JaxEndpoint``."""
-        from gradserve.server.jax_endpoint import JaxEndpoint
-        return self.add(name, JaxEndpoint(fn, **options))
+        return self.add(name, fn, framework="jax", **options)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
+        """Start serving, and the threads that free memory and end stalled streams."""
         self._grpc.start()
         self._started = True
-        threading.Thread(target=self._sweep, name="gradserve-ttl", daemon=True).start()
+        self.residuals.dropper.start()
+        self.service.idle.start()
+        self._sweeper = threading.Thread(target=self._sweep, name="gradserve-ttl", daemon=True)
+        self._sweeper.start()
         for name in ("", SERVICE_NAME, *(e.name for e in self.registry.all())):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gradserve listening on %s with endpoints %s", self.address,
@@ -112,14 +126,21 @@ class Server:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` passes); True if it stopped."""
-        return self._grpc.wait_for_termination(timeout)
+        stopped: bool = self._grpc.wait_for_termination(timeout)
+        return stopped
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop accepting calls, let running ones finish for ``grace`` seconds, free residuals."""
+        """Stop accepting calls, let running ones finish for ``grace`` seconds, free
+        residuals and sessions, and end every thread ``start`` started."""
         self._health.enter_graceful_shutdown()
         self._grpc.stop(grace).wait()
         self._stopped.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
+            self._sweeper = None
         self.service.idle.stop()
+        self.residuals.dropper.stop()
+        self._executor.shutdown(wait=False)   # idle workers end now, busy ones when done
         self.residuals.clear()
         self.sessions.close_all()
 
@@ -135,3 +156,19 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _bind(server: grpc.Server, host: str, port: int) -> int:
+    """Listen on ``host:port``; OSError naming the address if it cannot be had."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        bound, detail = 0, f" ({err})"
+    else:
+        detail = ""
+    if not bound:
+        raise OSError(f"cannot listen on {address}: the port is in use (another server?) or "
+                      f"the address is not this machine's{detail}; pass reuse_port=True to "
+                      "share a port on purpose")
+    return int(bound)

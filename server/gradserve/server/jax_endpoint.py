@@ -4,14 +4,13 @@ Each distinct call structure (the pytree of inputs with its static values, and
 which leaves are differentiated) gets jitted functions once, kept in an LRU
 cache; ``jax.jit`` then caches per shape. Forward with ``need_vjp`` runs
 ``jax.vjp`` under jit and keeps the vjp closure as the residual; Vjp applies
-it (vmapped for batched cotangents), also under jit.
+it (vmapped for batched cotangents), also under jit. Checks and messages are
+``Endpoint``'s.
 """
 
 from __future__ import annotations
 
 import inspect
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,16 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradserve import dtypes, pytree
-from gradserve.errors import invalid
-from gradserve.frameworks import WireTensor
-import gradserve.frameworks.jax  # noqa: F401  (registers jax arrays: outputs are encoded)
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
-from gradserve.server.registry import Endpoint, own_doc
-from gradserve.specs import TensorSpec
+from gradserve.lru import LRU
+from gradserve.server.endpoint import CERTAINLY, NO, PLAUSIBLY, Endpoint, Forwarded, Residual, \
+    module_roots, own_doc, signature_of
+from gradserve.wire import dtypes, pytree
+from gradserve.wire.codec import Arguments
+from gradserve.wire.memory import WireTensor
+from gradserve.wire.specs import TensorSpec, TensorType
 
 #: Call structures whose jitted functions are kept per endpoint.
 COMPILE_CACHE_SIZE = 64
+_WIDE = {dtypes.code_of(n) for n in ("float64", "complex128", "int64")}
 
 
 class _Leaf:
@@ -36,13 +37,13 @@ class _Leaf:
 
     __slots__ = ("value", "requires_grad")
 
-    def __init__(self, value: np.ndarray, requires_grad: bool):
+    def __init__(self, value: np.ndarray[Any, Any], requires_grad: bool):
         self.value = value
         self.requires_grad = requires_grad
 
 
 def _is_input_leaf(x: Any) -> bool:
-    return isinstance(x, (_Leaf, jax.Array, np.ndarray, TensorSpec))
+    return isinstance(x, (_Leaf, jax.Array, np.ndarray, TensorType))
 
 
 def _is_array(x: Any) -> bool:
@@ -53,17 +54,18 @@ def _is_array(x: Any) -> bool:
 class _Compiled:
     """Jitted functions for one call structure; ``call(diff, rest)`` is the user's function."""
 
-    call: Callable[[list, list], Any]
-    forward: Callable[[list, list], Any]
-    forward_vjp: Callable[[list, list], Any]
+    call: Callable[[list[Any], list[Any]], Any]
+    forward: Callable[[list[Any], list[Any]], Any]
+    forward_vjp: Callable[[list[Any], list[Any]], Any]
     backward: Callable[[Any, Any], Any]
     backward_batched: Callable[[Any, Any], Any]
 
 
 @dataclass
-class _Residual:
+class _State:
+    """A forward's vjp closure, and which leaves of which call structure it differentiates."""
+
     vjp_fn: Any
-    outputs: Any
     in_def: pytree.TreeDef
     mask: tuple[bool, ...]
 
@@ -98,7 +100,7 @@ class JaxEndpoint(Endpoint):
             if len(leaves) != len(jax.tree_util.tree_leaves(self.params)):
                 raise TypeError("params must be a pytree of arrays in dicts, lists and tuples "
                                 "(for an Equinox module, serve eqx.partition's array part)")
-        signature = inspect.signature(fn)
+        signature = signature_of(fn)
         if self.has_params:
             signature = signature.replace(parameters=list(signature.parameters.values())[1:])
         self.call_signature = signature
@@ -107,82 +109,74 @@ class JaxEndpoint(Endpoint):
         self.doc = doc if doc is not None else own_doc(fn, ("jax.",))
         self.batchable = batchable
         self.debug = debug
-        self._compiled: OrderedDict[tuple, _Compiled] = OrderedDict()
-        self._lock = threading.Lock()
+        self._compiled: LRU[tuple[pytree.TreeDef, tuple[bool, ...]], _Compiled] = \
+            LRU(COMPILE_CACHE_SIZE)
 
     # -- description -------------------------------------------------------
     def parameters(self) -> Any:
         return self.params if self.has_params else {}
 
-    def parameter_specs(self) -> dict[str, TensorSpec]:
-        if not self.has_params:
-            return {}
-        return {jax.tree_util.keystr(path): self.leaf_spec(leaf)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+    def is_array(self, x: Any) -> bool:
+        return _is_array(x)
 
-    def leaf_spec(self, x: Any) -> TensorSpec | None:
+    def leaf_type(self, x: Any) -> TensorType | None:
         if isinstance(x, _Leaf):
             x = x.value
-        if isinstance(x, TensorSpec):
+        if isinstance(x, TensorType):
             return x
         if _is_array(x):
-            return TensorSpec(tuple(x.shape), np.dtype(x.dtype).name)
+            return TensorType(tuple(x.shape), np.dtype(x.dtype).name)
         return None
 
-    # -- calls -------------------------------------------------------------
-    def make_leaf(self, wire: WireTensor, path: str) -> _Leaf:
-        if wire.requires_grad and wire.dtype not in dtypes.DIFFERENTIABLE:
-            raise invalid(f"{path}: requires_grad on a {dtypes.name_of(wire.dtype)} tensor; "
-                          "only floating and complex tensors have gradients")
-        if wire.dtype in (dtypes.code_of("float64"), dtypes.code_of("complex128"),
-                          dtypes.code_of("int64")) and not jax.config.jax_enable_x64:
-            raise invalid(f"{path}: {dtypes.name_of(wire.dtype)} input, but this server's JAX "
-                          "runs without 64-bit types (start it with JAX_ENABLE_X64=1)")
+    def refuse_dtype(self, code: int) -> str:
+        if code in _WIDE and not jax.config.jax_enable_x64:
+            return (f"{dtypes.name_of(code)} input, but this server's JAX runs without 64-bit "
+                    "types (start it with JAX_ENABLE_X64=1)")
+        return ""
+
+    # -- array operations --------------------------------------------------
+    def to_array(self, wire: WireTensor) -> _Leaf:
         return _Leaf(NUMPY.from_wire(wire), wire.requires_grad)
 
-    def forward(self, args: tuple, kwargs: dict, parameters: Any,
-                need_vjp: bool) -> tuple[Any, Any, int]:
-        self.check_arguments(args, kwargs)
-        leaves, in_def, mask = self._flatten(args, kwargs, parameters)
+    def run_forward(self, inputs: Arguments, need_vjp: bool) -> Forwarded:
+        leaves, in_def, mask = self._flatten(inputs)
         compiled = self._compile(in_def, mask)
         arrays = jax.device_put([leaf.value if isinstance(leaf, _Leaf) else leaf
                                  for leaf in leaves], self.device)
         diff = [a for a, m in zip(arrays, mask) if m]
         rest = [a for a, m in zip(arrays, mask) if not m]
         if not (need_vjp and diff):
-            return self.run(lambda: compiled.forward(diff, rest)), None, 0
+            return Forwarded(self.run(lambda: compiled.forward(diff, rest)))
         outputs, vjp_fn = self.run(lambda: compiled.forward_vjp(diff, rest))
-        return outputs, _Residual(vjp_fn, outputs, in_def, mask), self._residual_bytes(
-            (vjp_fn, outputs, arrays))
+        return Forwarded(outputs, Residual(outputs, _State(vjp_fn, in_def, mask)),
+                         self._residual_bytes((vjp_fn, outputs, arrays)))
 
-    def vjp(self, residual: _Residual, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
-        out_leaves, cot_leaves = self.align_cotangents(residual.outputs, cotangents, _is_array)
-        out_def = pytree.flatten(residual.outputs, _is_array)[1]
-        batch = {c.value.shape[0] for c in cot_leaves
-                 if isinstance(c, _Leaf) and batched and c.value.ndim}
-        if len(batch) > 1:
-            raise invalid(f"batched cotangents disagree on the batch size ({sorted(batch)})")
-        size = batch.pop() if batch else 1
-        if batched and size == 0:
-            raise invalid("batched cotangents need a batch of at least one")
-        cts = [self._cotangent(i, out, cot, size if batched else None)
-               for i, (out, cot) in enumerate(zip(out_leaves, cot_leaves))]
+    def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
+        state: _State = residual.state
+        out_leaves, out_def = pytree.flatten(residual.outputs, _is_array)
+        given = [c.value for c in cotangents if c is not None]
+        size = given[0].shape[0] if batched and given else 1
+        cts = [self._cotangent(out, cot, size if batched else None)
+               for out, cot in zip(out_leaves, cotangents)]
         ct_tree = pytree.unflatten(out_def, jax.device_put(cts, self.device))
-        backward = self._compile(residual.in_def, residual.mask)
+        backward = self._compile(state.in_def, state.mask)
         apply = backward.backward_batched if batched else backward.backward
-        (grads,) = self.run(lambda: apply(residual.vjp_fn, ct_tree))
+        (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
         by_leaf = iter(grads)
-        return pytree.unflatten(residual.in_def, [next(by_leaf) if m else None
-                                                  for m in residual.mask])
+        args, kwargs, parameters = pytree.unflatten(
+            state.in_def, [next(by_leaf) if m else None for m in state.mask])
+        return Arguments(args, kwargs, parameters)
 
-    def signature(self, args: tuple, kwargs: dict, parameters: Any) -> Any:
-        self.check_arguments(args, kwargs)
-        leaves, in_def, mask = self._flatten(args, kwargs, parameters)
+    def run_signature(self, inputs: Arguments) -> Any:
+        leaves, in_def, mask = self._flatten(inputs)
         compiled = self._compile(in_def, tuple(False for _ in mask))
-        shapes = [jax.ShapeDtypeStruct(spec.shape, dtypes.numpy_dtype(dtypes.code_of(spec.dtype)))
-                  for spec in map(self.leaf_spec, leaves)]
+        shapes = []
+        for leaf in leaves:
+            t = self.leaf_type(leaf)
+            assert t is not None
+            shapes.append(jax.ShapeDtypeStruct(t.shape, dtypes.numpy_dtype(dtypes.code_of(t.dtype))))
         outputs = self.run(lambda: jax.eval_shape(compiled.call, [], shapes))
-        return pytree.map_leaves(lambda s: TensorSpec(tuple(s.shape), np.dtype(s.dtype).name),
+        return pytree.map_leaves(lambda s: TensorType(tuple(s.shape), np.dtype(s.dtype).name),
                                  outputs, lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
     # -- helpers -----------------------------------------------------------
@@ -194,55 +188,28 @@ class JaxEndpoint(Endpoint):
                 seen[_buffer(x)] = x.nbytes
         return sum(seen.values())
 
-    def _flatten(self, args: tuple, kwargs: dict,
-                 parameters: Any) -> tuple[list, pytree.TreeDef, tuple[bool, ...]]:
-        if parameters is not None:
-            self._check_parameters(parameters)
+    def _flatten(self, inputs: Arguments) -> tuple[list[Any], pytree.TreeDef, tuple[bool, ...]]:
+        args, kwargs, parameters = inputs.tree
         params = parameters if parameters is not None else self.params
         leaves, in_def = pytree.flatten((args, kwargs, params), _is_input_leaf)
         mask = tuple(isinstance(leaf, _Leaf) and leaf.requires_grad for leaf in leaves)
         return leaves, in_def, mask
 
-    def _check_parameters(self, parameters: Any) -> None:
-        if not self.has_params:
-            raise invalid(f"endpoint {self.name!r} has no params; it is called as fn(*args)")
-        own, own_def = pytree.flatten(self.params, _is_array)
-        try:
-            sent = pytree.flatten_up_to(own_def, parameters, "parameters")
-        except ValueError as err:
-            raise invalid(f"{err} (parameters must mirror the endpoint's params)") from None
-        names = list(self.parameter_specs())
-        for name, mine, theirs in zip(names, own, sent):
-            want, got = self.leaf_spec(mine), self.leaf_spec(theirs)
-            if got != want:
-                shown = f"{got.dtype}{list(got.shape)}" if got else type(theirs).__name__
-                raise invalid(f"parameter {name}: expected {want.dtype}{list(want.shape)}, "
-                              f"got {shown}")
-
-    def _cotangent(self, i: int, out: Any, cot: Any, batch: int | None) -> Any:
+    @staticmethod
+    def _cotangent(out: Any, cot: _Leaf | None, batch: int | None) -> Any:
         shape = tuple(out.shape) if batch is None else (batch, *out.shape)
-        differentiable = jax.dtypes.issubdtype(out.dtype, np.inexact)
-        if cot is None or not differentiable:
-            return np.zeros(shape, out.dtype if differentiable else jax.dtypes.float0)
-        if not isinstance(cot, _Leaf):
-            raise invalid(f"cotangent for output tensor #{i} must be a tensor or None, "
-                          f"got {type(cot).__name__}")
-        if cot.value.shape != shape or cot.value.dtype != out.dtype:
-            want = f"{np.dtype(out.dtype).name}{[*(['B'] if batch else []), *out.shape]}"
-            raise invalid(f"cotangent for output tensor #{i}: expected {want}, got "
-                          f"{cot.value.dtype.name}{list(cot.value.shape)}")
-        return cot.value
+        if jax.dtypes.issubdtype(out.dtype, np.inexact):
+            return np.zeros(shape, out.dtype) if cot is None else cot.value
+        return np.zeros(shape, jax.dtypes.float0)
 
     def _compile(self, in_def: pytree.TreeDef, mask: tuple[bool, ...]) -> _Compiled:
         key = (in_def, mask)
-        with self._lock:
-            compiled = self._compiled.get(key)
-            if compiled is not None:
-                self._compiled.move_to_end(key)
-                return compiled
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled
         fn, has_params = self.fn, self.has_params
 
-        def call(diff: list, rest: list) -> Any:
+        def call(diff: list[Any], rest: list[Any]) -> Any:
             d, r = iter(diff), iter(rest)
             args, kwargs, params = pytree.unflatten(in_def, [next(d) if m else next(r)
                                                              for m in mask])
@@ -255,10 +222,7 @@ class JaxEndpoint(Endpoint):
             forward_vjp=jax.jit(lambda diff, rest: jax.vjp(lambda d: call(d, rest), diff)),
             backward=jax.jit(lambda vjp_fn, ct: _torch_convention(vjp_fn)(ct)),
             backward_batched=jax.jit(lambda vjp_fn, cts: jax.vmap(_torch_convention(vjp_fn))(cts)))
-        with self._lock:
-            self._compiled[key] = compiled
-            while len(self._compiled) > COMPILE_CACHE_SIZE:
-                self._compiled.popitem(last=False)
+        self._compiled.put(key, compiled)
         return compiled
 
 
@@ -288,3 +252,16 @@ def _device(name: str | None) -> Any:
         return jax.devices(kind)[int(index or 0)]
     except (RuntimeError, IndexError) as err:
         raise ValueError(f"no JAX device {name!r}: {err}") from None
+
+
+def claims(obj: Any) -> int:
+    """How surely ``obj`` is a JAX function (``CERTAINLY`` for jitted ones)."""
+    if type(obj).__module__.startswith(("jax", "jaxlib")):
+        return CERTAINLY
+    wrapped = inspect.unwrap(obj) if callable(obj) else obj
+    return PLAUSIBLY if "jax" in module_roots(wrapped) else NO
+
+
+def build(obj: Any, device: Any = None, **options: Any) -> JaxEndpoint:
+    """A ``JaxEndpoint`` serving ``obj``."""
+    return JaxEndpoint(obj, device=device, **options)

@@ -26,23 +26,44 @@ class _Entry:
     last_used: float
 
 
+_STOP = object()
+
+
 class Dropper:
     """Frees objects on a background thread, off the path a waiting client sees.
 
     Freeing a large autograd graph or tensor (returning its pages) takes
-    milliseconds per 64 MiB; a handler hands such objects here instead.
+    milliseconds per 64 MiB; a handler hands such objects here instead. Until
+    ``start`` (and after ``stop``) objects are freed at once, by the caller.
     """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="gradserve-drop", daemon=True).start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the freeing thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gradserve-drop", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Free what is queued and end the thread."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join()
 
     def drop(self, obj: Any) -> None:
-        self._queue.put(obj)
+        """Free ``obj`` (on the thread, when it runs)."""
+        if self._thread is not None:
+            self._queue.put(obj)
 
     def _run(self) -> None:
         while True:
             obj = self._queue.get()
+            if obj is _STOP:
+                return
             del obj
 
 
@@ -96,6 +117,7 @@ class ResidualStore:
             return len(present)
 
     def stats(self, endpoint: str | None = None) -> pb.ResidualStats:
+        """Counts and bytes held now (``endpoint_count``: those of ``endpoint``)."""
         with self._lock:
             self._expire(self._clock())
             per_endpoint = sum(1 for e in self._entries.values() if e.endpoint == endpoint)
@@ -103,12 +125,19 @@ class ResidualStore:
                                     max_bytes=self.max_bytes, ttl_seconds=self.ttl,
                                     evictions=self._evictions, endpoint_count=per_endpoint)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held right now, expired or not (``stats`` drops the expired first)."""
+        with self._lock:
+            return self._bytes
+
     def sweep(self) -> None:
         """Drop every residual unused for ``ttl`` seconds."""
         with self._lock:
             self._expire(self._clock())
 
     def clear(self) -> None:
+        """Drop every residual."""
         with self._lock:
             self._entries.clear()
             self._bytes = 0

@@ -12,20 +12,22 @@ import logging
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import grpc
 
-from gradserve import codec
 from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, invalid
-from gradserve.server.registry import Endpoint, Registry
+from gradserve.lru import LRU
+from gradserve.server.endpoint import Endpoint, Residual
+from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
-from gradserve.server.sessions import SessionManager
-from gradserve.transport.bytes import FrameReader, FrameWriter
+from gradserve.server.sessions import ServerSession, SessionManager
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire import codec
+from gradserve.wire.codec import Arguments
+from gradserve.wire.framing import FrameReader, FrameWriter
 
 log = logging.getLogger("gradserve.server")
 
@@ -51,8 +53,21 @@ class IdleWatch:
         self._last: dict[grpc.ServicerContext, float] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gradserve-idle", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching."""
+        if self._thread is None:
+            self._stopped.clear()
+            self._thread = threading.Thread(target=self._run, name="gradserve-idle", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (and end the thread)."""
+        self._stopped.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
 
     @contextlib.contextmanager
     def watching(self, context: grpc.ServicerContext) -> Iterator[Callable[[], None]]:
@@ -68,9 +83,6 @@ class IdleWatch:
             with self._lock:
                 self._last.pop(context, None)
 
-    def stop(self) -> None:
-        self._stopped.set()
-
     def _run(self) -> None:
         while not self._stopped.wait(min(1.0, self.idle_seconds / 4)):
             now = time.monotonic()
@@ -83,6 +95,8 @@ class IdleWatch:
 
 
 class GradserveService(pb_grpc.GradserveServicer):
+    """The RPC handlers."""
+
     def __init__(self, registry: Registry, residuals: ResidualStore, sessions: SessionManager,
                  limits: Limits, debug: bool = False):
         self.registry = registry
@@ -90,29 +104,38 @@ class GradserveService(pb_grpc.GradserveServicer):
         self.sessions = sessions
         self.limits = limits
         self.debug = debug
-        self._signatures: OrderedDict[bytes, pb.Value] = OrderedDict()
-        self._signatures_lock = threading.Lock()
+        #: Signature results by the request's bytes (``clear()`` forgets them)
+        self.signatures: LRU[bytes, pb.Value] = LRU(SIGNATURE_CACHE_SIZE)
         self.idle = IdleWatch(limits.idle_seconds)
 
     # -- discovery ---------------------------------------------------------
-    def ListEndpoints(self, request: pb.ListEndpointsRequest, context: grpc.ServicerContext):
+    def ListEndpoints(self, request: pb.ListEndpointsRequest,
+                      context: grpc.ServicerContext) -> pb.ListEndpointsResponse:
         with self._status(context):
             return pb.ListEndpointsResponse(endpoints=[e.info() for e in self.registry.all()])
+        return pb.ListEndpointsResponse()
 
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext):
+    def Describe(self, request: pb.DescribeRequest,
+                 context: grpc.ServicerContext) -> pb.DescribeResponse:
         with self._status(context):
             endpoint = self.registry.get(request.endpoint)
             return pb.DescribeResponse(endpoint=endpoint.info(),
                                        residuals=self.residuals.stats(endpoint.name))
+        return pb.DescribeResponse()
 
-    def GetParameters(self, request: pb.GetParametersRequest, context: grpc.ServicerContext):
+    def GetParameters(self, request: pb.GetParametersRequest,
+                      context: grpc.ServicerContext) -> Iterator[pb.GetParametersFrame]:
+        frames: Iterator[pb.GetParametersFrame] | None = None
         with self._status(context):
             endpoint = self.registry.get(request.endpoint)
             writer = FrameWriter(self.limits.chunk_bytes)
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
-        yield from writer.frames(pb.GetParametersFrame, header)
+            frames = writer.frames(pb.GetParametersFrame, header)
+        if frames is not None:
+            yield from frames
 
-    def Signature(self, request: pb.SignatureRequest, context: grpc.ServicerContext):
+    def Signature(self, request: pb.SignatureRequest,
+                  context: grpc.ServicerContext) -> pb.SignatureResponse:
         with self._status(context):
             endpoint = self.registry.get(request.call.endpoint)
             call = pb.ForwardRequest(endpoint=endpoint.name, args=request.call.args,
@@ -120,101 +143,115 @@ class GradserveService(pb_grpc.GradserveServicer):
             if request.call.HasField("parameters"):
                 call.parameters.CopyFrom(request.call.parameters)
             key = call.SerializeToString(deterministic=True)
-            key = key if len(key) <= SIGNATURE_KEY_BYTES else None
-            with self._signatures_lock:
-                outputs = self._signatures.get(key) if key else None
-                if outputs is not None:
-                    self._signatures.move_to_end(key)
+            cacheable = len(key) <= SIGNATURE_KEY_BYTES
+            outputs = self.signatures.get(key) if cacheable else None
             if outputs is None:
                 reader = FrameReader(self.limits.max_request_bytes)
                 call = reader.read([pb.ForwardFrame(header=call)])
-                args, kwargs, parameters = self._inputs(endpoint, call, reader, abstract=True)
-                specs = endpoint.signature(args, kwargs, parameters)
-                outputs = codec.encode(specs, FrameWriter(inline_bytes=1 << 62), path="outputs")
-                with self._signatures_lock:
-                    if key:
-                        self._signatures[key] = outputs
-                    while len(self._signatures) > SIGNATURE_CACHE_SIZE:
-                        self._signatures.popitem(last=False)
+                inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
+                types = endpoint.signature(inputs)
+                outputs = codec.encode(types, FrameWriter(inline_bytes=1 << 62), path="outputs")
+                if cacheable:
+                    self.signatures.put(key, outputs)
             return pb.SignatureResponse(outputs=outputs)
+        return pb.SignatureResponse()
 
-    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+    def Release(self, request: pb.ReleaseRequest,
+                context: grpc.ServicerContext) -> pb.ReleaseResponse:
         with self._status(context):
             if request.HasField("session"):
-                self.sessions.peers(request.session)   # frees the reported reply slots
+                self.sessions.slots(request.session)   # frees the reported reply slots
             return pb.ReleaseResponse(released=self.residuals.release(list(request.residual_ids)))
+        return pb.ReleaseResponse()
 
-    # -- shared-memory sessions --------------------------------------------
-    def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext):
+    # -- same-host sessions ------------------------------------------------
+    def OpenSession(self, request: pb.OpenSessionRequest,
+                    context: grpc.ServicerContext) -> pb.OpenSessionResponse:
         with self._status(context):
             return self.sessions.open(request)
+        return pb.OpenSessionResponse()
 
-    def ConfirmSession(self, request: pb.ConfirmSessionRequest, context: grpc.ServicerContext):
+    def ConfirmSession(self, request: pb.ConfirmSessionRequest,
+                       context: grpc.ServicerContext) -> pb.ConfirmSessionResponse:
         with self._status(context):
             return self.sessions.confirm(request)
+        return pb.ConfirmSessionResponse()
 
-    def GrowSession(self, request: pb.GrowSessionRequest, context: grpc.ServicerContext):
+    def GrowSession(self, request: pb.GrowSessionRequest,
+                    context: grpc.ServicerContext) -> pb.GrowSessionResponse:
         with self._status(context):
             return self.sessions.grow(request)
+        return pb.GrowSessionResponse()
 
-    def KeepAlive(self, request: pb.SessionRequest, context: grpc.ServicerContext):
+    def KeepAlive(self, request: pb.SessionRequest,
+                  context: grpc.ServicerContext) -> pb.SessionResponse:
         with self._status(context):
             return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id))
+        return pb.SessionResponse()
 
-    def CloseSession(self, request: pb.SessionRequest, context: grpc.ServicerContext):
+    def CloseSession(self, request: pb.SessionRequest,
+                     context: grpc.ServicerContext) -> pb.SessionResponse:
         with self._status(context):
             self.sessions.close(request.session_id)
             return pb.SessionResponse(open=False)
+        return pb.SessionResponse()
 
-    def _peers_for(self, header: Any) -> list:
-        return self.sessions.peers(header.session) if header.HasField("session") else []
+    def _slots_for(self, header: Any) -> ServerSession | None:
+        return self.sessions.slots(header.session) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
-    def Forward(self, request_iterator: Iterator[pb.ForwardFrame], context: grpc.ServicerContext):
-        def run(request: pb.ForwardRequest, reader: FrameReader, writer: FrameWriter) -> tuple:
+    def Forward(self, request_iterator: Iterator[pb.ForwardFrame],
+                context: grpc.ServicerContext) -> Iterator[pb.ForwardReplyFrame]:
+        def run(request: pb.ForwardRequest, reader: FrameReader,
+                writer: FrameWriter) -> tuple[pb.ForwardResponse, Any]:
             if request.release:
                 self.residuals.release(list(request.release))
             endpoint = self.registry.get(request.endpoint)
-            outputs, residual, nbytes = self._forward(endpoint, request, reader)
-            rid = self.residuals.put(endpoint.name, residual, nbytes) if residual is not None else ""
-            reply = pb.ForwardResponse(outputs=codec.encode(outputs, writer, path="outputs"),
+            made = endpoint.forward(self._inputs(endpoint, request, reader), request.need_vjp)
+            rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes)
+                   if made.residual is not None else "")
+            reply = pb.ForwardResponse(outputs=codec.encode(made.outputs, writer, path="outputs"),
                                        residual_id=rid)
-            return reply, (outputs, residual)
+            return reply, made
 
         yield from self._framed(request_iterator, context, pb.ForwardReplyFrame, run)
 
-    def Vjp(self, request_iterator: Iterator[pb.VjpFrame], context: grpc.ServicerContext):
-        def run(request: pb.VjpRequest, reader: FrameReader, writer: FrameWriter) -> tuple:
+    def Vjp(self, request_iterator: Iterator[pb.VjpFrame],
+            context: grpc.ServicerContext) -> Iterator[pb.VjpReplyFrame]:
+        def run(request: pb.VjpRequest, reader: FrameReader,
+                writer: FrameWriter) -> tuple[pb.VjpResponse, Any]:
             endpoint = self.registry.get(request.endpoint)
             residual = self._residual_for(endpoint, request, reader)
             cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
             grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
-            reply = pb.VjpResponse(**{part: codec.encode(g, writer, path=part)
-                                      for part, g in zip(("args", "kwargs", "parameters"), grads)})
+            reply = pb.VjpResponse()
+            codec.encode_arguments(grads, writer, reply)
             return reply, (grads, cotangents, residual)
 
         yield from self._framed(request_iterator, context, pb.VjpReplyFrame, run)
 
     def _framed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
-                reply_frame: type, run: Callable[..., tuple]) -> Iterator[Any]:
+                reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any]:
         """Read a framed request (watched for idleness), ``run`` it, stream the reply.
 
         ``run(request, reader, writer)`` returns the reply header and what the
         call made; that, the request and its payloads are freed in the
         background, not while the client waits for its reply.
         """
-        reply = None
+        frames: Iterator[Any] | None = None
         with self._status(context), self.idle.watching(context) as touch:
-            reader = FrameReader(self.limits.max_request_bytes, touch, self._peers_for)
+            reader = FrameReader(self.limits.max_request_bytes, touch, self._slots_for)
             request = reader.read(request_iterator)
-            writer = FrameWriter(self.limits.chunk_bytes, peers=reader.peers)
+            writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
             reply, made = run(request, reader, writer)
             self.residuals.dropper.drop((made, reader, request))
             del made, reader, request
-        if reply is not None:
-            yield from writer.frames(reply_frame, reply)
+            frames = writer.frames(reply_frame, reply)
+        if frames is not None:
+            yield from frames
 
-    def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest, reader: FrameReader) -> Any:
+    def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
+                      reader: FrameReader) -> Residual:
         if request.residual_id:
             held = self.residuals.get(request.residual_id)
             if held is not None:
@@ -222,7 +259,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                 if owner != endpoint.name:
                     raise invalid(f"residual {request.residual_id!r} belongs to endpoint "
                                   f"{owner!r}, not {endpoint.name!r}")
-                return residual
+                kept: Residual = residual
+                return kept
         if not request.HasField("inputs"):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
                               f"residual {request.residual_id!r} is not held by this server "
@@ -231,31 +269,14 @@ class GradserveService(pb_grpc.GradserveServicer):
         if request.inputs.endpoint not in ("", endpoint.name):
             raise invalid(f"inputs name endpoint {request.inputs.endpoint!r}, "
                           f"not {endpoint.name!r}")
-        _, residual, _ = self._forward(endpoint, request.inputs, reader, need_vjp=True)
-        if residual is None:
+        made = endpoint.forward(self._inputs(endpoint, request.inputs, reader), need_vjp=True)
+        if made.residual is None:
             raise invalid("no input of the re-sent call requires grad")
-        return residual
-
-    @classmethod
-    def _forward(cls, endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader,
-                 need_vjp: bool | None = None) -> tuple[Any, Any, int]:
-        args, kwargs, parameters = cls._inputs(endpoint, request, reader)
-        return endpoint.forward(args, kwargs, parameters,
-                                request.need_vjp if need_vjp is None else need_vjp)
+        return made.residual
 
     @staticmethod
-    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader,
-                abstract: bool = False) -> tuple[tuple, dict, Any]:
-        def part(name: str) -> Any:
-            return codec.decode(getattr(request, name), reader, endpoint.make_leaf, name, abstract)
-
-        args, kwargs = part("args"), part("kwargs")
-        args = () if args is None else args
-        kwargs = {} if kwargs is None else kwargs
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise invalid("args must be a tuple and kwargs a dict")
-        parameters = part("parameters") if request.HasField("parameters") else None
-        return args, kwargs, parameters
+    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader) -> Arguments:
+        return codec.decode_arguments(request, reader, endpoint.make_leaf)
 
     # -- errors ------------------------------------------------------------
     @contextlib.contextmanager
@@ -267,10 +288,12 @@ class GradserveService(pb_grpc.GradserveServicer):
         except StatusError as err:
             failure = err
         except Exception as err:  # a bug or an unexpected input: never kill the server
-            if not context.is_active():
-                return  # cancelled (idle, or by the client): nobody to answer
-            log.exception("unexpected error in %s", context.peer())
             message = f"{type(err).__name__}: {err}"
+            if not context.is_active():   # cancelled (idle, or by the client)
+                log.info("call from %s ended before its error could be sent: %s",
+                         context.peer(), message)
+                return
+            log.exception("unexpected error in a call from %s", context.peer())
             if self.debug:
                 message += "\n" + traceback.format_exc()
             failure = StatusError(grpc.StatusCode.INTERNAL, message)

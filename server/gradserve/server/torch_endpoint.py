@@ -3,37 +3,29 @@
 Forward with ``need_vjp`` runs under autograd and keeps the graph as the
 residual; Vjp calls ``torch.autograd.grad`` on it (always retaining it, since
 the client may backpropagate twice). Client-held parameters go through
-``torch.func.functional_call``.
+``torch.func.functional_call``. Checks and messages are ``Endpoint``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from gradserve import dtypes, pytree
-from gradserve.errors import invalid
-from gradserve.frameworks import WireTensor
 from gradserve.frameworks.torch import ADAPTER, FROM_CODE, TO_NAME
-from gradserve.server.registry import Endpoint, own_doc
-from gradserve.specs import TensorSpec
+from gradserve.server.endpoint import CERTAINLY, NO, PLAUSIBLY, Endpoint, Forwarded, Residual, \
+    module_roots, own_doc, signature_of
+from gradserve.wire import dtypes, pytree
+from gradserve.wire.codec import Arguments
+from gradserve.wire.memory import WireTensor
+from gradserve.wire.specs import TensorSpec, TensorType
 
 
 def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
-
-
-class _Residual:
-    """A forward's autograd graph: the inputs tree and the outputs tree."""
-
-    def __init__(self, inputs: tuple, outputs: Any):
-        self.inputs = inputs
-        self.outputs = outputs
 
 
 class _SavedBytes:
@@ -52,13 +44,15 @@ class _SavedBytes:
         if storage.data_ptr() not in self.shared:
             self.storages[storage.data_ptr()] = storage.nbytes()
 
-    def hooks(self) -> Any:
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
         def pack(t: torch.Tensor) -> torch.Tensor:
             self.add(t)
             # A detached alias, not ``t`` itself: an op that saves its own output
             # would otherwise form a cycle inside autograd that is never freed.
             return t.detach()
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
 
     @property
     def total(self) -> int:
@@ -66,7 +60,8 @@ class _SavedBytes:
 
 
 class TorchEndpoint(Endpoint):
-    """Serve a torch ``nn.Module`` or function of tensors.
+    """Serve a torch ``nn.Module`` or function of tensors (builtins such as ``torch.sin``
+    too: they take ``(*args, **kwargs)``).
 
     ``inputs`` declares argument specs by parameter name (checked on every
     call, reported by Describe); ``outputs`` documents output specs;
@@ -78,10 +73,12 @@ class TorchEndpoint(Endpoint):
     and buffer storage (so in-place weight updates show through) but never
     changes the caller's module: the replica is in eval mode unless
     ``train=True``, its parameters do not require grad, and it lives on
-    ``device`` (a copy only if the module is elsewhere).
+    ``device`` (a copy only if the module is elsewhere). Clients may send some
+    or all of its parameters by name.
     """
 
     framework = "torch"
+    partial_parameters = True
 
     def __init__(self, fn: Callable[..., Any], *, device: str | torch.device | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
@@ -94,12 +91,12 @@ class TorchEndpoint(Endpoint):
         if self.module is not None:
             self.module.to(self.device)
             self.module.train(train)
-        self.fn = self.module if self.module is not None else fn
+        self.fn: Callable[..., Any] = self.module if self.module is not None else fn
         # the endpoint's own weights outlive every residual: never charged to one
         own = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
         self._shared = frozenset(t.untyped_storage().data_ptr() for t in own)
         self._replicas = threading.local()
-        self.call_signature = inspect.signature(fn.forward if self.module is not None else fn)
+        self.call_signature = signature_of(fn.forward if self.module is not None else fn)
         self.input_specs = dict(inputs or {})
         unknown = set(self.input_specs) - set(self.call_signature.parameters)
         if unknown:
@@ -116,136 +113,89 @@ class TorchEndpoint(Endpoint):
             return {}
         return {name: p.detach() for name, p in self.module.named_parameters()}
 
-    def parameter_specs(self) -> dict[str, TensorSpec]:
-        return {name: TensorSpec(tuple(p.shape), TO_NAME[p.dtype])
-                for name, p in self.parameters().items()}
-
     def accepts_parameters(self) -> bool:
         return self.module is not None
 
-    def leaf_spec(self, x: Any) -> TensorSpec | None:
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def leaf_type(self, x: Any) -> TensorType | None:
         if isinstance(x, torch.Tensor):
-            return TensorSpec(tuple(x.shape), TO_NAME[x.dtype])
-        return x if isinstance(x, TensorSpec) else None
+            return TensorType(tuple(x.shape), TO_NAME[x.dtype])
+        return x if isinstance(x, TensorType) else None
 
-    # -- calls -------------------------------------------------------------
-    def make_leaf(self, wire: WireTensor, path: str) -> torch.Tensor:
+    # -- array operations --------------------------------------------------
+    def to_array(self, wire: WireTensor) -> torch.Tensor:
         t = ADAPTER.from_wire(wire).to(self.device)
-        if wire.requires_grad:
-            if wire.dtype not in dtypes.DIFFERENTIABLE:
-                raise invalid(f"{path}: requires_grad on a {dtypes.name_of(wire.dtype)} "
-                              "tensor; only floating and complex tensors have gradients")
-            t.requires_grad_(True)
-        return t
+        return t.requires_grad_(True) if wire.requires_grad else t
 
-    def forward(self, args: tuple, kwargs: dict, parameters: dict | None,
-                need_vjp: bool) -> tuple[Any, Any, int]:
-        self.check_arguments(args, kwargs)
-        if parameters is not None:
-            self._check_parameters(parameters)
-        inputs = (args, kwargs, parameters)
-        leaves, _ = pytree.flatten(inputs, _is_tensor)
+    def run_forward(self, inputs: Arguments, need_vjp: bool) -> Forwarded:
+        leaves, _ = pytree.flatten(inputs.tree, _is_tensor)
         need_vjp = need_vjp and any(t.requires_grad for t in leaves)
         saved = _SavedBytes(self._shared)
         with torch.enable_grad() if need_vjp else torch.no_grad(), \
                 saved.hooks() if need_vjp else contextlib.nullcontext():
-            outputs = self.run(lambda: self._call(args, kwargs, parameters))
+            outputs = self.run(lambda: self._call(inputs))
         if not need_vjp:
-            return outputs, None, 0
+            return Forwarded(outputs)
         for t in (*leaves, *pytree.flatten(outputs, _is_tensor)[0]):
             saved.add(t)
-        return outputs, _Residual(inputs, outputs), saved.total
+        return Forwarded(outputs, Residual(outputs, inputs.tree), saved.total)
 
-    def vjp(self, residual: _Residual, cotangents: Any, batched: bool = False) -> tuple[Any, Any, Any]:
-        out_leaves, cot_leaves = self.align_cotangents(residual.outputs, cotangents, _is_tensor)
-        outs, cots = [], []
-        batch = None
-        for i, (out, cot) in enumerate(zip(out_leaves, cot_leaves)):
-            if cot is None:
-                continue
-            if not isinstance(cot, torch.Tensor):
-                raise invalid(f"cotangent for output tensor #{i} must be a tensor or None, "
-                              f"got {type(cot).__name__}")
-            shape = tuple(cot.shape[1:]) if batched else tuple(cot.shape)
-            if shape != tuple(out.shape) or cot.dtype != out.dtype or (batched and cot.dim() == 0):
-                want = f"{TO_NAME[out.dtype]}{[*(['B'] if batched else []), *out.shape]}"
-                raise invalid(f"cotangent for output tensor #{i}: expected {want}, got "
-                              f"{TO_NAME.get(cot.dtype, cot.dtype)}{list(cot.shape)}")
-            if batched:
-                if cot.shape[0] == 0:
-                    raise invalid("batched cotangents need a batch of at least one")
-                if batch is not None and cot.shape[0] != batch:
-                    raise invalid(f"batched cotangents disagree on the batch size "
-                                  f"({batch} and {cot.shape[0]})")
-                batch = cot.shape[0]
-            if out.requires_grad:
-                outs.append(out)
-                cots.append(cot)
-        in_leaves, in_def = pytree.flatten(residual.inputs, _is_tensor)
+    def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
+        out_leaves = pytree.flatten(residual.outputs, _is_tensor)[0]
+        pairs = [(out, cot) for out, cot in zip(out_leaves, cotangents)
+                 if cot is not None and out.requires_grad]
+        in_leaves, in_def = pytree.flatten(residual.state, _is_tensor)
         wrt = [t for t in in_leaves if t.requires_grad]
         grads: list[torch.Tensor | None] = [None] * len(wrt)
-        if outs and wrt:
+        if pairs and wrt:
+            outs, cots = zip(*pairs)
             grads = list(self.run(lambda: torch.autograd.grad(
                 outs, wrt, cots, retain_graph=True, allow_unused=True, is_grads_batched=batched)))
         by_leaf = iter(grads)
-        return pytree.unflatten(in_def, [next(by_leaf) if t.requires_grad else None
-                                         for t in in_leaves])
+        args, kwargs, parameters = pytree.unflatten(
+            in_def, [next(by_leaf) if t.requires_grad else None for t in in_leaves])
+        return Arguments(args, kwargs, parameters)
 
-    def signature(self, args: tuple, kwargs: dict, parameters: Any) -> Any:
-        """Output specs from fake tensors; one real dry run on zeros if tracing fails."""
+    def run_signature(self, inputs: Arguments) -> Any:
+        """Output types from fake tensors; one real dry run on zeros if tracing fails."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        self.check_arguments(args, kwargs)
-        if parameters is not None:
-            self._check_parameters(parameters)
-
-        def run_with(make: Callable[[TensorSpec], torch.Tensor]) -> Any:
-            inputs = pytree.map_leaves(make, (args, kwargs, parameters),
-                                       lambda x: isinstance(x, TensorSpec))
+        def run_with(make: Callable[[TensorType], torch.Tensor]) -> Any:
+            args, kwargs, parameters = pytree.map_leaves(
+                make, inputs.tree, lambda x: isinstance(x, TensorType))
             with torch.no_grad():
-                return self._call(*inputs)
+                return self._call(Arguments(args, kwargs, parameters))
 
-        def empty(spec: TensorSpec) -> torch.Tensor:
-            return torch.empty(spec.shape, dtype=FROM_CODE[dtypes.code_of(spec.dtype)],
-                               device=self.device)
+        def dtype(t: TensorType) -> torch.dtype:
+            return FROM_CODE[dtypes.code_of(t.dtype)]
 
         try:
             with FakeTensorMode(allow_non_fake_inputs=True):
-                outputs = run_with(empty)
+                outputs = run_with(lambda t: torch.empty(t.shape, dtype=dtype(t),
+                                                         device=self.device))
         except Exception:
             outputs = self.run(lambda: run_with(
-                lambda s: torch.zeros(s.shape, dtype=FROM_CODE[dtypes.code_of(s.dtype)],
-                                      device=self.device)))
-        return pytree.map_leaves(self.leaf_spec, outputs, _is_tensor)
+                lambda t: torch.zeros(t.shape, dtype=dtype(t), device=self.device)))
+        return pytree.map_leaves(self.leaf_type, outputs, _is_tensor)
 
     # -- helpers -----------------------------------------------------------
-    def _call(self, args: tuple, kwargs: dict, parameters: dict | None) -> Any:
+    def _call(self, inputs: Arguments) -> Any:
+        args, kwargs, parameters = inputs.tree
         if parameters:
             # functional_call swaps the module's attributes while it runs, so each
             # worker thread swaps on a replica of its own (sharing all storage).
             replica = getattr(self._replicas, "module", None)
             if replica is None:
+                assert self.module is not None
                 replica = self._replicas.module = _shared_replica(self.module)
             return torch.func.functional_call(replica, parameters, args, kwargs)
         return self.fn(*args, **kwargs)
 
-    def _check_parameters(self, parameters: Any) -> None:
-        if self.module is None:
-            raise invalid(f"endpoint {self.name!r} is a function and takes no parameters")
-        if not isinstance(parameters, dict):
-            raise invalid("parameters must be a dict of name -> tensor")
-        own = self.parameter_specs()
-        for name, value in parameters.items():
-            if name not in own:
-                raise invalid(f"parameter {name!r} is not a parameter of endpoint {self.name!r}")
-            got = self.leaf_spec(value)
-            if got is None or got != own[name]:
-                shown = f"{got.dtype}{list(got.shape)}" if got else type(value).__name__
-                raise invalid(f"parameter {name!r}: expected {own[name].dtype}"
-                              f"{list(own[name].shape)}, got {shown}")
 
-
-def _shared_replica(module: torch.nn.Module, parameters: dict | None = None) -> torch.nn.Module:
+def _shared_replica(module: torch.nn.Module,
+                    parameters: dict[int, torch.nn.Parameter] | None = None) -> torch.nn.Module:
     """A copy of ``module``'s structure sharing its tensors (or using ``parameters``)."""
     memo: dict[int, Any] = {id(b): b for b in module.buffers()}
     for p in module.parameters():
@@ -262,3 +212,15 @@ def _frozen_replica(module: torch.nn.Module) -> torch.nn.Module:
     frozen = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
               for p in module.parameters()}
     return _shared_replica(module, frozen)
+
+
+def claims(obj: Any) -> int:
+    """How surely ``obj`` is a torch model or function (``CERTAINLY`` for modules)."""
+    if isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("torch"):
+        return CERTAINLY
+    return PLAUSIBLY if "torch" in module_roots(obj) else NO
+
+
+def build(obj: Any, device: Any = None, **options: Any) -> TorchEndpoint:
+    """A ``TorchEndpoint`` serving ``obj``."""
+    return TorchEndpoint(obj, device=device, **options)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradserve.server.torch_endpoint import TorchEndpoint
-from gradserve.specs import TensorSpec
+from gradserve.wire.specs import TensorSpec
 
 WEIGHTS = Path(__file__).resolve().parent / "digits_cnn.safetensors"
 """The committed weights file, written by ``examples/train_digits.py``."""

@@ -114,3 +114,17 @@ def map_leaves(fn: Callable[[Any], Any], tree: Any, is_leaf: Callable[[Any], boo
     """Apply ``fn`` to every leaf for which ``is_leaf`` holds."""
     leaves, treedef = flatten(tree, is_leaf)
     return unflatten(treedef, [fn(leaf) for leaf in leaves])
+
+
+def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool],
+                       path: str = "") -> list[tuple[str, Any]]:
+    """The leaves for which ``is_leaf`` holds, each with its path such as ``['a'][0]``."""
+    if is_leaf(tree):
+        return [(path, tree)]
+    if isinstance(tree, dict):
+        items = [(f"{path}[{k!r}]", v) for k, v in tree.items()]
+    elif isinstance(tree, (tuple, list)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(tree)]
+    else:
+        return []
+    return [found for sub, item in items for found in flatten_with_paths(item, is_leaf, sub)]

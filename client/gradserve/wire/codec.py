@@ -1,24 +1,55 @@
 """The wire codec: Python pytrees <-> ``gradserve.v1.Value`` messages.
 
-Tensor leaves of any registered framework become ``Tensor`` messages whose
-payload a transport fills in (``PayloadWriter``) and reads back
-(``PayloadReader``); static leaves travel as scalars. Nothing is pickled.
+Array leaves of any framework (found by :func:`gradserve.frameworks.adapter_for`)
+become ``Tensor`` messages whose payload the framing fills in
+(:class:`PayloadWriter`) and reads back (:class:`PayloadReader`); static
+leaves travel as scalars. Nothing is pickled. A call's three parts (positional
+arguments, keyword arguments, parameters) travel as one :class:`Arguments`;
+gradients mirror them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
-from google.protobuf.message import Message
-
-from gradserve import dtypes, frameworks
+from gradserve import frameworks
 from gradserve.errors import invalid
-from gradserve.frameworks import WireTensor
-from gradserve.specs import TensorSpec
-from gradserve.transport import PayloadReader, PayloadWriter
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import dtypes
+from gradserve.wire.framing import tensor_nbytes
+from gradserve.wire.memory import Data, WireTensor
+from gradserve.wire.specs import TensorSpec, TensorType
 
 _INT64 = (-(2**63), 2**63 - 1)
+
+#: Turns a received wire tensor (and its path, for messages) into an array.
+MakeLeaf = Callable[[WireTensor, str], Any]
+
+
+class PayloadWriter(Protocol):
+    def put(self, msg: pb.Tensor, data: Data) -> None:
+        """Set ``msg``'s payload so the receiver can recover ``data``."""
+
+
+class PayloadReader(Protocol):
+    def get(self, msg: pb.Tensor) -> Data:
+        """The validated bytes designated by ``msg``'s payload."""
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """A call's inputs — positional, keyword, and the endpoint's parameters (None: its
+    own) — or the gradients, which mirror them (None where none was asked for)."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    parameters: Any = None
+
+    @property
+    def tree(self) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+        """``(args, kwargs, parameters)`` as one pytree."""
+        return self.args, dict(self.kwargs or {}), self.parameters
 
 
 def encode(tree: Any, writer: PayloadWriter,
@@ -38,12 +69,13 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
         msg.dtype = wire.dtype
         msg.shape.extend(wire.shape)
         msg.requires_grad = bool(requires_grad and requires_grad(node))
-        writer.put(msg, wire)
-    elif isinstance(node, TensorSpec):
-        if node.dtype is None or any(d is None for d in node.shape):
+        writer.put(msg, wire.data)
+    elif isinstance(node, (TensorType, TensorSpec)):
+        concrete = node if isinstance(node, TensorType) else node.concrete()
+        if concrete is None:
             raise TypeError(f"{path or 'value'}: an abstract tensor needs a dtype and every "
                             f"dimension, got {node}")
-        value.abstract.CopyFrom(node.to_pb())
+        value.abstract.CopyFrom(concrete.to_pb())
     elif node is None:
         value.none.SetInParent()
     elif isinstance(node, bool):
@@ -75,12 +107,11 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
                         "None, bool, int, float or str")
 
 
-def decode(value: pb.Value, reader: PayloadReader,
-           make_leaf: Callable[[WireTensor, str], Any], path: str = "",
+def decode(value: pb.Value, reader: PayloadReader, make_leaf: MakeLeaf, path: str = "",
            abstract: bool = False) -> Any:
     """Decode a ``Value``; ``make_leaf(tensor, path)`` turns each wire tensor into an array.
 
-    Abstract tensors decode to :class:`TensorSpec` where ``abstract`` allows them.
+    Abstract tensors decode to :class:`TensorType` where ``abstract`` allows them.
     """
     kind = value.WhichOneof("kind")
     if kind == "tensor":
@@ -93,7 +124,7 @@ def decode(value: pb.Value, reader: PayloadReader,
                           "requests only")
         spec = value.abstract
         tensor_nbytes(path, spec)
-        return TensorSpec(tuple(spec.shape), dtypes.NAMES[spec.dtype])
+        return TensorType.from_pb(spec)
     if kind == "none" or kind is None:
         return None
     if kind in ("bool_value", "int_value", "float_value", "str_value"):
@@ -109,36 +140,31 @@ def decode(value: pb.Value, reader: PayloadReader,
     return items if kind == "list_value" else tuple(items)
 
 
-def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tuple[str, Any]]:
-    """Every tensor leaf (``kind`` "tensor", or "abstract") inside a message, with a
-    readable path such as ``args[0]``."""
-    if isinstance(msg, pb.Value):
-        which = msg.WhichOneof("kind")
-        if which == kind:
-            yield path, getattr(msg, kind)
-        elif which in ("list_value", "tuple_value"):
-            for i, item in enumerate(getattr(msg, which).items):
-                yield from tensors(item, f"{path}[{i}]", kind)
-        elif which == "dict_value":
-            for key, item in zip(msg.dict_value.keys, msg.dict_value.values):
-                yield from tensors(item, f"{path}[{key!r}]", kind)
-    else:
-        for field, val in msg.ListFields():
-            if field.message_type is None:
-                continue
-            sub = f"{path}.{field.name}" if path else field.name
-            for i, item in enumerate(val) if field.is_repeated else [(None, val)]:
-                yield from tensors(item, sub if i is None else f"{sub}[{i}]", kind)
+def encode_arguments(parts: Arguments, writer: PayloadWriter, target: Any,
+                     requires_grad: Callable[[Any], bool] | None = None) -> None:
+    """Encode a call's parts into ``target``'s ``args``, ``kwargs`` and ``parameters``
+    fields (``parameters`` only when given)."""
+    target.args.CopyFrom(encode(tuple(parts.args), writer, requires_grad, "args"))
+    target.kwargs.CopyFrom(encode(dict(parts.kwargs or {}), writer, requires_grad, "kwargs"))
+    if parts.parameters is not None:
+        target.parameters.CopyFrom(encode(parts.parameters, writer, requires_grad, "parameters"))
 
 
-def abstract_tensors(msg: Message) -> Iterator[tuple[str, pb.TensorSpec]]:
-    """Every shape-only tensor inside a message (they count against size limits too)."""
-    return tensors(msg, kind="abstract")
+def decode_arguments(source: Any, reader: PayloadReader, make_leaf: MakeLeaf,
+                     abstract: bool = False) -> Arguments:
+    """Decode ``source``'s ``args``, ``kwargs`` and ``parameters`` fields (a request's
+    inputs, or gradients); INVALID_ARGUMENT unless args is a tuple and kwargs a dict."""
+    args = decode(source.args, reader, make_leaf, "args", abstract)
+    kwargs = decode(source.kwargs, reader, make_leaf, "kwargs", abstract)
+    args = () if args is None else args
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise invalid("args must be a tuple and kwargs a dict")
+    parameters = (decode(source.parameters, reader, make_leaf, "parameters", abstract)
+                  if source.HasField("parameters") else None)
+    return Arguments(args, kwargs, parameters)
 
 
-def tensor_nbytes(path: str, msg: pb.Tensor | pb.TensorSpec) -> int:
-    """Validated byte size of a tensor message (dtype known, dims non-negative)."""
-    try:
-        return dtypes.nbytes(msg.dtype, tuple(msg.shape))
-    except Exception as err:
-        raise invalid(f"{path or 'tensor'}: {err}") from None
+def leaf_type(code: int, shape: tuple[int, ...]) -> TensorType:
+    """The :class:`TensorType` of a wire dtype code and shape."""
+    return TensorType(tuple(shape), dtypes.name_of(code))

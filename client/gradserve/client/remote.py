@@ -1,0 +1,90 @@
+"""What the autograd front-ends share: the remote endpoint handle, the flattened call,
+the rule for merging a vmap into one call, and the refusal of higher derivatives.
+
+Each framework's front-end (``gradserve.client.torch``, ``gradserve.client.jax``)
+keeps only what its autograd system needs on top of this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from gradserve.client.core import Call, Client, Residual
+from gradserve.wire import pytree
+from gradserve.wire.codec import Arguments, MakeLeaf
+
+
+@dataclass(frozen=True)
+class CallDef:
+    """The structure of a call ``(args, kwargs, parameters)`` with its array leaves out;
+    the last ``n_params`` leaves are the parameters'."""
+
+    treedef: pytree.TreeDef
+    n_params: int
+
+    def unflatten(self, leaves: Sequence[Any]) -> Arguments:
+        """The call's parts with ``leaves`` put back."""
+        args, kwargs, parameters = pytree.unflatten(self.treedef, list(leaves))
+        return Arguments(args, kwargs, parameters)
+
+    def grads(self, grads: Arguments) -> list[Any]:
+        """Gradients (mirroring the call) in leaf order, None where there are none."""
+        return pytree.flatten_up_to(self.treedef, grads.tree)
+
+
+def flatten_call(inputs: Arguments, is_leaf: Callable[[Any], bool]) -> tuple[list[Any], CallDef]:
+    """The array leaves of a call and its structure."""
+    leaves, treedef = pytree.flatten(inputs.tree, is_leaf)
+    return leaves, CallDef(treedef, treedef.children[2].num_leaves)
+
+
+def mergeable(batchable: bool, input_ranks: Sequence[int], params_batched: bool,
+              params_flagged: bool) -> bool:
+    """Whether a vmap over one call can go as one call with the batch merged into axis 0:
+    the endpoint maps over axis 0, every input (batch axis aside) has one, and the
+    parameters are neither batched nor differentiated."""
+    return (batchable and all(rank >= 1 for rank in input_ranks)
+            and not params_batched and not params_flagged)
+
+
+def higher_order_refusal(name: str) -> str:
+    """The error for differentiating a gradient through endpoint ``name``."""
+    return (f"gradserve: differentiating the gradient of remote endpoint {name!r} (double "
+            "backward, grad of grad, hessian) is not supported; reverse mode works once")
+
+
+class RemoteEndpoint:
+    """One endpoint of a client, as the front-ends call it."""
+
+    def __init__(self, client: Client, name: str, *, timeout: float | None = None):
+        self.client = client
+        self.name = name
+        self.timeout = timeout
+        self._batchable: bool | None = None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the endpoint maps over axis 0 (then a vmap sends one merged call)."""
+        if self._batchable is None:
+            self._batchable = self.client.describe(self.name, timeout=self.timeout).batchable
+        return self._batchable
+
+    def make_call(self, call_def: CallDef, leaves: Sequence[Any],
+             flagged: Sequence[bool] | None = None) -> Call:
+        """The call of ``leaves`` differentiating those ``flagged`` (None: none)."""
+        if flagged is None:
+            return Call(self.name, call_def.unflatten(leaves))
+        ids = {id(x) for x, flag in zip(leaves, flagged) if flag}
+        return Call(self.name, call_def.unflatten(leaves), lambda x: id(x) in ids)
+
+    def forward(self, call: Call, make_leaf: MakeLeaf, *,
+                need_vjp: bool) -> tuple[Any, Residual | None]:
+        """Send a Forward for ``call``."""
+        return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout)
+
+    def vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
+            batched: bool = False) -> Arguments:
+        """Send a Vjp for a residual (recomputing if the server lost it)."""
+        return self.client.call_vjp(residual, cotangents, make_leaf, batched=batched,
+                                    timeout=self.timeout)

@@ -1,0 +1,114 @@
+"""What every client-side transport module implements: :class:`ClientTransport`.
+
+A transport module (``shm``, ``cuda_ipc``) owns the client's side of one
+kind of region from start to end: what it asks the server for (``ask``), how
+it attaches to the regions it gets and proves it did (``attach``), when it
+asks for more (``make_room``, ``spilled``), and which reply slots it reports
+freed. The data path (place, check, view, free) is the shared
+:class:`~gradserve.wire.slots.RegionTransport`; the generic
+:class:`~gradserve.client.session.Session` runs the RPCs.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Iterable, Protocol
+
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.memory import Data
+from gradserve.wire.slots import RegionTransport
+
+
+class Growth(Protocol):
+    """The session's side of growing: asks the server for more regions of a transport."""
+
+    def grow(self, transport: "ClientTransport", min_bytes: int, seen: int) -> bool:
+        """Add regions that can hold ``min_bytes`` unless some were added since the
+        caller saw ``seen`` regions; True if the transport has more room now."""
+
+
+class ClientTransport(RegionTransport):
+    """The client's side of one same-host transport in a session."""
+
+    def __init__(self) -> None:
+        super().__init__(pb.REQUEST)
+        self.growth: Growth | None = None
+        self._freed: collections.deque[pb.SlotRef] = collections.deque()
+
+    # -- set-up (each module) ----------------------------------------------
+    @staticmethod
+    def unavailable() -> str:
+        """Why this process cannot use the transport at all ("" when it can)."""
+        return ""
+
+    def ask(self) -> pb.TransportRequest:
+        """What to ask the server for in ``OpenSession``."""
+        raise NotImplementedError
+
+    def attach(self, regions: list[pb.Region]) -> tuple[list[pb.RegionProof], list[str]]:
+        """Map or open the server's new regions; the proofs to send back (an empty nonce
+        where attaching failed) and why each failure happened."""
+        raise NotImplementedError
+
+    def confirmed(self, ready: set[int]) -> None:
+        """Use the regions the server confirmed; forget those it did not."""
+        for region in self.regions:
+            if region.index in ready:
+                region.ready = True
+            elif not region.ready:
+                self.remove(region.index)
+
+    @property
+    def usable(self) -> bool:
+        """Whether any region is in use."""
+        return any(r.ready for r in self.regions)
+
+    def spilled(self, nbytes: int) -> None:
+        """A reply carried ``nbytes`` as bytes that would have fit a slot: the server's
+        regions were full. Grow them if this transport can."""
+
+    # -- sending -----------------------------------------------------------
+    def allocate(self, nbytes: int, gpu: int | None) -> Data | None:
+        """Bytes in a request slot on ``gpu`` (None: host), freed when they are collected."""
+        for attempt in range(2):
+            for region in self._outgoing_on(gpu):
+                assert region.arena is not None
+                slot = region.arena.alloc(nbytes)
+                if slot is not None:
+                    owner, data = region.owner(slot[0], nbytes)
+                    weakref.finalize(owner, region.arena.free, slot[0], slot[1])
+                    return data
+            if attempt or not self._outgoing_on(gpu) or not self.make_room(nbytes, gpu):
+                break
+        return None
+
+    # -- receiving ---------------------------------------------------------
+    def view(self, ref: pb.SlotRef) -> Data:
+        """The reply bytes ``ref`` designates; the slot is reported freed once every array
+        viewing them has been collected."""
+        region = self._regions[ref.region]
+        owner, data = region.owner(ref.offset, ref.nbytes)
+        weakref.finalize(owner, self._freed.append,
+                         pb.SlotRef(region=ref.region, offset=ref.offset, generation=ref.generation))
+        return data
+
+    def take_freed(self) -> list[pb.SlotRef]:
+        """Reply slots collected since the last call, for ``SessionState.freed_slots``
+        (GPU work still reading them is waited for first)."""
+        taken = []
+        while self._freed:
+            taken.append(self._freed.popleft())
+        if taken:
+            self._dirty = True
+            self.flush()
+        return taken
+
+    def put_back(self, refs: Iterable[pb.SlotRef]) -> None:
+        """Report these freed slots again with the next call (the one that carried them failed)."""
+        self._freed.extend(refs)
+
+    @property
+    def pending_frees(self) -> int:
+        """Freed reply slots not yet reported to the server."""
+        return len(self._freed)

@@ -1,0 +1,125 @@
+"""The CUDA IPC transport, client side: GPU payloads through pools exported once per session.
+
+For each GPU that client and server both see (matched by UUID, so differing
+``CUDA_VISIBLE_DEVICES`` orders do not matter) the server allocates a request
+pool and a reply pool with plain ``cudaMalloc`` (not blocks of a framework's
+caching allocator, which would expose whole segments and tie their lifetime
+to that cache) and exports them as CUDA IPC handles. This side opens each
+handle once per session (the server never opens a handle a client sends) and
+reads back the nonce at the pool's start through it: a pool whose nonce does
+not come back is never used. The handle is closed once the session and every
+view of the pool are gone.
+
+Ordering: the sender synchronises the pool's device after writing and before
+sending references (``flush``), and this side does so before reporting reply
+slots freed, so no kernel still reads a slot the server is about to
+overwrite. CuPy makes the raw runtime calls; it is imported only when CUDA
+IPC is asked for. Pools have a fixed size: a GPU payload that does not fit
+goes through host memory.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import numpy as np
+
+from gradserve.client.transports.base import ClientTransport
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.memory import cupy
+from gradserve.wire.slots import NONCE_BYTES, Arena, Region
+
+#: GPU pools align slots to 256 bytes, the CUDA allocators' own alignment.
+CUDA_ALIGN = 256
+
+
+def unavailable() -> str:
+    """Why this process cannot use CUDA IPC ("" when it can)."""
+    try:
+        count = cupy().cuda.runtime.getDeviceCount()
+    except ImportError as err:
+        return str(err)
+    except Exception as err:   # CUDARuntimeError: no driver, no device
+        return f"CUDA is not usable here ({err})"
+    return "" if count else "no CUDA device is visible"
+
+
+def local_devices() -> dict[str, int]:
+    """This process's visible GPUs: UUID -> device index."""
+    runtime = cupy().cuda.runtime
+    return {_uuid(runtime.getDeviceProperties(i)): i for i in range(runtime.getDeviceCount())}
+
+
+def _uuid(properties: dict[str, Any]) -> str:
+    raw = properties["uuid"]
+    return raw.hex() if isinstance(raw, bytes) else str(raw)
+
+
+class _Opened:
+    """An IPC handle opened in this process, closed when nothing uses it any more."""
+
+    def __init__(self, handle: bytes, device: int):
+        cp = cupy()
+        with cp.cuda.Device(device):
+            self.ptr = int(cp.cuda.runtime.ipcOpenMemHandle(handle))
+        weakref.finalize(self, _close_handle, self.ptr, device)
+
+
+def _close_handle(ptr: int, device: int) -> None:
+    cp = cupy()
+    with cp.cuda.Device(device):
+        cp.cuda.runtime.ipcCloseMemHandle(ptr)
+
+
+def read_nonce(ptr: int, device: int) -> bytes:
+    """The ``NONCE_BYTES`` at device address ``ptr``."""
+    cp = cupy()
+    nonce = np.empty(NONCE_BYTES, np.uint8)
+    with cp.cuda.Device(device):
+        cp.cuda.runtime.memcpy(nonce.ctypes.data, ptr, NONCE_BYTES,
+                               cp.cuda.runtime.memcpyDeviceToHost)
+    return nonce.tobytes()
+
+
+class CudaIpcTransport(ClientTransport):
+    """CUDA IPC pools on the GPUs both sides see; ``region_bytes`` sizes them (0: the
+    server's default)."""
+
+    name = "cuda_ipc"
+    kind = pb.CUDA_IPC
+    min_bytes = 1
+
+    def __init__(self, region_bytes: int = 0):
+        super().__init__()
+        self.region_bytes = region_bytes
+        self._local: dict[str, int] = {}
+
+    @staticmethod
+    def unavailable() -> str:
+        return unavailable()
+
+    def ask(self) -> pb.TransportRequest:
+        self._local = local_devices()
+        return pb.TransportRequest(kind=self.kind, region_bytes=self.region_bytes,
+                                   devices=list(self._local))
+
+    def attach(self, regions: list[pb.Region]) -> tuple[list[pb.RegionProof], list[str]]:
+        proofs, failures = [], []
+        for msg in regions:
+            gpu = self._local.get(msg.device)
+            try:
+                if gpu is None:
+                    raise ValueError(f"GPU {msg.device} is not visible here")
+                opened = _Opened(msg.handle, gpu)
+                nonce = read_nonce(opened.ptr, gpu)
+                memory = cupy().cuda.UnownedMemory(opened.ptr, msg.nbytes, opened, gpu)
+            except Exception as err:   # CUDARuntimeError: another node, no peer access
+                proofs.append(pb.RegionProof(region=msg.index))
+                failures.append(f"cannot open the pool on GPU {msg.device}: {err}")
+                continue
+            proofs.append(pb.RegionProof(region=msg.index, nonce=nonce))
+            arena = Arena(msg.nbytes, CUDA_ALIGN) if msg.direction == pb.REQUEST else None
+            self.add(Region(msg.index, self.kind, msg.direction, msg.device, msg.nbytes, memory,
+                            gpu=gpu, arena=arena))
+        return proofs, failures

@@ -1,0 +1,103 @@
+"""The shared-memory transport, client side: same-host CPU payloads that bypass gRPC.
+
+The server creates every region (POSIX shared memory, ``posix_fallocate``d so
+a full /dev/shm fails at creation rather than with SIGBUS later) and sends
+its name; this side maps it, refusing names that are not gradserve's, and
+reads back the nonce at its start, which proves it shares the host's
+/dev/shm (a client in another IPC namespace or machine cannot). Regions come
+in pairs: a request region this side allocates and writes in, and a reply
+region the server writes outputs and gradients to, viewed here without a
+copy until the last array viewing a slot is collected.
+
+When no request slot is free the transport grows the session by a pair of
+regions (``GrowSession``, doubling, up to the server's per-session limit);
+after a reply came as bytes because the server's reply regions were full, it
+grows them for the calls that follow. Past the limit, payloads that do not
+fit travel as bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+
+from gradserve.client.transports.base import ClientTransport
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.slots import NONCE_BYTES, Arena, Region
+
+SHM_DIR = "/dev/shm"
+#: Payloads smaller than this travel inline: a slot costs more than the copy saves.
+SHM_MIN_BYTES = 16 << 10
+#: The names a server gives its regions; no other name is ever mapped.
+NAME = re.compile(r"^gradserve-[0-9a-f]{32}-(req|rep)$")
+log = logging.getLogger("gradserve.client")
+
+
+def available() -> str:
+    """Why this machine has no usable POSIX shared memory ("" when it has)."""
+    if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
+        return ""
+    return f"this machine has no writable {SHM_DIR}"
+
+
+def open_region(name: str, size: int) -> mmap.mmap:
+    """Map a region the server created; refuses names that are not gradserve's."""
+    if not NAME.match(name):
+        raise ValueError(f"refusing to map {name!r}: not a gradserve region name")
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ValueError(f"region {name!r} is not {size} bytes")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+class ShmTransport(ClientTransport):
+    """Shared-memory regions in /dev/shm; ``region_bytes`` sizes the first pair (0: the
+    server's default)."""
+
+    name = "shm"
+    kind = pb.SHARED_MEMORY
+    min_bytes = SHM_MIN_BYTES
+
+    def __init__(self, region_bytes: int = 0):
+        super().__init__()
+        self.region_bytes = region_bytes
+
+    @staticmethod
+    def unavailable() -> str:
+        return available()
+
+    def ask(self) -> pb.TransportRequest:
+        return pb.TransportRequest(kind=self.kind, region_bytes=self.region_bytes)
+
+    def attach(self, regions: list[pb.Region]) -> tuple[list[pb.RegionProof], list[str]]:
+        proofs, failures = [], []
+        for msg in regions:
+            try:
+                mapped = open_region(msg.handle.decode("utf-8", "replace"), msg.nbytes)
+            except (OSError, ValueError) as err:
+                proofs.append(pb.RegionProof(region=msg.index))
+                failures.append(f"cannot map the server's shared memory ({err}): the server is "
+                                "on another host or in another IPC namespace")
+                continue
+            proofs.append(pb.RegionProof(region=msg.index, nonce=bytes(mapped[:NONCE_BYTES])))
+            arena = Arena(msg.nbytes) if msg.direction == pb.REQUEST else None
+            self.add(Region(msg.index, self.kind, msg.direction, "", msg.nbytes, mapped,
+                            arena=arena))
+        return proofs, failures
+
+    def make_room(self, nbytes: int, gpu: int | None) -> bool:
+        return self.growth is not None and self.growth.grow(self, nbytes, len(self.regions))
+
+    def spilled(self, nbytes: int) -> None:
+        if self.growth is not None:
+            self.growth.grow(self, nbytes, len(self.regions))
+
+    @property
+    def size(self) -> int:
+        """Bytes of the request regions together (the reply regions are as large)."""
+        return sum(r.size for r in self.regions if r.direction == pb.REQUEST)

@@ -1,0 +1,244 @@
+"""Framing: one request or reply as a header frame plus the bytes of its tensors.
+
+A tensor's payload is inline bytes in the header, a stream of ``Chunk``
+frames of at most ``chunk_bytes`` each (so no gRPC message grows with the
+tensor: gRPC caps messages at 2 GiB and servers usually far lower), or a slot
+of the request's same-host session (``SlotRef``). The framing knows sessions
+only as a :class:`SlotWriter` (where a sender may place payloads) and a
+:class:`SlotReader` (which checks and views references); which transport
+carries a slot is the session's business.
+
+The receiving side checks every tensor's dtype x shape against its payload
+and the message's size limit *before* allocating anything.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import grpc
+from google.protobuf.message import Message
+
+from gradserve.errors import StatusError, invalid
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import dtypes
+from gradserve.wire.memory import Data, DeviceBytes
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+#: Stream buffers up to this size come from the heap (warm, fast); larger ones are
+#: anonymous maps whose pages are committed only as bytes arrive.
+EAGER_BUFFER_BYTES = 64 << 20
+#: Room for a header's non-tensor content on top of its inline payloads.
+MESSAGE_OVERHEAD = 1 << 20
+
+
+class SlotWriter(Protocol):
+    """Where a sender may put payloads instead of the stream (a same-host session)."""
+
+    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
+        """A slot holding ``data`` and whether it was allocated for it; None: send bytes."""
+
+    def flush(self) -> None:
+        """Make what ``place`` wrote visible to the receiver; called before sending."""
+
+
+class SlotReader(Protocol):
+    """Checks and views the slots a message refers to (a same-host session)."""
+
+    @property
+    def inline_below(self) -> int:
+        """Payloads smaller than this travel as bytes by choice, not for want of a slot."""
+
+    def check(self, ref: pb.SlotRef, nbytes: int, path: str) -> None:
+        """Refuse a reference that is not a readable slot of ``nbytes``."""
+
+    def view(self, ref: pb.SlotRef) -> Data:
+        """The bytes of a checked reference, without a copy."""
+
+
+def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tuple[str, Any]]:
+    """Every tensor leaf (``kind`` "tensor", or "abstract") inside a message, with a
+    readable path such as ``args[0]``."""
+    if isinstance(msg, pb.Value):
+        which = msg.WhichOneof("kind")
+        if which == kind:
+            yield path, getattr(msg, kind)
+        elif which in ("list_value", "tuple_value"):
+            for i, item in enumerate(getattr(msg, which).items):
+                yield from tensors(item, f"{path}[{i}]", kind)
+        elif which == "dict_value":
+            for key, item in zip(msg.dict_value.keys, msg.dict_value.values):
+                yield from tensors(item, f"{path}[{key!r}]", kind)
+        return
+    for field, val in msg.ListFields():
+        if field.message_type is None:
+            continue
+        sub = f"{path}.{field.name}" if path else field.name
+        items = enumerate(val) if field.is_repeated else [(None, val)]
+        for i, item in items:
+            yield from tensors(item, sub if i is None else f"{sub}[{i}]", kind)
+
+
+def tensor_nbytes(path: str, msg: pb.Tensor | pb.TensorSpec) -> int:
+    """Validated byte size of a tensor message (dtype known, dims non-negative)."""
+    try:
+        return dtypes.nbytes(msg.dtype, tuple(msg.shape))
+    except StatusError as err:
+        raise invalid(f"{path or 'tensor'}: {err}") from None
+
+
+class FrameWriter:
+    """Collects payloads while a header is encoded, then yields the frames.
+
+    Each payload is offered to ``slots`` first; a placed one travels as a slot
+    reference, and ``placed`` lists the slots allocated for this message (the
+    owner frees them when the receiver is done). The rest go inline or as chunk
+    streams (GPU memory copied to the host).
+    """
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None,
+                 slots: SlotWriter | None = None):
+        self.chunk_bytes = chunk_bytes
+        self._inline_left = chunk_bytes if inline_bytes is None else inline_bytes
+        self._streams: list[memoryview] = []
+        self._slots = slots
+        self._placed_any = False
+        self.placed: list[pb.SlotRef] = []
+
+    def put(self, msg: pb.Tensor, data: Data) -> None:
+        """Set ``msg``'s payload so the receiver can recover ``data``."""
+        if self._slots is not None and data.nbytes:
+            placed = self._slots.place(data)
+            if placed is None and isinstance(data, DeviceBytes):
+                data = data.host()
+                placed = self._slots.place(data)
+            if placed is not None:
+                ref, allocated = placed
+                msg.slot.CopyFrom(ref)
+                self._placed_any = True
+                if allocated:
+                    self.placed.append(ref)
+                return
+        if isinstance(data, DeviceBytes):
+            data = data.host()
+        if data.nbytes <= self._inline_left:
+            self._inline_left -= data.nbytes
+            msg.data = data.tobytes()
+        else:
+            msg.stream.id = len(self._streams)
+            self._streams.append(data.cast("B"))
+
+    def frames(self, frame_type: type, header: Any) -> Iterator[Any]:
+        """The header frame, then every streamed tensor's chunks in order."""
+        if self._placed_any and self._slots is not None:
+            self._slots.flush()   # what the slots hold must be ready before the receiver looks
+        yield frame_type(header=header)
+        step = self.chunk_bytes
+        for stream_id, data in enumerate(self._streams):
+            for offset in range(0, len(data), step):
+                yield frame_type(chunk=pb.Chunk(id=stream_id, data=data[offset:offset + step].tobytes()))
+
+
+class FrameReader:
+    """Reassembles one framed message; ``get`` gives each tensor's bytes.
+
+    A header that declares a huge tensor costs little until its bytes are
+    really sent: buffers over ``EAGER_BUFFER_BYTES`` are anonymous memory maps
+    committed page by page as chunks arrive. ``slots_for(header)`` gives the
+    session whose slots the header's references name (None: no session).
+    ``on_frame`` is called for every frame (the server's idle-stream watchdog).
+    """
+
+    def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None,
+                 slots_for: Callable[[Any], SlotReader | None] | None = None):
+        self.max_bytes = max_bytes
+        self._on_frame = on_frame
+        self._slots_for = slots_for
+        self.slots: SlotReader | None = None
+        #: bytes of payloads that came as bytes although the session could have held
+        #: them in slots: the sender's regions were full (the receiver may grow them)
+        self.spilled = 0
+        self._expected: dict[int, tuple[str, int]] = {}
+        self._buffers: dict[int, bytearray | mmap.mmap] = {}
+        self._filled: dict[int, int] = {}
+
+    def read(self, frames: Iterable[Any]) -> Any:
+        """Consume ``frames`` and return the validated header message."""
+        it = iter(frames)
+        first = next(it, None)
+        if first is None or first.WhichOneof("frame") != "header":
+            raise invalid("stream must start with a header frame")
+        header = first.header
+        if self._slots_for is not None:
+            self.slots = self._slots_for(header)
+        self._plan(header)
+        for frame in it:
+            if self._on_frame is not None:
+                self._on_frame()
+            if frame.WhichOneof("frame") != "chunk":
+                raise invalid("only chunk frames may follow the header")
+            self._append(frame.chunk)
+        for stream_id, (path, size) in self._expected.items():
+            got = self._filled.get(stream_id, 0)
+            if got != size:
+                raise invalid(f"{path}: stream ended after {got} of {size} bytes")
+        return header
+
+    def _plan(self, header: Any) -> None:
+        total = 0
+        slots = self.slots
+        inline_below = slots.inline_below if slots is not None else 1 << 62
+        for path, msg in tensors(header):
+            size = tensor_nbytes(path, msg)
+            total += size
+            kind = msg.WhichOneof("payload")
+            if kind in ("data", "stream") and size >= inline_below:
+                self.spilled += size
+            if kind == "data":
+                if len(msg.data) != size:
+                    raise invalid(f"{path}: payload has {len(msg.data)} bytes but dtype "
+                                  f"{msg.dtype} x shape {list(msg.shape)} needs {size}")
+            elif kind == "stream":
+                if msg.stream.id in self._expected:
+                    raise invalid(f"{path}: stream id {msg.stream.id} used twice")
+                self._expected[msg.stream.id] = (path, size)
+            elif kind == "slot":
+                if slots is None:
+                    raise invalid(f"{path}: a slot reference needs a same-host session, and "
+                                  "this message names none")
+                slots.check(msg.slot, size, path)
+            else:
+                raise invalid(f"{path}: tensor has no payload")
+        for path, spec in tensors(header, kind="abstract"):
+            total += tensor_nbytes(path, spec)
+        if total > self.max_bytes:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"message carries {total} tensor bytes, over the limit of "
+                              f"{self.max_bytes}")
+
+    def _append(self, chunk: pb.Chunk) -> None:
+        if chunk.id not in self._expected:
+            raise invalid(f"chunk for unknown stream id {chunk.id}")
+        path, size = self._expected[chunk.id]
+        start = self._filled.get(chunk.id, 0)
+        end = start + len(chunk.data)
+        if end > size:
+            raise invalid(f"{path}: stream carries more than the {size} bytes its shape needs")
+        buf = self._buffers.get(chunk.id)
+        if buf is None:
+            buf = self._buffers[chunk.id] = (bytearray(size) if size <= EAGER_BUFFER_BYTES
+                                             else mmap.mmap(-1, size))
+        buf[start:end] = chunk.data
+        self._filled[chunk.id] = end
+
+    def get(self, msg: pb.Tensor) -> Data:
+        """The bytes of one tensor of the header ``read`` returned."""
+        kind = msg.WhichOneof("payload")
+        if kind == "data":
+            return memoryview(bytearray(msg.data))
+        if kind == "slot":
+            assert self.slots is not None
+            return self.slots.view(msg.slot)
+        buf = self._buffers.get(msg.stream.id)
+        return memoryview(buf) if buf is not None else memoryview(bytearray(0))

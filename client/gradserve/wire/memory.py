@@ -1,0 +1,130 @@
+"""Payload bytes in host or GPU memory, and the few operations transports need on them.
+
+Host bytes are a ``memoryview``; GPU bytes are :class:`DeviceBytes`, a 1-D
+CuPy ``uint8`` array on one device. CuPy is imported only when GPU bytes are
+really handled (it makes the raw CUDA runtime calls and hands memory over by
+DLPack).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+
+@dataclass
+class DeviceBytes:
+    """Bytes in GPU memory: ``array`` is a contiguous 1-D CuPy uint8 array on GPU ``device``."""
+
+    array: Any
+    device: int
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        return int(self.array.nbytes)
+
+    @property
+    def ptr(self) -> int:
+        """Device address of the first byte."""
+        return int(self.array.data.ptr)
+
+    def host(self) -> memoryview:
+        """A host copy (for transports that cannot move GPU memory)."""
+        return memoryview(self.array.get())
+
+
+Data = Union[memoryview, DeviceBytes]
+
+
+@functools.cache
+def cupy_or_none() -> Any:
+    """CuPy, if it can be imported here; else None."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def cupy() -> Any:
+    """CuPy, or ImportError naming the extra that brings it."""
+    module = cupy_or_none()
+    if module is None:
+        raise ImportError("CuPy is not installed (pip install gradserve[cuda])")
+    return module
+
+
+def address(data: memoryview) -> int:
+    """Address of a host buffer's first byte (0 when it is empty)."""
+    if not data.nbytes:
+        return 0
+    return int(np.frombuffer(data, np.uint8).ctypes.data)
+
+
+def device_view(memory: Any, offset: int, nbytes: int, device: int) -> DeviceBytes:
+    """GPU bytes ``memory[offset:offset + nbytes]`` (a CuPy memory object, kept alive by the view)."""
+    cp = cupy()
+    return DeviceBytes(cp.ndarray((nbytes,), cp.uint8, cp.cuda.MemoryPointer(memory, offset)),
+                       device)
+
+
+def copy_into(dst: Data, src: Data) -> None:
+    """Copy ``src`` into ``dst`` (same size). GPU copies are queued on the current stream:
+    synchronise the device before another process reads ``dst``."""
+    if src.nbytes != dst.nbytes:
+        raise ValueError(f"cannot copy {src.nbytes} bytes into {dst.nbytes}")
+    if not src.nbytes:
+        return
+    if isinstance(dst, memoryview):
+        host = src.host() if isinstance(src, DeviceBytes) else src
+        dst.cast("B")[:] = host.cast("B")
+        return
+    cp = cupy()
+    runtime = cp.cuda.runtime
+    if isinstance(src, DeviceBytes):
+        pointer, kind = src.ptr, runtime.memcpyDeviceToDevice
+        keep: Any = src
+    else:
+        keep = np.frombuffer(src, np.uint8)
+        pointer, kind = int(keep.ctypes.data), runtime.memcpyHostToDevice
+    with cp.cuda.Device(dst.device):
+        if kind == runtime.memcpyHostToDevice:
+            runtime.memcpy(dst.ptr, pointer, dst.nbytes, kind)   # host memory may go away after
+        else:
+            runtime.memcpyAsync(dst.ptr, pointer, dst.nbytes, kind,
+                                cp.cuda.get_current_stream().ptr)
+    del keep
+
+
+def clone(data: Data) -> Data:
+    """A copy of ``data`` in memory of the same kind (host, or the same GPU)."""
+    if isinstance(data, DeviceBytes):
+        cp = cupy()
+        with cp.cuda.Device(data.device):
+            return DeviceBytes(data.array.copy(), data.device)
+    return memoryview(bytearray(data))
+
+
+def synchronize(device: int) -> None:
+    """Wait until every queued operation on GPU ``device`` is done."""
+    cp = cupy()
+    with cp.cuda.Device(device):
+        cp.cuda.runtime.deviceSynchronize()
+
+
+@dataclass
+class WireTensor:
+    """A tensor on its way to or from the wire: dtype code, shape, raw bytes.
+
+    ``data`` is host memory, or GPU memory (:class:`DeviceBytes`) where the
+    array lives on a GPU and CuPy is there to hand its bytes over.
+    """
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: Data   # C-contiguous little-endian bytes, len == nbytes
+    requires_grad: bool = False

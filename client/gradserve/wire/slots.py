@@ -1,0 +1,382 @@
+"""Slots in a session's regions: the allocator, the regions, and the data path every
+region transport shares.
+
+A same-host session has a table of regions (``pb.Region``), each reached by one
+transport (shared memory, CUDA IPC, ...) and allocated in by one side: request
+regions by the client, reply regions by the server. A payload placed in a
+region travels as ``pb.SlotRef(region, offset, nbytes, generation)``; the
+receiver checks the reference against the region before any view is made.
+
+:class:`RegionTransport` is one side's data path over one transport's regions
+(place, flush, check, view, free); a transport module adds only how its
+regions are created or attached to. :class:`Slots` is a session's transports
+seen as one, which is all the framing knows of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Generic, Iterable, Sequence, TypeVar
+
+import numpy as np
+
+from gradserve.errors import invalid
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.memory import Data, DeviceBytes, address, copy_into, device_view, synchronize
+
+#: Slot alignment: JAX's CPU zero-copy import needs 64 bytes; device regions use 256.
+ALIGN = 64
+#: Bytes at the start of every new region holding the server's nonce (the client reads it back).
+NONCE_BYTES = 32
+
+KIND_NAMES = {pb.SHARED_MEMORY: "shared-memory", pb.CUDA_IPC: "CUDA IPC"}
+DIRECTION_NAMES = {pb.REQUEST: "request", pb.REPLY: "reply"}
+
+
+class Arena:
+    """A first-fit allocator of ``align``-aligned slots in ``[0, size)``; thread-safe.
+
+    Each allocation gets a new *generation*, so a stale ``free`` of a slot that
+    was freed and allocated again since is refused instead of freeing the new one.
+    """
+
+    _generations = itertools.count(1)
+
+    def __init__(self, size: int, align: int = ALIGN):
+        self.size = size
+        self.align = align
+        self._free: list[tuple[int, int]] = [(0, size)] if size else []   # sorted (offset, length)
+        self._used: dict[int, tuple[int, int]] = {}                        # offset -> (length, gen)
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> tuple[int, int] | None:
+        """``(offset, generation)`` of a new slot of ``nbytes`` (rounded up), or None if full."""
+        need = max(self.align, -(-nbytes // self.align) * self.align)
+        with self._lock:
+            for i, (offset, length) in enumerate(self._free):
+                if length >= need:
+                    if length == need:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (offset + need, length - need)
+                    generation = next(self._generations)
+                    self._used[offset] = (need, generation)
+                    return offset, generation
+        return None
+
+    def free(self, offset: int, generation: int = 0) -> bool:
+        """Return a slot; False if ``offset`` is not allocated (or, with a ``generation``,
+        not that allocation)."""
+        with self._lock:
+            used = self._used.get(offset)
+            if used is None or (generation and used[1] != generation):
+                return False
+            del self._used[offset]
+            self._free.append((offset, used[0]))
+            self._free.sort()
+            merged: list[tuple[int, int]] = []
+            for start, size in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == start:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
+                else:
+                    merged.append((start, size))
+            self._free = merged
+            return True
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes in allocated slots."""
+        with self._lock:
+            return sum(length for length, _ in self._used.values())
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """One region of a session as one side sees it (for introspection and tests)."""
+
+    index: int
+    kind: str          # "shared-memory", "CUDA IPC"
+    direction: str     # "request", "reply"
+    device: str        # "" for host memory, else the GPU's UUID
+    size: int
+    used_bytes: int    # in slots this side allocated (0 where the other side allocates)
+    ready: bool
+    address: int       # of the first byte, in this process
+
+
+@dataclass(eq=False)
+class Region:
+    """One region of a session's table, mapped (or opened) in this process.
+
+    ``memory`` is a writable host buffer (an ``mmap``) when ``gpu`` is None,
+    else a CuPy memory object on local GPU ``gpu``. ``arena`` is set on the
+    side that allocates in it.
+    """
+
+    index: int
+    kind: int
+    direction: int
+    device: str
+    size: int
+    memory: Any
+    gpu: int | None = None
+    arena: Arena | None = None
+    ready: bool = False
+    base: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.gpu is not None:
+            self.base = int(self.memory.ptr)
+        else:
+            self.base = address(memoryview(self.memory)) if self.size else 0
+
+    def holds(self, start: int, nbytes: int) -> bool:
+        """Whether ``[start, start + nbytes)`` (addresses in this process) lies inside."""
+        return self.base <= start and start + nbytes <= self.base + self.size
+
+    def write(self, offset: int, data: Data) -> None:
+        """Copy ``data`` to ``offset`` (GPU copies are queued: ``synchronize`` before sending)."""
+        copy_into(self.view(offset, data.nbytes), data)
+
+    def view(self, offset: int, nbytes: int) -> Data:
+        """The bytes at ``[offset, offset + nbytes)``, without a copy."""
+        return self.owner(offset, nbytes)[1]
+
+    def owner(self, offset: int, nbytes: int) -> tuple[Any, Data]:
+        """An array over the slot that keeps the region's memory alive, and its bytes."""
+        if self.gpu is None:
+            array = np.frombuffer(self.memory, np.uint8, nbytes, offset)
+            return array, memoryview(array)
+        data = device_view(self.memory, offset, nbytes, self.gpu)
+        return data.array, data
+
+    def info(self) -> RegionInfo:
+        """A snapshot for introspection."""
+        return RegionInfo(self.index, KIND_NAMES.get(self.kind, str(self.kind)),
+                          DIRECTION_NAMES.get(self.direction, str(self.direction)), self.device,
+                          self.size, self.arena.used_bytes if self.arena else 0, self.ready,
+                          self.base)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A same-host session as one side sees it (``Client.session_info()``,
+    ``Server.sessions.info(id)``)."""
+
+    id: str
+    transports: tuple[str, ...]
+    regions: tuple[RegionInfo, ...]
+    pending_frees: int = 0      # reply slots freed by the client, not yet reported to the server
+    copied: int = 0             # payloads this side copied into a slot of its regions
+    in_place: int = 0           # payloads this side sent from the slot they lay in already
+
+    def used_bytes(self, direction: str) -> int:
+        """Bytes in allocated slots of the ``direction`` ("request", "reply") regions."""
+        return sum(r.used_bytes for r in self.regions if r.direction == direction)
+
+    def sizes(self, kind: str, direction: str) -> list[int]:
+        """Sizes of the regions of one kind and direction, in table order."""
+        return [r.size for r in self.regions if r.kind == kind and r.direction == direction]
+
+
+def check_slot(path: str, label: str, region: Region | None, incoming: int,
+               ref: pb.SlotRef, want: int) -> None:
+    """Refuse ``ref`` unless it holds exactly ``want`` bytes inside ``region``, a region in
+    use whose direction is ``incoming`` (None: no such region)."""
+    index = ref.region
+    if ref.nbytes != want:
+        raise invalid(f"{path}: {label} slot holds {ref.nbytes} bytes but dtype x shape "
+                      f"needs {want}")
+    if region is None or not region.ready:
+        raise invalid(f"{path}: {label} region {index} is not in use in this session")
+    if region.direction != incoming:
+        raise invalid(f"{path}: {label} region {index} is a {DIRECTION_NAMES[region.direction]} "
+                      f"region; this side reads only {DIRECTION_NAMES[incoming]} regions")
+    if ref.offset > region.size or ref.nbytes > region.size - ref.offset:
+        raise invalid(f"{path}: {label} slot [{ref.offset}, +{ref.nbytes}) lies outside the "
+                      f"{region.size}-byte region {index}")
+
+
+class RegionTransport:
+    """One side's data path over one transport's regions in a session.
+
+    This side allocates and writes in its *outgoing* regions (``outgoing``:
+    pb.REQUEST on the client, pb.REPLY on the server) and reads the other
+    side's slots in the *incoming* ones. Subclasses (one module per
+    transport and side) add how regions come to exist and go away.
+    """
+
+    kind: int = pb.REGION_KIND_UNSPECIFIED
+    #: the transport's name, as users ask for it (``transport="shm"``)
+    name: str = ""
+    #: Payloads smaller than this go inline: a slot costs more than the copy saves.
+    min_bytes: int = 1
+
+    def __init__(self, outgoing: int):
+        self.outgoing = outgoing
+        self._regions: dict[int, Region] = {}
+        self._lock = threading.Lock()
+        self._dirty = False
+        #: payloads copied into a slot / sent from where they already lay
+        self.copied = 0
+        self.in_place = 0
+
+    @property
+    def label(self) -> str:
+        """The transport's name in messages."""
+        return KIND_NAMES.get(self.kind, f"kind-{self.kind}")
+
+    # -- the region table --------------------------------------------------
+    def add(self, region: Region) -> None:
+        """Take part of the session's table: ``region`` (ready or not)."""
+        with self._lock:
+            self._regions[region.index] = region
+
+    def remove(self, index: int) -> Region | None:
+        """Forget a region (it is no longer used); returns it."""
+        with self._lock:
+            return self._regions.pop(index, None)
+
+    def region(self, index: int) -> Region | None:
+        """The region with table index ``index``, if it is this transport's."""
+        return self._regions.get(index)
+
+    @property
+    def regions(self) -> list[Region]:
+        """Every region of this transport, ordered by index."""
+        with self._lock:
+            return sorted(self._regions.values(), key=lambda r: r.index)
+
+    def _outgoing_on(self, gpu: int | None) -> list[Region]:
+        return [r for r in self.regions
+                if r.ready and r.direction == self.outgoing and r.gpu == gpu and r.arena]
+
+    # -- sending -----------------------------------------------------------
+    def accepts(self, data: Data) -> bool:
+        """Whether ``data`` lives where this transport can carry it (host, or one of its GPUs)."""
+        return bool(self._outgoing_on(data.device if isinstance(data, DeviceBytes) else None))
+
+    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
+        """A slot holding ``data`` and whether it was allocated for it (then the sender
+        frees it once the other side is done); None when no slot can be had."""
+        nbytes = data.nbytes
+        if nbytes < self.min_bytes:
+            return None
+        gpu = data.device if isinstance(data, DeviceBytes) else None
+        start = data.ptr if isinstance(data, DeviceBytes) else address(data)
+        regions = self._outgoing_on(gpu)
+        for region in regions:   # already lives in a slot of ours: send it as it is
+            if region.holds(start, nbytes):
+                self.in_place += 1
+                self._dirty = True
+                return pb.SlotRef(region=region.index, offset=start - region.base,
+                                  nbytes=nbytes), False
+        for attempt in range(2):
+            for region in regions:
+                assert region.arena is not None
+                slot = region.arena.alloc(nbytes)
+                if slot is not None:
+                    offset, generation = slot
+                    region.write(offset, data)
+                    self.copied += 1
+                    self._dirty = True
+                    return pb.SlotRef(region=region.index, offset=offset, nbytes=nbytes,
+                                      generation=generation), True
+            if attempt or not self.make_room(nbytes, gpu):
+                break
+            regions = self._outgoing_on(gpu)
+        return None
+
+    def make_room(self, nbytes: int, gpu: int | None) -> bool:
+        """Called when no outgoing region has a free slot of ``nbytes``: True if room was
+        made (a region was added), so placing is tried once more."""
+        return False
+
+    def flush(self) -> None:
+        """Make what ``place`` wrote visible to the other side (queued GPU copies done)."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        for gpu in sorted({r.gpu for r in self.regions if r.gpu is not None}):
+            synchronize(gpu)
+
+    def free(self, refs: Iterable[pb.SlotRef]) -> None:
+        """Return outgoing slots the other side no longer needs (unknown ones are ignored)."""
+        for ref in refs:
+            region = self._regions.get(ref.region)
+            if region is not None and region.arena is not None and region.direction == self.outgoing:
+                region.arena.free(ref.offset, ref.generation)
+
+    # -- receiving ---------------------------------------------------------
+    def check(self, ref: pb.SlotRef, nbytes: int, path: str) -> None:
+        """Refuse a reference that is not a slot of ``nbytes`` inside an incoming region in use."""
+        incoming = pb.REPLY if self.outgoing == pb.REQUEST else pb.REQUEST
+        check_slot(path, self.label, self._regions.get(ref.region), incoming, ref, nbytes)
+
+    def view(self, ref: pb.SlotRef) -> Data:
+        """The incoming bytes ``ref`` designates (checked), without a copy."""
+        return self._regions[ref.region].view(ref.offset, ref.nbytes)
+
+    # -- introspection -----------------------------------------------------
+    def used_bytes(self) -> int:
+        """Bytes of this side's outgoing regions in allocated slots."""
+        return sum(r.arena.used_bytes for r in self.regions if r.arena is not None)
+
+
+T = TypeVar("T", bound=RegionTransport)
+
+
+class Slots(Generic[T]):
+    """A session's transports as one store of slots: what the framing writes payloads
+    to (``place``, ``flush``) and reads them from (``check``, ``view``)."""
+
+    def __init__(self, transports: Sequence[T]):
+        self.transports: list[T] = list(transports)
+
+    @property
+    def inline_below(self) -> int:
+        """Payloads smaller than this are sent inline by choice, not for want of a slot."""
+        return min((t.min_bytes for t in self.transports), default=1 << 62)
+
+    def transport_of(self, index: int) -> T | None:
+        """The transport holding region ``index``."""
+        for transport in self.transports:
+            if transport.region(index) is not None:
+                return transport
+        return None
+
+    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
+        """A slot holding ``data`` in the first transport that can carry it, or None."""
+        for transport in self.transports:
+            if transport.accepts(data):
+                placed = transport.place(data)
+                if placed is not None:
+                    return placed
+        return None
+
+    def flush(self) -> None:
+        """Make every placed payload visible to the other side."""
+        for transport in self.transports:
+            transport.flush()
+
+    def free(self, refs: Iterable[pb.SlotRef]) -> None:
+        """Return slots of this side's outgoing regions."""
+        for ref in refs:
+            transport = self.transport_of(ref.region)
+            if transport is not None:
+                transport.free([ref])
+
+    def check(self, ref: pb.SlotRef, nbytes: int, path: str) -> None:
+        """Refuse a reference that no transport of the session can read."""
+        transport = self.transport_of(ref.region)
+        if transport is None:
+            raise invalid(f"{path}: region {ref.region} is not in use in this session")
+        transport.check(ref, nbytes, path)
+
+    def view(self, ref: pb.SlotRef) -> Data:
+        """The bytes of a checked reference."""
+        transport = self.transport_of(ref.region)
+        assert transport is not None
+        return transport.view(ref)

@@ -1,0 +1,120 @@
+"""Plain data types describing tensors and endpoints: tensor types and specs, endpoint info."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import dtypes
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A concrete tensor type: every dimension and the dtype known (e.g. an abstract
+    input of :meth:`Client.signature`, or one of its results)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_pb(self, name: str = "") -> pb.TensorSpec:
+        """The wire form."""
+        return pb.TensorSpec(name=name, dtype=dtypes.code_of(self.dtype), shape=self.shape)
+
+    @classmethod
+    def from_pb(cls, msg: pb.TensorSpec) -> "TensorType":
+        """Read the wire form (every dimension and the dtype must be known)."""
+        return cls(tuple(msg.shape), dtypes.name_of(msg.dtype))
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A pattern of tensor types, declared by an endpoint: ``None`` dims (or dtype) match
+    anything."""
+
+    shape: tuple[int | None, ...]
+    dtype: str | None = None
+
+    def to_pb(self, name: str = "") -> pb.TensorSpec:
+        """The wire form (-1 for a wildcard dimension)."""
+        return pb.TensorSpec(name=name,
+                             dtype=dtypes.code_of(self.dtype) if self.dtype else pb.DTYPE_UNSPECIFIED,
+                             shape=[-1 if d is None else d for d in self.shape])
+
+    @classmethod
+    def from_pb(cls, msg: pb.TensorSpec) -> "TensorSpec":
+        """Read the wire form."""
+        return cls(tuple(None if d < 0 else d for d in msg.shape), dtypes.NAMES.get(msg.dtype))
+
+    def concrete(self) -> TensorType | None:
+        """The one type this spec matches, if it has no wildcard."""
+        if self.dtype is None or any(d is None for d in self.shape):
+            return None
+        return TensorType(tuple(d for d in self.shape if d is not None), self.dtype)
+
+    def mismatch(self, t: TensorType) -> str | None:
+        """Why a tensor of type ``t`` does not fit, or None if it does."""
+        if self.dtype is not None and t.dtype != self.dtype:
+            return f"expected dtype {self.dtype}, got {t.dtype}"
+        if len(t.shape) != len(self.shape) or any(
+                want is not None and want != got for want, got in zip(self.shape, t.shape)):
+            return f"expected shape {self._dims()}, got {tuple(t.shape)}"
+        return None
+
+    def _dims(self) -> str:
+        return "(" + ", ".join("*" if d is None else str(d) for d in self.shape) + ")"
+
+    def __str__(self) -> str:
+        dims = ", ".join("*" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype or 'any'}[{dims}]"
+
+
+@dataclass(frozen=True)
+class ResidualStats:
+    """What a server's residual store holds right now."""
+
+    count: int
+    bytes: int
+    max_bytes: int
+    ttl_seconds: float
+    evictions: int
+    endpoint_count: int
+
+    @classmethod
+    def from_pb(cls, msg: pb.ResidualStats) -> "ResidualStats":
+        """Read the wire form."""
+        return cls(msg.count, msg.bytes, msg.max_bytes, msg.ttl_seconds, msg.evictions,
+                   msg.endpoint_count)
+
+
+def _specs(items: Iterable[pb.TensorSpec]) -> dict[str, TensorSpec]:
+    return {s.name: TensorSpec.from_pb(s) for s in items}
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """An endpoint as ``ListEndpoints``/``Describe`` report it."""
+
+    name: str
+    framework: str
+    device: str
+    signature: str
+    doc: str = ""
+    inputs: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    parameters: dict[str, TensorSpec] = field(default_factory=dict)
+    accepts_parameters: bool = False
+    batchable: bool = False
+    residuals: ResidualStats | None = None
+
+    @classmethod
+    def from_pb(cls, msg: pb.EndpointInfo,
+                residuals: pb.ResidualStats | None = None) -> "EndpointInfo":
+        """Read the wire form (with the residual statistics ``Describe`` adds)."""
+        return cls(msg.name, msg.framework, msg.device, msg.signature, msg.doc,
+                   _specs(msg.inputs), _specs(msg.outputs), _specs(msg.parameters),
+                   msg.accepts_parameters, msg.batchable,
+                   ResidualStats.from_pb(residuals) if residuals is not None else None)
