@@ -23,6 +23,7 @@ serve: install
 	$(VENV)/bin/gradserve serve gradserve.server.models.digits:endpoints --host $(HOST) --port $(PORT)
 
 test: install
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: install

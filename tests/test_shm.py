@@ -177,18 +177,23 @@ def test_reply_slots_are_not_reused_while_viewed(serve) -> None:
 
 def test_freed_slots_survive_a_failed_call(serve) -> None:
     """A reply slot reported freed by a call that then fails is reported again."""
-    server, client = serve({"double": double})
-    out = client.forward("double", (np.ones(65536, np.float32),)).outputs   # 256 KiB reply
-    assert served(server, client).used_bytes("reply") == 262144
-    del out                                   # freed here; reported with the next request
-    assert client.session_info().pending_frees == 1
-    with pytest.raises(gradserve.DeadlineExceeded):
-        client.forward("double", (np.ones(3, np.float32),), timeout=1e-9)
-    assert client.session_info().pending_frees == 1   # put back: the call never landed
-    np.testing.assert_array_equal(client.forward("double", (np.ones(3, np.float32),)).outputs,
-                                  2 * np.ones(3, np.float32))
-    assert client.session_info().pending_frees == 0
-    assert served(server, client).used_bytes("reply") == 0
+    server, _ = serve({"double": double})
+    client, channel = fault_client(server.address)
+    try:
+        out = client.forward("double", (np.ones(65536, np.float32),)).outputs   # 256 KiB reply
+        assert served(server, client).used_bytes("reply") == 262144
+        del out                               # freed here; reported with the next request
+        assert client.session_info().pending_frees == 1
+        channel.fail("Forward", grpc.StatusCode.DEADLINE_EXCEEDED, "too late")
+        with pytest.raises(gradserve.DeadlineExceeded):
+            client.forward("double", (np.ones(3, np.float32),))
+        assert client.session_info().pending_frees == 1   # put back: the call never landed
+        np.testing.assert_array_equal(client.forward("double", (np.ones(3, np.float32),)).outputs,
+                                      2 * np.ones(3, np.float32))
+        assert client.session_info().pending_frees == 0
+        assert served(server, client).used_bytes("reply") == 0
+    finally:
+        client.close()
 
 
 def test_reporting_a_freed_slot_twice_frees_nothing_else(serve) -> None:

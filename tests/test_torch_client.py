@@ -125,6 +125,71 @@ def test_double_backward_raises_clear_error(serve) -> None:
         g.sum().backward()
 
 
+REFUSAL = r"gradserve: differentiating the gradient of remote endpoint 'f' .*not supported"
+
+
+@pytest.fixture
+def linear_in_outputs(serve):
+    """An endpoint whose loss below is linear in its outputs: the second derivative comes
+    only through the remote function, where it used to be silently zero."""
+    _, client = serve({"f": lambda v: v.sin() * v})
+    return client.torch("f")
+
+
+def test_create_graph_gives_a_gradient_that_refuses_to_be_differentiated(linear_in_outputs) -> None:
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(linear_in_outputs(x).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, x.detach().cos() * x.detach() + x.detach().sin())
+    assert g.requires_grad              # it depends on x: autograd must know
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_hessian_through_a_remote_node_raises_rather_than_returning_zeros(linear_in_outputs) -> None:
+    x = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        torch.autograd.functional.hessian(lambda v: linear_in_outputs(v).sum(), x)
+
+
+def test_torch_func_grad_of_grad_raises(linear_in_outputs) -> None:
+    from torch.func import grad
+    x = torch.randn(3, dtype=torch.float64)
+    first = grad(lambda v: linear_in_outputs(v).sum())(x)   # reverse mode once works
+    torch.testing.assert_close(first, x.cos() * x + x.sin())
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        grad(lambda v: grad(lambda u: linear_in_outputs(u).sum())(v).sum())(x)
+
+
+def test_builtins_are_servable_as_they_are(serve) -> None:
+    server, client = serve({"sin": torch.sin, "add": torch.add})
+    x = torch.randn(4, requires_grad=True)
+    client.torch("sin")(x).sum().backward()
+    torch.testing.assert_close(x.grad, x.detach().cos())
+    out = client.torch("add")(torch.ones(2), torch.ones(2), alpha=3)
+    torch.testing.assert_close(out, torch.full((2,), 4.0))
+    assert "sin(*args, **kwargs)" in [e.signature for e in client.endpoints()]
+
+
+def test_zero_tensor_gradients_come_back_as_zeros(serve) -> None:
+    _, client = serve({"sgn": torch.sgn})
+    x = torch.randn(3, requires_grad=True)
+    client.torch("sgn")(x).sum().backward()      # autograd's gradient of sgn is a ZeroTensor
+    assert torch.equal(x.grad, torch.zeros(3))
+
+
+def test_gradients_with_unusual_strides_travel(serve) -> None:
+    def blocks(a, b):
+        return torch.block_diag(a, b)
+
+    _, client = serve({"blocks": blocks})
+    a, b = torch.randn(1, 1, requires_grad=True), torch.randn(1, 1, requires_grad=True)
+    client.torch("blocks")(a, b).sum().backward()
+    assert torch.equal(a.grad, torch.ones(1, 1)) and torch.equal(b.grad, torch.ones(1, 1))
+    x = torch.tensor(2.0).expand(1)                # one element behind a zero stride
+    torch.testing.assert_close(client.torch("blocks")(x.reshape(1, 1), x.reshape(1, 1)),
+                               torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+
+
 def test_client_held_parameters_fine_tune_like_local_sgd(serve) -> None:
     local = mlp()
     served = mlp()  # same seed: identical weights

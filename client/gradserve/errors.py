@@ -99,8 +99,8 @@ def from_rpc_error(err: grpc.RpcError) -> RemoteError:
     """Translate a grpc error into the matching :class:`RemoteError` subclass."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
-    trailers = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
-    reason = trailers.get(REASON_KEY)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    reason = next((str(item.value) for item in trailers or () if item.key == REASON_KEY), None)
     if reason == RESIDUAL_MISSING:
         return ResidualMissing(code, message or "", reason)
     if reason == SESSION_MISSING:

@@ -200,7 +200,7 @@ class Client:
         """The endpoint's own parameter values, as arrays of framework ``like``."""
         adapter = frameworks.adapter(like)
         self._flush_releases(timeout)
-        reader = FrameReader(self.max_receive_bytes)
+        reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
         frames = self._stub.GetParameters(pb.GetParametersRequest(endpoint=name),
                                           timeout=self._deadline(timeout))
         header = self._read(reader, frames)
@@ -373,13 +373,14 @@ class Client:
 
     # -- plumbing ----------------------------------------------------------
     def _exchange(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
-                  session: Session | None, timeout: float | None) -> tuple[Any, FrameReader]:
+                  session: Session | None, timeout: float | None) -> tuple[Any, FrameReader[Any]]:
         """Send a framed request; the reply header and the reader holding its payloads.
         The freed reply slots it reports are reported again if it fails."""
         state = session.state() if session is not None else None
         if state is not None:
             request.session.CopyFrom(state)
-        reader = FrameReader(self.max_receive_bytes, slots_for=lambda header: session)
+        reader: FrameReader[Session] = FrameReader(self.max_receive_bytes,
+                                                   slots_for=lambda header: session)
         try:
             frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
             header = self._read(reader, frames)
@@ -490,7 +491,7 @@ class Client:
             raise from_rpc_error(err) from None
 
     @staticmethod
-    def _read(reader: FrameReader, frames: Iterator[Any]) -> Any:
+    def _read(reader: FrameReader[Any], frames: Iterator[Any]) -> Any:
         try:
             return reader.read(frames)
         except grpc.RpcError as err:

@@ -74,7 +74,7 @@ class _State:
 
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
-    def forward(state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         call = state.fn.make_call(state.call_def, leaves, state.mask)
         outputs, state.residual = state.fn.forward(call, state.make_leaf,
                                                    need_vjp=any(state.mask))
@@ -91,7 +91,7 @@ class _RemoteForward(torch.autograd.Function):
         ctx.mark_non_differentiable(*[o for o in output if not is_differentiable(o)])
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         leaves = ctx.saved_tensors   # raises if an input was modified in place
         return (None, *_RemoteBackward.apply(ctx.state, ctx.devices, len(grads), *grads, *leaves))
 
@@ -129,7 +129,7 @@ class _RemoteBackward(torch.autograd.Function):
     cotangents and then the forward's inputs (unused: the residual holds them)."""
 
     @staticmethod
-    def forward(state: _State, devices: list[Any], n_grads: int,  # type: ignore[override]
+    def forward(state: _State, devices: list[Any], n_grads: int,
                 *grads_and_leaves: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         return _vjp(state, devices, list(grads_and_leaves[:n_grads]), batched=False)
 
@@ -138,7 +138,7 @@ class _RemoteBackward(torch.autograd.Function):
         ctx.endpoint = inputs[0].fn.name
 
     @staticmethod
-    def backward(ctx: Any, *_: Any) -> None:  # type: ignore[override]
+    def backward(ctx: Any, *_: Any) -> None:
         raise RuntimeError(higher_order_refusal(ctx.endpoint))
 
     @staticmethod

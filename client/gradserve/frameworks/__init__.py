@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import WireTensor
 
 
@@ -26,10 +27,10 @@ class ArrayAdapter(Protocol):
     def is_array(self, x: Any) -> bool:
         """Whether ``x`` is an array of this framework."""
 
-    def wire_dtype(self, x: Any) -> int:
+    def wire_dtype(self, x: Any) -> pb.DType:
         """The wire dtype code of array ``x``."""
 
-    def dtype_code(self, dtype: Any) -> int:
+    def dtype_code(self, dtype: Any) -> pb.DType:
         """The wire dtype code of one of this framework's dtypes (or a dtype name)."""
 
     def to_wire(self, x: Any) -> WireTensor:

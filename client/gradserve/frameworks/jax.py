@@ -15,6 +15,7 @@ import numpy as np
 
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.wire import dtypes
+from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import WireTensor
 from gradserve.wire.slots import ALIGN
 
@@ -30,7 +31,8 @@ def as_jax(array: np.ndarray, device: Any = None) -> jax.Array:
     if (platform == "cpu" and array.size and array.flags.writeable
             and array.flags.c_contiguous and array.ctypes.data % ALIGN == 0):
         try:
-            return jax.dlpack.from_dlpack(array, device, copy=False)
+            aliased: jax.Array = jax.dlpack.from_dlpack(array, device, copy=False)
+            return aliased
         except (BufferError, ValueError):   # a dtype DLPack lacks, another CPU device
             pass
     return jnp.asarray(array) if device is None else jax.device_put(array, device)
@@ -44,10 +46,10 @@ class JaxAdapter:
     def is_array(self, x: Any) -> bool:
         return isinstance(x, jax.Array)
 
-    def wire_dtype(self, x: Any) -> int:
+    def wire_dtype(self, x: Any) -> pb.DType:
         return dtypes.code_of(np.dtype(x.dtype).name)
 
-    def dtype_code(self, dtype: Any) -> int:
+    def dtype_code(self, dtype: Any) -> pb.DType:
         return NUMPY.dtype_code(dtype)
 
     def to_wire(self, x: Any) -> WireTensor:

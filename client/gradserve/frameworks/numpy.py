@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from gradserve.wire import dtypes
-from gradserve.wire.memory import WireTensor
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.memory import WireTensor, host_bytes
 
 
 class NumpyAdapter:
@@ -18,10 +19,10 @@ class NumpyAdapter:
     def is_array(self, x: Any) -> bool:
         return isinstance(x, (np.ndarray, np.generic))
 
-    def wire_dtype(self, x: Any) -> int:
+    def wire_dtype(self, x: Any) -> pb.DType:
         return dtypes.code_of(np.asarray(x).dtype.name)
 
-    def dtype_code(self, dtype: Any) -> int:
+    def dtype_code(self, dtype: Any) -> pb.DType:
         return dtypes.code_of(np.dtype(dtype).name)
 
     def to_wire(self, x: Any) -> WireTensor:
@@ -31,13 +32,13 @@ class NumpyAdapter:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)  # never 0-d here: 0-d arrays are contiguous
-        return WireTensor(code, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)))
+        return WireTensor(code, tuple(arr.shape), host_bytes(arr))
 
-    def from_wire(self, t: WireTensor) -> np.ndarray:
+    def from_wire(self, t: WireTensor) -> np.ndarray[Any, Any]:
         data = t.data if isinstance(t.data, memoryview) else t.data.host()
         return np.frombuffer(data, dtype=dtypes.numpy_dtype(t.dtype)).reshape(t.shape)
 
-    def empty(self, shape: tuple[int, ...], code: int, device: Any) -> np.ndarray:
+    def empty(self, shape: tuple[int, ...], code: int, device: Any) -> np.ndarray[Any, Any]:
         return np.empty(shape, dtypes.numpy_dtype(code))
 
     def gpu(self, device: Any) -> int | None:

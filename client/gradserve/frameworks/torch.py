@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from gradserve.wire import dtypes
+from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import DeviceBytes, WireTensor, cupy_or_none
 
 TO_NAME: dict[torch.dtype, str] = {
@@ -22,7 +23,7 @@ TO_NAME: dict[torch.dtype, str] = {
 FROM_CODE: dict[int, torch.dtype] = {dtypes.code_of(n): d for d, n in TO_NAME.items()}
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> pb.DType:
     """The wire dtype code of a torch dtype."""
     try:
         return dtypes.code_of(TO_NAME[dtype])
@@ -44,10 +45,10 @@ class TorchAdapter:
     def is_array(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
 
-    def wire_dtype(self, x: Any) -> int:
+    def wire_dtype(self, x: Any) -> pb.DType:
         return wire_dtype(x.dtype)
 
-    def dtype_code(self, dtype: Any) -> int:
+    def dtype_code(self, dtype: Any) -> pb.DType:
         return wire_dtype(dtype) if isinstance(dtype, torch.dtype) else dtypes.code_of(str(dtype))
 
     def to_wire(self, x: Any) -> WireTensor:
@@ -72,7 +73,7 @@ class TorchAdapter:
     def from_wire(self, t: WireTensor) -> torch.Tensor:
         dtype = FROM_CODE[t.dtype]
         if isinstance(t.data, DeviceBytes):
-            return torch.from_dlpack(t.data.array).view(dtype).reshape(t.shape)
+            return torch.utils.dlpack.from_dlpack(t.data.array).view(dtype).reshape(t.shape)
         if t.data.nbytes == 0:
             return torch.empty(t.shape, dtype=dtype)
         return torch.frombuffer(t.data, dtype=dtype).reshape(t.shape)

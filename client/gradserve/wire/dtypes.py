@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 
 from gradserve.errors import invalid
@@ -14,7 +16,7 @@ NAMES: dict[int, str] = {
     pb.BFLOAT16: "bfloat16", pb.FLOAT32: "float32", pb.FLOAT64: "float64",
     pb.COMPLEX64: "complex64", pb.COMPLEX128: "complex128",
 }
-BY_NAME: dict[str, int] = {name: code for code, name in NAMES.items()}
+BY_NAME: dict[str, pb.DType] = {name: cast(pb.DType, code) for code, name in NAMES.items()}
 ITEMSIZE: dict[int, int] = {
     pb.BOOL: 1, pb.UINT8: 1, pb.INT8: 1, pb.INT16: 2, pb.INT32: 4, pb.INT64: 8,
     pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.FLOAT32: 4, pb.FLOAT64: 8,
@@ -25,7 +27,7 @@ DIFFERENTIABLE = frozenset({pb.FLOAT16, pb.BFLOAT16, pb.FLOAT32, pb.FLOAT64,
                             pb.COMPLEX64, pb.COMPLEX128})
 
 
-def code_of(name: str) -> int:
+def code_of(name: str) -> pb.DType:
     """Wire dtype for a canonical dtype name such as ``"float32"``."""
     try:
         return BY_NAME[name]
@@ -41,7 +43,7 @@ def name_of(code: int) -> str:
         raise invalid(f"unknown wire dtype {code}") from None
 
 
-def numpy_dtype(code: int) -> np.dtype:
+def numpy_dtype(code: int) -> np.dtype[Any]:
     """The numpy dtype for a wire dtype (bfloat16 needs the ml_dtypes package)."""
     name = name_of(code)
     if name == "bfloat16":
@@ -49,7 +51,8 @@ def numpy_dtype(code: int) -> np.dtype:
             import ml_dtypes
         except ImportError:
             raise TypeError("bfloat16 arrays need the ml_dtypes package for numpy") from None
-        return np.dtype(ml_dtypes.bfloat16)
+        found: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return found
     return np.dtype(name).newbyteorder("<")
 
 

@@ -15,7 +15,7 @@ and the message's size limit *before* allocating anything.
 from __future__ import annotations
 
 import mmap
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -75,9 +75,11 @@ def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tupl
         if field.message_type is None:
             continue
         sub = f"{path}.{field.name}" if path else field.name
-        items = enumerate(val) if field.is_repeated else [(None, val)]
-        for i, item in items:
-            yield from tensors(item, sub if i is None else f"{sub}[{i}]", kind)
+        if field.is_repeated:
+            for i, item in enumerate(val):
+                yield from tensors(item, f"{sub}[{i}]", kind)
+        else:
+            yield from tensors(val, sub, kind)
 
 
 def tensor_nbytes(path: str, msg: pb.Tensor | pb.TensorSpec) -> int:
@@ -140,7 +142,10 @@ class FrameWriter:
                 yield frame_type(chunk=pb.Chunk(id=stream_id, data=data[offset:offset + step].tobytes()))
 
 
-class FrameReader:
+S = TypeVar("S", bound=SlotReader)
+
+
+class FrameReader(Generic[S]):
     """Reassembles one framed message; ``get`` gives each tensor's bytes.
 
     A header that declares a huge tensor costs little until its bytes are
@@ -151,11 +156,11 @@ class FrameReader:
     """
 
     def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None,
-                 slots_for: Callable[[Any], SlotReader | None] | None = None):
+                 slots_for: Callable[[Any], S | None] | None = None):
         self.max_bytes = max_bytes
         self._on_frame = on_frame
         self._slots_for = slots_for
-        self.slots: SlotReader | None = None
+        self.slots: S | None = None
         #: bytes of payloads that came as bytes although the session could have held
         #: them in slots: the sender's regions were full (the receiver may grow them)
         self.spilled = 0

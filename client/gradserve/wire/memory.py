@@ -14,6 +14,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from gradserve.v1 import gradserve_pb2 as pb
+
 
 @dataclass
 class DeviceBytes:
@@ -44,7 +46,7 @@ Data = Union[memoryview, DeviceBytes]
 def cupy_or_none() -> Any:
     """CuPy, if it can be imported here; else None."""
     try:
-        import cupy
+        import cupy  # type: ignore[import-not-found]
     except ImportError:
         return None
     return cupy
@@ -63,6 +65,11 @@ def address(data: memoryview) -> int:
     if not data.nbytes:
         return 0
     return int(np.frombuffer(data, np.uint8).ctypes.data)
+
+
+def host_bytes(array: np.ndarray[Any, Any]) -> memoryview:
+    """A byte view of a contiguous numpy array, without a copy."""
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def device_view(memory: Any, offset: int, nbytes: int, device: int) -> DeviceBytes:
@@ -124,7 +131,7 @@ class WireTensor:
     array lives on a GPU and CuPy is there to hand its bytes over.
     """
 
-    dtype: int
+    dtype: pb.DType
     shape: tuple[int, ...]
     data: Data   # C-contiguous little-endian bytes, len == nbytes
     requires_grad: bool = False

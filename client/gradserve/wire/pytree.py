@@ -45,7 +45,7 @@ def _static(value: Any) -> TreeDef:
     return TreeDef("static", value=value, static_key=key)
 
 
-def _walk(node: Any, is_leaf: Callable[[Any], bool], leaves: list) -> TreeDef:
+def _walk(node: Any, is_leaf: Callable[[Any], bool], leaves: list[Any]) -> TreeDef:
     if is_leaf(node):
         leaves.append(node)
         return _LEAF

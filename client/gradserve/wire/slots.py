@@ -24,15 +24,16 @@ import numpy as np
 
 from gradserve.errors import invalid
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.memory import Data, DeviceBytes, address, copy_into, device_view, synchronize
+from gradserve.wire.memory import Data, DeviceBytes, address, copy_into, device_view, host_bytes, \
+    synchronize
 
 #: Slot alignment: JAX's CPU zero-copy import needs 64 bytes; device regions use 256.
 ALIGN = 64
 #: Bytes at the start of every new region holding the server's nonce (the client reads it back).
 NONCE_BYTES = 32
 
-KIND_NAMES = {pb.SHARED_MEMORY: "shared-memory", pb.CUDA_IPC: "CUDA IPC"}
-DIRECTION_NAMES = {pb.REQUEST: "request", pb.REPLY: "reply"}
+KIND_NAMES: dict[int, str] = {pb.SHARED_MEMORY: "shared-memory", pb.CUDA_IPC: "CUDA IPC"}
+DIRECTION_NAMES: dict[int, str] = {pb.REQUEST: "request", pb.REPLY: "reply"}
 
 
 class Arena:
@@ -116,8 +117,8 @@ class Region:
     """
 
     index: int
-    kind: int
-    direction: int
+    kind: pb.RegionKind
+    direction: pb.Direction
     device: str
     size: int
     memory: Any
@@ -148,7 +149,7 @@ class Region:
         """An array over the slot that keeps the region's memory alive, and its bytes."""
         if self.gpu is None:
             array = np.frombuffer(self.memory, np.uint8, nbytes, offset)
-            return array, memoryview(array)
+            return array, host_bytes(array)
         data = device_view(self.memory, offset, nbytes, self.gpu)
         return data.array, data
 
@@ -208,13 +209,13 @@ class RegionTransport:
     transport and side) add how regions come to exist and go away.
     """
 
-    kind: int = pb.REGION_KIND_UNSPECIFIED
+    kind: pb.RegionKind = pb.REGION_KIND_UNSPECIFIED
     #: the transport's name, as users ask for it (``transport="shm"``)
     name: str = ""
     #: Payloads smaller than this go inline: a slot costs more than the copy saves.
     min_bytes: int = 1
 
-    def __init__(self, outgoing: int):
+    def __init__(self, outgoing: pb.Direction):
         self.outgoing = outgoing
         self._regions: dict[int, Region] = {}
         self._lock = threading.Lock()

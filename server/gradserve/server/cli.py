@@ -32,6 +32,8 @@ def load_target(target: str) -> tuple[str, Any]:
             raise SystemExit(f"gradserve: no such file {module_ref!r}")
         sys.path.insert(0, str(path.parent))
         spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"gradserve: cannot import {module_ref!r}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except Exception as err:  # a clean one-line error for the terminal
         from gradserve.errors import GradserveError
         if isinstance(err, GradserveError):

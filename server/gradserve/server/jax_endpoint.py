@@ -129,7 +129,7 @@ class JaxEndpoint(Endpoint):
         return None
 
     def refuse_dtype(self, code: int) -> str:
-        if code in _WIDE and not jax.config.jax_enable_x64:
+        if code in _WIDE and jax.dtypes.canonicalize_dtype(np.float64) != np.float64:
             return (f"{dtypes.name_of(code)} input, but this server's JAX runs without 64-bit "
                     "types (start it with JAX_ENABLE_X64=1)")
         return ""
@@ -198,7 +198,7 @@ class JaxEndpoint(Endpoint):
     @staticmethod
     def _cotangent(out: Any, cot: _Leaf | None, batch: int | None) -> Any:
         shape = tuple(out.shape) if batch is None else (batch, *out.shape)
-        if jax.dtypes.issubdtype(out.dtype, np.inexact):
+        if jnp.issubdtype(out.dtype, np.inexact):
             return np.zeros(shape, out.dtype) if cot is None else cot.value
         return np.zeros(shape, jax.dtypes.float0)
 

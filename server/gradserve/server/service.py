@@ -146,7 +146,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             cacheable = len(key) <= SIGNATURE_KEY_BYTES
             outputs = self.signatures.get(key) if cacheable else None
             if outputs is None:
-                reader = FrameReader(self.limits.max_request_bytes)
+                reader: FrameReader[Any] = FrameReader(self.limits.max_request_bytes)
                 call = reader.read([pb.ForwardFrame(header=call)])
                 inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
                 types = endpoint.signature(inputs)
@@ -202,7 +202,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     # -- differentiable calls ----------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame],
                 context: grpc.ServicerContext) -> Iterator[pb.ForwardReplyFrame]:
-        def run(request: pb.ForwardRequest, reader: FrameReader,
+        def run(request: pb.ForwardRequest, reader: FrameReader[Any],
                 writer: FrameWriter) -> tuple[pb.ForwardResponse, Any]:
             if request.release:
                 self.residuals.release(list(request.release))
@@ -218,7 +218,7 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame],
             context: grpc.ServicerContext) -> Iterator[pb.VjpReplyFrame]:
-        def run(request: pb.VjpRequest, reader: FrameReader,
+        def run(request: pb.VjpRequest, reader: FrameReader[Any],
                 writer: FrameWriter) -> tuple[pb.VjpResponse, Any]:
             endpoint = self.registry.get(request.endpoint)
             residual = self._residual_for(endpoint, request, reader)
@@ -240,7 +240,8 @@ class GradserveService(pb_grpc.GradserveServicer):
         """
         frames: Iterator[Any] | None = None
         with self._status(context), self.idle.watching(context) as touch:
-            reader = FrameReader(self.limits.max_request_bytes, touch, self._slots_for)
+            reader: FrameReader[ServerSession] = FrameReader(self.limits.max_request_bytes, touch,
+                                                             self._slots_for)
             request = reader.read(request_iterator)
             writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
             reply, made = run(request, reader, writer)
@@ -251,7 +252,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             yield from frames
 
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
-                      reader: FrameReader) -> Residual:
+                      reader: FrameReader[Any]) -> Residual:
         if request.residual_id:
             held = self.residuals.get(request.residual_id)
             if held is not None:
@@ -275,7 +276,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         return made.residual
 
     @staticmethod
-    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader) -> Arguments:
+    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader[Any]) -> Arguments:
         return codec.decode_arguments(request, reader, endpoint.make_leaf)
 
     # -- errors ------------------------------------------------------------

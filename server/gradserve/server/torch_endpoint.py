@@ -96,7 +96,7 @@ class TorchEndpoint(Endpoint):
         own = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
         self._shared = frozenset(t.untyped_storage().data_ptr() for t in own)
         self._replicas = threading.local()
-        self.call_signature = signature_of(fn.forward if self.module is not None else fn)
+        self.call_signature = signature_of(self.module.forward if self.module is not None else fn)
         self.input_specs = dict(inputs or {})
         unknown = set(self.input_specs) - set(self.call_signature.parameters)
         if unknown:

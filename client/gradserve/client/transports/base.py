@@ -31,8 +31,10 @@ class Growth(Protocol):
 class ClientTransport(RegionTransport):
     """The client's side of one same-host transport in a session."""
 
-    def __init__(self) -> None:
+    def __init__(self, region_bytes: int = 0) -> None:
         super().__init__(pb.REQUEST)
+        #: size of each region asked for (0: the server's default)
+        self.region_bytes = region_bytes
         self.growth: Growth | None = None
         self._freed: collections.deque[pb.SlotRef] = collections.deque()
 

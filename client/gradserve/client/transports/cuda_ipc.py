@@ -91,8 +91,7 @@ class CudaIpcTransport(ClientTransport):
     min_bytes = 1
 
     def __init__(self, region_bytes: int = 0):
-        super().__init__()
-        self.region_bytes = region_bytes
+        super().__init__(region_bytes)
         self._local: dict[str, int] = {}
 
     @staticmethod

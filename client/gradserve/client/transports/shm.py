@@ -64,8 +64,7 @@ class ShmTransport(ClientTransport):
     min_bytes = SHM_MIN_BYTES
 
     def __init__(self, region_bytes: int = 0):
-        super().__init__()
-        self.region_bytes = region_bytes
+        super().__init__(region_bytes)
 
     @staticmethod
     def unavailable() -> str:

@@ -47,7 +47,8 @@ class DigitsCNN(nn.Module):
         x = torch.relu(self.conv2(x))
         x = self.pool(x)
         x = torch.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+        logits: torch.Tensor = self.fc2(x)
+        return logits
 
 
 def load_pretrained() -> DigitsCNN:

@@ -74,7 +74,7 @@ class ServerTransport(RegionTransport):
         raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self.label} regions do not grow; their size is fixed per session")
 
-    def new_region(self, index: int, direction: int, size: int, memory: Any, *,
+    def new_region(self, index: int, direction: pb.Direction, size: int, memory: Any, *,
                    device: str = "", gpu: int | None = None, handle: bytes = b"",
                    align: int = ALIGN) -> NewRegion:
         """Register a region created by the subclass: its nonce written at its start (and,
