@@ -214,3 +214,112 @@ def test_jax_gpu_arrays_through_a_torch_endpoint(serve) -> None:
     g = jax.grad(lambda v: jnp.sum(jnp.tanh(client.jax("lin")(v))))(x)
     want = jax.grad(lambda v: jnp.sum(jnp.tanh(v @ w.T + b)))(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+# -- the CUDA IPC transports' logic, on a stand-in for CuPy (runs everywhere) ----------------
+UUID = "ab" * 16
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Both sides in this process see one 'GPU' whose memory is host memory."""
+    from fake_cupy import fake_cupy
+    from gradserve.wire import memory
+
+    cp = fake_cupy([UUID])
+    monkeypatch.setattr(memory, "cupy_or_none", lambda: cp)
+    return cp
+
+
+def test_cuda_ipc_session_places_views_and_frees_through_the_pools(fake_gpu, serve) -> None:
+    from fake_cupy import device_bytes
+    from gradserve.client.session import Session
+    from gradserve.client.transports import CudaIpcTransport, ShmTransport
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      cuda_pool_bytes=1 << 20)
+    session, reasons = Session.open(raw(server), [ShmTransport(), CudaIpcTransport()])
+    try:
+        assert reasons == {} and [t.name for t in session.transports] == ["shm", "cuda_ipc"]
+        pools = [(r.direction, r.size, r.device, r.ready) for r in session.info().regions
+                 if r.kind == "CUDA IPC"]
+        assert pools == [("request", 1 << 20, UUID, True), ("reply", 1 << 20, UUID, True)]
+        # both pools were opened once through their handles, and proved by their nonces
+        assert len(fake_gpu.cuda.runtime.opened) == 2
+
+        payload = bytes(range(256)) * 16
+        ref, allocated = session.place(device_bytes(fake_gpu, payload))
+        assert allocated and ref.nbytes == len(payload) and ref.generation
+        synced = fake_gpu.cuda.runtime.synchronized
+        session.flush()                                  # before the server may look
+        assert fake_gpu.cuda.runtime.synchronized == synced + 1
+        served = server.sessions.slots(session.state())
+        served.check(ref, len(payload), "args[0]")
+        seen = served.view(ref)
+        assert seen.device == 0 and seen.array.get().tobytes() == payload
+        del seen
+        session.free([ref])                              # the server is done with it
+        assert pools_in_use(session.info(), "request") == 0
+
+        back, allocated = served.place(device_bytes(fake_gpu, payload[::-1]))
+        assert allocated and served.transport_of(back.region).region(back.region).direction == pb.REPLY
+        session.check(back, len(payload), "outputs")
+        view = session.view(back)
+        assert view.array.get().tobytes() == payload[::-1]
+        assert pools_in_use(server.sessions.info(session.id), "reply") == 4096
+        del view                                          # collected: reported with the next call
+        state = session.state()
+        assert [(r.region, r.offset) for r in state.freed_slots] == [(back.region, back.offset)]
+        server.sessions.slots(state)
+        assert pools_in_use(server.sessions.info(session.id), "reply") == 0
+
+        slot = session.allocate(4096, 0)                  # already in the request pool
+        ref, allocated = session.place(slot)
+        assert not allocated and (ref.nbytes, ref.generation) == (4096, 0)
+        session.free([ref])                               # not the sender's to free: ignored
+        assert pools_in_use(session.info(), "request") == 4096   # the slot lives with `slot`
+        del slot
+        gc.collect()
+        assert pools_in_use(session.info(), "request") == 0
+        assert session.place(device_bytes(fake_gpu, b"x" * 64, device=3)) is None   # no pool there
+    finally:
+        session.close()
+
+
+def test_the_cuda_ipc_transport_is_negotiated_and_named(fake_gpu, serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    with gradserve.connect(server.address, transport="cuda_ipc") as client:
+        assert client.transport == "cuda_ipc" and client.fallback_reason == ""
+        assert client.session_info().transports == ("shm", "cuda_ipc")
+        big = np.ones(65536, np.float32)   # CPU arrays of the same call use shared memory
+        np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+    opened, closed = fake_gpu.cuda.runtime.opened, fake_gpu.cuda.runtime.closed
+    gc.collect()
+    assert sorted(closed) == sorted(opened)             # handles closed with the session
+
+
+def test_a_pool_whose_nonce_does_not_come_back_ends_the_session(fake_gpu, serve, monkeypatch) -> None:
+    from gradserve.client.transports import cuda_ipc as client_cuda
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    monkeypatch.setattr(client_cuda, "read_nonce", lambda ptr, device: b"\0" * 32)
+    with pytest.raises(gradserve.GradserveError, match="cuda_ipc transport cannot work here: "
+                                                       "INVALID_ARGUMENT: the nonce of region"):
+        gradserve.connect(server.address, transport="cuda_ipc")
+    assert server.sessions.count() == 0
+
+
+def test_a_pool_the_client_cannot_open_is_dropped_not_fatal(fake_gpu, serve, monkeypatch) -> None:
+    from gradserve.client.transports import cuda_ipc as client_cuda
+
+    def refuse(handle, device):
+        raise RuntimeError("cudaErrorInvalidDevice: peer access is not supported")
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    monkeypatch.setattr(client_cuda, "_Opened", refuse)
+    with gradserve.connect(server.address) as client:
+        assert client.transport == "shm"
+        assert client.fallback_reason.startswith("cuda_ipc: cannot open the pool on GPU " + UUID)
+        info = server.sessions.info(client.session_info().id)
+        assert info.transports == ("shm", "cuda_ipc") and not any(
+            r.kind == "CUDA IPC" for r in info.regions)   # the server let its pools go

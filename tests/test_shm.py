@@ -426,18 +426,18 @@ def test_jax_client_over_shared_memory(serve) -> None:
 
 def test_arena_allocator_aligns_coalesces_fills_and_tells_allocations_apart() -> None:
     arena = Arena(1024)
-    (a, ga), (b, gb), (c, _) = arena.alloc(1), arena.alloc(100), arena.alloc(64)
+    (a, ga), (b, gb), (c, gc_) = arena.alloc(1), arena.alloc(100), arena.alloc(64)
     assert (a, b, c) == (0, 64, 192)               # 64-byte aligned, first fit
     assert arena.alloc(1024) is None               # full enough: caller falls back to bytes
     assert arena.free(b, gb) and not arena.free(b, gb)     # double free is refused
     again, g2 = arena.alloc(128)
     assert again == 64 and g2 != gb                # the hole is reused, as a new allocation
     assert not arena.free(64, gb)                  # a stale free of the old one is refused
+    assert not arena.free(64, 0)                   # generation 0 names no allocation
     assert arena.used_bytes == 64 + 128 + 64
-    for offset in (a, 64, c):
-        assert arena.free(offset)                  # generation 0: whichever allocation is there
+    for offset, generation in ((a, ga), (64, g2), (c, gc_)):
+        assert arena.free(offset, generation)
     assert arena.used_bytes == 0 and arena.alloc(1024)[0] == 0   # coalesced back into one block
-    del ga
 
 
 def test_threads_share_one_session_safely(serve) -> None:

@@ -111,6 +111,8 @@ class Session(Slots[ClientTransport]):
         self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=self.lease / 3 + 1)
+        for transport in self.transports:
+            transport.close()
         if tell_server:
             try:
                 self._stub.CloseSession(pb.SessionRequest(session_id=self.id), timeout=1.0)

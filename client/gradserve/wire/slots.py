@@ -39,8 +39,9 @@ DIRECTION_NAMES: dict[int, str] = {pb.REQUEST: "request", pb.REPLY: "reply"}
 class Arena:
     """A first-fit allocator of ``align``-aligned slots in ``[0, size)``; thread-safe.
 
-    Each allocation gets a new *generation*, so a stale ``free`` of a slot that
-    was freed and allocated again since is refused instead of freeing the new one.
+    Each allocation gets a new *generation* (never 0), and ``free`` needs it: a
+    stale free of a slot that was freed and allocated again since is refused
+    instead of freeing the new one.
     """
 
     _generations = itertools.count(1)
@@ -67,12 +68,11 @@ class Arena:
                     return offset, generation
         return None
 
-    def free(self, offset: int, generation: int = 0) -> bool:
-        """Return a slot; False if ``offset`` is not allocated (or, with a ``generation``,
-        not that allocation)."""
+    def free(self, offset: int, generation: int) -> bool:
+        """Return the slot at ``offset`` if it is allocation ``generation``; else False."""
         with self._lock:
             used = self._used.get(offset)
-            if used is None or (generation and used[1] != generation):
+            if used is None or used[1] != generation:
                 return False
             del self._used[offset]
             self._free.append((offset, used[0]))
@@ -304,7 +304,8 @@ class RegionTransport:
             synchronize(gpu)
 
     def free(self, refs: Iterable[pb.SlotRef]) -> None:
-        """Return outgoing slots the other side no longer needs (unknown ones are ignored)."""
+        """Return outgoing slots the other side no longer needs (unknown ones, and slots
+        sent from where their data lay, generation 0, are ignored)."""
         for ref in refs:
             region = self._regions.get(ref.region)
             if region is not None and region.arena is not None and region.direction == self.outgoing:
@@ -319,6 +320,11 @@ class RegionTransport:
     def view(self, ref: pb.SlotRef) -> Data:
         """The incoming bytes ``ref`` designates (checked), without a copy."""
         return self._regions[ref.region].view(ref.offset, ref.nbytes)
+
+    def close(self) -> None:
+        """The session ended: let go of every region (arrays viewing one keep its memory)."""
+        for region in self.regions:
+            self.remove(region.index)
 
     # -- introspection -----------------------------------------------------
     def used_bytes(self) -> int:

@@ -63,11 +63,10 @@ class _Opened:
         cp = cupy()
         with cp.cuda.Device(device):
             self.ptr = int(cp.cuda.runtime.ipcOpenMemHandle(handle))
-        weakref.finalize(self, _close_handle, self.ptr, device)
+        weakref.finalize(self, _close_handle, cp, self.ptr, device)
 
 
-def _close_handle(ptr: int, device: int) -> None:
-    cp = cupy()
+def _close_handle(cp: Any, ptr: int, device: int) -> None:
     with cp.cuda.Device(device):
         cp.cuda.runtime.ipcCloseMemHandle(ptr)
 

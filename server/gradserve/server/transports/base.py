@@ -62,6 +62,7 @@ class ServerTransport(RegionTransport):
     def __init__(self, settings: SessionSettings):
         super().__init__(pb.REPLY)
         self.settings = settings
+        self._nonce_slots: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def create(cls, request: pb.TransportRequest, settings: SessionSettings,
@@ -83,22 +84,18 @@ class ServerTransport(RegionTransport):
         region = Region(index, self.kind, direction, device, size, memory, gpu=gpu, arena=arena)
         nonce = secrets.token_bytes(NONCE_BYTES)
         region.write(0, memoryview(nonce))
-        if arena is not None:
-            arena.alloc(NONCE_BYTES)
+        if arena is not None:   # the nonce's slot, until the client proved it read it
+            self._nonce_slots[index] = arena.alloc(NONCE_BYTES) or (0, 0)
         self.add(region)
         return NewRegion(region, handle, nonce)
 
     def confirm(self, region: Region) -> None:
         """The client proved it attached to ``region``: use it."""
-        if region.arena is not None and not region.ready:
-            region.arena.free(0)   # the nonce's slot
+        offset, generation = self._nonce_slots.pop(region.index, (0, 0))
+        if region.arena is not None and generation:
+            region.arena.free(offset, generation)
         region.ready = True
 
     def discard(self, region: Region) -> None:
         """The client could not attach to ``region``: let it go."""
         self.remove(region.index)
-
-    def close(self) -> None:
-        """The session ended: let go of every region (views in use keep their memory)."""
-        for region in self.regions:
-            self.remove(region.index)
