@@ -312,6 +312,15 @@ def test_a_client_started_before_its_server_upgrades_to_shared_memory() -> None:
     server.add_torch("double", double)
     server.start()
     try:
+        for c in (client, forced):     # until each channel's reconnection backoff has passed
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    c.endpoints()
+                    break
+                except gradserve.Unavailable:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
         time.sleep(1.1)   # past the renegotiation interval
         big = np.ones(65536, np.float32)
         for c in (client, forced):
