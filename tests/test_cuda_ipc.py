@@ -323,3 +323,18 @@ def test_a_pool_the_client_cannot_open_is_dropped_not_fatal(fake_gpu, serve, mon
         info = server.sessions.info(client.session_info().id)
         assert info.transports == ("shm", "cuda_ipc") and not any(
             r.kind == "CUDA IPC" for r in info.regions)   # the server let its pools go
+
+
+def test_small_replies_in_a_cuda_session_do_not_grow_the_shared_memory(fake_gpu, serve) -> None:
+    from faults import fault_client
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    client, channel = fault_client(server.address, transport="cuda_ipc")
+    try:
+        for _ in range(3):   # inline by choice: not a sign of full reply regions
+            np.testing.assert_array_equal(client.forward("double", (np.ones(3),)).outputs,
+                                          2 * np.ones(3))
+        assert channel.calls["GrowSession"] == 0
+        assert client.session_info().sizes("shared-memory", "reply") == [16 << 20]
+    finally:
+        client.close()

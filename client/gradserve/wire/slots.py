@@ -344,8 +344,10 @@ class Slots(Generic[T]):
 
     @property
     def inline_below(self) -> int:
-        """Payloads smaller than this are sent inline by choice, not for want of a slot."""
-        return min((t.min_bytes for t in self.transports), default=1 << 62)
+        """Bytes payloads smaller than this were sent so by choice, not for want of a slot
+        in host memory (the smallest payload a host-memory transport takes)."""
+        return min((t.min_bytes for t in self.transports
+                    if any(r.gpu is None for r in t.regions)), default=1 << 62)
 
     def transport_of(self, index: int) -> T | None:
         """The transport holding region ``index``."""
