@@ -49,18 +49,26 @@ class RemoteError(GradserveError):
 
 
 class NotFound(RemoteError):
+    """No such endpoint."""
+
     code = grpc.StatusCode.NOT_FOUND
 
 
 class InvalidArgument(RemoteError):
+    """The request was malformed or did not fit the endpoint; the message names what."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class ResourceExhausted(RemoteError):
+    """Over a size limit of the server."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class FailedPrecondition(RemoteError):
+    """The server no longer holds what the call names."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -73,18 +81,26 @@ class SessionMissing(FailedPrecondition):
 
 
 class Internal(RemoteError):
+    """The model raised, or the server hit a bug; the message says what."""
+
     code = grpc.StatusCode.INTERNAL
 
 
 class DeadlineExceeded(RemoteError):
+    """The call's ``timeout`` passed."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unavailable(RemoteError):
+    """The server cannot be reached (yet)."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
 class Cancelled(RemoteError):
+    """The call was cancelled (by the client, or as an idle stream)."""
+
     code = grpc.StatusCode.CANCELLED
 
 

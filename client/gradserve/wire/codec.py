@@ -28,11 +28,15 @@ MakeLeaf = Callable[[WireTensor, str], Any]
 
 
 class PayloadWriter(Protocol):
+    """Where the codec puts each tensor's bytes (the framing's ``FrameWriter``)."""
+
     def put(self, msg: pb.Tensor, data: Data) -> None:
         """Set ``msg``'s payload so the receiver can recover ``data``."""
 
 
 class PayloadReader(Protocol):
+    """Where the codec gets each tensor's bytes (the framing's ``FrameReader``)."""
+
     def get(self, msg: pb.Tensor) -> Data:
         """The validated bytes designated by ``msg``'s payload."""
 

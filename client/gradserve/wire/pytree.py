@@ -28,6 +28,7 @@ class TreeDef:
 
     @property
     def num_leaves(self) -> int:
+        """How many array leaves the structure holds."""
         if self.kind == "leaf":
             return 1
         return sum(child.num_leaves for child in self.children)

@@ -90,6 +90,7 @@ def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoi
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``gradserve serve``: host TARGET's endpoints until SIGTERM or SIGINT."""
     attr, obj = load_target(args.target)
     endpoints = build_endpoints(args.name or attr, obj, args.device)
     if not endpoints:
@@ -122,6 +123,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def list_endpoints(args: argparse.Namespace) -> int:
+    """``gradserve list``: print a server's endpoints and signatures."""
     import gradserve
     with gradserve.connect(args.address, timeout=args.timeout, transport="grpc") as client:
         for info in client.endpoints():
@@ -155,6 +157,7 @@ def _byte_size(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line's argument parser."""
     p = argparse.ArgumentParser(prog="gradserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model or function as differentiable endpoints")
@@ -183,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
     try:

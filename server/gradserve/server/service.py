@@ -34,6 +34,8 @@ log = logging.getLogger("gradserve.server")
 
 @dataclass(frozen=True)
 class Limits:
+    """The server's bounds on one call."""
+
     chunk_bytes: int          # largest chunk this server sends
     max_request_bytes: int    # most tensor bytes one request may carry
     idle_seconds: float       # a request stream silent this long is cancelled
