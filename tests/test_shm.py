@@ -111,13 +111,24 @@ def test_region_size_is_bounded_and_unknown_kinds_are_refused(serve) -> None:
     opened = raw(server).OpenSession(request)
     assert not opened.regions and not opened.session_id
     assert [(r.kind, r.reason) for r in opened.refused] == [
-        (pb.SHARED_MEMORY, "regions of 2097152 bytes asked for; this server allows at most 1048576"),
+        (pb.SHARED_MEMORY, "regions of 2097152 bytes asked for; this server allows 4096 to 1048576"),
         (77, "this server offers no region kind 77")]
     assert server.sessions.count() == 0
+    tiny = raw(server).OpenSession(ask_shm(1))     # no room for a nonce: refused, nothing made
+    assert not tiny.regions and "allows 4096 to" in tiny.refused[0].reason
+    assert not gradserve_names()
     with pytest.raises(grpc.RpcError) as info:
         raw(server).OpenSession(pb.OpenSessionRequest())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "asks for no transport" in info.value.details()
+
+
+def test_an_unconfirmed_session_is_not_kept_alive(serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    opened = raw(server).OpenSession(ask_shm())
+    assert not raw(server).KeepAlive(pb.SessionRequest(session_id=opened.session_id)).open
+    raw(server).CloseSession(pb.SessionRequest(session_id=opened.session_id))
+    assert not gradserve_names()
 
 
 def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
@@ -136,6 +147,8 @@ def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
     (pb.SlotRef(offset=2**64 - 8, nbytes=16), "lies outside"),
     (pb.SlotRef(offset=1048570, nbytes=16), "lies outside"),
     (pb.SlotRef(offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
+    (pb.SlotRef(offset=66, nbytes=16),
+     "shared-memory slot offset 66 is not a multiple of the dtype's 4-byte item size"),
 ])
 def test_slot_references_are_bounds_checked(serve, ref, match) -> None:
     server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
@@ -194,6 +207,48 @@ def test_freed_slots_survive_a_failed_call(serve) -> None:
         assert served(server, client).used_bytes("reply") == 0
     finally:
         client.close()
+
+
+def slow_pair(x):
+    time.sleep(0.6)
+    return x * 2
+
+
+def bad_pair(x):
+    return x * 2, object()
+
+
+def test_reply_slots_of_a_reply_never_sent_are_freed(serve) -> None:
+    server, client = serve({"slow": slow_pair, "bad": bad_pair})
+    big = np.ones(65536, np.float32)                           # 256 KiB each way
+    with pytest.raises(gradserve.Internal, match=r"outputs\[1\]: cannot send a builtins.object"):
+        client.forward("bad", (big,))                      # x * 2 was placed, then encoding failed
+    assert served(server, client).used_bytes("reply") == 0
+    with pytest.raises(gradserve.DeadlineExceeded):
+        client.forward("slow", (big,), timeout=0.2)        # the reply is made after the client left
+    deadline = time.monotonic() + 5
+    while served(server, client).used_bytes("reply") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served(server, client).used_bytes("reply") == 0
+    assert client.session_info().used_bytes("request") == 0
+
+
+def test_a_reply_that_fails_to_decode_frees_its_slots(serve) -> None:
+    from gradserve.client import Call
+    from gradserve.wire.codec import Arguments
+
+    server, client = serve({"double": double})
+
+    def refuse(wire, path):
+        raise ValueError(f"{path}: not today")
+
+    call = Call("double", Arguments((np.ones(65536, np.float32),), {}))
+    with pytest.raises(ValueError, match="outputs: not today"):
+        client.call_forward(call, refuse, need_vjp=False)
+    assert client.session_info().used_bytes("request") == 0    # the input's slot is back
+    assert client.session_info().pending_frees == 1            # the output's is reported next
+    client.describe("double")
+    assert served(server, client).used_bytes("reply") == 0
 
 
 def test_reporting_a_freed_slot_twice_frees_nothing_else(serve) -> None:
@@ -390,6 +445,49 @@ def test_arena_limit_falls_back_to_bytes(serve) -> None:
         client.close()
 
 
+def test_one_oversized_payload_does_not_stop_growth(serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      max_shm_arena_bytes=8 << 20)
+    client, channel = fault_client(server.address, arena_bytes=1 << 20)
+    try:
+        huge = np.ones(4 << 20, np.float32)                    # 16 MiB: over the 8 MiB limit
+        for _ in range(2):
+            np.testing.assert_array_equal(client.forward("double", (huge,)).outputs, 2 * huge)
+        assert channel.calls["GrowSession"] == 1               # that size is not asked twice
+        mid = np.ones(1 << 19, np.float32)                     # 2 MiB: fits once grown
+        np.testing.assert_array_equal(client.forward("double", (mid,)).outputs, 2 * mid)
+        assert client.session_info().sizes(SHM, "request") == [1 << 20, 2 << 20]
+    finally:
+        client.close()
+
+
+def test_a_growth_the_client_cannot_attach_to_leaves_nothing_behind(serve, monkeypatch) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    client = gradserve.connect(server.address, arena_bytes=1 << 20)
+    try:
+        def no_more(name, size):
+            raise PermissionError(13, "Permission denied", name)
+
+        monkeypatch.setattr(shm, "open_region", no_more)      # the session's first pair is mapped
+        big = np.arange(1 << 20, dtype=np.float32)             # 4 MiB: asks to grow
+        np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+        assert client.session_info().sizes(SHM, "request") == [1 << 20]
+        assert served(server, client).sizes(SHM, "request") == [1 << 20]   # dropped there too
+        assert not gradserve_names()
+    finally:
+        client.close()
+
+
+def test_releases_go_through_after_the_session_is_gone(serve) -> None:
+    server, client = serve({"mlp": mlp()})
+    res = client.forward("mlp", (np.ones((4096, 6), np.float32),), need_vjp=True)
+    out = client.forward("mlp", (np.ones((4096, 6), np.float32),)).outputs
+    server.sessions.close(client.session_info().id)          # as after a lease ran out
+    del res, out                                             # a release and a freed slot queued
+    assert client.describe("mlp").residuals.count == 0       # released despite the dead session
+    assert client.pending_releases == 0
+
+
 def test_a_transient_growth_failure_does_not_stop_growth(serve) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
     client, channel = fault_client(server.address, arena_bytes=1 << 20)
@@ -507,6 +605,31 @@ def test_a_dropped_client_stops_keeping_its_session_alive(serve) -> None:
     while server.sessions.count() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.sessions.count() == 0
+
+
+def test_deferred_frees_land_with_the_next_use_of_the_arena() -> None:
+    arena = Arena(1024)
+    offset, generation = arena.alloc(100)
+    arena.free_later(offset, generation)          # as a finalizer does
+    assert arena.used_bytes == 0
+    assert arena.alloc(1024)[0] == 0
+
+
+def test_a_view_after_the_session_ended_is_a_clear_error() -> None:
+    from gradserve.errors import StatusError
+
+    made = iter(range(100))
+    transport, first = ShmTransport.create(pb.TransportRequest(kind=pb.SHARED_MEMORY,
+                                                               region_bytes=1 << 16),
+                                           SessionSettings(), lambda: next(made))
+    for new in first:
+        transport.confirm(new.region)
+    ref = pb.SlotRef(region=0, offset=0, nbytes=64)
+    transport.check(ref, 64, "args[0]", 4)
+    transport.close()
+    with pytest.raises(StatusError, match="region 0 is no longer in use: the session ended") as info:
+        transport.view(ref)
+    assert info.value.reason == "session-missing"
 
 
 def test_a_region_the_client_has_not_proved_gets_no_replies() -> None:

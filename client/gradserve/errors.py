@@ -15,6 +15,8 @@ REASON_KEY = "gradserve-reason"
 RESIDUAL_MISSING = "residual-missing"
 #: Reason sent when a call names a shared-memory session the server does not hold.
 SESSION_MISSING = "session-missing"
+#: Reason sent when a session's regions cannot grow at all any more (its limit is reached).
+REGIONS_AT_LIMIT = "regions-at-limit"
 
 
 class GradserveError(Exception):

@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import grpc
 
@@ -40,6 +40,7 @@ TRANSPORT_NAMES = ("auto", "grpc", *TRANSPORTS)
 #: Seconds between attempts to open a same-host session with a server not reachable yet.
 RENEGOTIATE_SECONDS = 1.0
 log = logging.getLogger("gradserve.client")
+T = TypeVar("T")
 
 #: Gradients mirror a call's inputs: ``args``, ``kwargs``, ``parameters``.
 Gradients = Arguments
@@ -334,23 +335,25 @@ class Client:
                       need_vjp: bool, timeout: float | None) -> tuple[Any, Residual | None]:
         writer = FrameWriter(self.chunk_bytes, slots=session)
         request = pb.ForwardRequest(endpoint=call.endpoint, need_vjp=need_vjp)
+        kept = False
         try:
             codec.encode_arguments(call.inputs, writer, request, call.requires_grad)
             request.release.extend(self._take_releases())
-            header, reader = self._exchange(self._stub.Forward, pb.ForwardFrame, request, writer,
-                                            session, timeout)
+            header, outputs = self._exchange(
+                self._stub.Forward, pb.ForwardFrame, request, writer, session, timeout,
+                lambda header, reader: codec.decode(header.outputs, reader, make_leaf, "outputs"))
+            residual = Residual(call, header.residual_id, self._released) if need_vjp else None
+            if residual is not None and residual.id and writer.placed and session is not None:
+                # the server's residual views these input slots: keep them while it lives
+                weakref.finalize(residual, session.free, writer.placed)
+                kept = True
+            return outputs, residual
         except BaseException:
             self._released.extend(request.release)  # releasing twice is harmless
-            _free(session, writer)
             raise
-        outputs = codec.decode(header.outputs, reader, make_leaf, "outputs")
-        residual = Residual(call, header.residual_id, self._released) if need_vjp else None
-        if residual is not None and residual.id and writer.placed and session is not None:
-            # the server's residual views these input slots: keep them while it lives
-            weakref.finalize(residual, session.free, writer.placed)
-        else:
-            _free(session, writer)
-        return outputs, residual
+        finally:
+            if not kept:
+                _free(session, writer)
 
     def _vjp_once(self, session: Session | None, residual: Residual, cotangents: Any,
                   make_leaf: MakeLeaf, resend: bool, batched: bool,
@@ -365,32 +368,37 @@ class Client:
                 request.inputs.need_vjp = True
                 codec.encode_arguments(residual.call.inputs, writer, request.inputs,
                                        residual.call.requires_grad)
-            header, reader = self._exchange(self._stub.Vjp, pb.VjpFrame, request, writer,
-                                            session, timeout)
+            _, grads = self._exchange(
+                self._stub.Vjp, pb.VjpFrame, request, writer, session, timeout,
+                lambda header, reader: codec.decode_arguments(header, reader, make_leaf))
+            return grads
         finally:
             _free(session, writer)
-        return codec.decode_arguments(header, reader, make_leaf)
 
     # -- plumbing ----------------------------------------------------------
     def _exchange(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
-                  session: Session | None, timeout: float | None) -> tuple[Any, FrameReader[Any]]:
-        """Send a framed request; the reply header and the reader holding its payloads.
-        The freed reply slots it reports are reported again if it fails."""
+                  session: Session | None, timeout: float | None,
+                  decode: Callable[[Any, FrameReader[Any]], T]) -> tuple[Any, T]:
+        """Send a framed request; the reply header and what ``decode`` makes of it. If the
+        call fails, the freed reply slots it reported are reported again, and so are the
+        reply slots it named that were never viewed."""
         state = session.state() if session is not None else None
         if state is not None:
             request.session.CopyFrom(state)
         reader: FrameReader[Session] = FrameReader(self.max_receive_bytes,
                                                    slots_for=lambda header: session)
         try:
+            writer.flush()
             frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
             header = self._read(reader, frames)
+            decoded = decode(header, reader)
         except BaseException:
             if session is not None and state is not None:
-                session.put_back(state)
+                session.put_back([*state.freed_slots, *reader.unviewed()])
             raise
         if reader.spilled and session is not None:   # the reply regions were full: grow them
             session.spilled(reader.spilled)
-        return header, reader
+        return header, decoded
 
     def _in_session(self, attempt: Callable[[Session | None], Any]) -> Any:
         """Run a call in the current session; if the server lost it (a restart), reopen once."""
@@ -518,7 +526,7 @@ class Client:
         except RemoteError:
             self._released.extend(ids)
             if session is not None and state is not None:
-                session.put_back(state)
+                session.put_back(state.freed_slots)
 
 
 def _free(session: Session | None, writer: FrameWriter) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import grpc
 
 from gradserve.client.transports.base import ClientTransport
-from gradserve.errors import GradserveError, ResourceExhausted, from_rpc_error
+from gradserve.errors import REGIONS_AT_LIMIT, GradserveError, ResourceExhausted, from_rpc_error
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data
 from gradserve.wire.slots import SessionInfo, Slots
@@ -39,7 +39,7 @@ class Session(Slots[ClientTransport]):
         self.timeout = timeout
         self._stub = stub
         self._grow_lock = threading.Lock()
-        self._grown_out: set[int] = set()
+        self._refused: dict[int, int] = {}   # kind -> smallest size refused
         self._grow_retry: dict[int, float] = {}
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,31 +122,36 @@ class Session(Slots[ClientTransport]):
     # -- growth ------------------------------------------------------------
     def grow(self, transport: ClientTransport, min_bytes: int, seen: int) -> bool:
         """Add a pair of regions of ``transport``'s kind that can hold ``min_bytes``,
-        unless regions were added since the caller saw ``seen``. Once the server refuses
-        for good (its limit, or no memory), what does not fit travels as bytes."""
+        unless regions were added since the caller saw ``seen``. A size the server
+        refused is not asked for again (regions never shrink, so nothing larger would
+        fit either); once the server says its limit is reached, nothing is. What does
+        not fit travels as bytes."""
         kind = transport.kind
         with self._grow_lock:
             if len(transport.regions) > seen:
                 return True
-            if kind in self._grown_out or time.monotonic() < self._grow_retry.get(kind, 0.0):
+            if (min_bytes >= self._refused.get(kind, 1 << 63)
+                    or time.monotonic() < self._grow_retry.get(kind, 0.0)):
                 return False
             try:
                 grown = _call(self._stub.GrowSession,
                               pb.GrowSessionRequest(session_id=self.id, min_bytes=min_bytes,
                                                     kind=kind), self.timeout)
+                # every region is proved or (empty nonce) dropped, so none lingers half-made
                 proofs, failures = transport.attach(list(grown.regions))
-                if failures:
-                    raise GradserveError("; ".join(failures))
                 confirmed = _call(self._stub.ConfirmSession,
                                   pb.ConfirmSessionRequest(session_id=self.id, proofs=proofs),
                                   self.timeout)
                 transport.confirmed(set(confirmed.ready))
+                if failures:
+                    raise GradserveError("; ".join(failures))
             except ResourceExhausted as err:
-                self._grown_out.add(kind)
-                log.info("gradserve: %s regions stay as they are (%s); larger payloads travel "
-                         "as bytes", transport.label, err.message)
+                self._refused[kind] = 0 if err.reason == REGIONS_AT_LIMIT else min_bytes
+                log.info("gradserve: %s regions do not grow for %d bytes (%s); such payloads "
+                         "travel as bytes", transport.label, min_bytes, err.message)
                 return False
             except GradserveError as err:
+                transport.confirmed({r.index for r in transport.regions if r.ready})
                 self._grow_retry[kind] = time.monotonic() + GROW_RETRY_SECONDS
                 log.info("gradserve: could not grow the %s regions (%s); trying again later",
                          transport.label, err)
@@ -161,9 +166,10 @@ class Session(Slots[ClientTransport]):
             state.freed_slots.extend(transport.take_freed())
         return state
 
-    def put_back(self, state: pb.SessionState) -> None:
-        """The request that carried ``state`` failed: report its freed slots again."""
-        for ref in state.freed_slots:
+    def put_back(self, refs: Iterable[pb.SlotRef]) -> None:
+        """Report these reply slots freed with the next request (the request that carried
+        them failed, or a reply that named them was never read)."""
+        for ref in refs:
             transport = self.transport_of(ref.region)
             if transport is not None:
                 transport.put_back([ref])

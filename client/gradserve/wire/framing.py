@@ -50,8 +50,9 @@ class SlotReader(Protocol):
     def inline_below(self) -> int:
         """Payloads smaller than this travel as bytes by choice, not for want of a slot."""
 
-    def check(self, ref: pb.SlotRef, nbytes: int, path: str) -> None:
-        """Refuse a reference that is not a readable slot of ``nbytes``."""
+    def check(self, ref: pb.SlotRef, nbytes: int, path: str, align: int) -> None:
+        """Refuse a reference that is not a readable slot of ``nbytes`` at an offset that is
+        a multiple of ``align``."""
 
     def view(self, ref: pb.SlotRef) -> Data:
         """The bytes of a checked reference, without a copy."""
@@ -96,7 +97,9 @@ class FrameWriter:
     Each payload is offered to ``slots`` first; a placed one travels as a slot
     reference, and ``placed`` lists the slots allocated for this message (the
     owner frees them when the receiver is done). The rest go inline or as chunk
-    streams (GPU memory copied to the host).
+    streams (GPU memory copied to the host). ``flush`` must run before the
+    header is sent: it waits for queued GPU copies into slots, until when the
+    writer keeps their sources alive.
     """
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None,
@@ -105,6 +108,7 @@ class FrameWriter:
         self._inline_left = chunk_bytes if inline_bytes is None else inline_bytes
         self._streams: list[memoryview] = []
         self._slots = slots
+        self._sources: list[Data] = []   # placed, maybe still being copied from
         self._placed_any = False
         self.placed: list[pb.SlotRef] = []
 
@@ -121,6 +125,7 @@ class FrameWriter:
                 self._placed_any = True
                 if allocated:
                     self.placed.append(ref)
+                    self._sources.append(data)
                 return
         if isinstance(data, DeviceBytes):
             data = data.host()
@@ -131,10 +136,16 @@ class FrameWriter:
             msg.stream.id = len(self._streams)
             self._streams.append(data.cast("B"))
 
+    def flush(self) -> None:
+        """Make what the slots hold ready for the receiver (before the header is sent)."""
+        if self._placed_any and self._slots is not None:
+            self._placed_any = False
+            self._slots.flush()
+        self._sources = []
+
     def frames(self, frame_type: type, header: Any) -> Iterator[Any]:
         """The header frame, then every streamed tensor's chunks in order."""
-        if self._placed_any and self._slots is not None:
-            self._slots.flush()   # what the slots hold must be ready before the receiver looks
+        self.flush()
         yield frame_type(header=header)
         step = self.chunk_bytes
         for stream_id, data in enumerate(self._streams):
@@ -161,9 +172,11 @@ class FrameReader(Generic[S]):
         self._on_frame = on_frame
         self._slots_for = slots_for
         self.slots: S | None = None
-        #: bytes of payloads that came as bytes although the session could have held
-        #: them in slots: the sender's regions were full (the receiver may grow them)
+        #: the largest payload that came as bytes although the session could have held it
+        #: in a slot: the sender's regions were full (the receiver may grow them)
         self.spilled = 0
+        self.header: Any = None
+        self._unviewed: dict[tuple[int, int], pb.SlotRef] = {}
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
         self._filled: dict[int, int] = {}
@@ -174,7 +187,7 @@ class FrameReader(Generic[S]):
         first = next(it, None)
         if first is None or first.WhichOneof("frame") != "header":
             raise invalid("stream must start with a header frame")
-        header = first.header
+        header = self.header = first.header
         if self._slots_for is not None:
             self.slots = self._slots_for(header)
         self._plan(header)
@@ -199,7 +212,7 @@ class FrameReader(Generic[S]):
             total += size
             kind = msg.WhichOneof("payload")
             if kind in ("data", "stream") and size >= inline_below:
-                self.spilled += size
+                self.spilled = max(self.spilled, size)
             if kind == "data":
                 if len(msg.data) != size:
                     raise invalid(f"{path}: payload has {len(msg.data)} bytes but dtype "
@@ -212,7 +225,8 @@ class FrameReader(Generic[S]):
                 if slots is None:
                     raise invalid(f"{path}: a slot reference needs a same-host session, and "
                                   "this message names none")
-                slots.check(msg.slot, size, path)
+                slots.check(msg.slot, size, path, dtypes.ITEMSIZE[msg.dtype])
+                self._unviewed[(msg.slot.region, msg.slot.offset)] = msg.slot
             else:
                 raise invalid(f"{path}: tensor has no payload")
         for path, spec in tensors(header, kind="abstract"):
@@ -237,6 +251,10 @@ class FrameReader(Generic[S]):
         buf[start:end] = chunk.data
         self._filled[chunk.id] = end
 
+    def unviewed(self) -> list[pb.SlotRef]:
+        """Slots the header named that were never viewed (to report free after a failure)."""
+        return list(self._unviewed.values())
+
     def get(self, msg: pb.Tensor) -> Data:
         """The bytes of one tensor of the header ``read`` returned."""
         kind = msg.WhichOneof("payload")
@@ -244,6 +262,8 @@ class FrameReader(Generic[S]):
             return memoryview(bytearray(msg.data))
         if kind == "slot":
             assert self.slots is not None
-            return self.slots.view(msg.slot)
+            data = self.slots.view(msg.slot)
+            self._unviewed.pop((msg.slot.region, msg.slot.offset), None)
+            return data
         buf = self._buffers.get(msg.stream.id)
         return memoryview(buf) if buf is not None else memoryview(bytearray(0))

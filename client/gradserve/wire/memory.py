@@ -116,11 +116,13 @@ def clone(data: Data) -> Data:
     return memoryview(bytearray(data))
 
 
-def synchronize(device: int) -> None:
-    """Wait until every queued operation on GPU ``device`` is done."""
+def synchronize(device: int | None = None) -> None:
+    """Wait until every queued operation on GPU ``device`` (None: every GPU) is done."""
     cp = cupy()
-    with cp.cuda.Device(device):
-        cp.cuda.runtime.deviceSynchronize()
+    devices = [device] if device is not None else range(cp.cuda.runtime.getDeviceCount())
+    for index in devices:
+        with cp.cuda.Device(index):
+            cp.cuda.runtime.deviceSynchronize()
 
 
 @dataclass

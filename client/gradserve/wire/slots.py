@@ -15,14 +15,16 @@ seen as one, which is all the framing knows of them.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Generic, Iterable, Sequence, TypeVar
 
+import grpc
 import numpy as np
 
-from gradserve.errors import invalid
+from gradserve.errors import SESSION_MISSING, StatusError, invalid
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data, DeviceBytes, address, copy_into, device_view, host_bytes, \
     synchronize
@@ -41,7 +43,8 @@ class Arena:
 
     Each allocation gets a new *generation* (never 0), and ``free`` needs it: a
     stale free of a slot that was freed and allocated again since is refused
-    instead of freeing the new one.
+    instead of freeing the new one. Finalizers use ``free_later``, which never
+    waits for the lock (the collector may run them inside ``alloc`` itself).
     """
 
     _generations = itertools.count(1)
@@ -51,19 +54,21 @@ class Arena:
         self.align = align
         self._free: list[tuple[int, int]] = [(0, size)] if size else []   # sorted (offset, length)
         self._used: dict[int, tuple[int, int]] = {}                        # offset -> (length, gen)
+        self._later: collections.deque[tuple[int, int]] = collections.deque()
         self._lock = threading.Lock()
 
     def alloc(self, nbytes: int) -> tuple[int, int] | None:
         """``(offset, generation)`` of a new slot of ``nbytes`` (rounded up), or None if full."""
         need = max(self.align, -(-nbytes // self.align) * self.align)
+        generation = next(self._generations)
         with self._lock:
+            self._drain()
             for i, (offset, length) in enumerate(self._free):
                 if length >= need:
                     if length == need:
                         del self._free[i]
                     else:
                         self._free[i] = (offset + need, length - need)
-                    generation = next(self._generations)
                     self._used[offset] = (need, generation)
                     return offset, generation
         return None
@@ -71,26 +76,44 @@ class Arena:
     def free(self, offset: int, generation: int) -> bool:
         """Return the slot at ``offset`` if it is allocation ``generation``; else False."""
         with self._lock:
-            used = self._used.get(offset)
-            if used is None or used[1] != generation:
-                return False
-            del self._used[offset]
-            self._free.append((offset, used[0]))
-            self._free.sort()
-            merged: list[tuple[int, int]] = []
-            for start, size in self._free:
-                if merged and merged[-1][0] + merged[-1][1] == start:
-                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
-                else:
-                    merged.append((start, size))
-            self._free = merged
-            return True
+            self._drain()
+            return self._release(offset, generation)
+
+    def free_later(self, offset: int, generation: int) -> None:
+        """``free``, now if the lock is free, else by whoever holds it next."""
+        self._later.append((offset, generation))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
 
     @property
     def used_bytes(self) -> int:
         """Bytes in allocated slots."""
         with self._lock:
+            self._drain()
             return sum(length for length, _ in self._used.values())
+
+    def _drain(self) -> None:
+        while self._later:
+            self._release(*self._later.popleft())
+
+    def _release(self, offset: int, generation: int) -> bool:
+        used = self._used.get(offset)
+        if used is None or used[1] != generation:
+            return False
+        del self._used[offset]
+        self._free.append((offset, used[0]))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for start, size in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        self._free = merged
+        return True
 
 
 @dataclass(frozen=True)
@@ -183,9 +206,10 @@ class SessionInfo:
 
 
 def check_slot(path: str, label: str, region: Region | None, incoming: int,
-               ref: pb.SlotRef, want: int) -> None:
+               ref: pb.SlotRef, want: int, align: int) -> None:
     """Refuse ``ref`` unless it holds exactly ``want`` bytes inside ``region``, a region in
-    use whose direction is ``incoming`` (None: no such region)."""
+    use whose direction is ``incoming`` (None: no such region), at an offset that is a
+    multiple of ``align`` (the dtype's item size: a misaligned GPU read is a fatal error)."""
     index = ref.region
     if ref.nbytes != want:
         raise invalid(f"{path}: {label} slot holds {ref.nbytes} bytes but dtype x shape "
@@ -198,6 +222,9 @@ def check_slot(path: str, label: str, region: Region | None, incoming: int,
     if ref.offset > region.size or ref.nbytes > region.size - ref.offset:
         raise invalid(f"{path}: {label} slot [{ref.offset}, +{ref.nbytes}) lies outside the "
                       f"{region.size}-byte region {index}")
+    if align > 1 and ref.offset % align:
+        raise invalid(f"{path}: {label} slot offset {ref.offset} is not a multiple of the "
+                      f"dtype's {align}-byte item size")
 
 
 class RegionTransport:
@@ -303,23 +330,38 @@ class RegionTransport:
         for gpu in sorted({r.gpu for r in self.regions if r.gpu is not None}):
             synchronize(gpu)
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether any region of this transport is GPU memory."""
+        return any(r.gpu is not None for r in self.regions)
+
     def free(self, refs: Iterable[pb.SlotRef]) -> None:
         """Return outgoing slots the other side no longer needs (unknown ones, and slots
         sent from where their data lay, generation 0, are ignored)."""
         for ref in refs:
             region = self._regions.get(ref.region)
             if region is not None and region.arena is not None and region.direction == self.outgoing:
-                region.arena.free(ref.offset, ref.generation)
+                region.arena.free_later(ref.offset, ref.generation)
 
     # -- receiving ---------------------------------------------------------
-    def check(self, ref: pb.SlotRef, nbytes: int, path: str) -> None:
-        """Refuse a reference that is not a slot of ``nbytes`` inside an incoming region in use."""
+    def check(self, ref: pb.SlotRef, nbytes: int, path: str, align: int = 1) -> None:
+        """Refuse a reference that is not an ``align``ed slot of ``nbytes`` inside an
+        incoming region in use."""
         incoming = pb.REPLY if self.outgoing == pb.REQUEST else pb.REQUEST
-        check_slot(path, self.label, self._regions.get(ref.region), incoming, ref, nbytes)
+        check_slot(path, self.label, self._regions.get(ref.region), incoming, ref, nbytes, align)
 
     def view(self, ref: pb.SlotRef) -> Data:
         """The incoming bytes ``ref`` designates (checked), without a copy."""
-        return self._regions[ref.region].view(ref.offset, ref.nbytes)
+        return self.region_of(ref).view(ref.offset, ref.nbytes)
+
+    def region_of(self, ref: pb.SlotRef) -> Region:
+        """The region a checked reference names; SESSION_MISSING if the session ended since."""
+        region = self._regions.get(ref.region)
+        if region is None:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{self.label} region {ref.region} is no longer in use: the "
+                              "session ended during the call", SESSION_MISSING)
+        return region
 
     def close(self) -> None:
         """The session ended: let go of every region (arrays viewing one keep its memory)."""
@@ -377,15 +419,18 @@ class Slots(Generic[T]):
             if transport is not None:
                 transport.free([ref])
 
-    def check(self, ref: pb.SlotRef, nbytes: int, path: str) -> None:
+    def check(self, ref: pb.SlotRef, nbytes: int, path: str, align: int = 1) -> None:
         """Refuse a reference that no transport of the session can read."""
         transport = self.transport_of(ref.region)
         if transport is None:
             raise invalid(f"{path}: region {ref.region} is not in use in this session")
-        transport.check(ref, nbytes, path)
+        transport.check(ref, nbytes, path, align)
 
     def view(self, ref: pb.SlotRef) -> Data:
         """The bytes of a checked reference."""
         transport = self.transport_of(ref.region)
-        assert transport is not None
+        if transport is None:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"region {ref.region} is no longer in use: the session ended "
+                              "during the call", SESSION_MISSING)
         return transport.view(ref)

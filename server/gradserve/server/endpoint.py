@@ -17,7 +17,7 @@ import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 
@@ -268,6 +268,15 @@ class Endpoint(ABC):
             differentiable = dtypes.code_of(want.dtype) in dtypes.DIFFERENTIABLE
             aligned.append(cot if differentiable else None)
         return aligned
+
+    @staticmethod
+    def mirror(treedef: pytree.TreeDef, flags: Sequence[bool], grads: Iterable[Any]) -> Arguments:
+        """Gradients shaped like the call ``treedef`` describes: the next of ``grads`` for
+        each flagged leaf, None for the others."""
+        it = iter(grads)
+        args, kwargs, parameters = pytree.unflatten(treedef, [next(it) if f else None
+                                                              for f in flags])
+        return Arguments(args, kwargs, parameters)
 
     def run(self, thunk: Callable[[], Any]) -> Any:
         """Run model code; its exceptions become INTERNAL naming the endpoint."""

@@ -162,10 +162,7 @@ class JaxEndpoint(Endpoint):
         backward = self._compile(state.in_def, state.mask)
         apply = backward.backward_batched if batched else backward.backward
         (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
-        by_leaf = iter(grads)
-        args, kwargs, parameters = pytree.unflatten(
-            state.in_def, [next(by_leaf) if m else None for m in state.mask])
-        return Arguments(args, kwargs, parameters)
+        return self.mirror(state.in_def, state.mask, grads)
 
     def run_signature(self, inputs: Arguments) -> Any:
         leaves, in_def, mask = self._flatten(inputs)

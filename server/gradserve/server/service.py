@@ -161,9 +161,10 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Release(self, request: pb.ReleaseRequest,
                 context: grpc.ServicerContext) -> pb.ReleaseResponse:
         with self._status(context):
-            if request.HasField("session"):
-                self.sessions.slots(request.session)   # frees the reported reply slots
-            return pb.ReleaseResponse(released=self.residuals.release(list(request.residual_ids)))
+            released = self.residuals.release(list(request.residual_ids))
+            if request.HasField("session"):   # frees the reported reply slots, if it is held
+                self.sessions.free(request.session)
+            return pb.ReleaseResponse(released=released)
         return pb.ReleaseResponse()
 
     # -- same-host sessions ------------------------------------------------
@@ -241,14 +242,25 @@ class GradserveService(pb_grpc.GradserveServicer):
         background, not while the client waits for its reply.
         """
         frames: Iterator[Any] | None = None
+        session: ServerSession | None = None
+        writer: FrameWriter | None = None
         with self._status(context), self.idle.watching(context) as touch:
             reader: FrameReader[ServerSession] = FrameReader(self.limits.max_request_bytes, touch,
                                                              self._slots_for)
             request = reader.read(request_iterator)
-            writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
-            reply, made = run(request, reader, writer)
+            session = reader.slots
+            writer = FrameWriter(self.limits.chunk_bytes, slots=session)
+            try:
+                reply, made = run(request, reader, writer)
+                writer.flush()
+            except BaseException:
+                _free_placed(session, writer)   # no reply names them
+                raise
             self.residuals.dropper.drop((made, reader, request))
             del made, reader, request
+            if not context.is_active():   # the client gave up: nobody will view them
+                _free_placed(session, writer)
+                return
             frames = writer.frames(reply_frame, reply)
         if frames is not None:
             yield from frames
@@ -278,7 +290,8 @@ class GradserveService(pb_grpc.GradserveServicer):
         return made.residual
 
     @staticmethod
-    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest, reader: FrameReader[Any]) -> Arguments:
+    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest,
+                reader: FrameReader[Any]) -> Arguments:
         return codec.decode_arguments(request, reader, endpoint.make_leaf)
 
     # -- errors ------------------------------------------------------------
@@ -304,3 +317,10 @@ class GradserveService(pb_grpc.GradserveServicer):
             if failure.reason:
                 context.set_trailing_metadata(((REASON_KEY, failure.reason),))
             context.abort(failure.code, failure.message)
+
+
+def _free_placed(session: ServerSession | None, writer: FrameWriter | None) -> None:
+    """Return the reply slots ``writer`` allocated for a reply that will not be sent."""
+    if session is not None and writer is not None and writer.placed:
+        session.free(writer.placed)
+        writer.placed = []

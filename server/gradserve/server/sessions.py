@@ -36,6 +36,7 @@ class ServerSession(Slots[ServerTransport]):
         super().__init__(list(transports))
         self.id = session_id
         self.confirmed = False
+        self.closed = False
         self.last_seen = time.monotonic()
         self.lock = threading.Lock()
         self._indices = itertools.count()
@@ -58,6 +59,7 @@ class ServerSession(Slots[ServerTransport]):
         attach to; the first region whose nonce is wrong, if any (INVALID_ARGUMENT for a
         region not awaiting proof)."""
         with self.lock:
+            self._check_open()
             for proof in proofs:
                 pending = self._pending.pop(proof.region, None)
                 if pending is None:
@@ -78,9 +80,17 @@ class ServerSession(Slots[ServerTransport]):
         return [r.index for t in self.transports for r in t.regions if r.ready]
 
     def close(self) -> None:
-        """Let go of every region (views in use keep their memory until they go)."""
-        for transport in self.transports:
-            transport.close()
+        """Let go of every region (views in use keep their memory until they go); regions
+        being made for the session are refused from now on."""
+        with self.lock:
+            self.closed = True
+            for transport in self.transports:
+                transport.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"same-host session {self.id!r} ended", SESSION_MISSING)
 
     def info(self) -> SessionInfo:
         """A snapshot for introspection."""
@@ -155,6 +165,7 @@ class SessionManager:
                               f"session has no {KIND_NAMES.get(request.kind, request.kind)} "
                               "regions to grow")
         with session.lock:
+            session._check_open()
             made = transport.grow(request, session.next_index)
             regions = session.expect(transport, made)
         return pb.GrowSessionResponse(regions=regions)
@@ -165,13 +176,22 @@ class SessionManager:
         session.free(state.freed_slots)
         return session
 
+    def free(self, state: pb.SessionState) -> None:
+        """Free the reply slots ``state`` reports, if its session is still held."""
+        with self._lock:
+            session = self._sessions.get(state.id)
+        if session is not None and session.confirmed:
+            session.free(state.freed_slots)
+
     def keep_alive(self, sid: str) -> bool:
-        """Extend a session's lease; False if the server does not hold it."""
+        """Extend a confirmed session's lease; False if the server does not hold one (an
+        unconfirmed session lives only its first lease)."""
         with self._lock:
             session = self._sessions.get(sid)
-            if session is not None:
-                session.last_seen = time.monotonic()
-            return session is not None
+            if session is None or not session.confirmed:
+                return False
+            session.last_seen = time.monotonic()
+            return True
 
     def close(self, sid: str) -> bool:
         """End a session; False if the server did not hold it."""

@@ -153,10 +153,7 @@ class TorchEndpoint(Endpoint):
             outs, cots = zip(*pairs)
             grads = list(self.run(lambda: torch.autograd.grad(
                 outs, wrt, cots, retain_graph=True, allow_unused=True, is_grads_batched=batched)))
-        by_leaf = iter(grads)
-        args, kwargs, parameters = pytree.unflatten(
-            in_def, [next(by_leaf) if t.requires_grad else None for t in in_leaves])
-        return Arguments(args, kwargs, parameters)
+        return self.mirror(in_def, [t.requires_grad for t in in_leaves], grads)
 
     def run_signature(self, inputs: Arguments) -> Any:
         """Output types from fake tensors; one real dry run on zeros if tracing fails."""

@@ -16,7 +16,7 @@ import weakref
 from typing import Iterable, Protocol
 
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.memory import Data
+from gradserve.wire.memory import Data, synchronize
 from gradserve.wire.slots import RegionTransport
 
 
@@ -79,7 +79,7 @@ class ClientTransport(RegionTransport):
                 slot = region.arena.alloc(nbytes)
                 if slot is not None:
                     owner, data = region.owner(slot[0], nbytes)
-                    weakref.finalize(owner, region.arena.free, slot[0], slot[1])
+                    weakref.finalize(owner, region.arena.free_later, slot[0], slot[1])
                     return data
             if attempt or not self._outgoing_on(gpu) or not self.make_room(nbytes, gpu):
                 break
@@ -89,21 +89,20 @@ class ClientTransport(RegionTransport):
     def view(self, ref: pb.SlotRef) -> Data:
         """The reply bytes ``ref`` designates; the slot is reported freed once every array
         viewing them has been collected."""
-        region = self._regions[ref.region]
-        owner, data = region.owner(ref.offset, ref.nbytes)
+        owner, data = self.region_of(ref).owner(ref.offset, ref.nbytes)
         weakref.finalize(owner, self._freed.append,
                          pb.SlotRef(region=ref.region, offset=ref.offset, generation=ref.generation))
         return data
 
     def take_freed(self) -> list[pb.SlotRef]:
-        """Reply slots collected since the last call, for ``SessionState.freed_slots``
-        (GPU work still reading them is waited for first)."""
+        """Reply slots collected since the last call, for ``SessionState.freed_slots``.
+        GPU work still reading them is waited for first, on every GPU: a copy out of a
+        pool may have been queued on another device's stream."""
         taken = []
         while self._freed:
             taken.append(self._freed.popleft())
-        if taken:
-            self._dirty = True
-            self.flush()
+        if taken and self.on_gpu:
+            synchronize()
         return taken
 
     def put_back(self, refs: Iterable[pb.SlotRef]) -> None:

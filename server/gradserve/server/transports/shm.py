@@ -19,11 +19,14 @@ import secrets
 import grpc
 
 from gradserve.client.transports.shm import SHM_DIR, SHM_MIN_BYTES, available
-from gradserve.errors import StatusError
+from gradserve.errors import REGIONS_AT_LIMIT, StatusError, invalid
 from gradserve.server.transports.base import NewRegion, NextIndex, Refusal, ServerTransport, \
     SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.slots import ALIGN, Region
+
+#: The smallest region a session gets: a page, and room for the nonce and a slot.
+MIN_REGION_BYTES = 4096
 
 
 def new_name(kind: str) -> str:
@@ -74,9 +77,9 @@ class ShmTransport(ServerTransport):
         if why:
             raise Refusal(f"the server cannot use shared memory: {why}")
         size = request.region_bytes or settings.shm_region_bytes
-        if size > settings.max_shm_bytes:
-            raise Refusal(f"regions of {size} bytes asked for; this server allows at most "
-                          f"{settings.max_shm_bytes}")
+        if not MIN_REGION_BYTES <= size <= settings.max_shm_bytes:
+            raise Refusal(f"regions of {size} bytes asked for; this server allows "
+                          f"{MIN_REGION_BYTES} to {settings.max_shm_bytes}")
         transport = cls(settings)
         try:
             return transport, transport._pair(size, next_index)
@@ -84,14 +87,16 @@ class ShmTransport(ServerTransport):
             raise Refusal(f"cannot create {size} bytes of shared memory: {err}") from None
 
     def grow(self, request: pb.GrowSessionRequest, next_index: NextIndex) -> list[NewRegion]:
-        total = self.size
-        room = self.settings.max_shm_bytes - total
-        size = -(-min(max(request.min_bytes, total), room) // ALIGN) * ALIGN
-        if request.min_bytes == 0 or request.min_bytes > room or size > room:
+        total, limit = self.size, self.settings.max_shm_bytes
+        room = (limit - total) // ALIGN * ALIGN
+        if request.min_bytes == 0:
+            raise invalid("GrowSession needs min_bytes > 0")
+        if room < MIN_REGION_BYTES or request.min_bytes > room:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"cannot grow the shared-memory regions by {request.min_bytes} "
-                              f"bytes: they hold {total} of this server's limit of "
-                              f"{self.settings.max_shm_bytes}")
+                              f"bytes: they hold {total} of this server's limit of {limit}",
+                              REGIONS_AT_LIMIT if room < MIN_REGION_BYTES else None)
+        size = max(MIN_REGION_BYTES, -(-min(max(request.min_bytes, total), room) // ALIGN) * ALIGN)
         try:
             return self._pair(size, next_index)
         except OSError as err:
@@ -99,21 +104,23 @@ class ShmTransport(ServerTransport):
                               f"cannot create {size} bytes of shared memory: {err}") from None
 
     def _pair(self, size: int, next_index: NextIndex) -> list[NewRegion]:
-        """A request and a reply region of ``size`` bytes: both, or (OSError) none."""
+        """A request and a reply region of ``size`` bytes: both, or (OSError) none, and no
+        name left behind either way."""
         names = [new_name("req"), new_name("rep")]
-        maps: list[mmap.mmap] = []
+        made: list[NewRegion] = []
         try:
+            for name, direction in zip(names, (pb.REQUEST, pb.REPLY)):
+                memory = create_region(name, size)
+                made.append(self.new_region(next_index(), direction, size, memory,
+                                            handle=name.encode()))
+        except BaseException:
             for name in names:
-                maps.append(create_region(name, size))
-        except OSError:
-            for name in names[:len(maps)]:
                 unlink(name)
+            for new in made:
+                self.remove(new.region.index)
             raise
-        made = []
-        for name, memory, direction in zip(names, maps, (pb.REQUEST, pb.REPLY)):
-            new = self.new_region(next_index(), direction, size, memory, handle=name.encode())
+        for name, new in zip(names, made):
             self._names[new.region.index] = name
-            made.append(new)
         return made
 
     def confirm(self, region: Region) -> None:
