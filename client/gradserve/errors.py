@@ -33,6 +33,28 @@ class StatusError(GradserveError):
         self.reason = reason
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """``repr(text)``, cut to about ``limit`` characters: for echoing what a client sent."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+#: Most bytes a status message may take once percent-encoded in gRPC's trailers (whose
+#: limit is 8 KiB: a longer one turns the status into RESOURCE_EXHAUSTED and drops them).
+MAX_STATUS_BYTES = 6000
+
+
+def clip_status(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """``message`` cut so that it fits a gRPC status (``limit`` bytes percent-encoded)."""
+    size = 0
+    for i, char in enumerate(message):
+        size += sum(1 if 0x20 <= b < 0x7f and b != 0x25 else 3 for b in char.encode())
+        if size > limit - 60:
+            return f"{message[:i]}... ({len(message) - i} more characters)"
+    return message
+
+
 def invalid(message: str) -> StatusError:
     """An INVALID_ARGUMENT error: the caller sent something malformed."""
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -83,6 +83,23 @@ def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tupl
             yield from tensors(val, sub, kind)
 
 
+def count_values(msg: Message, limit: int) -> int:
+    """How many pytree nodes (``Value``s) ``msg`` holds, counting no further than ``limit + 1``."""
+    count = 0
+    stack: list[Message] = [msg]
+    while stack and count <= limit:
+        node = stack.pop()
+        if isinstance(node, pb.Value):
+            count += 1
+        for field, val in node.ListFields():
+            if field.message_type is not None:
+                if field.is_repeated:
+                    stack.extend(val)
+                else:
+                    stack.append(val)
+    return count
+
+
 def tensor_nbytes(path: str, msg: pb.Tensor | pb.TensorSpec) -> int:
     """Validated byte size of a tensor message (dtype known, dims non-negative)."""
     try:
@@ -167,8 +184,10 @@ class FrameReader(Generic[S]):
     """
 
     def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None,
-                 slots_for: Callable[[Any], S | None] | None = None):
+                 slots_for: Callable[[Any], S | None] | None = None,
+                 max_values: int = 1 << 62):
         self.max_bytes = max_bytes
+        self.max_values = max_values
         self._on_frame = on_frame
         self._slots_for = slots_for
         self.slots: S | None = None
@@ -204,6 +223,10 @@ class FrameReader(Generic[S]):
         return header
 
     def _plan(self, header: Any) -> None:
+        if count_values(header, self.max_values) > self.max_values:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"message holds more than {self.max_values} pytree nodes, this "
+                              "server's limit")
         total = 0
         slots = self.slots
         inline_below = slots.inline_below if slots is not None else 1 << 62

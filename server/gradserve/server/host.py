@@ -25,6 +25,8 @@ log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gradserve"].full_name
 GiB = 1 << 30
+#: Seconds ``Server.stop`` waits past its grace for gRPC to finish stopping.
+STOP_SECONDS = 5.0
 
 
 class Server:
@@ -43,7 +45,9 @@ class Server:
     way (memory is reserved as they grow), dropped when not heard from for
     ``session_lease`` seconds. Same-host clients with GPUs this server sees
     also get CUDA IPC pools of ``cuda_pool_bytes`` (a client may ask for up to
-    ``max_cuda_pool_bytes``) on each such GPU.
+    ``max_cuda_pool_bytes``) on each such GPU. ``max_request_values`` bounds the pytree
+    nodes (tensors, scalars, containers) of one request. ``stop`` returns within its grace
+    plus ``STOP_SECONDS`` whatever the clients do.
 
     The constructor binds the port and starts nothing; ``start`` starts the
     gRPC server and the background threads, ``stop`` stops them all.
@@ -55,8 +59,8 @@ class Server:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
                  shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
                  session_lease: float = 30.0, cuda_pool_bytes: int = 256 << 20,
-                 max_cuda_pool_bytes: int = 4 * GiB, reuse_port: bool = False,
-                 debug: bool = False):
+                 max_cuda_pool_bytes: int = 4 * GiB, max_request_values: int = 10_000,
+                 reuse_port: bool = False, debug: bool = False):
         self.host = host
         self.debug = debug
         self.registry = Registry()
@@ -65,7 +69,8 @@ class Server:
                                                        cuda_pool_bytes, max_cuda_pool_bytes,
                                                        session_lease))
         self.service = GradserveService(self.registry, self.residuals, self.sessions,
-                                        Limits(chunk_bytes, max_request_bytes, idle_timeout), debug)
+                                        Limits(chunk_bytes, max_request_bytes, idle_timeout,
+                                               max_request_values), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
         self._executor = futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="gradserve")
@@ -133,7 +138,9 @@ class Server:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, free
         residuals and sessions, and end every thread ``start`` started."""
         self._health.enter_graceful_shutdown()
-        self._grpc.stop(grace).wait()
+        if not self._grpc.stop(grace).wait((grace or 0.0) + STOP_SECONDS):
+            log.warning("gradserve: calls still running %.1f s after the grace; stopping anyway",
+                        STOP_SECONDS)
         self._stopped.set()
         if self._sweeper is not None:
             self._sweeper.join()

@@ -6,7 +6,7 @@ import threading
 
 import grpc
 
-from gradserve.errors import StatusError
+from gradserve.errors import StatusError, shown
 from gradserve.server.endpoint import Endpoint
 
 
@@ -38,7 +38,8 @@ class Registry:
             known = sorted(self._endpoints)
         if endpoint is None:
             raise StatusError(grpc.StatusCode.NOT_FOUND,
-                              f"no endpoint named {name!r}; this server has: {', '.join(known) or 'none'}")
+                              f"no endpoint named {shown(name)}; this server has: "
+                              f"{', '.join(known) or 'none'}")
         return endpoint
 
     def all(self) -> list[Endpoint]:

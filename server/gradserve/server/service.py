@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, invalid
+from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, clip_status, invalid, \
+    shown
 from gradserve.lru import LRU
 from gradserve.server.endpoint import Endpoint, Residual
 from gradserve.server.registry import Registry
@@ -39,6 +40,7 @@ class Limits:
     chunk_bytes: int          # largest chunk this server sends
     max_request_bytes: int    # most tensor bytes one request may carry
     idle_seconds: float       # a request stream silent this long is cancelled
+    max_request_values: int = 10_000   # most pytree nodes one request may hold
 
 
 #: Signature results kept, across endpoints (input signatures seen most recently).
@@ -148,7 +150,8 @@ class GradserveService(pb_grpc.GradserveServicer):
             cacheable = len(key) <= SIGNATURE_KEY_BYTES
             outputs = self.signatures.get(key) if cacheable else None
             if outputs is None:
-                reader: FrameReader[Any] = FrameReader(self.limits.max_request_bytes)
+                reader: FrameReader[Any] = FrameReader(self.limits.max_request_bytes,
+                                                       max_values=self.limits.max_request_values)
                 call = reader.read([pb.ForwardFrame(header=call)])
                 inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
                 types = endpoint.signature(inputs)
@@ -245,8 +248,9 @@ class GradserveService(pb_grpc.GradserveServicer):
         session: ServerSession | None = None
         writer: FrameWriter | None = None
         with self._status(context), self.idle.watching(context) as touch:
-            reader: FrameReader[ServerSession] = FrameReader(self.limits.max_request_bytes, touch,
-                                                             self._slots_for)
+            reader: FrameReader[ServerSession] = FrameReader(
+                self.limits.max_request_bytes, touch, self._slots_for,
+                self.limits.max_request_values)
             request = reader.read(request_iterator)
             session = reader.slots
             writer = FrameWriter(self.limits.chunk_bytes, slots=session)
@@ -272,17 +276,17 @@ class GradserveService(pb_grpc.GradserveServicer):
             if held is not None:
                 owner, residual = held
                 if owner != endpoint.name:
-                    raise invalid(f"residual {request.residual_id!r} belongs to endpoint "
+                    raise invalid(f"residual {shown(request.residual_id)} belongs to endpoint "
                                   f"{owner!r}, not {endpoint.name!r}")
                 kept: Residual = residual
                 return kept
         if not request.HasField("inputs"):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"residual {request.residual_id!r} is not held by this server "
+                              f"residual {shown(request.residual_id)} is not held by this server "
                               "(released, evicted, expired, or kept by another replica); "
                               "resend the inputs to recompute", RESIDUAL_MISSING)
         if request.inputs.endpoint not in ("", endpoint.name):
-            raise invalid(f"inputs name endpoint {request.inputs.endpoint!r}, "
+            raise invalid(f"inputs name endpoint {shown(request.inputs.endpoint)}, "
                           f"not {endpoint.name!r}")
         made = endpoint.forward(self._inputs(endpoint, request.inputs, reader), need_vjp=True)
         if made.residual is None:
@@ -316,7 +320,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         if failure is not None:
             if failure.reason:
                 context.set_trailing_metadata(((REASON_KEY, failure.reason),))
-            context.abort(failure.code, failure.message)
+            context.abort(failure.code, clip_status(failure.message))
 
 
 def _free_placed(session: ServerSession | None, writer: FrameWriter | None) -> None:

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import grpc
 
-from gradserve.errors import SESSION_MISSING, StatusError, invalid
+from gradserve.errors import SESSION_MISSING, StatusError, invalid, shown
 from gradserve.server.transports import TRANSPORTS, Refusal, ServerTransport, SessionSettings
 from gradserve.server.transports.base import NewRegion
 from gradserve.v1 import gradserve_pb2 as pb
@@ -234,6 +234,6 @@ class SessionManager:
                 session.last_seen = time.monotonic()
         if session is None or (confirmed and not session.confirmed):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"no {'confirmed ' if confirmed else ''}same-host session {sid!r} "
+                              f"no {'confirmed ' if confirmed else ''}same-host session {shown(sid)} "
                               "(expired, closed, or the server restarted)", SESSION_MISSING)
         return session
