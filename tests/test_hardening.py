@@ -99,3 +99,58 @@ def test_stop_ends_within_its_bound_whatever_the_clients_did(monkeypatch) -> Non
     for call in calls:
         call.cancel()
     channel.close()
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_declared_stream_sizes_cost_memory_only_as_bytes_arrive(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"})
+    sizes = [8 << 20] * 10 + [20 << 20] * 2      # 32 MiB (heap) and 80 MiB (mapped) each
+    header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(tuple_value=pb.Sequence(items=[
+        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[n], stream=pb.StreamedPayload(id=i)))
+        for i, n in enumerate(sizes)])))
+    frames = [pb.ForwardFrame(header=header)] + [
+        pb.ForwardFrame(chunk=pb.Chunk(id=i, data=b"x")) for i in range(len(sizes))]
+    before = resident_bytes()
+    with pytest.raises(grpc.RpcError) as info:     # 480 MiB declared, 12 bytes sent
+        list(raw(server).Forward(iter(frames), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stream ended after 1 of 33554432 bytes" in info.value.details()
+    assert resident_bytes() - before < 32 << 20
+    legitimate_call_works(client)
+
+
+def test_signature_never_allocates_what_a_client_declares(serve) -> None:
+    from gradserve.wire.specs import TensorType
+
+    def untraceable(x):
+        return torch.from_numpy(x.numpy() * 2)    # fake tensors have no data: needs a dry run
+
+    server, client = serve({"np": untraceable, "mlp": mlp()}, client_options={"transport": "grpc"})
+    before = resident_bytes()
+    with pytest.raises(gradserve.ResourceExhausted, match="a dry run would take 1073741824 bytes"):
+        client.signature("np", (TensorType((1 << 28,), "float32"),))
+    assert resident_bytes() - before < 64 << 20
+    assert client.signature("np", (TensorType((3, 2), "float32"),)) == TensorType((3, 2), "float32")
+    legitimate_call_works(client)
+
+
+def test_a_jax_endpoint_keeps_a_bounded_number_of_compilations(serve) -> None:
+    jax = pytest.importorskip("jax")
+    from gradserve.server.jax_endpoint import JaxEndpoint
+
+    endpoint = JaxEndpoint(jax.jit(lambda x, n: x * n), compile_cache=2)
+    _, client = serve({"scale": endpoint, "mlp": mlp()}, client_options={"transport": "grpc"})
+    for size in range(1, 7):                       # six shapes, and static values
+        out = client.forward("scale", (np.ones(size, np.float32), size)).outputs
+        np.testing.assert_array_equal(out, np.full(size, size, np.float32))
+    assert endpoint.compiles == 6 and endpoint.cached == 2
+    client.forward("scale", (np.ones(6, np.float32), 6))   # the most recent: no new compilation
+    assert endpoint.compiles == 6
+    legitimate_call_works(client)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
 import torch
 
-from gradserve.server.residuals import ResidualStore
+from gradserve.server.residuals import RESIDUAL_OVERHEAD, ResidualStore
 from gradserve.wire.codec import Arguments
 from models import local_input_grad, mlp
 
@@ -20,7 +22,7 @@ class FakeClock:
 
 
 def test_lru_eviction_by_bytes() -> None:
-    store = ResidualStore(max_bytes=100, ttl=60)
+    store = ResidualStore(max_bytes=100, ttl=60, overhead=0)
     a = store.put("e", "A", 40)
     b = store.put("e", "B", 40)
     assert store.get(a) == ("e", "A")  # a is now most recently used
@@ -32,14 +34,14 @@ def test_lru_eviction_by_bytes() -> None:
 
 
 def test_oversized_residual_is_not_kept() -> None:
-    store = ResidualStore(max_bytes=100, ttl=60)
+    store = ResidualStore(max_bytes=100, ttl=60, overhead=0)
     assert store.put("e", "big", 101) == ""
     assert store.stats().count == 0
 
 
 def test_ttl_expiry_counts_from_last_use() -> None:
     clock = FakeClock()
-    store = ResidualStore(max_bytes=1000, ttl=10, clock=clock)
+    store = ResidualStore(max_bytes=1000, ttl=10, clock=clock, overhead=0)
     a, b = store.put("e", "A", 1), store.put("e", "B", 1)
     clock.now = 6
     assert store.get(a) is not None
@@ -51,7 +53,7 @@ def test_ttl_expiry_counts_from_last_use() -> None:
 
 
 def test_release_counts_only_held_ids() -> None:
-    store = ResidualStore(max_bytes=1000, ttl=60)
+    store = ResidualStore(max_bytes=1000, ttl=60, overhead=0)
     ids = [store.put("e", i, 10) for i in range(3)]
     assert store.release([ids[0], ids[1], "unknown"]) == 2
     assert store.release([ids[0]]) == 0
@@ -59,7 +61,7 @@ def test_release_counts_only_held_ids() -> None:
 
 
 def test_ids_are_unguessable_and_unique() -> None:
-    store = ResidualStore(max_bytes=1 << 20, ttl=60)
+    store = ResidualStore(max_bytes=1 << 20, ttl=60, overhead=0)
     ids = {store.put("e", None, 1) for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) >= 20 for i in ids)
 
@@ -69,21 +71,21 @@ def test_residual_bytes_account_for_saved_activations(serve) -> None:
     _, client = serve({"wide": model})
     y = client.torch("wide")(torch.randn(64, 1000, requires_grad=True))
     stats = client.describe("wide").residuals
-    # the input and the tanh output autograd saved, 64k floats each; the weight is the
-    # endpoint's own (it outlives every residual) and is not charged
-    assert (stats.count, stats.bytes) == (1, 4 * 2 * 64 * 1000)
+    # the input and the tanh output autograd saved, 64k floats each, and the fixed charge
+    # for the graph; the weight is the endpoint's own (it outlives every residual) and is not
+    assert (stats.count, stats.bytes) == (1, 4 * 2 * 64 * 1000 + RESIDUAL_OVERHEAD)
     del y
 
 
 def test_eviction_then_recompute_gives_right_gradients(serve) -> None:
     model = mlp()
-    _, client = serve({"mlp": model}, max_residual_bytes=3000)
+    _, client = serve({"mlp": model}, max_residual_bytes=3 * RESIDUAL_OVERHEAD + 3000)
     f = client.torch("mlp")
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(8, 6, generator=g, requires_grad=True) for _ in range(10)]
     outs = [f(x) for x in xs]          # the store holds only the last few
     stats = client.describe("mlp").residuals
-    assert stats.evictions > 0 and stats.bytes <= 3000
+    assert stats.evictions > 0 and stats.bytes <= 3 * RESIDUAL_OVERHEAD + 3000
     cts = [torch.randn(8, 4, generator=g) for _ in xs]
     for x, out, ct in zip(xs, outs, cts):
         out.backward(ct)
@@ -170,3 +172,30 @@ def test_expired_residuals_go_even_when_no_call_arrives(serve) -> None:
     time.sleep(0.6)
     assert server.residuals.held_bytes == 0   # not stats(): any call would expire them too
     del y
+
+
+def test_small_residuals_are_charged_what_they_hold_and_counted() -> None:
+    store = ResidualStore(max_bytes=1 << 20, ttl=60, max_count=3)
+    ids = [store.put("e", i, 100) for i in range(5)]
+    stats = store.stats()
+    assert (stats.count, stats.bytes) == (3, 3 * (100 + RESIDUAL_OVERHEAD))   # oldest two evicted
+    assert store.get(ids[0]) is None and store.get(ids[4]) == ("e", 4)
+    assert ResidualStore(max_bytes=RESIDUAL_OVERHEAD, ttl=60).put("e", 0, 1) == ""
+
+
+def test_residuals_viewing_a_session_go_with_it(serve) -> None:
+    import numpy as np
+
+    from gradserve.client.transports import shm
+    if shm.available():
+        pytest.skip("needs /dev/shm")
+    server, client = serve({"mlp": mlp()})
+    x = np.ones((4096, 6), np.float32)                    # 96 KiB: through a request slot
+    kept = client.forward("mlp", (x,), need_vjp=True)
+    small = client.forward("mlp", (x[:2],), need_vjp=True)   # inline: views no session memory
+    assert client.describe("mlp").residuals.count == 2
+    server.sessions.close(client.session_info().id)      # the session ends (lease, close)
+    assert client.describe("mlp").residuals.count == 1
+    grads = client.vjp(kept.residual, np.ones((4096, 4), np.float32))   # recomputed
+    assert grads.args[0].shape == (4096, 6)
+    del small

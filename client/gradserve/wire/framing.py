@@ -26,9 +26,11 @@ from gradserve.wire import dtypes
 from gradserve.wire.memory import Data, DeviceBytes
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-#: Stream buffers up to this size come from the heap (warm, fast); larger ones are
-#: anonymous maps whose pages are committed only as bytes arrive.
+#: Stream buffers up to this size come from the heap (warm, fast) once an eighth of their
+#: bytes arrived (memory stays within 8x what was sent); larger ones are anonymous maps
+#: whose pages are committed only as bytes arrive.
 EAGER_BUFFER_BYTES = 64 << 20
+EAGER_FRACTION = 8
 #: Room for a header's non-tensor content on top of its inline payloads.
 MESSAGE_OVERHEAD = 1 << 20
 
@@ -198,7 +200,10 @@ class FrameReader(Generic[S]):
         self._unviewed: dict[tuple[int, int], pb.SlotRef] = {}
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
+        self._pending: dict[int, list[bytes]] = {}   # chunks of streams not yet given a buffer
         self._filled: dict[int, int] = {}
+        #: whether the message named slots of a same-host session
+        self.used_slots = False
 
     def read(self, frames: Iterable[Any]) -> Any:
         """Consume ``frames`` and return the validated header message."""
@@ -249,6 +254,7 @@ class FrameReader(Generic[S]):
                     raise invalid(f"{path}: a slot reference needs a same-host session, and "
                                   "this message names none")
                 slots.check(msg.slot, size, path, dtypes.ITEMSIZE[msg.dtype])
+                self.used_slots = True
                 self._unviewed[(msg.slot.region, msg.slot.offset)] = msg.slot
             else:
                 raise invalid(f"{path}: tensor has no payload")
@@ -267,12 +273,26 @@ class FrameReader(Generic[S]):
         end = start + len(chunk.data)
         if end > size:
             raise invalid(f"{path}: stream carries more than the {size} bytes its shape needs")
+        self._filled[chunk.id] = end
         buf = self._buffers.get(chunk.id)
         if buf is None:
-            buf = self._buffers[chunk.id] = (bytearray(size) if size <= EAGER_BUFFER_BYTES
-                                             else mmap.mmap(-1, size))
+            if size > EAGER_BUFFER_BYTES:
+                buf = self._buffers[chunk.id] = mmap.mmap(-1, size)
+            elif end * EAGER_FRACTION >= size:
+                buf = self._buffers[chunk.id] = bytearray(size)
+                at = 0
+                for piece in self._pending.pop(chunk.id, ()):
+                    buf[at:at + len(piece)] = piece
+                    at += len(piece)
+            else:
+                self._pending.setdefault(chunk.id, []).append(chunk.data)
+                return
         buf[start:end] = chunk.data
-        self._filled[chunk.id] = end
+
+    def close(self) -> None:
+        """Let go of every buffer now (a failed call's reader may live on in a traceback)."""
+        self._buffers.clear()
+        self._pending.clear()
 
     def unviewed(self) -> list[pb.SlotRef]:
         """Slots the header named that were never viewed (to report free after a failure)."""

@@ -34,8 +34,10 @@ class Server:
 
     ``port=0`` picks a free port (read it back from ``server.port``); a port
     another process (or server) listens on is refused unless ``reuse_port``
-    asks to share it. ``max_residual_bytes`` and ``residual_ttl`` (seconds)
-    bound what Forward keeps for Vjp; ``max_request_bytes`` bounds the tensor
+    asks to share it. ``max_residual_bytes``, ``max_residuals`` and ``residual_ttl``
+    (seconds) bound what Forward keeps for Vjp (each residual is charged its tensors plus
+    8 KiB; those viewing a same-host session's memory go with the session);
+    ``max_request_bytes`` bounds the tensor
     bytes of one request; ``max_message_bytes`` bounds one gRPC message
     (clients chunk larger tensors); ``chunk_bytes`` is the size of the chunks
     it sends; a request stream that sends nothing for ``idle_timeout`` seconds
@@ -55,6 +57,7 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
                  max_residual_bytes: int = 2 * GiB, residual_ttl: float = 600.0,
+                 max_residuals: int = 100_000,
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
                  shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
@@ -64,10 +67,11 @@ class Server:
         self.host = host
         self.debug = debug
         self.registry = Registry()
-        self.residuals = ResidualStore(max_residual_bytes, residual_ttl)
+        self.residuals = ResidualStore(max_residual_bytes, residual_ttl, max_count=max_residuals)
         self.sessions = SessionManager(SessionSettings(shm_arena_bytes, max_shm_arena_bytes,
                                                        cuda_pool_bytes, max_cuda_pool_bytes,
-                                                       session_lease))
+                                                       session_lease),
+                                       on_close=self.residuals.release_session)
         self.service = GradserveService(self.registry, self.residuals, self.sessions,
                                         Limits(chunk_bytes, max_request_bytes, idle_timeout,
                                                max_request_values), debug)

@@ -27,8 +27,11 @@ from gradserve.wire.codec import Arguments
 from gradserve.wire.memory import WireTensor
 from gradserve.wire.specs import TensorSpec, TensorType
 
-#: Call structures whose jitted functions are kept per endpoint.
+#: Compiled call signatures (structure, differentiated leaves, shapes and dtypes) kept per
+#: endpoint; each costs a compilation and its executables' memory.
 COMPILE_CACHE_SIZE = 64
+
+_Key = tuple[pytree.TreeDef, tuple[bool, ...], tuple[TensorType, ...]]
 _WIDE = {dtypes.code_of(n) for n in ("float64", "complex128", "int64")}
 
 
@@ -63,11 +66,12 @@ class _Compiled:
 
 @dataclass
 class _State:
-    """A forward's vjp closure, and which leaves of which call structure it differentiates."""
+    """A forward's vjp closure, and the compiled signature it came from."""
 
     vjp_fn: Any
     in_def: pytree.TreeDef
     mask: tuple[bool, ...]
+    key: _Key
 
 
 class JaxEndpoint(Endpoint):
@@ -79,7 +83,9 @@ class JaxEndpoint(Endpoint):
     sends its own (and then gets their gradient back). ``inputs``,
     ``outputs`` and ``batchable`` are as for ``TorchEndpoint``. ``device``
     is ``"cpu"``, ``"gpu"`` or ``"gpu:N"`` (``"cuda"`` works too); default,
-    JAX's default device.
+    JAX's default device. The jitted functions of the ``compile_cache`` most
+    recently used call signatures (structure, static values, differentiated
+    leaves, shapes and dtypes) are kept; ``compiles`` counts those ever made.
     """
 
     framework = "jax"
@@ -87,7 +93,8 @@ class JaxEndpoint(Endpoint):
     def __init__(self, fn: Callable[..., Any], *, params: Any = None, device: str | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
                  outputs: dict[str, TensorSpec] | None = None, doc: str | None = None,
-                 batchable: bool = False, debug: bool = False):
+                 batchable: bool = False, debug: bool = False,
+                 compile_cache: int = COMPILE_CACHE_SIZE):
         if not callable(fn):
             raise TypeError(f"a JAX endpoint needs a callable, got {type(fn).__name__}")
         self.device = _device(device)
@@ -109,8 +116,8 @@ class JaxEndpoint(Endpoint):
         self.doc = doc if doc is not None else own_doc(fn, ("jax.",))
         self.batchable = batchable
         self.debug = debug
-        self._compiled: LRU[tuple[pytree.TreeDef, tuple[bool, ...]], _Compiled] = \
-            LRU(COMPILE_CACHE_SIZE)
+        self._compiled: LRU[_Key, _Compiled] = LRU(compile_cache)
+        self.compiles = 0
 
     # -- description -------------------------------------------------------
     def parameters(self) -> Any:
@@ -140,7 +147,8 @@ class JaxEndpoint(Endpoint):
 
     def run_forward(self, inputs: Arguments, need_vjp: bool) -> Forwarded:
         leaves, in_def, mask = self._flatten(inputs)
-        compiled = self._compile(in_def, mask)
+        key = self._key(in_def, mask, leaves)
+        compiled = self._compile(key)
         arrays = jax.device_put([leaf.value if isinstance(leaf, _Leaf) else leaf
                                  for leaf in leaves], self.device)
         diff = [a for a, m in zip(arrays, mask) if m]
@@ -148,7 +156,7 @@ class JaxEndpoint(Endpoint):
         if not (need_vjp and diff):
             return Forwarded(self.run(lambda: compiled.forward(diff, rest)))
         outputs, vjp_fn = self.run(lambda: compiled.forward_vjp(diff, rest))
-        return Forwarded(outputs, Residual(outputs, _State(vjp_fn, in_def, mask)),
+        return Forwarded(outputs, Residual(outputs, _State(vjp_fn, in_def, mask, key)),
                          self._residual_bytes((vjp_fn, outputs, arrays)))
 
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
@@ -159,14 +167,14 @@ class JaxEndpoint(Endpoint):
         cts = [self._cotangent(out, cot, size if batched else None)
                for out, cot in zip(out_leaves, cotangents)]
         ct_tree = pytree.unflatten(out_def, jax.device_put(cts, self.device))
-        backward = self._compile(state.in_def, state.mask)
+        backward = self._compile(state.key)
         apply = backward.backward_batched if batched else backward.backward
         (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
         return self.mirror(state.in_def, state.mask, grads)
 
     def run_signature(self, inputs: Arguments) -> Any:
         leaves, in_def, mask = self._flatten(inputs)
-        compiled = self._compile(in_def, tuple(False for _ in mask))
+        compiled = self._compile(self._key(in_def, tuple(False for _ in mask), leaves))
         shapes = []
         for leaf in leaves:
             t = self.leaf_type(leaf)
@@ -199,11 +207,25 @@ class JaxEndpoint(Endpoint):
             return np.zeros(shape, out.dtype) if cot is None else cot.value
         return np.zeros(shape, jax.dtypes.float0)
 
-    def _compile(self, in_def: pytree.TreeDef, mask: tuple[bool, ...]) -> _Compiled:
-        key = (in_def, mask)
+    @property
+    def cached(self) -> int:
+        """Compiled call signatures held now."""
+        return len(self._compiled)
+
+    def _key(self, in_def: pytree.TreeDef, mask: tuple[bool, ...], leaves: list[Any]) -> _Key:
+        types = []
+        for leaf in leaves:
+            t = self.leaf_type(leaf)
+            assert t is not None
+            types.append(t)
+        return in_def, mask, tuple(types)
+
+    def _compile(self, key: _Key) -> _Compiled:
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled
+        in_def, mask, _ = key
+        self.compiles += 1
         fn, has_params = self.fn, self.has_params
 
         def call(diff: list[Any], rest: list[Any]) -> Any:

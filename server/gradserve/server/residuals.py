@@ -18,12 +18,18 @@ from typing import Any, Callable
 from gradserve.v1 import gradserve_pb2 as pb
 
 
+#: Bytes charged to every residual on top of its tensors: the autograd graph or vjp closure
+#: and the bookkeeping around it (about 7 KB measured for a small torch model).
+RESIDUAL_OVERHEAD = 8 << 10
+
+
 @dataclass
 class _Entry:
     endpoint: str
     value: Any
     nbytes: int
     last_used: float
+    session: str = ""
 
 
 _STOP = object()
@@ -68,12 +74,16 @@ class Dropper:
 
 
 class ResidualStore:
-    """Thread-safe LRU + TTL store of residuals keyed by unguessable ids."""
+    """Thread-safe LRU + TTL store of residuals keyed by unguessable ids, bounded in bytes
+    (each charged its tensors plus ``overhead``) and in count."""
 
     def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic,
-                 dropper: Dropper | None = None):
+                 dropper: Dropper | None = None, max_count: int = 100_000,
+                 overhead: int = RESIDUAL_OVERHEAD):
         self.dropper = dropper or Dropper()
         self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.overhead = overhead
         self.ttl = ttl
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -81,17 +91,19 @@ class ResidualStore:
         self._evictions = 0
         self._lock = threading.Lock()
 
-    def put(self, endpoint: str, value: Any, nbytes: int) -> str:
-        """Keep ``value``; returns its id, or "" when it alone exceeds the budget."""
-        if nbytes > self.max_bytes:
+    def put(self, endpoint: str, value: Any, nbytes: int, session: str = "") -> str:
+        """Keep ``value`` (of ``endpoint``; viewing memory of same-host ``session``, if
+        named); returns its id, or "" when it alone exceeds the budget."""
+        nbytes += self.overhead
+        if nbytes > self.max_bytes or not self.max_count:
             return ""
         rid = secrets.token_urlsafe(16)
         with self._lock:
             now = self._clock()
             self._expire(now)
-            self._entries[rid] = _Entry(endpoint, value, nbytes, now)
+            self._entries[rid] = _Entry(endpoint, value, nbytes, now, session)
             self._bytes += nbytes
-            while self._bytes > self.max_bytes:
+            while self._bytes > self.max_bytes or len(self._entries) > self.max_count:
                 self._drop(next(iter(self._entries)))
                 self._evictions += 1
         return rid
@@ -107,6 +119,15 @@ class ResidualStore:
             entry.last_used = now
             self._entries.move_to_end(rid)
             return entry.endpoint, entry.value
+
+    def release_session(self, session: str) -> int:
+        """Drop the residuals that view memory of a same-host session (it ended); their
+        Vjps recompute from re-sent inputs."""
+        with self._lock:
+            held = [rid for rid, e in self._entries.items() if e.session == session]
+            for rid in held:
+                self._drop(rid)
+            return len(held)
 
     def release(self, rids: list[str]) -> int:
         """Drop the given residuals; returns how many were still held."""

@@ -214,7 +214,9 @@ class GradserveService(pb_grpc.GradserveServicer):
                 self.residuals.release(list(request.release))
             endpoint = self.registry.get(request.endpoint)
             made = endpoint.forward(self._inputs(endpoint, request, reader), request.need_vjp)
-            rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes)
+            # a residual viewing session memory goes when the session does
+            session = reader.slots.id if reader.slots is not None and reader.used_slots else ""
+            rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes, session)
                    if made.residual is not None else "")
             reply = pb.ForwardResponse(outputs=codec.encode(made.outputs, writer, path="outputs"),
                                        residual_id=rid)
@@ -251,7 +253,11 @@ class GradserveService(pb_grpc.GradserveServicer):
             reader: FrameReader[ServerSession] = FrameReader(
                 self.limits.max_request_bytes, touch, self._slots_for,
                 self.limits.max_request_values)
-            request = reader.read(request_iterator)
+            try:
+                request = reader.read(request_iterator)
+            except BaseException:
+                reader.close()
+                raise
             session = reader.slots
             writer = FrameWriter(self.limits.chunk_bytes, slots=session)
             try:
@@ -259,6 +265,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                 writer.flush()
             except BaseException:
                 _free_placed(session, writer)   # no reply names them
+                reader.close()
                 raise
             self.residuals.dropper.drop((made, reader, request))
             del made, reader, request

@@ -17,7 +17,7 @@ import itertools
 import secrets
 import threading
 import time
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 
@@ -103,8 +103,11 @@ class ServerSession(Slots[ServerTransport]):
 class SessionManager:
     """Thread-safe registry of same-host sessions."""
 
-    def __init__(self, settings: SessionSettings = SessionSettings()):
+    def __init__(self, settings: SessionSettings = SessionSettings(),
+                 on_close: Callable[[str], Any] | None = None):
         self.settings = settings
+        #: called with the id of every session that ends
+        self.on_close = on_close
         self._sessions: dict[str, ServerSession] = {}
         self._lock = threading.Lock()
 
@@ -200,6 +203,8 @@ class SessionManager:
         if session is None:
             return False
         session.close()
+        if self.on_close is not None:
+            self.on_close(sid)
         return True
 
     def sweep(self) -> None:

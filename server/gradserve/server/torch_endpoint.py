@@ -13,8 +13,10 @@ import copy
 import threading
 from typing import Any, Callable, Iterator
 
+import grpc
 import torch
 
+from gradserve.errors import StatusError
 from gradserve.frameworks.torch import ADAPTER, FROM_CODE, TO_NAME
 from gradserve.server.endpoint import CERTAINLY, NO, PLAUSIBLY, Endpoint, Forwarded, Residual, \
     module_roots, own_doc, signature_of
@@ -74,7 +76,9 @@ class TorchEndpoint(Endpoint):
     changes the caller's module: the replica is in eval mode unless
     ``train=True``, its parameters do not require grad, and it lives on
     ``device`` (a copy only if the module is elsewhere). Clients may send some
-    or all of its parameters by name.
+    or all of its parameters by name. ``Signature`` traces it with fake tensors;
+    where that fails it runs it once on zeros, if their bytes stay within
+    ``max_dry_run_bytes`` (else RESOURCE_EXHAUSTED).
     """
 
     framework = "torch"
@@ -83,9 +87,11 @@ class TorchEndpoint(Endpoint):
     def __init__(self, fn: Callable[..., Any], *, device: str | torch.device | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
                  outputs: dict[str, TensorSpec] | None = None, doc: str | None = None,
-                 batchable: bool = False, train: bool = False, debug: bool = False):
+                 batchable: bool = False, train: bool = False, debug: bool = False,
+                 max_dry_run_bytes: int = 64 << 20):
         if not callable(fn):
             raise TypeError(f"a torch endpoint needs a module or callable, got {type(fn).__name__}")
+        self.max_dry_run_bytes = max_dry_run_bytes
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.module = _frozen_replica(fn) if isinstance(fn, torch.nn.Module) else None
         if self.module is not None:
@@ -172,7 +178,15 @@ class TorchEndpoint(Endpoint):
             with FakeTensorMode(allow_non_fake_inputs=True):
                 outputs = run_with(lambda t: torch.empty(t.shape, dtype=dtype(t),
                                                          device=self.device))
-        except Exception:
+        except Exception as err:
+            nbytes = sum(dtypes.nbytes(dtypes.code_of(t.dtype), t.shape) for t in pytree.flatten(
+                inputs.tree, lambda x: isinstance(x, TensorType))[0])
+            if nbytes > self.max_dry_run_bytes:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"endpoint {self.name!r} cannot be traced without running it "
+                                  f"({type(err).__name__}: {err}), and a dry run would take "
+                                  f"{nbytes} bytes of inputs, over its limit of "
+                                  f"{self.max_dry_run_bytes}") from None
             outputs = self.run(lambda: run_with(
                 lambda t: torch.zeros(t.shape, dtype=dtype(t), device=self.device)))
         return pytree.map_leaves(self.leaf_type, outputs, _is_tensor)
