@@ -154,3 +154,147 @@ def test_a_jax_endpoint_keeps_a_bounded_number_of_compilations(serve) -> None:
     client.forward("scale", (np.ones(6, np.float32), 6))   # the most recent: no new compilation
     assert endpoint.compiles == 6
     legitimate_call_works(client)
+
+
+# -- same-host sessions -----------------------------------------------------------------
+pytestmark_shm = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
+
+
+def names() -> list[str]:
+    import os
+    return sorted(n for n in os.listdir(shm.SHM_DIR)
+                  if n.startswith("gradserve-") and not n.endswith(".lock"))
+
+
+def ask(region_bytes: int = 1 << 20) -> pb.OpenSessionRequest:
+    return pb.OpenSessionRequest(transports=[pb.TransportRequest(kind=pb.SHARED_MEMORY,
+                                                                 region_bytes=region_bytes)])
+
+
+def probe_proofs(opened: pb.OpenSessionResponse) -> list[pb.RegionProof]:
+    """What a client that maps the probes sends back."""
+    proofs = []
+    for region in opened.regions:
+        mapped = shm.open_region(region.handle.decode(), region.nbytes)
+        proofs.append(pb.RegionProof(region=region.index, nonce=bytes(mapped[:32])))
+        mapped.close()
+    return proofs
+
+
+@pytestmark_shm
+def test_an_unproved_session_holds_a_page_and_goes_within_seconds(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                           session_proof_seconds=0.5, max_sessions_per_peer=32)
+    stub = raw(server)
+    opened = [stub.OpenSession(ask(1 << 30)) for _ in range(20)]   # 20 x 2 GiB asked for
+    assert server.sessions.budget.used(pb.SHARED_MEMORY) == 20 * 4096   # 20 probes, no more
+    assert len(names()) == 20
+    assert not stub.KeepAlive(pb.SessionRequest(session_id=opened[0].session_id)).open
+    legitimate_call_works(client)
+    deadline = time.monotonic() + 10
+    while server.sessions.count() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.sessions.count() == 0 and not names()
+    assert server.sessions.budget.used(pb.SHARED_MEMORY) == 0
+
+
+@pytestmark_shm
+def test_sessions_are_bounded_per_connection_and_per_server(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                           max_sessions=3, max_sessions_per_peer=2)
+    stub = raw(server)
+    stub.OpenSession(ask())
+    stub.OpenSession(ask())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.OpenSession(ask())
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "this connection holds 2 same-host sessions" in info.value.details()
+    other = pb_grpc.GradserveStub(grpc.insecure_channel(      # a second connection
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)]))
+    other.OpenSession(ask())
+    with pytest.raises(grpc.RpcError) as info:
+        other.OpenSession(ask())
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "this server holds 3 same-host sessions, its limit" in info.value.details()
+    legitimate_call_works(client)
+
+
+@pytestmark_shm
+def test_all_sessions_together_stay_within_the_shared_memory_budget(serve) -> None:
+    server, _ = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                      max_shm_total_bytes=6 << 20)
+    first = gradserve.connect(server.address, arena_bytes=2 << 20)
+    second = gradserve.connect(server.address, arena_bytes=2 << 20)
+    try:
+        assert first.transport == "shm" and second.transport == "grpc"
+        assert "shared-memory budget is spent" in second.fallback_reason
+        assert server.sessions.budget.used(pb.SHARED_MEMORY) == 4 << 20
+        legitimate_call_works(first)
+        legitimate_call_works(second)
+    finally:
+        first.close()
+        second.close()
+    deadline = time.monotonic() + 5
+    while server.sessions.budget.used(pb.SHARED_MEMORY) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.sessions.budget.used(pb.SHARED_MEMORY) == 0
+
+
+@pytestmark_shm
+def test_duplicate_confirmations_race_cleanly(serve) -> None:
+    server, _ = serve({"mlp": mlp()}, client_options={"transport": "grpc"})
+    stub = raw(server)
+    for _ in range(5):
+        opened = stub.OpenSession(ask())
+        request = pb.ConfirmSessionRequest(session_id=opened.session_id,
+                                           proofs=probe_proofs(opened))
+        codes: list[grpc.StatusCode] = []
+        barrier = threading.Barrier(6)
+
+        def confirm() -> None:
+            barrier.wait()
+            try:
+                stub.ConfirmSession(request)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+
+        threads = [threading.Thread(target=confirm) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes, key=str).count(grpc.StatusCode.OK) == 1
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+        stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
+    assert not names()
+
+
+@pytestmark_shm
+def test_regions_of_dead_servers_are_removed_at_start_and_live_ones_kept() -> None:
+    import fcntl
+    import os
+
+    dead, orphan = "d" * 16, "e" * 16
+    stale = [f"gradserve-{dead}-{'a' * 32}-req", f"gradserve-{dead}-{'b' * 32}-probe",
+             f"gradserve-{orphan}-{'c' * 32}-rep"]
+    for name in stale + [f"gradserve-{dead}.lock"]:     # a lock file nobody holds
+        with open(os.path.join(shm.SHM_DIR, name), "wb") as f:
+            f.write(b"x")
+    live = Server("127.0.0.1", 0)
+    live.start()
+    try:
+        assert not set(stale) & set(os.listdir(shm.SHM_DIR))
+        opened = raw(live).OpenSession(ask())            # live: a probe under its name
+        (probe,) = [r.handle.decode() for r in opened.regions]
+        lock = f"gradserve-{probe.split('-')[1]}.lock"
+        with open(os.path.join(shm.SHM_DIR, lock), "rb") as f:
+            with pytest.raises(BlockingIOError):        # its server holds the lock
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other = Server("127.0.0.1", 0)
+        other.start()                                    # sweeps, but keeps the live server's
+        other.stop(grace=0)
+        assert probe in os.listdir(shm.SHM_DIR)
+    finally:
+        live.stop(grace=0)
+    assert probe not in os.listdir(shm.SHM_DIR) and lock not in os.listdir(shm.SHM_DIR)

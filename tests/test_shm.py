@@ -23,6 +23,7 @@ from faults import fault_client
 from gradserve.client.transports import shm
 from gradserve.server import Server
 from gradserve.server.transports import SessionSettings
+from gradserve.server.transports.base import Budget
 from gradserve.server.transports.shm import ShmTransport
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -34,7 +35,9 @@ SHM = "shared-memory"
 
 
 def gradserve_names() -> list[str]:
-    return [n for n in os.listdir(shm.SHM_DIR) if n.startswith("gradserve-")]
+    """Region names in /dev/shm (not the running servers' lock files)."""
+    return [n for n in os.listdir(shm.SHM_DIR)
+            if n.startswith("gradserve-") and not n.endswith(".lock")]
 
 
 def double(x):
@@ -93,7 +96,7 @@ def test_wrong_nonce_is_refused_and_cleaned_up(serve) -> None:
     stub = raw(server)
     opened = stub.OpenSession(ask_shm())
     assert [(r.kind, r.direction, r.nbytes) for r in opened.regions] == \
-        [(pb.SHARED_MEMORY, pb.REQUEST, 1 << 20), (pb.SHARED_MEMORY, pb.REPLY, 1 << 20)]
+        [(pb.SHARED_MEMORY, pb.PROBE, 4096)]      # nothing larger before the proof
     proofs = [pb.RegionProof(region=r.index, nonce=b"x" * 32) for r in opened.regions]
     with pytest.raises(grpc.RpcError) as info:
         stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=opened.session_id, proofs=proofs))
@@ -139,15 +142,17 @@ def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
     return list(raw(server).Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
 
 
+# the session's table: 0 the probe (gone once proved), 1 the request region, 2 the reply region
 @pytest.mark.parametrize("ref, match", [
-    (pb.SlotRef(offset=1 << 20, nbytes=16), "lies outside the 1048576-byte region 0"),
+    (pb.SlotRef(region=1, offset=1 << 20, nbytes=16), "lies outside the 1048576-byte region 1"),
     (pb.SlotRef(region=5, offset=0, nbytes=16), "region 5 is not in use in this session"),
-    (pb.SlotRef(region=1, offset=0, nbytes=16),
-     "shared-memory region 1 is a reply region; this side reads only request regions"),
-    (pb.SlotRef(offset=2**64 - 8, nbytes=16), "lies outside"),
-    (pb.SlotRef(offset=1048570, nbytes=16), "lies outside"),
-    (pb.SlotRef(offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
-    (pb.SlotRef(offset=66, nbytes=16),
+    (pb.SlotRef(region=0, offset=0, nbytes=16), "region 0 is not in use in this session"),
+    (pb.SlotRef(region=2, offset=0, nbytes=16),
+     "shared-memory region 2 is a reply region; this side reads only request regions"),
+    (pb.SlotRef(region=1, offset=2**64 - 8, nbytes=16), "lies outside"),
+    (pb.SlotRef(region=1, offset=1048570, nbytes=16), "lies outside"),
+    (pb.SlotRef(region=1, offset=0, nbytes=8), "slot holds 8 bytes but dtype x shape needs 16"),
+    (pb.SlotRef(region=1, offset=66, nbytes=16),
      "shared-memory slot offset 66 is not a multiple of the dtype's 4-byte item size"),
 ])
 def test_slot_references_are_bounds_checked(serve, ref, match) -> None:
@@ -262,7 +267,7 @@ def test_reporting_a_freed_slot_twice_frees_nothing_else(serve) -> None:
     old_generation = 1   # any generation but the one `held` got
     request = pb.ReleaseRequest(session=pb.SessionState(
         id=client.session_info().id,
-        freed_slots=[pb.SlotRef(region=1, offset=0, generation=old_generation)]))
+        freed_slots=[pb.SlotRef(region=2, offset=0, generation=old_generation)]))
     raw(server).Release(request)
     assert served(server, client).used_bytes("reply") == 65536
     np.testing.assert_array_equal(held, 2 * np.ones(16384, np.float32))
@@ -507,8 +512,12 @@ def test_a_transient_growth_failure_does_not_stop_growth(serve) -> None:
 def test_a_full_dev_shm_is_refused_not_fatal(serve, monkeypatch) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
 
+    real = os.posix_fallocate
+
     def no_space(fd, offset, size):
-        raise OSError(28, "No space left on device")
+        if size > 1 << 20:    # room for the probe, not for the regions
+            raise OSError(28, "No space left on device")
+        real(fd, offset, size)
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with gradserve.connect(server.address) as client:
@@ -615,32 +624,36 @@ def test_deferred_frees_land_with_the_next_use_of_the_arena() -> None:
     assert arena.alloc(1024)[0] == 0
 
 
+def server_transport(region_bytes: int, **settings: object):
+    """A server-side shared-memory transport past its probe, with its first pair proved,
+    and the function giving its next region index."""
+    made = iter(range(100))
+    config = SessionSettings(**settings)
+    transport, (probe,) = ShmTransport.create(
+        pb.TransportRequest(kind=pb.SHARED_MEMORY, region_bytes=region_bytes), config,
+        Budget(config), lambda: next(made))
+    transport.discard(probe.region)
+    for new in transport.regions_for(probe.region, lambda: next(made)):
+        transport.confirm(new.region)
+    return transport, lambda: next(made)
+
+
 def test_a_view_after_the_session_ended_is_a_clear_error() -> None:
     from gradserve.errors import StatusError
 
-    made = iter(range(100))
-    transport, first = ShmTransport.create(pb.TransportRequest(kind=pb.SHARED_MEMORY,
-                                                               region_bytes=1 << 16),
-                                           SessionSettings(), lambda: next(made))
-    for new in first:
-        transport.confirm(new.region)
-    ref = pb.SlotRef(region=0, offset=0, nbytes=64)
+    transport, _ = server_transport(1 << 16)
+    ref = pb.SlotRef(region=1, offset=0, nbytes=64)
     transport.check(ref, 64, "args[0]", 4)
     transport.close()
-    with pytest.raises(StatusError, match="region 0 is no longer in use: the session ended") as info:
+    with pytest.raises(StatusError, match="region 1 is no longer in use: the session ended") as info:
         transport.view(ref)
     assert info.value.reason == "session-missing"
 
 
 def test_a_region_the_client_has_not_proved_gets_no_replies() -> None:
-    made = iter(range(100))
-    transport, first = ShmTransport.create(pb.TransportRequest(kind=pb.SHARED_MEMORY,
-                                                               region_bytes=1 << 16),
-                                           SessionSettings(), lambda: next(made))
+    transport, next_index = server_transport(1 << 16)
     try:
-        for new in first:
-            transport.confirm(new.region)
-        grown = transport.grow(pb.GrowSessionRequest(min_bytes=1 << 20), lambda: next(made))
+        grown = transport.grow(pb.GrowSessionRequest(min_bytes=1 << 20), next_index)
         assert [r.region.size for r in grown] == [1 << 20, 1 << 20]
         data = memoryview(np.ones(1 << 15, np.float32))     # 128 KiB: fits only the new pair
         assert transport.place(data) is None                # bytes, until the client proves it

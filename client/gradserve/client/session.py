@@ -57,27 +57,40 @@ class Session(Slots[ClientTransport]):
         request = pb.OpenSessionRequest(transports=[t.ask() for t in asked])
         opened = _call(stub.OpenSession, request, timeout)
         session = cls(stub, opened.session_id, opened.lease_seconds, asked, timeout)
-        try:
-            by_kind = {t.kind: t for t in asked}
-            for refusal in opened.refused:
-                if refusal.kind in by_kind:
-                    reasons[by_kind[refusal.kind].name] = refusal.reason
+        by_kind = {t.kind: t for t in asked}
+
+        def attach(regions: Iterable[pb.Region]) -> list[pb.RegionProof]:
             proofs = []
             for transport in asked:
-                regions = [r for r in opened.regions if r.kind == transport.kind]
-                if not regions:
+                mine = [r for r in regions if r.kind == transport.kind]
+                if mine:
+                    made, failures = transport.attach(mine)
+                    proofs.extend(made)
+                    if failures:
+                        reasons[transport.name] = "; ".join(failures)
+            return proofs
+
+        def refused(refusals: Iterable[pb.TransportRefusal]) -> None:
+            for refusal in refusals:
+                if refusal.kind in by_kind:
+                    reasons[by_kind[refusal.kind].name] = refusal.reason
+
+        try:
+            refused(opened.refused)
+            for transport in asked:   # the probes: proving it, the session gets its regions
+                if not any(r.kind == transport.kind for r in opened.regions):
                     reasons.setdefault(transport.name, "the server made no regions for it")
-                    continue
-                made, failures = transport.attach(regions)
-                proofs.extend(made)
-                if failures:
-                    reasons[transport.name] = "; ".join(failures)
+            proofs = attach(opened.regions)
             if any(p.nonce for p in proofs):
-                confirmed = _call(stub.ConfirmSession,
-                                  pb.ConfirmSessionRequest(session_id=session.id, proofs=proofs),
-                                  timeout)
-                for transport in asked:
-                    transport.confirmed(set(confirmed.ready))
+                proved = _call(stub.ConfirmSession,
+                               pb.ConfirmSessionRequest(session_id=session.id, proofs=proofs),
+                               timeout)
+                refused(proved.refused)
+                if proved.regions:
+                    confirmed = _call(stub.ConfirmSession, pb.ConfirmSessionRequest(
+                        session_id=session.id, proofs=attach(proved.regions)), timeout)
+                    for transport in asked:
+                        transport.confirmed(set(confirmed.ready))
             session.transports = [t for t in asked if t.usable]
             for transport in asked:
                 if not transport.usable:

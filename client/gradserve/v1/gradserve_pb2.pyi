@@ -34,6 +34,7 @@ class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIRECTION_UNSPECIFIED: _ClassVar[Direction]
     REQUEST: _ClassVar[Direction]
     REPLY: _ClassVar[Direction]
+    PROBE: _ClassVar[Direction]
 DTYPE_UNSPECIFIED: DType
 BOOL: DType
 UINT8: DType
@@ -53,6 +54,7 @@ CUDA_IPC: RegionKind
 DIRECTION_UNSPECIFIED: Direction
 REQUEST: Direction
 REPLY: Direction
+PROBE: Direction
 
 class StreamedPayload(_message.Message):
     __slots__ = ("id",)
@@ -413,10 +415,14 @@ class ConfirmSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., proofs: _Optional[_Iterable[_Union[RegionProof, _Mapping]]] = ...) -> None: ...
 
 class ConfirmSessionResponse(_message.Message):
-    __slots__ = ("ready",)
+    __slots__ = ("ready", "regions", "refused")
     READY_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     ready: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ready: _Optional[_Iterable[int]] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    refused: _containers.RepeatedCompositeFieldContainer[TransportRefusal]
+    def __init__(self, ready: _Optional[_Iterable[int]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[TransportRefusal, _Mapping]]] = ...) -> None: ...
 
 class GrowSessionRequest(_message.Message):
     __slots__ = ("session_id", "min_bytes", "kind", "device")

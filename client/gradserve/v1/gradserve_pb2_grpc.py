@@ -160,8 +160,11 @@ class GradserveServicer:
         them in a per-session table (`Region`). The server never attaches to
         memory a client names. Every region starts with a random nonce: the client
         reads it through its own mapping and sends it back (`ConfirmSession`),
-        which proves it shares that memory; only proven regions are used. A
-        session lives while calls or KeepAlives arrive within its lease.
+        which proves it shares that memory; only proven regions are used.
+        OpenSession makes only small probe regions: the session's real regions
+        are made once a probe proved the client shares the host (or GPU). An
+        unconfirmed session lives a few seconds; a confirmed one while calls or
+        KeepAlives arrive within its lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from concurrent import futures
 from typing import Any, Callable
@@ -47,7 +48,11 @@ class Server:
     way (memory is reserved as they grow), dropped when not heard from for
     ``session_lease`` seconds. Same-host clients with GPUs this server sees
     also get CUDA IPC pools of ``cuda_pool_bytes`` (a client may ask for up to
-    ``max_cuda_pool_bytes``) on each such GPU. ``max_request_values`` bounds the pytree
+    ``max_cuda_pool_bytes``) on each such GPU. All sessions together hold at
+    most ``max_shm_total_bytes`` of shared memory and ``max_cuda_total_bytes``
+    of pools per GPU; the server holds at most ``max_sessions`` sessions, one
+    connection ``max_sessions_per_peer``; a session whose client has not proved
+    within ``session_proof_seconds`` that it shares the host is dropped. ``max_request_values`` bounds the pytree
     nodes (tensors, scalars, containers) of one request. ``stop`` returns within its grace
     plus ``STOP_SECONDS`` whatever the clients do.
 
@@ -61,17 +66,22 @@ class Server:
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
                  shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
-                 session_lease: float = 30.0, cuda_pool_bytes: int = 256 << 20,
-                 max_cuda_pool_bytes: int = 4 * GiB, max_request_values: int = 10_000,
+                 session_lease: float = 30.0, max_shm_total_bytes: int = 8 * GiB,
+                 cuda_pool_bytes: int = 256 << 20, max_cuda_pool_bytes: int = 4 * GiB,
+                 max_cuda_total_bytes: int = 8 * GiB, max_sessions: int = 256,
+                 max_sessions_per_peer: int = 16, session_proof_seconds: float = 5.0,
+                 max_request_values: int = 10_000,
                  reuse_port: bool = False, debug: bool = False):
         self.host = host
         self.debug = debug
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl, max_count=max_residuals)
-        self.sessions = SessionManager(SessionSettings(shm_arena_bytes, max_shm_arena_bytes,
-                                                       cuda_pool_bytes, max_cuda_pool_bytes,
-                                                       session_lease),
-                                       on_close=self.residuals.release_session)
+        self.sessions = SessionManager(
+            SessionSettings(shm_arena_bytes, max_shm_arena_bytes, cuda_pool_bytes,
+                            max_cuda_pool_bytes, session_lease, max_shm_total_bytes,
+                            max_cuda_total_bytes, max_sessions, max_sessions_per_peer,
+                            session_proof_seconds, owner=secrets.token_hex(8)),
+            on_close=self.residuals.release_session)
         self.service = GradserveService(self.registry, self.residuals, self.sessions,
                                         Limits(chunk_bytes, max_request_bytes, idle_timeout,
                                                max_request_values), debug)
@@ -120,7 +130,9 @@ class Server:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
-        """Start serving, and the threads that free memory and end stalled streams."""
+        """Start serving, and the threads that free memory and end stalled streams (memory
+        that servers which died left behind is cleaned up first)."""
+        self.sessions.start()
         self._grpc.start()
         self._started = True
         self.residuals.dropper.start()
@@ -153,7 +165,7 @@ class Server:
         self.residuals.dropper.stop()
         self._executor.shutdown(wait=False)   # idle workers end now, busy ones when done
         self.residuals.clear()
-        self.sessions.close_all()
+        self.sessions.stop()
 
     def _sweep(self) -> None:
         """Drop expired residuals and sessions even while no call arrives."""

@@ -174,7 +174,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def OpenSession(self, request: pb.OpenSessionRequest,
                     context: grpc.ServicerContext) -> pb.OpenSessionResponse:
         with self._status(context):
-            return self.sessions.open(request)
+            return self.sessions.open(request, context.peer())
         return pb.OpenSessionResponse()
 
     def ConfirmSession(self, request: pb.ConfirmSessionRequest,

@@ -1,13 +1,17 @@
 """Same-host sessions on the server: the region table, proof of attachment, growth, leases.
 
-``open`` asks each transport module the client named to create its regions
+``open`` asks each transport module the client named for its probe regions
 (``gradserve.server.transports``) and numbers them in one table per session.
 Every region starts with a random nonce; ``confirm`` compares what the client
-read through its own mapping: a region whose nonce came back is used, one the
-client could not attach to is dropped, and a wrong nonce ends the session
-(client and server do not share that memory). ``grow`` adds regions to a
-transport. A session not heard from within its lease is dropped by ``sweep``.
-Nothing here knows one transport from another.
+read through its own mapping. A probe whose nonce came back proves the client
+shares that memory: only then are the session's real regions made (sent back
+for the client to attach to and prove in turn). A region whose nonce came back
+is used, one the client could not attach to is dropped, and a wrong nonce ends
+the session. ``grow`` adds regions to a transport. A session not confirmed
+within seconds, or not heard from within its lease, is dropped by ``sweep``;
+sessions are bounded per connection and per server, and their memory by the
+server's :class:`~gradserve.server.transports.base.Budget`. Nothing here
+knows one transport from another.
 """
 
 from __future__ import annotations
@@ -23,21 +27,22 @@ import grpc
 
 from gradserve.errors import SESSION_MISSING, StatusError, invalid, shown
 from gradserve.server.transports import TRANSPORTS, Refusal, ServerTransport, SessionSettings
-from gradserve.server.transports.base import NewRegion
+from gradserve.server.transports.base import Budget, NewRegion
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.slots import KIND_NAMES, SessionInfo, Slots
+from gradserve.wire.slots import KIND_NAMES, Region, SessionInfo, Slots
 
 
 class ServerSession(Slots[ServerTransport]):
     """One client's session: its transports as one store of slots, and the regions
     awaiting proof."""
 
-    def __init__(self, session_id: str, transports: Iterable[ServerTransport] = ()):
-        super().__init__(list(transports))
+    def __init__(self, session_id: str, peer: str = ""):
+        super().__init__([])
         self.id = session_id
+        self.peer = peer
         self.confirmed = False
         self.closed = False
-        self.last_seen = time.monotonic()
+        self.opened = self.last_seen = time.monotonic()
         self.lock = threading.Lock()
         self._indices = itertools.count()
         self._pending: dict[int, tuple[ServerTransport, NewRegion]] = {}
@@ -54,10 +59,12 @@ class ServerSession(Slots[ServerTransport]):
             out.append(new.to_pb())
         return out
 
-    def prove(self, proofs: Iterable[pb.RegionProof]) -> int | None:
+    def prove(self, proofs: Iterable[pb.RegionProof]) -> tuple[int | None, list[tuple[
+            ServerTransport, Region]]]:
         """Use the regions whose nonce came back and drop those the client could not
-        attach to; the first region whose nonce is wrong, if any (INVALID_ARGUMENT for a
-        region not awaiting proof)."""
+        attach to. Returns the first region whose nonce is wrong (if any) and the probes
+        proved (INVALID_ARGUMENT for a region not awaiting proof)."""
+        probes: list[tuple[ServerTransport, Region]] = []
         with self.lock:
             self._check_open()
             for proof in proofs:
@@ -65,15 +72,18 @@ class ServerSession(Slots[ServerTransport]):
                 if pending is None:
                     raise invalid(f"region {proof.region} is not awaiting confirmation")
                 transport, new = pending
-                if not proof.nonce:
-                    transport.discard(new.region)
-                elif hmac.compare_digest(proof.nonce, new.nonce):
-                    transport.confirm(new.region)
+                region = new.region
+                if not (proof.nonce and hmac.compare_digest(proof.nonce, new.nonce)):
+                    transport.discard(region)
+                    if proof.nonce:
+                        return proof.region, probes
+                elif region.direction == pb.PROBE:
+                    transport.discard(region)       # it did its job
+                    probes.append((transport, region))
                     self.confirmed = True
                 else:
-                    transport.discard(new.region)
-                    return proof.region
-        return None
+                    transport.confirm(region)
+        return None, probes
 
     def ready(self) -> list[int]:
         """Indices of the regions in use."""
@@ -84,13 +94,14 @@ class ServerSession(Slots[ServerTransport]):
         being made for the session are refused from now on."""
         with self.lock:
             self.closed = True
+            self._pending.clear()
             for transport in self.transports:
                 transport.close()
 
     def _check_open(self) -> None:
         if self.closed:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"same-host session {self.id!r} ended", SESSION_MISSING)
+                              f"same-host session {shown(self.id)} ended", SESSION_MISSING)
 
     def info(self) -> SessionInfo:
         """A snapshot for introspection."""
@@ -106,25 +117,49 @@ class SessionManager:
     def __init__(self, settings: SessionSettings = SessionSettings(),
                  on_close: Callable[[str], Any] | None = None):
         self.settings = settings
+        #: the bytes all sessions together may hold, per kind (and GPU)
+        self.budget = Budget(settings)
         #: called with the id of every session that ends
         self.on_close = on_close
         self._sessions: dict[str, ServerSession] = {}
         self._lock = threading.Lock()
 
+    def start(self) -> None:
+        """Before the first session: each transport kind claims (or cleans up) what it needs."""
+        for kind in TRANSPORTS.values():
+            kind.server_starting(self.settings)
+
+    def stop(self) -> None:
+        """End every session and let each transport kind go of what ``start`` took."""
+        self.close_all()
+        for kind in TRANSPORTS.values():
+            kind.server_stopping(self.settings)
+
     @property
     def lease(self) -> float:
-        """Seconds a session lives without calls or keep-alives."""
+        """Seconds a confirmed session lives without calls or keep-alives."""
         return self.settings.lease
 
-    def open(self, request: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        """Create the regions of every transport asked for (or say why not)."""
+    def open(self, request: pb.OpenSessionRequest, peer: str = "") -> pb.OpenSessionResponse:
+        """Make the probe regions of every transport asked for (or say why not)."""
         kinds = [t.kind for t in request.transports]
         if not kinds:
             raise invalid("OpenSession asks for no transport; this server offers "
                           + ", ".join(KIND_NAMES[k] for k in TRANSPORTS))
         if len(set(kinds)) != len(kinds):
             raise invalid(f"OpenSession asks for a region kind twice ({kinds})")
-        session = ServerSession(secrets.token_urlsafe(16))
+        self.sweep()
+        with self._lock:
+            held = len(self._sessions)
+            mine = sum(1 for s in self._sessions.values() if s.peer == peer)
+        if held >= self.settings.max_sessions:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this server holds {held} same-host sessions, its limit")
+        if peer and mine >= self.settings.max_sessions_per_peer:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this connection holds {mine} same-host sessions, the limit of "
+                              "one connection")
+        session = ServerSession(secrets.token_urlsafe(16), peer)
         reply = pb.OpenSessionResponse(lease_seconds=self.settings.lease)
         try:
             for asked in request.transports:
@@ -134,7 +169,8 @@ class SessionManager:
                                       reason=f"this server offers no region kind {asked.kind}")
                     continue
                 try:
-                    transport, made = kind.create(asked, self.settings, session.next_index)
+                    transport, made = kind.create(asked, self.settings, self.budget,
+                                                  session.next_index)
                 except Refusal as why:
                     reply.refused.add(kind=asked.kind, reason=str(why))
                     continue
@@ -150,14 +186,26 @@ class SessionManager:
         return reply
 
     def confirm(self, request: pb.ConfirmSessionRequest) -> pb.ConfirmSessionResponse:
-        """Check the nonces the client read back; the regions in use after it."""
-        session = self._get(request.session_id, confirmed=False)
-        wrong = session.prove(request.proofs)
+        """Check the nonces the client read back; make the regions the proved probes stand
+        for; the regions in use after it."""
+        session = self._get(request.session_id, confirmed=None)
+        wrong, probes = session.prove(request.proofs)
         if wrong is not None:
             self.close(session.id)
             raise invalid(f"the nonce of region {wrong} does not match: client and server do "
                           "not share that memory")
-        return pb.ConfirmSessionResponse(ready=session.ready())
+        reply = pb.ConfirmSessionResponse()
+        with session.lock:
+            session._check_open()
+            for transport, probe in probes:
+                try:
+                    made = transport.regions_for(probe, session.next_index)
+                except Refusal as why:
+                    reply.refused.add(kind=transport.kind, reason=str(why))
+                    continue
+                reply.regions.extend(session.expect(transport, made))
+        reply.ready.extend(session.ready())
+        return reply
 
     def grow(self, request: pb.GrowSessionRequest) -> pb.GrowSessionResponse:
         """Add regions of one kind to a confirmed session, within the server's limits."""
@@ -188,7 +236,7 @@ class SessionManager:
 
     def keep_alive(self, sid: str) -> bool:
         """Extend a confirmed session's lease; False if the server does not hold one (an
-        unconfirmed session lives only its first lease)."""
+        unconfirmed session lives only ``unconfirmed_seconds``)."""
         with self._lock:
             session = self._sessions.get(sid)
             if session is None or not session.confirmed:
@@ -208,11 +256,14 @@ class SessionManager:
         return True
 
     def sweep(self) -> None:
-        """Drop sessions whose lease ran out (their memory goes with the last view)."""
+        """Drop sessions not confirmed in time, or not heard from within their lease (their
+        memory goes with the last view)."""
         now = time.monotonic()
+        settings = self.settings
         with self._lock:
             expired = [sid for sid, s in self._sessions.items()
-                       if now - s.last_seen > self.settings.lease]
+                       if now - s.last_seen > settings.lease
+                       or (not s.confirmed and now - s.opened > settings.unconfirmed_seconds)]
         for sid in expired:
             self.close(sid)
 
@@ -235,7 +286,7 @@ class SessionManager:
     def _get(self, sid: str, confirmed: bool | None, touch: bool = True) -> ServerSession:
         with self._lock:
             session = self._sessions.get(sid)
-            if session is not None and touch:
+            if session is not None and touch and session.confirmed:
                 session.last_seen = time.monotonic()
         if session is None or (confirmed and not session.confirmed):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,

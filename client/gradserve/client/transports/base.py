@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data, synchronize
-from gradserve.wire.slots import RegionTransport
+from gradserve.wire.slots import ALIGN, Arena, Region, RegionTransport
 
 
 class Growth(Protocol):
@@ -50,8 +50,34 @@ class ClientTransport(RegionTransport):
 
     def attach(self, regions: list[pb.Region]) -> tuple[list[pb.RegionProof], list[str]]:
         """Map or open the server's new regions; the proofs to send back (an empty nonce
-        where attaching failed) and why each failure happened."""
+        where attaching failed) and why each failure happened. A probe region is only
+        read (its nonce) and let go of; the others join this transport."""
+        proofs, failures = [], []
+        for msg in regions:
+            try:
+                memory, gpu, nonce = self.open(msg)
+            except Exception as err:   # OSError, ValueError, CUDARuntimeError
+                proofs.append(pb.RegionProof(region=msg.index))
+                failures.append(self.cannot_open(msg, err))
+                continue
+            proofs.append(pb.RegionProof(region=msg.index, nonce=nonce))
+            if msg.direction in (pb.REQUEST, pb.REPLY):
+                arena = Arena(msg.nbytes, self.align) if msg.direction == pb.REQUEST else None
+                self.add(Region(msg.index, self.kind, msg.direction, msg.device, msg.nbytes,
+                                memory, gpu=gpu, arena=arena))
+        return proofs, failures
+
+    #: alignment of the slots this side allocates
+    align = ALIGN
+
+    def open(self, msg: pb.Region) -> tuple[Any, int | None, bytes]:
+        """Attach to one region: its memory, its local GPU (None: host) and the nonce read
+        at its start."""
         raise NotImplementedError
+
+    def cannot_open(self, msg: pb.Region, err: Exception) -> str:
+        """Why attaching to ``msg`` failed, for people."""
+        return f"cannot attach to {self.label} region {msg.index}: {err}"
 
     def confirmed(self, ready: set[int]) -> None:
         """Use the regions the server confirmed; forget those it did not."""

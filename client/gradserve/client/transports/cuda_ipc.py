@@ -7,7 +7,8 @@ caching allocator, which would expose whole segments and tie their lifetime
 to that cache) and exports them as CUDA IPC handles. This side opens each
 handle once per session (the server never opens a handle a client sends) and
 reads back the nonce at the pool's start through it: a pool whose nonce does
-not come back is never used. The handle is closed once the session and every
+not come back is never used. Pools are made only after a one-page probe on
+the same GPU was proved the same way. The handle is closed once the session and every
 view of the pool are gone.
 
 Ordering: the sender synchronises the pool's device after writing and before
@@ -28,7 +29,7 @@ import numpy as np
 from gradserve.client.transports.base import ClientTransport
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import cupy
-from gradserve.wire.slots import NONCE_BYTES, Arena, Region
+from gradserve.wire.slots import NONCE_BYTES
 
 #: GPU pools align slots to 256 bytes, the CUDA allocators' own alignment.
 CUDA_ALIGN = 256
@@ -88,6 +89,7 @@ class CudaIpcTransport(ClientTransport):
     name = "cuda_ipc"
     kind = pb.CUDA_IPC
     min_bytes = 1
+    align = CUDA_ALIGN
 
     def __init__(self, region_bytes: int = 0):
         super().__init__(region_bytes)
@@ -102,22 +104,15 @@ class CudaIpcTransport(ClientTransport):
         return pb.TransportRequest(kind=self.kind, region_bytes=self.region_bytes,
                                    devices=list(self._local))
 
-    def attach(self, regions: list[pb.Region]) -> tuple[list[pb.RegionProof], list[str]]:
-        proofs, failures = [], []
-        for msg in regions:
-            gpu = self._local.get(msg.device)
-            try:
-                if gpu is None:
-                    raise ValueError(f"GPU {msg.device} is not visible here")
-                opened = _Opened(msg.handle, gpu)
-                nonce = read_nonce(opened.ptr, gpu)
-                memory = cupy().cuda.UnownedMemory(opened.ptr, msg.nbytes, opened, gpu)
-            except Exception as err:   # CUDARuntimeError: another node, no peer access
-                proofs.append(pb.RegionProof(region=msg.index))
-                failures.append(f"cannot open the pool on GPU {msg.device}: {err}")
-                continue
-            proofs.append(pb.RegionProof(region=msg.index, nonce=nonce))
-            arena = Arena(msg.nbytes, CUDA_ALIGN) if msg.direction == pb.REQUEST else None
-            self.add(Region(msg.index, self.kind, msg.direction, msg.device, msg.nbytes, memory,
-                            gpu=gpu, arena=arena))
-        return proofs, failures
+    def open(self, msg: pb.Region) -> tuple[Any, int | None, bytes]:
+        gpu = self._local.get(msg.device)
+        if gpu is None:
+            raise ValueError(f"GPU {msg.device} is not visible here")
+        opened = _Opened(msg.handle, gpu)
+        nonce = read_nonce(opened.ptr, gpu)
+        if msg.direction == pb.PROBE:
+            return None, gpu, nonce        # the handle closes with `opened`
+        return cupy().cuda.UnownedMemory(opened.ptr, msg.nbytes, opened, gpu), gpu, nonce
+
+    def cannot_open(self, msg: pb.Region, err: Exception) -> str:
+        return f"cannot open the pool on GPU {msg.device}: {err}"

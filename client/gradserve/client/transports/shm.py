@@ -22,16 +22,17 @@ import logging
 import mmap
 import os
 import re
+from typing import Any
 
 from gradserve.client.transports.base import ClientTransport
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.slots import NONCE_BYTES, Arena, Region
+from gradserve.wire.slots import NONCE_BYTES
 
 SHM_DIR = "/dev/shm"
 #: Payloads smaller than this travel inline: a slot costs more than the copy saves.
 SHM_MIN_BYTES = 16 << 10
 #: The names a server gives its regions; no other name is ever mapped.
-NAME = re.compile(r"^gradserve-[0-9a-f]{32}-(req|rep)$")
+NAME = re.compile(r"^gradserve-[0-9a-f]{16}-[0-9a-f]{32}-(req|rep|probe)$")
 log = logging.getLogger("gradserve.client")
 
 
@@ -73,21 +74,17 @@ class ShmTransport(ClientTransport):
     def ask(self) -> pb.TransportRequest:
         return pb.TransportRequest(kind=self.kind, region_bytes=self.region_bytes)
 
-    def attach(self, regions: list[pb.Region]) -> tuple[list[pb.RegionProof], list[str]]:
-        proofs, failures = [], []
-        for msg in regions:
-            try:
-                mapped = open_region(msg.handle.decode("utf-8", "replace"), msg.nbytes)
-            except (OSError, ValueError) as err:
-                proofs.append(pb.RegionProof(region=msg.index))
-                failures.append(f"cannot map the server's shared memory ({err}): the server is "
-                                "on another host or in another IPC namespace")
-                continue
-            proofs.append(pb.RegionProof(region=msg.index, nonce=bytes(mapped[:NONCE_BYTES])))
-            arena = Arena(msg.nbytes) if msg.direction == pb.REQUEST else None
-            self.add(Region(msg.index, self.kind, msg.direction, "", msg.nbytes, mapped,
-                            arena=arena))
-        return proofs, failures
+    def open(self, msg: pb.Region) -> tuple[Any, int | None, bytes]:
+        mapped = open_region(msg.handle.decode("utf-8", "replace"), msg.nbytes)
+        nonce = bytes(mapped[:NONCE_BYTES])
+        if msg.direction == pb.PROBE:
+            mapped.close()
+            return None, None, nonce
+        return mapped, None, nonce
+
+    def cannot_open(self, msg: pb.Region, err: Exception) -> str:
+        return (f"cannot map the server's shared memory ({err}): the server is on another "
+                "host or in another IPC namespace")
 
     def make_room(self, nbytes: int, gpu: int | None) -> bool:
         return self.growth is not None and self.growth.grow(self, nbytes, len(self.regions))

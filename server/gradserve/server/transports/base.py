@@ -1,10 +1,14 @@
 """What every server-side transport module implements: :class:`ServerTransport`.
 
 A transport module (``shm``, ``cuda_ipc``) owns the server's side of one kind
-of region from start to end: creating the regions a client asks for (with a
-random nonce at the start of each, which the client must read back), growing
-them, using a region once its nonce came back, and letting go of everything
-when the session ends. The data path (place, check, view, free) is the shared
+of region from start to end: the small probe regions ``OpenSession`` makes
+(``create``), the real regions it makes once a probe was proved
+(``regions_for``), growing them (``grow``), using a region once its nonce came
+back (``confirm``), and letting go of everything when the session ends
+(``close``). Every region starts with a random nonce the client must read back
+through its own mapping. Every byte a transport holds is taken from the
+server-wide :class:`Budget` first, and given back when the region goes. The
+data path (place, check, view, free) is the shared
 :class:`~gradserve.wire.slots.RegionTransport`; the generic
 :class:`~gradserve.server.sessions.SessionManager` runs the RPCs.
 """
@@ -12,14 +16,18 @@ when the session ends. The data path (place, check, view, free) is the shared
 from __future__ import annotations
 
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
 
-from gradserve.errors import StatusError
+from gradserve.errors import REGIONS_AT_LIMIT, StatusError
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.slots import ALIGN, NONCE_BYTES, Arena, Region, RegionTransport
+from gradserve.wire.slots import ALIGN, KIND_NAMES, NONCE_BYTES, Arena, Region, RegionTransport
+
+#: Size of a probe region: room for the nonce, rounded to a page.
+PROBE_BYTES = 4096
 
 
 class Refusal(Exception):
@@ -34,7 +42,46 @@ class SessionSettings:
     max_shm_bytes: int = 4 << 30           # all of a session's request (or reply) regions
     cuda_pool_bytes: int = 256 << 20       # each CUDA IPC pool, unless the client asks
     max_cuda_pool_bytes: int = 4 << 30     # the most a client may ask for
-    lease: float = 30.0                    # seconds a session lives unheard of
+    lease: float = 30.0                    # seconds a confirmed session lives unheard of
+    max_shm_total_bytes: int = 8 << 30     # shared memory of all sessions together
+    max_cuda_total_bytes: int = 8 << 30    # CUDA IPC pools of all sessions, per GPU
+    max_sessions: int = 256                # sessions held at once
+    max_sessions_per_peer: int = 16        # sessions one connection may hold
+    unconfirmed_seconds: float = 5.0       # how long a session may wait for its proof
+    owner: str = ""                        # this server's token in region names (shm)
+
+
+class Budget:
+    """Bytes of same-host memory all sessions together may hold, per kind and device."""
+
+    def __init__(self, settings: SessionSettings):
+        self._limits: dict[int, int] = {pb.SHARED_MEMORY: settings.max_shm_total_bytes,
+                        pb.CUDA_IPC: settings.max_cuda_total_bytes}
+        self._used: dict[tuple[int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, kind: int, device: str, nbytes: int) -> None:
+        """Reserve ``nbytes``; RESOURCE_EXHAUSTED (at-limit) when they are not there."""
+        limit = self._limits.get(kind, 0)
+        with self._lock:
+            used = self._used.get((kind, device), 0)
+            if used + nbytes > limit:
+                where = f" on GPU {device}" if device else ""
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"this server's {KIND_NAMES.get(kind, kind)} budget{where} is "
+                                  f"spent: {used} of {limit} bytes held, {nbytes} more asked for",
+                                  REGIONS_AT_LIMIT)
+            self._used[(kind, device)] = used + nbytes
+
+    def give(self, kind: int, device: str, nbytes: int) -> None:
+        """Return bytes ``take`` reserved."""
+        with self._lock:
+            self._used[(kind, device)] = self._used.get((kind, device), 0) - nbytes
+
+    def used(self, kind: int, device: str = "") -> int:
+        """Bytes held now."""
+        with self._lock:
+            return self._used.get((kind, device), 0)
 
 
 @dataclass(frozen=True)
@@ -59,34 +106,53 @@ NextIndex = Callable[[], int]
 class ServerTransport(RegionTransport):
     """The server's side of one same-host transport in a session."""
 
-    def __init__(self, settings: SessionSettings):
+    def __init__(self, request: pb.TransportRequest, settings: SessionSettings, budget: Budget):
         super().__init__(pb.REPLY)
+        self.request = request
         self.settings = settings
+        self.budget = budget
         self._nonce_slots: dict[int, tuple[int, int]] = {}
 
     @classmethod
-    def create(cls, request: pb.TransportRequest, settings: SessionSettings,
+    def server_starting(cls, settings: SessionSettings) -> None:
+        """The server starts (before any session): claim or clean up what the kind needs."""
+
+    @classmethod
+    def server_stopping(cls, settings: SessionSettings) -> None:
+        """The server stopped (every session ended): let go of what ``server_starting`` took."""
+
+    @classmethod
+    def create(cls, request: pb.TransportRequest, settings: SessionSettings, budget: Budget,
                next_index: NextIndex) -> tuple["ServerTransport", list[NewRegion]]:
-        """The transport and its first regions, as ``request`` asks; ``Refusal`` says why not."""
+        """The transport and its probe regions, as ``request`` asks; ``Refusal`` says why not."""
+        raise NotImplementedError
+
+    def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
+        """The first real regions, made once ``probe`` was proved; ``Refusal`` says why not."""
         raise NotImplementedError
 
     def grow(self, request: pb.GrowSessionRequest, next_index: NextIndex) -> list[NewRegion]:
         """More regions that can hold ``request.min_bytes``; RESOURCE_EXHAUSTED where not."""
         raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{self.label} regions do not grow; their size is fixed per session")
+                          f"{self.label} regions do not grow; their size is fixed per session",
+                          REGIONS_AT_LIMIT)
+
+    def reserve(self, nbytes: int, device: str = "") -> None:
+        """Take ``nbytes`` from the server's budget before making memory (RESOURCE_EXHAUSTED)."""
+        self.budget.take(self.kind, device, nbytes)
 
     def new_region(self, index: int, direction: pb.Direction, size: int, memory: Any, *,
                    device: str = "", gpu: int | None = None, handle: bytes = b"",
                    align: int = ALIGN) -> NewRegion:
-        """Register a region created by the subclass: its nonce written at its start (and,
-        in a reply region, its slot reserved until the client proves it read it)."""
+        """Register a region the subclass made with ``size`` bytes it reserved: its nonce
+        written at its start (and, in a reply region, its slot kept until proved)."""
         arena = Arena(size, align) if direction == pb.REPLY else None
         region = Region(index, self.kind, direction, device, size, memory, gpu=gpu, arena=arena)
+        self.add(region)
         nonce = secrets.token_bytes(NONCE_BYTES)
         region.write(0, memoryview(nonce))
-        if arena is not None:   # the nonce's slot, until the client proved it read it
+        if arena is not None:
             self._nonce_slots[index] = arena.alloc(NONCE_BYTES) or (0, 0)
-        self.add(region)
         return NewRegion(region, handle, nonce)
 
     def confirm(self, region: Region) -> None:
@@ -97,5 +163,11 @@ class ServerTransport(RegionTransport):
         region.ready = True
 
     def discard(self, region: Region) -> None:
-        """The client could not attach to ``region``: let it go."""
+        """Let go of ``region``: a probe that did its job, or one the client could not use."""
         self.remove(region.index)
+
+    def remove(self, index: int) -> Region | None:
+        region = super().remove(index)
+        if region is not None:
+            self.budget.give(self.kind, region.device, region.size)
+        return region

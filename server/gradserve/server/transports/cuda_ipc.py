@@ -1,20 +1,27 @@
 """The CUDA IPC transport, server side: per-session GPU pools exported as IPC handles.
 
-For each GPU the client named (by UUID) that this server sees too, a request
-and a reply pool are allocated with plain ``cudaMalloc`` (``cupy.cuda.Memory``,
-not CuPy's or torch's caching pools, whose blocks would expose whole segments)
-and exported once as CUDA IPC handles. The server never opens a handle a
-client sends. Pools live while the session or any view of them does; their
-size is fixed per session.
+For each GPU the client named (by UUID) that this server sees too,
+``OpenSession`` makes a one-page probe allocation; once the client proved
+(through the probe's IPC handle) that it reaches that GPU, a request and a
+reply pool are allocated there with plain ``cudaMalloc`` (``cupy.cuda.Memory``,
+not CuPy's or torch's caching pools, whose blocks would expose whole
+segments) and exported once as CUDA IPC handles. The server never opens a
+handle a client sends. Pools live while the session or any view of them does;
+their size is fixed per session, and all sessions' pools on one GPU together
+take their bytes from the server's budget.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from gradserve.client.transports.cuda_ipc import CUDA_ALIGN, local_devices, unavailable
-from gradserve.server.transports.base import NewRegion, NextIndex, Refusal, ServerTransport, \
-    SessionSettings
+from gradserve.errors import StatusError
+from gradserve.server.transports.base import PROBE_BYTES, Budget, NewRegion, NextIndex, Refusal, \
+    ServerTransport, SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import cupy
+from gradserve.wire.slots import Region
 
 
 class CudaIpcTransport(ServerTransport):
@@ -25,12 +32,12 @@ class CudaIpcTransport(ServerTransport):
     min_bytes = 1
 
     @classmethod
-    def create(cls, request: pb.TransportRequest, settings: SessionSettings,
+    def create(cls, request: pb.TransportRequest, settings: SessionSettings, budget: Budget,
                next_index: NextIndex) -> tuple["CudaIpcTransport", list[NewRegion]]:
         size = request.region_bytes or settings.cuda_pool_bytes
-        if size > settings.max_cuda_pool_bytes:
-            raise Refusal(f"CUDA IPC pools of {size} bytes asked for; this server allows at "
-                          f"most {settings.max_cuda_pool_bytes}")
+        if not PROBE_BYTES <= size <= settings.max_cuda_pool_bytes:
+            raise Refusal(f"CUDA IPC pools of {size} bytes asked for; this server allows "
+                          f"{PROBE_BYTES} to {settings.max_cuda_pool_bytes}")
         why = unavailable()
         if why:
             raise Refusal(f"the server cannot use CUDA IPC: {why}")
@@ -39,19 +46,46 @@ class CudaIpcTransport(ServerTransport):
         if not shared:
             raise Refusal("the server sees none of the client's GPUs (it runs on another node, "
                           "or they are hidden from it)")
-        transport = cls(settings)
-        cp = cupy()
+        transport = cls(request, settings, budget)
         made = []
         try:
             for uuid, gpu in shared:
-                with cp.cuda.Device(gpu):
-                    for direction in (pb.REQUEST, pb.REPLY):
-                        memory = cp.cuda.Memory(size)
-                        handle = bytes(cp.cuda.runtime.ipcGetMemHandle(memory.ptr))
-                        made.append(transport.new_region(
-                            next_index(), direction, size, memory, device=uuid, gpu=gpu,
-                            handle=handle, align=CUDA_ALIGN))
-        except Exception as err:   # CUDARuntimeError: out of memory, IPC not permitted
+                made.append(transport._pool(next_index(), pb.PROBE, PROBE_BYTES, uuid, gpu))
+        except (StatusError, Exception) as err:   # CUDARuntimeError: no memory, no IPC
             transport.close()
-            raise Refusal(f"cannot make CUDA IPC pools: {err}") from None
+            raise Refusal(f"cannot make CUDA IPC probes: {_why(err)}") from None
         return transport, made
+
+    def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
+        assert probe.gpu is not None
+        size = self.request.region_bytes or self.settings.cuda_pool_bytes
+        made: list[NewRegion] = []
+        try:
+            for direction in (pb.REQUEST, pb.REPLY):
+                made.append(self._pool(next_index(), direction, size, probe.device, probe.gpu))
+        except (StatusError, Exception) as err:
+            for new in made:
+                self.remove(new.region.index)
+            raise Refusal(f"cannot make CUDA IPC pools on GPU {probe.device}: {_why(err)}") \
+                from None
+        return made
+
+    def _pool(self, index: int, direction: pb.Direction, size: int, uuid: str,
+              gpu: int) -> NewRegion:
+        """One pool of ``size`` bytes on local GPU ``gpu``, exported."""
+        self.reserve(size, uuid)
+        try:
+            cp = cupy()
+            with cp.cuda.Device(gpu):
+                memory: Any = cp.cuda.Memory(size)
+                handle = bytes(cp.cuda.runtime.ipcGetMemHandle(memory.ptr))
+                return self.new_region(index, direction, size, memory, device=uuid, gpu=gpu,
+                                       handle=handle, align=CUDA_ALIGN)
+        except BaseException:
+            if self.remove(index) is None:   # not registered yet: its share is still ours
+                self.budget.give(self.kind, uuid, size)
+            raise
+
+
+def _why(err: Exception) -> str:
+    return err.message if isinstance(err, StatusError) else str(err)

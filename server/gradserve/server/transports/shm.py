@@ -3,35 +3,45 @@
 Every region is created here, exclusively (mode 0600) under an unguessable
 name, and reserved with ``posix_fallocate``: a /dev/shm too small for it fails
 at creation (the client is told, and sends bytes) instead of killing a process
-with SIGBUS on its first write. A name is unlinked as soon as the client has
-proved it mapped the region (or could not), so nothing is left in /dev/shm
-whichever process dies; the memory lives on while either side maps it.
-Regions come in pairs (request, reply) of one size; a session grows by a
-pair that doubles its total, up to ``SessionSettings.max_shm_bytes``.
+with SIGBUS on its first write. ``OpenSession`` makes only a one-page probe;
+the session's regions (a request and a reply region of one size) are made once
+the probe proved the client maps this host's /dev/shm. A name is unlinked as
+soon as the client proved it mapped the region (or could not); an unconfirmed
+session ends within seconds. Names carry their server's token, and the server
+holds a lock on a file named for it while it runs (:class:`Owner`): at start,
+a server removes the regions of servers that died holding names
+(:func:`sweep_stale`). A session grows by a pair of regions that doubles its
+total, up to ``SessionSettings.max_shm_bytes``; all sessions together take
+their bytes from the server's budget.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import mmap
 import os
+import re
 import secrets
 
 import grpc
 
 from gradserve.client.transports.shm import SHM_DIR, SHM_MIN_BYTES, available
 from gradserve.errors import REGIONS_AT_LIMIT, StatusError, invalid
-from gradserve.server.transports.base import NewRegion, NextIndex, Refusal, ServerTransport, \
-    SessionSettings
+from gradserve.server.transports.base import PROBE_BYTES, Budget, NewRegion, NextIndex, Refusal, \
+    ServerTransport, SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.slots import ALIGN, Region
 
 #: The smallest region a session gets: a page, and room for the nonce and a slot.
 MIN_REGION_BYTES = 4096
+_OWNED = re.compile(r"^gradserve-([0-9a-f]{16})-[0-9a-f]{32}-(req|rep|probe)$")
+_LOCK = re.compile(r"^gradserve-([0-9a-f]{16})\.lock$")
 
 
-def new_name(kind: str) -> str:
-    """An unguessable region name for ``kind`` ("req" or "rep")."""
-    return f"gradserve-{secrets.token_hex(16)}-{kind}"
+def new_name(owner: str, kind: str) -> str:
+    """An unguessable region name of server ``owner`` for ``kind`` ("req", "rep", "probe")."""
+    return f"gradserve-{owner}-{secrets.token_hex(16)}-{kind}"
 
 
 def create_region(name: str, size: int) -> mmap.mmap:
@@ -59,6 +69,74 @@ def unlink(name: str) -> None:
         pass
 
 
+class Owner:
+    """A server's claim on the region names it makes: a file in /dev/shm named for its token,
+    locked (``flock``) while the server runs; the kernel drops the lock when the process
+    dies, however it dies."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> str:
+        """The lock file."""
+        return os.path.join(SHM_DIR, f"gradserve-{self.token}.lock")
+
+    def acquire(self) -> None:
+        """Create and lock the file (under a temporary name first, so no sweeper ever sees
+        it unlocked)."""
+        if self._fd is not None or available():
+            return
+        staging = os.path.join(SHM_DIR, f".gradserve-{self.token}.lock")
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, self.path)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove and unlock the file."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            unlink(os.path.basename(self.path))
+            os.close(fd)
+
+
+#: The running servers' claims, by token.
+_OWNERS: dict[str, Owner] = {}
+log = logging.getLogger("gradserve.server")
+
+
+def sweep_stale() -> int:
+    """Remove the regions (and lock files) of servers no longer running; how many names."""
+    if available():
+        return 0
+    names = os.listdir(SHM_DIR)
+    owners = {m.group(1) for n in names for m in [_OWNED.match(n) or _LOCK.match(n)] if m}
+    removed = 0
+    for owner in owners:
+        lock = os.path.join(SHM_DIR, f"gradserve-{owner}.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue            # its server still runs
+            for name in names:
+                match = _OWNED.match(name) or _LOCK.match(name)
+                if match and match.group(1) == owner:
+                    unlink(name)
+                    removed += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
 class ShmTransport(ServerTransport):
     """A session's shared-memory regions."""
 
@@ -66,12 +144,27 @@ class ShmTransport(ServerTransport):
     kind = pb.SHARED_MEMORY
     min_bytes = SHM_MIN_BYTES
 
-    def __init__(self, settings: SessionSettings):
-        super().__init__(settings)
+    def __init__(self, request: pb.TransportRequest, settings: SessionSettings, budget: Budget):
+        super().__init__(request, settings, budget)
         self._names: dict[int, str] = {}   # region -> name not yet unlinked
 
     @classmethod
-    def create(cls, request: pb.TransportRequest, settings: SessionSettings,
+    def server_starting(cls, settings: SessionSettings) -> None:
+        removed = sweep_stale()
+        if removed:
+            log.info("removed %d shared-memory names of servers no longer running", removed)
+        if settings.owner and settings.owner not in _OWNERS:
+            owner = _OWNERS[settings.owner] = Owner(settings.owner)
+            owner.acquire()
+
+    @classmethod
+    def server_stopping(cls, settings: SessionSettings) -> None:
+        owner = _OWNERS.pop(settings.owner, None)
+        if owner is not None:
+            owner.release()
+
+    @classmethod
+    def create(cls, request: pb.TransportRequest, settings: SessionSettings, budget: Budget,
                next_index: NextIndex) -> tuple["ShmTransport", list[NewRegion]]:
         why = available()
         if why:
@@ -80,11 +173,18 @@ class ShmTransport(ServerTransport):
         if not MIN_REGION_BYTES <= size <= settings.max_shm_bytes:
             raise Refusal(f"regions of {size} bytes asked for; this server allows "
                           f"{MIN_REGION_BYTES} to {settings.max_shm_bytes}")
-        transport = cls(settings)
+        transport = cls(request, settings, budget)
         try:
-            return transport, transport._pair(size, next_index)
-        except OSError as err:
-            raise Refusal(f"cannot create {size} bytes of shared memory: {err}") from None
+            return transport, transport._make([("probe", pb.PROBE)], PROBE_BYTES, next_index)
+        except (OSError, StatusError) as err:
+            raise Refusal(f"cannot create shared memory: {_why(err)}") from None
+
+    def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
+        size = self.request.region_bytes or self.settings.shm_region_bytes
+        try:
+            return self._make([("req", pb.REQUEST), ("rep", pb.REPLY)], size, next_index)
+        except (OSError, StatusError) as err:
+            raise Refusal(f"cannot create {size} bytes of shared memory: {_why(err)}") from None
 
     def grow(self, request: pb.GrowSessionRequest, next_index: NextIndex) -> list[NewRegion]:
         total, limit = self.size, self.settings.max_shm_bytes
@@ -98,26 +198,30 @@ class ShmTransport(ServerTransport):
                               REGIONS_AT_LIMIT if room < MIN_REGION_BYTES else None)
         size = max(MIN_REGION_BYTES, -(-min(max(request.min_bytes, total), room) // ALIGN) * ALIGN)
         try:
-            return self._pair(size, next_index)
+            return self._make([("req", pb.REQUEST), ("rep", pb.REPLY)], size, next_index)
         except OSError as err:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"cannot create {size} bytes of shared memory: {err}") from None
 
-    def _pair(self, size: int, next_index: NextIndex) -> list[NewRegion]:
-        """A request and a reply region of ``size`` bytes: both, or (OSError) none, and no
-        name left behind either way."""
-        names = [new_name("req"), new_name("rep")]
+    def _make(self, kinds: list[tuple[str, pb.Direction]], size: int,
+              next_index: NextIndex) -> list[NewRegion]:
+        """Regions of ``size`` bytes, one per ``(name kind, direction)``: all of them, or
+        (OSError, or RESOURCE_EXHAUSTED from the budget) none, and no name left behind.
+        Each region holds its share of the budget until it is removed."""
+        self.reserve(size * len(kinds))
+        names = [new_name(self.settings.owner or "0" * 16, kind) for kind, _ in kinds]
+        indices = [next_index() for _ in kinds]
         made: list[NewRegion] = []
         try:
-            for name, direction in zip(names, (pb.REQUEST, pb.REPLY)):
+            for name, index, (_, direction) in zip(names, indices, kinds):
                 memory = create_region(name, size)
-                made.append(self.new_region(next_index(), direction, size, memory,
+                made.append(self.new_region(index, direction, size, memory,
                                             handle=name.encode()))
         except BaseException:
-            for name in names:
+            for name, index in zip(names, indices):
                 unlink(name)
-            for new in made:
-                self.remove(new.region.index)
+                if self.remove(index) is None:   # not registered: its share is still ours
+                    self.budget.give(self.kind, "", size)
             raise
         for name, new in zip(names, made):
             self._names[new.region.index] = name
@@ -145,3 +249,7 @@ class ShmTransport(ServerTransport):
     def size(self) -> int:
         """Bytes of the request regions together (the reply regions are as large)."""
         return sum(r.size for r in self.regions if r.direction == pb.REQUEST)
+
+
+def _why(err: Exception) -> str:
+    return err.message if isinstance(err, StatusError) else str(err)
