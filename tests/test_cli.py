@@ -116,3 +116,18 @@ def test_list_against_no_server_fails_cleanly() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("gradserve: ")
     assert "Traceback" not in result.stderr
+
+
+def test_every_limit_is_a_flag_with_the_servers_default() -> None:
+    import inspect
+
+    from gradserve.server import Server
+    from gradserve.server.cli import SERVER_OPTIONS, parser
+
+    args = parser().parse_args(["serve", "m:x", "--max-sessions", "3", "--max-shm-total-bytes",
+                                "1GiB", "--session-proof-seconds", "0.5", "--reuse-port"])
+    assert (args.max_sessions, args.max_shm_total_bytes, args.session_proof_seconds,
+            args.reuse_port) == (3, 1 << 30, 0.5, True)
+    defaults = parser().parse_args(["serve", "m:x"])
+    for option, _, _ in SERVER_OPTIONS:
+        assert getattr(defaults, option) == inspect.signature(Server).parameters[option].default

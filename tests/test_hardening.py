@@ -298,3 +298,37 @@ def test_regions_of_dead_servers_are_removed_at_start_and_live_ones_kept() -> No
     finally:
         live.stop(grace=0)
     assert probe not in os.listdir(shm.SHM_DIR) and lock not in os.listdir(shm.SHM_DIR)
+
+
+def test_a_backward_in_flight_across_a_restart_is_re_sent() -> None:
+    from models import local_input_grad
+
+    model = mlp()
+    first = Server("127.0.0.1", 0)
+    first.add_torch("mlp", model)
+    first.start()
+    port = first.port
+    client = gradserve.connect(first.address, transport="grpc", timeout=20)
+    try:
+        x = torch.randn(5, 6, requires_grad=True)
+        ct = torch.randn(5, 4)
+        y = client.torch("mlp")(x)                 # the forward ran on the first server
+        first.stop(grace=0)                        # SIGTERM: its residuals are gone with it
+        second = Server("127.0.0.1", port)
+
+        def come_back() -> None:
+            time.sleep(0.5)
+            second.add_torch("mlp", model)
+            second.start()
+
+        threading.Thread(target=come_back).start()
+        y.backward(ct)                             # UNAVAILABLE, then re-sent to the new one
+        torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-6, atol=1e-6)
+        y = client.torch("mlp", timeout=1.0)(x)
+        second.stop(grace=0)                       # and nobody comes back: it gives up in time
+        start = time.monotonic()
+        with pytest.raises(gradserve.Unavailable):
+            y.sum().backward()
+        assert time.monotonic() - start < 3.0
+    finally:
+        client.close()

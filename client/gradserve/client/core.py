@@ -115,13 +115,16 @@ class Client:
     ``arena_bytes`` sizes the shared-memory regions' first pair and
     ``cuda_pool_bytes`` the CUDA IPC pools (0: the server's defaults).
     ``channel`` replaces the channel the client would open (a test seam, or a
-    channel with interceptors); ``close`` leaves an injected channel open.
+    channel with interceptors); ``close`` leaves an injected channel open. A
+    backward whose server is unavailable is re-sent (with its inputs) until its
+    deadline, or for ``retry_seconds`` where it has none.
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  transport: str = "auto", arena_bytes: int = 0, cuda_pool_bytes: int = 0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
-                 options: Iterable[tuple[str, Any]] = (), channel: grpc.Channel | None = None):
+                 options: Iterable[tuple[str, Any]] = (), channel: grpc.Channel | None = None,
+                 retry_seconds: float = 30.0):
         if transport not in TRANSPORT_NAMES:
             raise ValueError(f"transport must be one of {TRANSPORT_NAMES}, got {transport!r}")
         self.address = address
@@ -129,6 +132,7 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.max_receive_bytes = max_receive_bytes
         self.requested = transport
+        self.retry_seconds = retry_seconds
         self.region_bytes = {"shm": arena_bytes, "cuda_ipc": cuda_pool_bytes}
         self._owns_channel = channel is None
         self._channel = channel if channel is not None else grpc.insecure_channel(address, options=[
@@ -315,13 +319,19 @@ class Client:
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
                  batched: bool = False, timeout: float | None = None) -> Arguments:
-        """Send a Vjp; re-sends the inputs if the server lost the residual.
+        """Send a Vjp; re-sends the inputs if the server lost the residual, and, while the
+        server is unavailable (restarting, draining), again until the call's deadline
+        (``timeout``, else the client's, else ``retry_seconds``) has passed.
 
         With ``batched``, every cotangent has an extra leading axis and so do the gradients.
         """
+        limit = self._deadline(timeout)
+        until = time.monotonic() + (limit if limit is not None else self.retry_seconds)
+
         def vjp(resend: bool) -> Arguments:
+            left = until - time.monotonic() if limit is not None else None
             found: Arguments = self._in_session(lambda session: self._vjp_once(
-                session, residual, cotangents, make_leaf, resend, batched, timeout))
+                session, residual, cotangents, make_leaf, resend, batched, left))
             return found
 
         if residual.id:
@@ -329,7 +339,21 @@ class Client:
                 return vjp(False)
             except ResidualMissing:
                 residual.detach()
-        return vjp(True)
+            except Unavailable:
+                residual.detach()   # whoever answers next will not hold it
+                if time.monotonic() >= until:
+                    raise
+        pause = 0.05
+        while True:
+            try:
+                return vjp(True)
+            except Unavailable:
+                if time.monotonic() + pause >= until:
+                    raise
+                log.info("gradserve: %s unavailable; re-sending the backward's inputs in %.2f s",
+                         self.address, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def _forward_once(self, session: Session | None, call: Call, make_leaf: MakeLeaf,
                       need_vjp: bool, timeout: float | None) -> tuple[Any, Residual | None]:

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from gradserve.server.host import Server
 from gradserve.server.endpoint import Endpoint, build_endpoint
@@ -95,10 +95,8 @@ def serve(args: argparse.Namespace) -> int:
     endpoints = build_endpoints(args.name or attr, obj, args.device)
     if not endpoints:
         raise SystemExit(f"gradserve: {args.target!r} defines no endpoints")
-    server = Server(args.host, args.port, workers=args.workers,
-                    max_residual_bytes=args.max_residual_bytes, residual_ttl=args.residual_ttl,
-                    max_request_bytes=args.max_request_bytes, idle_timeout=args.idle_timeout,
-                    debug=args.debug)
+    server = Server(args.host, args.port, debug=args.debug, reuse_port=args.reuse_port,
+                    **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
     for name, endpoint in endpoints.items():
         server.add(name, endpoint)
     server.start()
@@ -156,6 +154,36 @@ def _byte_size(text: str) -> int:
     return int(text)
 
 
+#: ``Server`` options the command line sets: (keyword, parser, what it bounds). Their
+#: defaults are the ``Server``'s own.
+SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
+    ("workers", int, "calls served at once"),
+    ("max_residual_bytes", _byte_size, "bytes all residuals together may hold, e.g. 2GiB"),
+    ("max_residuals", int, "residuals held at once"),
+    ("residual_ttl", float, "seconds an unused residual lives"),
+    ("max_request_bytes", _byte_size, "tensor bytes of one request"),
+    ("max_request_values", int, "pytree nodes (tensors, scalars, containers) of one request"),
+    ("idle_timeout", float, "seconds a request stream may stay silent before it is cancelled"),
+    ("shm_arena_bytes", _byte_size, "each shared-memory region of a new same-host session"),
+    ("max_shm_arena_bytes", _byte_size, "shared memory of one session, each way"),
+    ("max_shm_total_bytes", _byte_size, "shared memory of all sessions together"),
+    ("cuda_pool_bytes", _byte_size, "each CUDA IPC pool of a session"),
+    ("max_cuda_pool_bytes", _byte_size, "the largest CUDA IPC pool a client may ask for"),
+    ("max_cuda_total_bytes", _byte_size, "CUDA IPC pools of all sessions together, per GPU"),
+    ("session_lease", float, "seconds a same-host session lives unheard of"),
+    ("session_proof_seconds", float, "seconds a client has to prove it shares the host"),
+    ("max_sessions", int, "same-host sessions held at once"),
+    ("max_sessions_per_peer", int, "same-host sessions one connection may hold"),
+]
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
     p = argparse.ArgumentParser(prog="gradserve", description=__doc__)
@@ -167,14 +195,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     s.add_argument("--name", default=None, help="endpoint name for a single model (default: attr)")
-    s.add_argument("--workers", type=int, default=8, help="concurrent RPCs")
-    s.add_argument("--max-residual-bytes", type=_byte_size, default=2 << 30,
-                   help="residual store budget, e.g. 2GiB")
-    s.add_argument("--residual-ttl", type=float, default=600.0, help="seconds an unused residual lives")
-    s.add_argument("--max-request-bytes", type=_byte_size, default=16 << 30,
-                   help="largest tensor payload of one request")
-    s.add_argument("--idle-timeout", type=float, default=30.0,
-                   help="seconds a request stream may stay silent before it is cancelled")
+    defaults = inspect.signature(Server).parameters
+    for option, kind, text in SERVER_OPTIONS:
+        default = defaults[option].default
+        shown = _size(default) if kind is _byte_size else default
+        s.add_argument("--" + option.replace("_", "-"), type=kind, default=default,
+                       help=f"{text} (default: {shown})")
+    s.add_argument("--reuse-port", action="store_true",
+                   help="share the port with servers already listening there")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")
     s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
     s.set_defaults(run=serve)
