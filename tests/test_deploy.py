@@ -19,6 +19,7 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILES = ["Dockerfile", "Dockerfile.gpu"]
 MANIFEST = DEPLOY / "kubernetes" / "gradserve.yaml"
 PORT = 50051
+HEALTH_PORT = 50052
 
 
 def instruction(dockerfile: str, name: str) -> list[str]:
@@ -63,7 +64,9 @@ def test_image_runs_gradserve_serve_on_the_port(dockerfile):
     cmd = exec_form(dockerfile, "CMD")
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert int(cmd[cmd.index("--port") + 1]) == PORT
-    assert [int(p) for p in instruction(dockerfile, "EXPOSE")] == [PORT]
+    assert int(cmd[cmd.index("--health-port") + 1]) == HEALTH_PORT
+    assert [int(p) for p in " ".join(instruction(dockerfile, "EXPOSE")).split()] == \
+        [PORT, HEALTH_PORT]
     assert re.search(r"^USER\s+(?!0\b|root\b)\S+", (DEPLOY / dockerfile).read_text(), re.M)
     if dockerfile == "Dockerfile.gpu":
         assert cmd[cmd.index("--device") + 1].startswith("cuda")
@@ -71,15 +74,16 @@ def test_image_runs_gradserve_serve_on_the_port(dockerfile):
 
 def test_manifest_uses_the_same_port_everywhere():
     text = MANIFEST.read_text()
-    assert [int(p) for p in re.findall(r"containerPort:\s*(\d+)", text)] == [PORT]
+    assert [int(p) for p in re.findall(r"containerPort:\s*(\d+)", text)] == [PORT, HEALTH_PORT]
     probes = re.findall(r"(readiness|liveness|startup)Probe:.*\n(?:\s*#.*\n)*\s+grpc:\s*\n"
                         r"\s+port:\s*(\d+)", text)
     assert {kind for kind, _ in probes} >= {"readiness", "liveness"}
-    assert {int(port) for _, port in probes} == {PORT}
+    assert {int(port) for _, port in probes} == {HEALTH_PORT}   # probes have their own port
     service = text[text.index("kind: Service"):]
     assert int(re.search(r"\bport:\s*(\d+)", service).group(1)) == PORT
     assert re.search(r"targetPort:\s*grpc\b", service) and "appProtocol: grpc" in service
     assert "port: 50051" in text and f"--port={PORT}" in manifest_args()
+    assert f"--health-port={HEALTH_PORT}" in manifest_args()
 
 
 def test_default_target_exists_and_is_served_everywhere():

@@ -332,3 +332,144 @@ def test_a_backward_in_flight_across_a_restart_is_re_sent() -> None:
         assert time.monotonic() - start < 3.0
     finally:
         client.close()
+
+
+# -- streams that hold on ----------------------------------------------------------------
+class Stalled:
+    """Calls that send a header (and maybe a trickle) and then hold their stream open."""
+
+    def __init__(self, address: str, trickle: float | None = None):
+        self.address = address
+        self.trickle = trickle
+        self.done = threading.Event()
+        self.calls: list = []
+        self.channels: list = []
+
+    def frames(self):
+        header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(tuple_value=pb.Sequence(items=[
+            pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[1 << 18],
+                                      stream=pb.StreamedPayload(id=0)))])))
+        yield pb.ForwardFrame(header=header)
+        while self.trickle is not None and not self.done.wait(self.trickle):
+            yield pb.ForwardFrame(chunk=pb.Chunk(id=0, data=b"x"))
+        self.done.wait(60)
+
+    def open(self, count: int, separate: bool = False) -> list:
+        """Start ``count`` calls (each on a connection of its own with ``separate``)."""
+        for _ in range(count):
+            options = [("grpc.use_local_subchannel_pool", 1)] if separate else []
+            channel = grpc.insecure_channel(self.address, options=options)
+            self.channels.append(channel)
+            self.calls.append(pb_grpc.GradserveStub(channel).Forward(self.frames(), timeout=60))
+        return self.calls[-count:]
+
+    def close(self) -> None:
+        self.done.set()
+        for call in self.calls:
+            call.cancel()
+        for channel in self.channels:
+            channel.close()
+
+
+def healthy(port_address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(port_address))
+    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stalled_streams_starve_neither_calls_nor_health_checks(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"}, workers=2)
+    attack = Stalled(server.address)
+    try:
+        attack.open(8)                              # four times the model's workers
+        time.sleep(0.3)
+        legitimate_call_works(client)
+        start = time.monotonic()
+        assert healthy(server.address) and time.monotonic() - start < 1.0
+    finally:
+        attack.close()
+
+
+def test_a_trickle_of_bytes_does_not_keep_a_stream_alive(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                           idle_timeout=0.6, min_stream_rate=64 << 10)
+    attack = Stalled(server.address, trickle=0.1)   # a byte every 0.1 s: never idle, too slow
+    try:
+        (call,) = attack.open(1)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert time.monotonic() - start < 3.0
+        legitimate_call_works(client)
+    finally:
+        attack.close()
+
+
+def test_replies_nobody_reads_are_cancelled_and_their_threads_freed(serve) -> None:
+    def big(x):
+        return x.repeat(1 << 21)                    # 8 MiB out of 4 bytes in
+
+    server, client = serve({"big": big, "mlp": mlp()}, client_options={"transport": "grpc"},
+                           idle_timeout=0.5)
+    channel = grpc.insecure_channel(server.address)
+    header = pb.ForwardRequest(endpoint="big", args=pb.Value(tuple_value=pb.Sequence(items=[
+        pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[1], data=bytes(4)))])))
+    calls = [pb_grpc.GradserveStub(channel).Forward(iter([pb.ForwardFrame(header=header)]),
+                                                    timeout=60) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        assert server.service.active_streams() == 4      # each blocked sending, never read
+        deadline = time.monotonic() + 5
+        while server.service.active_streams() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.service.active_streams() == 0
+        legitimate_call_works(client)
+    finally:
+        for call in calls:
+            call.cancel()
+        channel.close()
+
+
+def test_streams_per_connection_are_bounded(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                           max_streams_per_peer=2)
+    attack = Stalled(server.address)
+    try:
+        first, second, third = attack.open(3)
+        with pytest.raises(grpc.RpcError) as info:
+            list(third)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this connection has 2 Forward/Vjp calls open" in info.value.details()
+        legitimate_call_works(client)                  # another connection
+    finally:
+        attack.close()
+
+
+def test_open_calls_are_bounded_and_probes_answer_on_their_own_port(serve) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                           max_streams=3, health_port=0)
+    attack = Stalled(server.address)
+    try:
+        attack.open(3, separate=True)
+        time.sleep(0.3)
+        with pytest.raises(gradserve.ResourceExhausted):
+            client.forward("mlp", (np.ones((1, 6), np.float32),))
+        start = time.monotonic()
+        assert healthy(f"127.0.0.1:{server.health_port}") and time.monotonic() - start < 1.0
+    finally:
+        attack.close()
+    deadline = time.monotonic() + 5
+    while server.service.active_streams() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    legitimate_call_works(client)
+
+
+def test_a_long_model_run_is_not_taken_for_a_stall(serve) -> None:
+    def slow(x):
+        time.sleep(1.2)
+        return x * 2
+
+    _, client = serve({"slow": slow}, client_options={"transport": "grpc"}, idle_timeout=0.4)
+    np.testing.assert_array_equal(client.forward("slow", (np.ones(3),)).outputs, 2 * np.ones(3))

@@ -182,10 +182,10 @@ class FrameReader(Generic[S]):
     really sent: buffers over ``EAGER_BUFFER_BYTES`` are anonymous memory maps
     committed page by page as chunks arrive. ``slots_for(header)`` gives the
     session whose slots the header's references name (None: no session).
-    ``on_frame`` is called for every frame (the server's idle-stream watchdog).
+    ``on_frame`` is called with every frame's size (the server's stream watchdog).
     """
 
-    def __init__(self, max_bytes: int, on_frame: Callable[[], None] | None = None,
+    def __init__(self, max_bytes: int, on_frame: Callable[[int], None] | None = None,
                  slots_for: Callable[[Any], S | None] | None = None,
                  max_values: int = 1 << 62):
         self.max_bytes = max_bytes
@@ -212,14 +212,16 @@ class FrameReader(Generic[S]):
         if first is None or first.WhichOneof("frame") != "header":
             raise invalid("stream must start with a header frame")
         header = self.header = first.header
+        if self._on_frame is not None:
+            self._on_frame(first.ByteSize())
         if self._slots_for is not None:
             self.slots = self._slots_for(header)
         self._plan(header)
         for frame in it:
-            if self._on_frame is not None:
-                self._on_frame()
             if frame.WhichOneof("frame") != "chunk":
                 raise invalid("only chunk frames may follow the header")
+            if self._on_frame is not None:
+                self._on_frame(len(frame.chunk.data))
             self._append(frame.chunk)
         for stream_id, (path, size) in self._expected.items():
             got = self._filled.get(stream_id, 0)

@@ -96,11 +96,13 @@ def serve(args: argparse.Namespace) -> int:
     if not endpoints:
         raise SystemExit(f"gradserve: {args.target!r} defines no endpoints")
     server = Server(args.host, args.port, debug=args.debug, reuse_port=args.reuse_port,
+                    health_port=args.health_port,
                     **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
     for name, endpoint in endpoints.items():
         server.add(name, endpoint)
     server.start()
-    print(f"gradserve: serving {', '.join(endpoints)} on {server.address}", flush=True)
+    health = f" (health also on port {server.health_port})" if server.health_port else ""
+    print(f"gradserve: serving {', '.join(endpoints)} on {server.address}{health}", flush=True)
     stopped = threading.Event()
 
     def shutdown(signum: int, frame: Any) -> None:
@@ -157,7 +159,11 @@ def _byte_size(text: str) -> int:
 #: ``Server`` options the command line sets: (keyword, parser, what it bounds). Their
 #: defaults are the ``Server``'s own.
 SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
-    ("workers", int, "calls served at once"),
+    ("workers", int, "forwards and backwards running at once"),
+    ("max_streams", int, "calls open at once (more are refused)"),
+    ("max_streams_per_peer", int, "Forward/Vjp calls one connection may hold open"),
+    ("min_stream_rate", _byte_size, "bytes/s a request or reply must average past "
+                                    "--idle-timeout"),
     ("max_residual_bytes", _byte_size, "bytes all residuals together may hold, e.g. 2GiB"),
     ("max_residuals", int, "residuals held at once"),
     ("residual_ttl", float, "seconds an unused residual lives"),
@@ -201,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
         shown = _size(default) if kind is _byte_size else default
         s.add_argument("--" + option.replace("_", "-"), type=kind, default=default,
                        help=f"{text} (default: {shown})")
+    s.add_argument("--health-port", type=int, default=None,
+                   help="serve the health service alone on this port too, on its own threads "
+                        "(for Kubernetes probes; default: the main port only)")
     s.add_argument("--reuse-port", action="store_true",
                    help="share the port with servers already listening there")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")

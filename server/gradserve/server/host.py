@@ -42,7 +42,12 @@ class Server:
     bytes of one request; ``max_message_bytes`` bounds one gRPC message
     (clients chunk larger tensors); ``chunk_bytes`` is the size of the chunks
     it sends; a request stream that sends nothing for ``idle_timeout`` seconds
-    is cancelled, so stalled clients cannot pin the ``workers`` threads.
+    or replies too slowly (under ``min_stream_rate`` bytes a second on average) is
+    cancelled. At most ``workers`` forwards and backwards run at once and
+    ``max_streams`` calls are open at once (more are refused with
+    RESOURCE_EXHAUSTED), ``max_streams_per_peer`` Forward/Vjp streams per
+    connection. ``health_port`` serves the health service alone on its own
+    port and threads, so probes are answered whatever the main port is busy with.
     Same-host clients get sessions whose shared-memory regions start at
     ``shm_arena_bytes`` and grow on demand up to ``max_shm_arena_bytes`` each
     way (memory is reserved as they grow), dropped when not heard from for
@@ -61,6 +66,8 @@ class Server:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
+                 max_streams: int = 64, max_streams_per_peer: int = 32,
+                 min_stream_rate: float = 256 << 10, health_port: int | None = None,
                  max_residual_bytes: int = 2 * GiB, residual_ttl: float = 600.0,
                  max_residuals: int = 100_000,
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
@@ -82,13 +89,16 @@ class Server:
                             max_cuda_total_bytes, max_sessions, max_sessions_per_peer,
                             session_proof_seconds, owner=secrets.token_hex(8)),
             on_close=self.residuals.release_session)
-        self.service = GradserveService(self.registry, self.residuals, self.sessions,
-                                        Limits(chunk_bytes, max_request_bytes, idle_timeout,
-                                               max_request_values), debug)
+        self.service = GradserveService(
+            self.registry, self.residuals, self.sessions,
+            Limits(chunk_bytes, max_request_bytes, idle_timeout, max_request_values, workers,
+                   max_streams_per_peer, min_stream_rate), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
-        self._executor = futures.ThreadPoolExecutor(max_workers=workers,
+        # a thread per open call (a call reading its request or draining its reply holds
+        # one); the model runs in at most `workers` of them at once
+        self._executor = futures.ThreadPoolExecutor(max_workers=max_streams + 2,
                                                     thread_name_prefix="gradserve")
-        self._grpc = grpc.server(self._executor, options=[
+        self._grpc = grpc.server(self._executor, maximum_concurrent_rpcs=max_streams, options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if reuse_port else 0)])
@@ -98,6 +108,17 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = _bind(self._grpc, host, port)
+        self._health_executor: futures.ThreadPoolExecutor | None = None
+        self._health_grpc: grpc.Server | None = None
+        #: the health service's own port (None: only the main port serves it)
+        self.health_port: int | None = None
+        if health_port is not None:
+            self._health_executor = futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="gradserve-health")
+            self._health_grpc = grpc.server(self._health_executor, options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
+            self.health_port = _bind(self._health_grpc, host, health_port)
         self._started = False
         self._stopped = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -134,9 +155,11 @@ class Server:
         that servers which died left behind is cleaned up first)."""
         self.sessions.start()
         self._grpc.start()
+        if self._health_grpc is not None:
+            self._health_grpc.start()
         self._started = True
         self.residuals.dropper.start()
-        self.service.idle.start()
+        self.service.watch.start()
         self._sweeper = threading.Thread(target=self._sweep, name="gradserve-ttl", daemon=True)
         self._sweeper.start()
         for name in ("", SERVICE_NAME, *(e.name for e in self.registry.all())):
@@ -157,11 +180,14 @@ class Server:
         if not self._grpc.stop(grace).wait((grace or 0.0) + STOP_SECONDS):
             log.warning("gradserve: calls still running %.1f s after the grace; stopping anyway",
                         STOP_SECONDS)
+        if self._health_grpc is not None and self._health_executor is not None:
+            self._health_grpc.stop(0).wait(STOP_SECONDS)
+            self._health_executor.shutdown(wait=False)
         self._stopped.set()
         if self._sweeper is not None:
             self._sweeper.join()
             self._sweeper = None
-        self.service.idle.stop()
+        self.service.watch.stop()
         self.residuals.dropper.stop()
         self._executor.shutdown(wait=False)   # idle workers end now, busy ones when done
         self.residuals.clear()

@@ -7,6 +7,7 @@ traceback only when ``debug`` is on). No input can take the server down.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -35,12 +36,15 @@ log = logging.getLogger("gradserve.server")
 
 @dataclass(frozen=True)
 class Limits:
-    """The server's bounds on one call."""
+    """The server's bounds on calls."""
 
-    chunk_bytes: int          # largest chunk this server sends
-    max_request_bytes: int    # most tensor bytes one request may carry
-    idle_seconds: float       # a request stream silent this long is cancelled
-    max_request_values: int = 10_000   # most pytree nodes one request may hold
+    chunk_bytes: int = 1 << 20            # largest chunk this server sends
+    max_request_bytes: int = 16 << 30     # most tensor bytes one request may carry
+    idle_seconds: float = 30.0            # a stream that moves nothing this long is cancelled
+    max_request_values: int = 10_000      # most pytree nodes one request may hold
+    workers: int = 8                      # forwards and backwards running at once
+    max_streams_per_peer: int = 32        # Forward/Vjp streams one connection may hold open
+    min_stream_rate: float = 256 << 10    # bytes/s a stream must average past idle_seconds
 
 
 #: Signature results kept, across endpoints (input signatures seen most recently).
@@ -49,12 +53,17 @@ SIGNATURE_CACHE_SIZE = 256
 SIGNATURE_KEY_BYTES = 64 << 10
 
 
-class IdleWatch:
-    """Cancels request streams that stop sending, so they cannot pin worker threads."""
+class StreamWatch:
+    """Cancels streams that stall, so they cannot pin worker threads: reading a request or
+    draining a reply, a stream is cancelled when no frame moved for ``idle_seconds``, or
+    when, past its first ``idle_seconds``, it averaged fewer than ``min_rate`` bytes a
+    second (one byte now and then does not keep it alive). Running the model is not
+    watched."""
 
-    def __init__(self, idle_seconds: float):
+    def __init__(self, idle_seconds: float, min_rate: float):
         self.idle_seconds = idle_seconds
-        self._last: dict[grpc.ServicerContext, float] = {}
+        self.min_rate = min_rate
+        self._watched: dict[grpc.ServicerContext, list[float]] = {}   # start, last, bytes
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,28 +83,40 @@ class IdleWatch:
             thread.join()
 
     @contextlib.contextmanager
-    def watching(self, context: grpc.ServicerContext) -> Iterator[Callable[[], None]]:
-        """While reading a request: yields the function to call on every frame."""
-        def touch() -> None:
-            self._last[context] = time.monotonic()
+    def watching(self, context: grpc.ServicerContext) -> Iterator[Callable[[int], None]]:
+        """While a stream moves: yields the function to call with each frame's bytes."""
+        now = time.monotonic()
+        entry = [now, now, 0.0]
+
+        def touch(nbytes: int) -> None:
+            entry[1] = time.monotonic()
+            entry[2] += nbytes
 
         with self._lock:
-            touch()
+            self._watched[context] = entry
         try:
             yield touch
         finally:
             with self._lock:
-                self._last.pop(context, None)
+                self._watched.pop(context, None)
 
     def _run(self) -> None:
         while not self._stopped.wait(min(1.0, self.idle_seconds / 4)):
             now = time.monotonic()
             with self._lock:
-                idle = [c for c, t in self._last.items() if now - t > self.idle_seconds]
-            for context in idle:
-                log.warning("cancelling %s: request stream idle for over %.1f s",
-                            context.peer(), self.idle_seconds)
+                stalled = [(c, e) for c, e in self._watched.items() if self._stalled(e, now)]
+            for context, (started, last, nbytes) in stalled:
+                log.warning("cancelling a stream of %s: %.0f bytes in %.1f s, last frame %.1f s "
+                            "ago (limits: %.1f s idle, %.0f bytes/s)", context.peer(), nbytes,
+                            now - started, now - last, self.idle_seconds, self.min_rate)
                 context.cancel()
+
+    def _stalled(self, entry: list[float], now: float) -> bool:
+        started, last, nbytes = entry
+        if now - last > self.idle_seconds:
+            return True
+        elapsed = now - started
+        return elapsed > self.idle_seconds and nbytes / elapsed < self.min_rate
 
 
 class GradserveService(pb_grpc.GradserveServicer):
@@ -110,7 +131,15 @@ class GradserveService(pb_grpc.GradserveServicer):
         self.debug = debug
         #: Signature results by the request's bytes (``clear()`` forgets them)
         self.signatures: LRU[bytes, pb.Value] = LRU(SIGNATURE_CACHE_SIZE)
-        self.idle = IdleWatch(limits.idle_seconds)
+        self.watch = StreamWatch(limits.idle_seconds, limits.min_stream_rate)
+        self._running = threading.BoundedSemaphore(limits.workers)
+        self._streams: collections.Counter[str] = collections.Counter()
+        self._streams_lock = threading.Lock()
+
+    def active_streams(self, peer: str | None = None) -> int:
+        """Forward/Vjp streams open now (of one peer, if named)."""
+        with self._streams_lock:
+            return self._streams[peer] if peer is not None else sum(self._streams.values())
 
     # -- discovery ---------------------------------------------------------
     def ListEndpoints(self, request: pb.ListEndpointsRequest,
@@ -240,29 +269,55 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def _framed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
                 reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any]:
-        """Read a framed request (watched for idleness), ``run`` it, stream the reply.
+        """Read a framed request (watched), ``run`` it (among at most ``workers`` at once),
+        stream the reply (watched). What the call made, the request and its payloads are
+        freed in the background, not while the client waits for its reply. A connection
+        holds at most ``max_streams_per_peer`` such streams."""
+        peer = context.peer()
+        with self._streams_lock:
+            admitted = self._streams[peer] < self.limits.max_streams_per_peer
+            if admitted:
+                self._streams[peer] += 1
+        try:
+            frames = self._reply(request_iterator, context, reply_frame, run, admitted)
+            if frames is not None:
+                with self.watch.watching(context) as touch:
+                    for frame in frames:
+                        touch(frame.ByteSize())
+                        yield frame
+        finally:
+            if admitted:
+                with self._streams_lock:
+                    self._streams[peer] -= 1
+                    if not self._streams[peer]:
+                        del self._streams[peer]
 
-        ``run(request, reader, writer)`` returns the reply header and what the
-        call made; that, the request and its payloads are freed in the
-        background, not while the client waits for its reply.
-        """
-        frames: Iterator[Any] | None = None
+    def _reply(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
+               reply_frame: type, run: Callable[..., tuple[Any, Any]],
+               admitted: bool) -> Iterator[Any] | None:
+        """The reply frames of one framed call, or None once it failed (aborted)."""
         session: ServerSession | None = None
         writer: FrameWriter | None = None
-        with self._status(context), self.idle.watching(context) as touch:
-            reader: FrameReader[ServerSession] = FrameReader(
-                self.limits.max_request_bytes, touch, self._slots_for,
-                self.limits.max_request_values)
-            try:
-                request = reader.read(request_iterator)
-            except BaseException:
-                reader.close()
-                raise
+        with self._status(context):
+            if not admitted:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"this connection has {self.limits.max_streams_per_peer} "
+                                  "Forward/Vjp calls open, the limit of one connection")
+            with self.watch.watching(context) as touch:
+                reader: FrameReader[ServerSession] = FrameReader(
+                    self.limits.max_request_bytes, touch, self._slots_for,
+                    self.limits.max_request_values)
+                try:
+                    request = reader.read(request_iterator)
+                except BaseException:
+                    reader.close()
+                    raise
             session = reader.slots
             writer = FrameWriter(self.limits.chunk_bytes, slots=session)
             try:
-                reply, made = run(request, reader, writer)
-                writer.flush()
+                with self._running:
+                    reply, made = run(request, reader, writer)
+                    writer.flush()
             except BaseException:
                 _free_placed(session, writer)   # no reply names them
                 reader.close()
@@ -271,10 +326,9 @@ class GradserveService(pb_grpc.GradserveServicer):
             del made, reader, request
             if not context.is_active():   # the client gave up: nobody will view them
                 _free_placed(session, writer)
-                return
-            frames = writer.frames(reply_frame, reply)
-        if frames is not None:
-            yield from frames
+                return None
+            return writer.frames(reply_frame, reply)
+        return None
 
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
                       reader: FrameReader[Any]) -> Residual:
