@@ -230,7 +230,9 @@ class FrameReader(Generic[S]):
         return header
 
     def _plan(self, header: Any) -> None:
-        if count_values(header, self.max_values) > self.max_values:
+        # every Value takes at least two bytes: small headers cannot be over the limit
+        if (header.ByteSize() > 2 * self.max_values
+                and count_values(header, self.max_values) > self.max_values):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message holds more than {self.max_values} pytree nodes, this "
                               "server's limit")
