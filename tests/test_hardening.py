@@ -160,10 +160,11 @@ def test_a_jax_endpoint_keeps_a_bounded_number_of_compilations(serve) -> None:
 pytestmark_shm = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
 
 
-def names() -> list[str]:
+def names(server: Server) -> list[str]:
+    """The region names ``server`` has in /dev/shm."""
     import os
-    return sorted(n for n in os.listdir(shm.SHM_DIR)
-                  if n.startswith("gradserve-") and not n.endswith(".lock"))
+    prefix = f"gradserve-{server.sessions.settings.owner}-"
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
 
 
 def ask(region_bytes: int = 1 << 20) -> pb.OpenSessionRequest:
@@ -188,35 +189,63 @@ def test_an_unproved_session_holds_a_page_and_goes_within_seconds(serve) -> None
     stub = raw(server)
     opened = [stub.OpenSession(ask(1 << 30)) for _ in range(20)]   # 20 x 2 GiB asked for
     assert server.sessions.budget.used(pb.SHARED_MEMORY) == 20 * 4096   # 20 probes, no more
-    assert len(names()) == 20
+    assert len(names(server)) == 20
     assert not stub.KeepAlive(pb.SessionRequest(session_id=opened[0].session_id)).open
     legitimate_call_works(client)
     deadline = time.monotonic() + 10
     while server.sessions.count() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server.sessions.count() == 0 and not names()
+    assert server.sessions.count() == 0 and not names(server)
     assert server.sessions.budget.used(pb.SHARED_MEMORY) == 0
+
+
+def confirmed(stub: pb_grpc.GradserveStub) -> str:
+    """A session opened and proved the way a client does, with its regions confirmed."""
+    opened = stub.OpenSession(ask())
+    proved = stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=opened.session_id,
+                                                          proofs=probe_proofs(opened)))
+    stub.ConfirmSession(pb.ConfirmSessionRequest(session_id=opened.session_id,
+                                                 proofs=probe_proofs(proved)))
+    return opened.session_id
+
+
+def connection(server: Server) -> pb_grpc.GradserveStub:
+    """A stub on a connection of its own."""
+    return pb_grpc.GradserveStub(grpc.insecure_channel(
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)]))
 
 
 @pytestmark_shm
 def test_sessions_are_bounded_per_connection_and_per_server(serve) -> None:
     server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
                            max_sessions=3, max_sessions_per_peer=2)
-    stub = raw(server)
-    stub.OpenSession(ask())
-    stub.OpenSession(ask())
+    stub = connection(server)
+    confirmed(stub)
+    confirmed(stub)
     with pytest.raises(grpc.RpcError) as info:
         stub.OpenSession(ask())
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "this connection holds 2 same-host sessions" in info.value.details()
-    other = pb_grpc.GradserveStub(grpc.insecure_channel(      # a second connection
-        server.address, options=[("grpc.use_local_subchannel_pool", 1)]))
-    other.OpenSession(ask())
+    other = connection(server)
+    confirmed(other)
     with pytest.raises(grpc.RpcError) as info:
-        other.OpenSession(ask())
+        connection(server).OpenSession(ask())
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "this server holds 3 same-host sessions, its limit" in info.value.details()
     legitimate_call_works(client)
+
+
+@pytestmark_shm
+def test_unproved_sessions_cannot_lock_out_a_real_client(serve) -> None:
+    server, _ = serve({"mlp": mlp()}, client_options={"transport": "grpc"}, max_sessions=8,
+                      max_sessions_per_peer=100)
+    stub = connection(server)
+    openers = [stub.OpenSession(ask()) for _ in range(30)]     # never proved
+    assert server.sessions.count() <= 2                          # a quarter of the table
+    assert not stub.KeepAlive(pb.SessionRequest(session_id=openers[0].session_id)).open
+    with gradserve.connect(server.address) as client:
+        assert client.transport == "shm"
+        legitimate_call_works(client)
 
 
 @pytestmark_shm
@@ -267,7 +296,7 @@ def test_duplicate_confirmations_race_cleanly(serve) -> None:
         assert sorted(codes, key=str).count(grpc.StatusCode.OK) == 1
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
         stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
-    assert not names()
+    assert not names(server)
 
 
 @pytestmark_shm
@@ -303,27 +332,33 @@ def test_regions_of_dead_servers_are_removed_at_start_and_live_ones_kept() -> No
 def test_a_backward_in_flight_across_a_restart_is_re_sent() -> None:
     from models import local_input_grad
 
+    from faults import fault_client
+
     model = mlp()
     first = Server("127.0.0.1", 0)
     first.add_torch("mlp", model)
     first.start()
     port = first.port
-    client = gradserve.connect(first.address, transport="grpc", timeout=20)
+    client, channel = fault_client(first.address, transport="grpc", timeout=20)
     try:
         x = torch.randn(5, 6, requires_grad=True)
         ct = torch.randn(5, 4)
         y = client.torch("mlp")(x)                 # the forward ran on the first server
         first.stop(grace=0)                        # SIGTERM: its residuals are gone with it
-        second = Server("127.0.0.1", port)
+        servers: list[Server] = []
 
         def come_back() -> None:
-            time.sleep(0.5)
+            time.sleep(0.8)
+            second = Server("127.0.0.1", port)     # nothing listens on the port until now
             second.add_torch("mlp", model)
             second.start()
+            servers.append(second)
 
         threading.Thread(target=come_back).start()
         y.backward(ct)                             # UNAVAILABLE, then re-sent to the new one
+        assert channel.calls["Vjp"] >= 3           # refused at least twice before it landed
         torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-6, atol=1e-6)
+        second = servers[0]
         y = client.torch("mlp", timeout=1.0)(x)
         second.stop(grace=0)                       # and nobody comes back: it gives up in time
         start = time.monotonic()
@@ -473,3 +508,88 @@ def test_a_long_model_run_is_not_taken_for_a_stall(serve) -> None:
 
     _, client = serve({"slow": slow}, client_options={"transport": "grpc"}, idle_timeout=0.4)
     np.testing.assert_array_equal(client.forward("slow", (np.ones(3),)).outputs, 2 * np.ones(3))
+
+
+def test_parameters_nobody_reads_are_cancelled(serve) -> None:
+    big = torch.nn.Linear(1024, 2048)                 # 8 MiB of parameters
+    server, client = serve({"big": big, "mlp": mlp()}, client_options={"transport": "grpc"},
+                           idle_timeout=0.5)
+    channel = grpc.insecure_channel(server.address)
+    calls = [pb_grpc.GradserveStub(channel).GetParameters(
+        pb.GetParametersRequest(endpoint="big"), timeout=60) for _ in range(3)]
+    try:
+        time.sleep(2.5)
+        for call in calls:                             # each was cancelled, not left to hang
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+        legitimate_call_works(client)
+    finally:
+        channel.close()
+
+
+@pytestmark_shm
+def test_a_residual_made_while_its_session_ended_goes_too(serve) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def waits(x):
+        entered.set()
+        release.wait(10)
+        return x * 2
+
+    server, client = serve({"waits": waits})
+    x = torch.ones(8192, requires_grad=True)          # 32 KiB: through a request slot
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(client.torch("waits")(x)))
+    thread.start()
+    entered.wait(10)
+    server.sessions.close(client.session_info().id)   # ends while the forward runs
+    release.set()
+    thread.join(10)
+    assert client.describe("waits").residuals.count == 0
+    result[0].sum().backward()                        # recomputed
+    assert torch.equal(x.grad, torch.full((8192,), 2.0))
+
+
+@pytestmark_shm
+def test_growth_waits_for_a_spent_budget_rather_than_giving_up(serve) -> None:
+    from faults import fault_client
+
+    server, _ = serve({"double": lambda x: x * 2}, client_options={"transport": "grpc"},
+                      max_shm_total_bytes=(2 << 20) + (4 << 20) + (1 << 20))
+    client, channel = fault_client(server.address, arena_bytes=1 << 20)
+    hog = gradserve.connect(server.address, arena_bytes=2 << 20)   # takes 4 MiB of the 7
+    try:
+        big = np.ones(1 << 20, np.float32)           # 4 MiB: growing needs 8 MiB, not there
+        np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
+        assert channel.calls["GrowSession"] == 1
+        hog.close()
+        time.sleep(1.1)                                # past the retry interval
+        mid = np.ones(3 << 17, np.float32)             # 1.5 MiB: fits once the budget freed up
+        np.testing.assert_array_equal(client.forward("double", (mid,)).outputs, 2 * mid)
+        assert channel.calls["GrowSession"] == 2
+        assert client.session_info().sizes("shared-memory", "request") == [1 << 20, 3 << 19]
+    finally:
+        client.close()
+
+
+@pytestmark_shm
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="needs root to make another user's files")
+def test_the_sweep_leaves_other_users_files_alone() -> None:
+    import os
+
+    theirs = [f"gradserve-{'f' * 16}-{'a' * 32}-req", f"gradserve-{'f' * 16}.lock"]
+    for name in theirs:
+        path = os.path.join(shm.SHM_DIR, name)
+        with open(path, "wb") as f:
+            f.write(b"x")
+        os.chown(path, 12345, 12345)
+    try:
+        server = Server("127.0.0.1", 0)
+        server.start()                                 # sweeps, and must not fail or touch them
+        server.stop(grace=0)
+        assert all(name in os.listdir(shm.SHM_DIR) for name in theirs)
+    finally:
+        for name in theirs:
+            os.unlink(os.path.join(shm.SHM_DIR, name))

@@ -17,6 +17,8 @@ RESIDUAL_MISSING = "residual-missing"
 SESSION_MISSING = "session-missing"
 #: Reason sent when a session's regions cannot grow at all any more (its limit is reached).
 REGIONS_AT_LIMIT = "regions-at-limit"
+#: Reason sent when the server's memory for all sessions is spent for now (it may free up).
+BUDGET_SPENT = "budget-spent"
 
 
 class GradserveError(Exception):

@@ -25,7 +25,7 @@ from gradserve import frameworks
 from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
 from gradserve.errors import (DeadlineExceeded, GradserveError, RemoteError, ResidualMissing,
-                              SessionMissing, Unavailable, from_rpc_error)
+                              ResourceExhausted, SessionMissing, Unavailable, from_rpc_error)
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import codec, dtypes
@@ -339,8 +339,7 @@ class Client:
                 return vjp(False)
             except ResidualMissing:
                 residual.detach()
-            except Unavailable:
-                residual.detach()   # whoever answers next will not hold it
+            except Unavailable:   # the id goes along with the inputs: a server back may hold it
                 if time.monotonic() >= until:
                     raise
         pause = 0.05
@@ -483,6 +482,10 @@ class Client:
             except (Unavailable, DeadlineExceeded) as err:   # no server there yet: ask later
                 self._negotiate_at = time.monotonic() + RENEGOTIATE_SECONDS
                 self.fallback_reason = f"the server is not reachable yet ({err.message})"
+                return
+            except ResourceExhausted as err:   # its sessions are all taken: ask later
+                self._negotiate_at = time.monotonic() + 10 * RENEGOTIATE_SECONDS
+                self.fallback_reason = f"the server has no room for a session now ({err.message})"
                 return
             except RemoteError as err:
                 reasons = {t.name: str(err) for t in usable}

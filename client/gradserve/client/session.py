@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 import grpc
 
 from gradserve.client.transports.base import ClientTransport
-from gradserve.errors import REGIONS_AT_LIMIT, GradserveError, ResourceExhausted, from_rpc_error
+from gradserve.errors import BUDGET_SPENT, REGIONS_AT_LIMIT, GradserveError, ResourceExhausted, \
+    from_rpc_error
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data
 from gradserve.wire.slots import SessionInfo, Slots
@@ -86,6 +87,8 @@ class Session(Slots[ClientTransport]):
                                pb.ConfirmSessionRequest(session_id=session.id, proofs=proofs),
                                timeout)
                 refused(proved.refused)
+                for transport in asked:
+                    transport.confirmed(set(proved.ready))
                 if proved.regions:
                     confirmed = _call(stub.ConfirmSession, pb.ConfirmSessionRequest(
                         session_id=session.id, proofs=attach(proved.regions)), timeout)
@@ -159,7 +162,10 @@ class Session(Slots[ClientTransport]):
                 if failures:
                     raise GradserveError("; ".join(failures))
             except ResourceExhausted as err:
-                self._refused[kind] = 0 if err.reason == REGIONS_AT_LIMIT else min_bytes
+                if err.reason == BUDGET_SPENT:     # the server's memory: it may free up
+                    self._grow_retry[kind] = time.monotonic() + GROW_RETRY_SECONDS
+                else:
+                    self._refused[kind] = 0 if err.reason == REGIONS_AT_LIMIT else min_bytes
                 log.info("gradserve: %s regions do not grow for %d bytes (%s); such payloads "
                          "travel as bytes", transport.label, min_bytes, err.message)
                 return False

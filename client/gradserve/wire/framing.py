@@ -45,6 +45,16 @@ class SlotWriter(Protocol):
         """Make what ``place`` wrote visible to the receiver; called before sending."""
 
 
+class Holder(Protocol):
+    """A bound on bytes held across messages (the server's requests in flight)."""
+
+    def take(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more, or raise RESOURCE_EXHAUSTED."""
+
+    def give(self, nbytes: int) -> None:
+        """Return held bytes."""
+
+
 class SlotReader(Protocol):
     """Checks and views the slots a message refers to (a same-host session)."""
 
@@ -85,8 +95,24 @@ def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tupl
             yield from tensors(val, sub, kind)
 
 
+def _holds_values(descriptor: Any, seen: set[str] | None = None) -> bool:
+    """Whether messages of this type can contain a ``Value``."""
+    if descriptor.full_name == pb.Value.DESCRIPTOR.full_name:
+        return True
+    seen = seen if seen is not None else set()
+    if descriptor.full_name in seen:
+        return False
+    seen.add(descriptor.full_name)
+    return any(f.message_type is not None and _holds_values(f.message_type, seen)
+               for f in descriptor.fields)
+
+
+_VALUE_HOLDERS: dict[str, bool] = {}
+
+
 def count_values(msg: Message, limit: int) -> int:
-    """How many pytree nodes (``Value``s) ``msg`` holds, counting no further than ``limit + 1``."""
+    """How many pytree nodes (``Value``s) ``msg`` holds, counting no further than ``limit + 1``
+    (fields that cannot hold one are not walked)."""
     count = 0
     stack: list[Message] = [msg]
     while stack and count <= limit:
@@ -94,7 +120,13 @@ def count_values(msg: Message, limit: int) -> int:
         if isinstance(node, pb.Value):
             count += 1
         for field, val in node.ListFields():
-            if field.message_type is not None:
+            kind = field.message_type
+            if kind is None:
+                continue
+            holds = _VALUE_HOLDERS.get(kind.full_name)
+            if holds is None:
+                holds = _VALUE_HOLDERS[kind.full_name] = _holds_values(kind)
+            if holds:
                 if field.is_repeated:
                     stack.extend(val)
                 else:
@@ -187,9 +219,11 @@ class FrameReader(Generic[S]):
 
     def __init__(self, max_bytes: int, on_frame: Callable[[int], None] | None = None,
                  slots_for: Callable[[Any], S | None] | None = None,
-                 max_values: int = 1 << 62):
+                 max_values: int = 1 << 62, holder: Holder | None = None):
         self.max_bytes = max_bytes
         self.max_values = max_values
+        self._holder = holder
+        self._held = 0
         self._on_frame = on_frame
         self._slots_for = slots_for
         self.slots: S | None = None
@@ -200,7 +234,7 @@ class FrameReader(Generic[S]):
         self._unviewed: dict[tuple[int, int], pb.SlotRef] = {}
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
-        self._pending: dict[int, list[bytes]] = {}   # chunks of streams not yet given a buffer
+        self._pending: dict[int, bytearray] = {}   # bytes of streams not yet given a buffer
         self._filled: dict[int, int] = {}
         #: whether the message named slots of a same-host session
         self.used_slots = False
@@ -236,15 +270,17 @@ class FrameReader(Generic[S]):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message holds more than {self.max_values} pytree nodes, this "
                               "server's limit")
-        total = 0
+        total = held = 0
         slots = self.slots
         inline_below = slots.inline_below if slots is not None else 1 << 62
         for path, msg in tensors(header):
             size = tensor_nbytes(path, msg)
             total += size
             kind = msg.WhichOneof("payload")
-            if kind in ("data", "stream") and size >= inline_below:
-                self.spilled = max(self.spilled, size)
+            if kind in ("data", "stream"):
+                held += size
+                if size >= inline_below:
+                    self.spilled = max(self.spilled, size)
             if kind == "data":
                 if len(msg.data) != size:
                     raise invalid(f"{path}: payload has {len(msg.data)} bytes but dtype "
@@ -268,6 +304,9 @@ class FrameReader(Generic[S]):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message carries {total} tensor bytes, over the limit of "
                               f"{self.max_bytes}")
+        if self._holder is not None and held:
+            self._holder.take(held)
+            self._held = held
 
     def _append(self, chunk: pb.Chunk) -> None:
         if chunk.id not in self._expected:
@@ -284,19 +323,21 @@ class FrameReader(Generic[S]):
                 buf = self._buffers[chunk.id] = mmap.mmap(-1, size)
             elif end * EAGER_FRACTION >= size:
                 buf = self._buffers[chunk.id] = bytearray(size)
-                at = 0
-                for piece in self._pending.pop(chunk.id, ()):
-                    buf[at:at + len(piece)] = piece
-                    at += len(piece)
+                pending = self._pending.pop(chunk.id, b"")
+                buf[:len(pending)] = pending
             else:
-                self._pending.setdefault(chunk.id, []).append(chunk.data)
+                self._pending.setdefault(chunk.id, bytearray()).extend(chunk.data)
                 return
         buf[start:end] = chunk.data
 
     def close(self) -> None:
-        """Let go of every buffer now (a failed call's reader may live on in a traceback)."""
+        """Let go of every buffer now (a failed call's reader may live on in a traceback;
+        arrays made from a buffer keep it alive themselves) and of the bytes held."""
         self._buffers.clear()
         self._pending.clear()
+        held, self._held = self._held, 0
+        if self._holder is not None and held:
+            self._holder.give(held)
 
     def unviewed(self) -> list[pb.SlotRef]:
         """Slots the header named that were never viewed (to report free after a failure)."""

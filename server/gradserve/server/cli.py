@@ -169,6 +169,8 @@ SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("residual_ttl", float, "seconds an unused residual lives"),
     ("max_request_bytes", _byte_size, "tensor bytes of one request"),
     ("max_request_values", int, "pytree nodes (tensors, scalars, containers) of one request"),
+    ("max_inflight_bytes", _byte_size, "request bytes all calls together may hold (None: "
+                                       "--max-request-bytes)"),
     ("idle_timeout", float, "seconds a request stream may stay silent before it is cancelled"),
     ("shm_arena_bytes", _byte_size, "each shared-memory region of a new same-host session"),
     ("max_shm_arena_bytes", _byte_size, "shared memory of one session, each way"),
@@ -204,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     defaults = inspect.signature(Server).parameters
     for option, kind, text in SERVER_OPTIONS:
         default = defaults[option].default
-        shown = _size(default) if kind is _byte_size else default
+        shown = _size(default) if kind is _byte_size and default is not None else default
         s.add_argument("--" + option.replace("_", "-"), type=kind, default=default,
                        help=f"{text} (default: {shown})")
     s.add_argument("--health-port", type=int, default=None,

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.server.endpoint import Endpoint, build_endpoint
+from gradserve.server.health_port import HealthPort
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.service import GradserveService, Limits
@@ -28,6 +29,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gradserve"].full_name
 GiB = 1 << 30
 #: Seconds ``Server.stop`` waits past its grace for gRPC to finish stopping.
 STOP_SECONDS = 5.0
+#: Calls beyond ``max_streams`` gRPC still admits: the unary ones (keep-alives, releases,
+#: Describe, sessions) that Forward/Vjp streams must not crowd out.
+CONTROL_CALLS = 16
 
 
 class Server:
@@ -43,11 +47,13 @@ class Server:
     (clients chunk larger tensors); ``chunk_bytes`` is the size of the chunks
     it sends; a request stream that sends nothing for ``idle_timeout`` seconds
     or replies too slowly (under ``min_stream_rate`` bytes a second on average) is
-    cancelled. At most ``workers`` forwards and backwards run at once and
-    ``max_streams`` calls are open at once (more are refused with
-    RESOURCE_EXHAUSTED), ``max_streams_per_peer`` Forward/Vjp streams per
-    connection. ``health_port`` serves the health service alone on its own
-    port and threads, so probes are answered whatever the main port is busy with.
+    cancelled. At most ``workers`` forwards and backwards run at once,
+    ``max_streams`` Forward/Vjp/GetParameters calls are open at once (more are
+    refused with RESOURCE_EXHAUSTED; unary calls have room of their own),
+    ``max_streams_per_peer`` per connection, and all requests together hold at
+    most ``max_inflight_bytes`` (default: ``max_request_bytes``). ``health_port`` serves the health service alone on its own
+    port (bound at ``start``) and event loop, so probes are answered whatever
+    the main port is busy with.
     Same-host clients get sessions whose shared-memory regions start at
     ``shm_arena_bytes`` and grow on demand up to ``max_shm_arena_bytes`` each
     way (memory is reserved as they grow), dropped when not heard from for
@@ -72,11 +78,12 @@ class Server:
                  max_residuals: int = 100_000,
                  max_request_bytes: int = 16 * GiB, max_message_bytes: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, idle_timeout: float = 30.0,
-                 shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 4 * GiB,
+                 shm_arena_bytes: int = 16 << 20, max_shm_arena_bytes: int = 2 * GiB,
                  session_lease: float = 30.0, max_shm_total_bytes: int = 8 * GiB,
                  cuda_pool_bytes: int = 256 << 20, max_cuda_pool_bytes: int = 4 * GiB,
                  max_cuda_total_bytes: int = 8 * GiB, max_sessions: int = 256,
-                 max_sessions_per_peer: int = 16, session_proof_seconds: float = 5.0,
+                 max_sessions_per_peer: int = 16, session_proof_seconds: float = 10.0,
+                 max_inflight_bytes: int | None = None,
                  max_request_values: int = 10_000,
                  reuse_port: bool = False, debug: bool = False):
         self.host = host
@@ -92,13 +99,15 @@ class Server:
         self.service = GradserveService(
             self.registry, self.residuals, self.sessions,
             Limits(chunk_bytes, max_request_bytes, idle_timeout, max_request_values, workers,
-                   max_streams_per_peer, min_stream_rate), debug)
+                   max_streams_per_peer, min_stream_rate, max_streams,
+                   max_request_bytes if max_inflight_bytes is None else max_inflight_bytes), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
         # a thread per open call (a call reading its request or draining its reply holds
         # one); the model runs in at most `workers` of them at once
-        self._executor = futures.ThreadPoolExecutor(max_workers=max_streams + 2,
-                                                    thread_name_prefix="gradserve")
-        self._grpc = grpc.server(self._executor, maximum_concurrent_rpcs=max_streams, options=[
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=max_streams + CONTROL_CALLS + 2, thread_name_prefix="gradserve")
+        self._grpc = grpc.server(self._executor,
+                                 maximum_concurrent_rpcs=max_streams + CONTROL_CALLS, options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if reuse_port else 0)])
@@ -108,17 +117,8 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = _bind(self._grpc, host, port)
-        self._health_executor: futures.ThreadPoolExecutor | None = None
-        self._health_grpc: grpc.Server | None = None
-        #: the health service's own port (None: only the main port serves it)
-        self.health_port: int | None = None
-        if health_port is not None:
-            self._health_executor = futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="gradserve-health")
-            self._health_grpc = grpc.server(self._health_executor, options=[
-                ("grpc.so_reuseport", 1 if reuse_port else 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
-            self.health_port = _bind(self._health_grpc, host, health_port)
+        self._health_port = (HealthPort(host, health_port, reuse_port)
+                             if health_port is not None else None)
         self._started = False
         self._stopped = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -138,7 +138,7 @@ class Server:
         served.debug = served.debug or self.debug
         self.registry.add(name, served)
         if self._started:
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._serving(name)
         return served
 
     def add_torch(self, name: str, fn: Callable[..., Any], **options: Any) -> Endpoint:
@@ -154,19 +154,29 @@ class Server:
         """Start serving, and the threads that free memory and end stalled streams (memory
         that servers which died left behind is cleaned up first)."""
         self.sessions.start()
+        if self._health_port is not None:
+            self._health_port.start(_bind)
         self._grpc.start()
-        if self._health_grpc is not None:
-            self._health_grpc.start()
         self._started = True
         self.residuals.dropper.start()
         self.service.watch.start()
         self._sweeper = threading.Thread(target=self._sweep, name="gradserve-ttl", daemon=True)
         self._sweeper.start()
         for name in ("", SERVICE_NAME, *(e.name for e in self.registry.all())):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._serving(name)
         log.info("gradserve listening on %s with endpoints %s", self.address,
                  ", ".join(e.name for e in self.registry.all()) or "(none)")
         return self
+
+    @property
+    def health_port(self) -> int | None:
+        """The health service's own port, once started (None: only the main port)."""
+        return self._health_port.port if self._health_port is not None else None
+
+    def _serving(self, name: str) -> None:
+        self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._health_port is not None:
+            self._health_port.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` passes); True if it stopped."""
@@ -177,12 +187,11 @@ class Server:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, free
         residuals and sessions, and end every thread ``start`` started."""
         self._health.enter_graceful_shutdown()
+        if self._health_port is not None:   # probes now fail: this replica is going
+            self._health_port.stop(STOP_SECONDS)
         if not self._grpc.stop(grace).wait((grace or 0.0) + STOP_SECONDS):
             log.warning("gradserve: calls still running %.1f s after the grace; stopping anyway",
                         STOP_SECONDS)
-        if self._health_grpc is not None and self._health_executor is not None:
-            self._health_grpc.stop(0).wait(STOP_SECONDS)
-            self._health_executor.shutdown(wait=False)
         self._stopped.set()
         if self._sweeper is not None:
             self._sweeper.join()
@@ -195,7 +204,9 @@ class Server:
 
     def _sweep(self) -> None:
         """Drop expired residuals and sessions even while no call arrives."""
-        interval = min(max(min(self.residuals.ttl, self.sessions.lease) / 4, 0.05), 30.0)
+        settings = self.sessions.settings
+        interval = min(max(min(self.residuals.ttl, settings.lease,
+                               settings.unconfirmed_seconds) / 4, 0.05), 30.0)
         while not self._stopped.wait(interval):
             self.residuals.sweep()
             self.sessions.sweep()

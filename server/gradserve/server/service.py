@@ -44,7 +44,9 @@ class Limits:
     max_request_values: int = 10_000      # most pytree nodes one request may hold
     workers: int = 8                      # forwards and backwards running at once
     max_streams_per_peer: int = 32        # Forward/Vjp streams one connection may hold open
-    min_stream_rate: float = 256 << 10    # bytes/s a stream must average past idle_seconds
+    min_stream_rate: float = 256 << 10    # bytes/s a connection must average past idle_seconds
+    max_streams: int = 64                 # Forward/Vjp streams open at once
+    max_inflight_bytes: int = 16 << 30    # request bytes all calls together may hold
 
 
 #: Signature results kept, across endpoints (input signatures seen most recently).
@@ -56,9 +58,9 @@ SIGNATURE_KEY_BYTES = 64 << 10
 class StreamWatch:
     """Cancels streams that stall, so they cannot pin worker threads: reading a request or
     draining a reply, a stream is cancelled when no frame moved for ``idle_seconds``, or
-    when, past its first ``idle_seconds``, it averaged fewer than ``min_rate`` bytes a
-    second (one byte now and then does not keep it alive). Running the model is not
-    watched."""
+    when, past its first ``idle_seconds``, its connection's streams together averaged fewer
+    than ``min_rate`` bytes a second (one byte now and then does not keep it alive; many
+    streams sharing one link are judged together). Running the model is not watched."""
 
     def __init__(self, idle_seconds: float, min_rate: float):
         self.idle_seconds = idle_seconds
@@ -104,19 +106,59 @@ class StreamWatch:
         while not self._stopped.wait(min(1.0, self.idle_seconds / 4)):
             now = time.monotonic()
             with self._lock:
-                stalled = [(c, e) for c, e in self._watched.items() if self._stalled(e, now)]
-            for context, (started, last, nbytes) in stalled:
-                log.warning("cancelling a stream of %s: %.0f bytes in %.1f s, last frame %.1f s "
-                            "ago (limits: %.1f s idle, %.0f bytes/s)", context.peer(), nbytes,
-                            now - started, now - last, self.idle_seconds, self.min_rate)
+                watched = list(self._watched.items())
+            rates: dict[str, tuple[float, float]] = {}   # peer -> (bytes, longest elapsed)
+            peers = {}
+            for context, (started, _, nbytes) in watched:
+                peer = peers[context] = context.peer()
+                total, longest = rates.get(peer, (0.0, 0.0))
+                rates[peer] = (total + nbytes, max(longest, now - started))
+            for context, entry in watched:
+                started, last, nbytes = entry
+                total, longest = rates[peers[context]]
+                idle = now - last > self.idle_seconds
+                slow = (now - started > self.idle_seconds
+                        and total / max(longest, 1e-9) < self.min_rate)
+                if not (idle or slow):
+                    continue
+                with self._lock:
+                    if self._watched.get(context) is not entry:
+                        continue   # it moved on to its next phase meanwhile
+                log.warning("cancelling a stream of %s: %.0f bytes in %.1f s, last frame %.1f "
+                            "s ago (limits: %.1f s idle, %.0f bytes/s a connection)",
+                            peers[context], nbytes, now - started, now - last,
+                            self.idle_seconds, self.min_rate)
                 context.cancel()
 
-    def _stalled(self, entry: list[float], now: float) -> bool:
-        started, last, nbytes = entry
-        if now - last > self.idle_seconds:
-            return True
-        elapsed = now - started
-        return elapsed > self.idle_seconds and nbytes / elapsed < self.min_rate
+
+class InFlight:
+    """Request bytes all calls together hold while they are read and run (a stream's
+    buffers, inline payloads), bounded: a request past it is refused."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more; RESOURCE_EXHAUSTED when they would pass the limit."""
+        with self._lock:
+            if self._held + nbytes > self.limit:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"the server holds {self._held} bytes of requests, and "
+                                  f"{nbytes} more would pass its limit of {self.limit}")
+            self._held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        """Return bytes ``take`` held."""
+        with self._lock:
+            self._held -= nbytes
+
+    @property
+    def held(self) -> int:
+        """Bytes held now."""
+        with self._lock:
+            return self._held
 
 
 class GradserveService(pb_grpc.GradserveServicer):
@@ -132,6 +174,8 @@ class GradserveService(pb_grpc.GradserveServicer):
         #: Signature results by the request's bytes (``clear()`` forgets them)
         self.signatures: LRU[bytes, pb.Value] = LRU(SIGNATURE_CACHE_SIZE)
         self.watch = StreamWatch(limits.idle_seconds, limits.min_stream_rate)
+        #: request bytes all calls together hold now (bounded by ``max_inflight_bytes``)
+        self.inflight = InFlight(limits.max_inflight_bytes)
         self._running = threading.BoundedSemaphore(limits.workers)
         self._streams: collections.Counter[str] = collections.Counter()
         self._streams_lock = threading.Lock()
@@ -165,7 +209,10 @@ class GradserveService(pb_grpc.GradserveServicer):
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
             frames = writer.frames(pb.GetParametersFrame, header)
         if frames is not None:
-            yield from frames
+            with self.watch.watching(context) as touch:
+                for frame in frames:
+                    touch(frame.ByteSize())
+                    yield frame
 
     def Signature(self, request: pb.SignatureRequest,
                   context: grpc.ServicerContext) -> pb.SignatureResponse:
@@ -183,7 +230,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                                                        max_values=self.limits.max_request_values)
                 call = reader.read([pb.ForwardFrame(header=call)])
                 inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
-                types = endpoint.signature(inputs)
+                with self._running:   # a fake-tensor trace, a compile, or a dry run
+                    types = endpoint.signature(inputs)
                 outputs = codec.encode(types, FrameWriter(inline_bytes=1 << 62), path="outputs")
                 if cacheable:
                     self.signatures.put(key, outputs)
@@ -244,9 +292,13 @@ class GradserveService(pb_grpc.GradserveServicer):
             endpoint = self.registry.get(request.endpoint)
             made = endpoint.forward(self._inputs(endpoint, request, reader), request.need_vjp)
             # a residual viewing session memory goes when the session does
-            session = reader.slots.id if reader.slots is not None and reader.used_slots else ""
-            rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes, session)
+            slots = reader.slots if reader.used_slots else None
+            rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes,
+                                      slots.id if slots is not None else "")
                    if made.residual is not None else "")
+            if rid and slots is not None and slots.closed:   # it ended while this ran
+                self.residuals.release([rid])
+                rid = ""
             reply = pb.ForwardResponse(outputs=codec.encode(made.outputs, writer, path="outputs"),
                                        residual_id=rid)
             return reply, made
@@ -275,11 +327,18 @@ class GradserveService(pb_grpc.GradserveServicer):
         holds at most ``max_streams_per_peer`` such streams."""
         peer = context.peer()
         with self._streams_lock:
-            admitted = self._streams[peer] < self.limits.max_streams_per_peer
+            mine, total = self._streams[peer], sum(self._streams.values())
+            refusal = ""
+            if mine >= self.limits.max_streams_per_peer:
+                refusal = (f"this connection has {mine} Forward/Vjp calls open, the limit of "
+                           "one connection")
+            elif total >= self.limits.max_streams:
+                refusal = f"this server has {total} Forward/Vjp calls open, its limit"
+            admitted = not refusal
             if admitted:
                 self._streams[peer] += 1
         try:
-            frames = self._reply(request_iterator, context, reply_frame, run, admitted)
+            frames = self._reply(request_iterator, context, reply_frame, run, refusal)
             if frames is not None:
                 with self.watch.watching(context) as touch:
                     for frame in frames:
@@ -294,19 +353,17 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def _reply(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
                reply_frame: type, run: Callable[..., tuple[Any, Any]],
-               admitted: bool) -> Iterator[Any] | None:
+               refusal: str) -> Iterator[Any] | None:
         """The reply frames of one framed call, or None once it failed (aborted)."""
         session: ServerSession | None = None
         writer: FrameWriter | None = None
         with self._status(context):
-            if not admitted:
-                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"this connection has {self.limits.max_streams_per_peer} "
-                                  "Forward/Vjp calls open, the limit of one connection")
+            if refusal:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             with self.watch.watching(context) as touch:
                 reader: FrameReader[ServerSession] = FrameReader(
                     self.limits.max_request_bytes, touch, self._slots_for,
-                    self.limits.max_request_values)
+                    self.limits.max_request_values, self.inflight)
                 try:
                     request = reader.read(request_iterator)
                 except BaseException:
@@ -316,12 +373,16 @@ class GradserveService(pb_grpc.GradserveServicer):
             writer = FrameWriter(self.limits.chunk_bytes, slots=session)
             try:
                 with self._running:
+                    if not context.is_active():   # it waited its turn, and its client left
+                        reader.close()
+                        return None
                     reply, made = run(request, reader, writer)
                     writer.flush()
             except BaseException:
                 _free_placed(session, writer)   # no reply names them
                 reader.close()
                 raise
+            reader.close()   # the arrays made from its buffers keep what they still need
             self.residuals.dropper.drop((made, reader, request))
             del made, reader, request
             if not context.is_active():   # the client gave up: nobody will view them

@@ -149,17 +149,7 @@ class SessionManager:
         if len(set(kinds)) != len(kinds):
             raise invalid(f"OpenSession asks for a region kind twice ({kinds})")
         self.sweep()
-        with self._lock:
-            held = len(self._sessions)
-            mine = sum(1 for s in self._sessions.values() if s.peer == peer)
-        if held >= self.settings.max_sessions:
-            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"this server holds {held} same-host sessions, its limit")
-        if peer and mine >= self.settings.max_sessions_per_peer:
-            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"this connection holds {mine} same-host sessions, the limit of "
-                              "one connection")
-        session = ServerSession(secrets.token_urlsafe(16), peer)
+        session = self._admit(peer)
         reply = pb.OpenSessionResponse(lease_seconds=self.settings.lease)
         try:
             for asked in request.transports:
@@ -174,16 +164,50 @@ class SessionManager:
                 except Refusal as why:
                     reply.refused.add(kind=asked.kind, reason=str(why))
                     continue
-                session.transports.append(transport)
-                reply.regions.extend(session.expect(transport, made))
+                with session.lock:
+                    if session.closed:   # swept or evicted while its probes were made
+                        transport.close()
+                        break
+                    session.transports.append(transport)
+                    reply.regions.extend(session.expect(transport, made))
         except BaseException:
-            session.close()
+            self.close(session.id)
             raise
         if reply.regions:
             reply.session_id = session.id
-            with self._lock:
-                self._sessions[session.id] = session
+            session.opened = time.monotonic()   # the proof window starts when the probes exist
+        else:
+            self.close(session.id)
         return reply
+
+    def _admit(self, peer: str) -> ServerSession:
+        """A new, unconfirmed session, counted at once against the limits (RESOURCE_EXHAUSTED
+        past them). Unconfirmed sessions may take a quarter of the table: past that the
+        oldest one gives way, so clients that never prove anything cannot lock others out."""
+        settings = self.settings
+        evicted = None
+        with self._lock:
+            sessions = list(self._sessions.values())
+            mine = sum(1 for s in sessions if s.peer == peer)
+            if peer and mine >= settings.max_sessions_per_peer:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"this connection holds {mine} same-host sessions, the limit of "
+                                  "one connection")
+            waiting = sorted((s for s in sessions if not s.confirmed), key=lambda s: s.opened)
+            if waiting and len(waiting) >= max(1, settings.max_sessions // 4):
+                evicted = waiting[0]
+                del self._sessions[evicted.id]
+            elif len(sessions) >= settings.max_sessions:
+                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"this server holds {len(sessions)} same-host sessions, its "
+                                  "limit")
+            session = ServerSession(secrets.token_urlsafe(16), peer)
+            self._sessions[session.id] = session
+        if evicted is not None:
+            evicted.close()
+            if self.on_close is not None:
+                self.on_close(evicted.id)
+        return session
 
     def confirm(self, request: pb.ConfirmSessionRequest) -> pb.ConfirmSessionResponse:
         """Check the nonces the client read back; make the regions the proved probes stand

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import grpc
 
-from gradserve.errors import REGIONS_AT_LIMIT, StatusError
+from gradserve.errors import BUDGET_SPENT, REGIONS_AT_LIMIT, StatusError
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.slots import ALIGN, KIND_NAMES, NONCE_BYTES, Arena, Region, RegionTransport
 
@@ -70,7 +70,7 @@ class Budget:
                 raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"this server's {KIND_NAMES.get(kind, kind)} budget{where} is "
                                   f"spent: {used} of {limit} bytes held, {nbytes} more asked for",
-                                  REGIONS_AT_LIMIT)
+                                  BUDGET_SPENT)
             self._used[(kind, device)] = used + nbytes
 
     def give(self, kind: int, device: str, nbytes: int) -> None:

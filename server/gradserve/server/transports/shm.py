@@ -23,11 +23,12 @@ import mmap
 import os
 import re
 import secrets
+import threading
 
 import grpc
 
 from gradserve.client.transports.shm import SHM_DIR, SHM_MIN_BYTES, available
-from gradserve.errors import REGIONS_AT_LIMIT, StatusError, invalid
+from gradserve.errors import BUDGET_SPENT, REGIONS_AT_LIMIT, StatusError, invalid
 from gradserve.server.transports.base import PROBE_BYTES, Budget, NewRegion, NextIndex, Refusal, \
     ServerTransport, SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
@@ -102,39 +103,61 @@ class Owner:
             os.close(fd)
 
 
-#: The running servers' claims, by token.
+#: The running servers' claims, by token ("": this process's own, see process_owner).
 _OWNERS: dict[str, Owner] = {}
+_OWNERS_LOCK = threading.Lock()
 log = logging.getLogger("gradserve.server")
 
 
 def sweep_stale() -> int:
-    """Remove the regions (and lock files) of servers no longer running; how many names."""
+    """Remove the regions (and lock files) this user's servers left when they died; how many
+    names. Other users' files, and names whose owner still holds its lock, are left alone."""
     if available():
         return 0
-    names = os.listdir(SHM_DIR)
-    owners = {m.group(1) for n in names for m in [_OWNED.match(n) or _LOCK.match(n)] if m}
-    removed = 0
-    for owner in owners:
-        lock = os.path.join(SHM_DIR, f"gradserve-{owner}.lock")
+    me = os.geteuid()
+    owners: dict[str, list[str]] = {}
+    for name in os.listdir(SHM_DIR):
+        match = _OWNED.match(name) or _LOCK.match(name)
         try:
-            fd = os.open(lock, os.O_RDWR)
+            if match and os.stat(os.path.join(SHM_DIR, name)).st_uid == me:
+                owners.setdefault(match.group(1), []).append(name)
+        except OSError:
+            continue                    # gone meanwhile
+    removed = 0
+    for owner, names in owners.items():
+        try:
+            fd = os.open(os.path.join(SHM_DIR, f"gradserve-{owner}.lock"), os.O_RDWR)
         except FileNotFoundError:
             fd = None
+        except OSError:
+            continue                    # not ours to judge
         try:
             if fd is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                except OSError:
                     continue            # its server still runs
             for name in names:
-                match = _OWNED.match(name) or _LOCK.match(name)
-                if match and match.group(1) == owner:
-                    unlink(name)
+                try:
+                    os.unlink(os.path.join(SHM_DIR, name))
                     removed += 1
+                except OSError:
+                    pass
         finally:
             if fd is not None:
                 os.close(fd)
     return removed
+
+
+def process_owner() -> str:
+    """A token claimed for this process, for regions made outside a ``Server`` (which has
+    its own)."""
+    with _OWNERS_LOCK:
+        owner = _OWNERS.get("")
+        if owner is None:
+            owner = _OWNERS[""] = Owner(secrets.token_hex(8))
+            owner.acquire()
+        return owner.token
 
 
 class ShmTransport(ServerTransport):
@@ -199,9 +222,10 @@ class ShmTransport(ServerTransport):
         size = max(MIN_REGION_BYTES, -(-min(max(request.min_bytes, total), room) // ALIGN) * ALIGN)
         try:
             return self._make([("req", pb.REQUEST), ("rep", pb.REPLY)], size, next_index)
-        except OSError as err:
+        except OSError as err:   # /dev/shm full: as the budget, it may free up
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"cannot create {size} bytes of shared memory: {err}") from None
+                              f"cannot create {size} bytes of shared memory: {err}",
+                              BUDGET_SPENT) from None
 
     def _make(self, kinds: list[tuple[str, pb.Direction]], size: int,
               next_index: NextIndex) -> list[NewRegion]:
@@ -209,7 +233,7 @@ class ShmTransport(ServerTransport):
         (OSError, or RESOURCE_EXHAUSTED from the budget) none, and no name left behind.
         Each region holds its share of the budget until it is removed."""
         self.reserve(size * len(kinds))
-        names = [new_name(self.settings.owner or "0" * 16, kind) for kind, _ in kinds]
+        names = [new_name(self.settings.owner or process_owner(), kind) for kind, _ in kinds]
         indices = [next_index() for _ in kinds]
         made: list[NewRegion] = []
         try:
