@@ -215,3 +215,13 @@ def test_adapters_are_found_by_the_arrays_module_without_prior_imports() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["torch", "torch", "None", "numpy"]
+
+
+def test_a_tensor_type_equals_the_spec_without_wildcards_that_matches_it() -> None:
+    from gradserve import TensorSpec, TensorType
+
+    assert TensorType((3, 2), "float64") == TensorSpec((3, 2), "float64")
+    assert TensorSpec((3, 2), "float64") == TensorType((3, 2), "float64")
+    assert TensorType((3, 2), "float64") != TensorSpec((None, 2), "float64")
+    assert TensorType((3, 2), "float64") != TensorSpec((3, 2), "float32")
+    assert len({TensorType((3,), "int8"), TensorSpec((3,), "int8")}) == 1

@@ -9,13 +9,24 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import dtypes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorType:
     """A concrete tensor type: every dimension and the dtype known (e.g. an abstract
-    input of :meth:`Client.signature`, or one of its results)."""
+    input of :meth:`Client.signature`, or one of its results). It equals the
+    :class:`TensorSpec` that has no wildcard and matches it."""
 
     shape: tuple[int, ...]
     dtype: str
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TensorSpec):
+            other = other.concrete()
+        if isinstance(other, TensorType):
+            return (tuple(self.shape), self.dtype) == (tuple(other.shape), other.dtype)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.shape), self.dtype))
 
     def to_pb(self, name: str = "") -> pb.TensorSpec:
         """The wire form."""
