@@ -245,3 +245,12 @@ def test_the_client_core_and_the_wire_name_no_framework_and_no_transport() -> No
                                              if isinstance(node, ast.ImportFrom)}
         assert not {n for n in names if n.split(".")[0] in ("torch", "jax", "cupy")}, path
         assert not {n for n in names if n.endswith((".shm", ".cuda_ipc", ".torch", ".jax"))}, path
+
+
+def test_the_package_says_it_is_typed() -> None:
+    import importlib.resources
+    import re
+
+    assert importlib.resources.files("gradserve").joinpath("py.typed").is_file()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'"gradserve"\s*=\s*\["py.typed"\]', pyproject)   # shipped in the wheel

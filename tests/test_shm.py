@@ -616,9 +616,11 @@ def test_a_dropped_client_stops_keeping_its_session_alive(serve) -> None:
     assert server.sessions.count() == 0
 
 
-def test_deferred_frees_land_with_the_next_use_of_the_arena() -> None:
+def test_finalizer_frees_name_their_allocation_too() -> None:
     arena = Arena(1024)
     offset, generation = arena.alloc(100)
+    arena.free_later(offset, generation + 1)      # a stale one (another allocation's)
+    assert arena.used_bytes == 128
     arena.free_later(offset, generation)          # as a finalizer does
     assert arena.used_bytes == 0
     assert arena.alloc(1024)[0] == 0

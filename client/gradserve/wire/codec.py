@@ -167,8 +167,3 @@ def decode_arguments(source: Any, reader: PayloadReader, make_leaf: MakeLeaf,
     parameters = (decode(source.parameters, reader, make_leaf, "parameters", abstract)
                   if source.HasField("parameters") else None)
     return Arguments(args, kwargs, parameters)
-
-
-def leaf_type(code: int, shape: tuple[int, ...]) -> TensorType:
-    """The :class:`TensorType` of a wire dtype code and shape."""
-    return TensorType(tuple(shape), dtypes.name_of(code))

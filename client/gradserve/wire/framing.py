@@ -224,13 +224,13 @@ class FrameReader(Generic[S]):
         self.max_values = max_values
         self._holder = holder
         self._held = 0
-        self._on_frame = on_frame
+        #: called with every frame's size (settable: a watch may start after construction)
+        self.on_frame = on_frame
         self._slots_for = slots_for
         self.slots: S | None = None
         #: the largest payload that came as bytes although the session could have held it
         #: in a slot: the sender's regions were full (the receiver may grow them)
         self.spilled = 0
-        self.header: Any = None
         self._unviewed: dict[tuple[int, int], pb.SlotRef] = {}
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
@@ -245,17 +245,17 @@ class FrameReader(Generic[S]):
         first = next(it, None)
         if first is None or first.WhichOneof("frame") != "header":
             raise invalid("stream must start with a header frame")
-        header = self.header = first.header
-        if self._on_frame is not None:
-            self._on_frame(first.ByteSize())
+        header = first.header
+        if self.on_frame is not None:
+            self.on_frame(first.ByteSize())
         if self._slots_for is not None:
             self.slots = self._slots_for(header)
         self._plan(header)
         for frame in it:
             if frame.WhichOneof("frame") != "chunk":
                 raise invalid("only chunk frames may follow the header")
-            if self._on_frame is not None:
-                self._on_frame(len(frame.chunk.data))
+            if self.on_frame is not None:
+                self.on_frame(len(frame.chunk.data))
             self._append(frame.chunk)
         for stream_id, (path, size) in self._expected.items():
             got = self._filled.get(stream_id, 0)

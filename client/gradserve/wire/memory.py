@@ -92,19 +92,12 @@ def copy_into(dst: Data, src: Data) -> None:
         return
     cp = cupy()
     runtime = cp.cuda.runtime
-    if isinstance(src, DeviceBytes):
-        pointer, kind = src.ptr, runtime.memcpyDeviceToDevice
-        keep: Any = src
-    else:
-        keep = np.frombuffer(src, np.uint8)
-        pointer, kind = int(keep.ctypes.data), runtime.memcpyHostToDevice
     with cp.cuda.Device(dst.device):
-        if kind == runtime.memcpyHostToDevice:
-            runtime.memcpy(dst.ptr, pointer, dst.nbytes, kind)   # host memory may go away after
-        else:
-            runtime.memcpyAsync(dst.ptr, pointer, dst.nbytes, kind,
+        if isinstance(src, DeviceBytes):
+            runtime.memcpyAsync(dst.ptr, src.ptr, dst.nbytes, runtime.memcpyDeviceToDevice,
                                 cp.cuda.get_current_stream().ptr)
-    del keep
+        else:   # synchronous: the host buffer may go away as soon as this returns
+            runtime.memcpy(dst.ptr, address(src), dst.nbytes, runtime.memcpyHostToDevice)
 
 
 def clone(data: Data) -> Data:

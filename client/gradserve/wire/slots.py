@@ -273,49 +273,55 @@ class RegionTransport:
 
     @property
     def regions(self) -> list[Region]:
-        """Every region of this transport, ordered by index."""
+        """Every region of this transport, in table order (indices only grow)."""
         with self._lock:
-            return sorted(self._regions.values(), key=lambda r: r.index)
+            return list(self._regions.values())
 
     def _outgoing_on(self, gpu: int | None) -> list[Region]:
         return [r for r in self.regions
                 if r.ready and r.direction == self.outgoing and r.gpu == gpu and r.arena]
 
-    # -- sending -----------------------------------------------------------
-    def accepts(self, data: Data) -> bool:
-        """Whether ``data`` lives where this transport can carry it (host, or one of its GPUs)."""
-        return bool(self._outgoing_on(data.device if isinstance(data, DeviceBytes) else None))
-
-    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
-        """A slot holding ``data`` and whether it was allocated for it (then the sender
-        frees it once the other side is done); None when no slot can be had."""
-        nbytes = data.nbytes
-        if nbytes < self.min_bytes:
-            return None
-        gpu = data.device if isinstance(data, DeviceBytes) else None
-        start = data.ptr if isinstance(data, DeviceBytes) else address(data)
+    def take_slot(self, nbytes: int, gpu: int | None) -> tuple[Region, int, int] | None:
+        """``(region, offset, generation)`` of a new slot of ``nbytes`` in an outgoing region
+        on ``gpu`` (None: host), asking ``make_room`` once when they are full; None when no
+        slot can be had (or this transport has no such region)."""
         regions = self._outgoing_on(gpu)
-        for region in regions:   # already lives in a slot of ours: send it as it is
-            if region.holds(start, nbytes):
-                self.in_place += 1
-                self._dirty = True
-                return pb.SlotRef(region=region.index, offset=start - region.base,
-                                  nbytes=nbytes), False
         for attempt in range(2):
             for region in regions:
                 assert region.arena is not None
                 slot = region.arena.alloc(nbytes)
                 if slot is not None:
-                    offset, generation = slot
-                    region.write(offset, data)
-                    self.copied += 1
-                    self._dirty = True
-                    return pb.SlotRef(region=region.index, offset=offset, nbytes=nbytes,
-                                      generation=generation), True
-            if attempt or not self.make_room(nbytes, gpu):
-                break
+                    return region, *slot
+            if attempt or not regions or not self.make_room(nbytes, gpu):
+                return None
             regions = self._outgoing_on(gpu)
         return None
+
+    # -- sending -----------------------------------------------------------
+    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
+        """A slot holding ``data`` and whether it was allocated for it (then the sender
+        frees it once the other side is done); None when this transport cannot carry it
+        (too small, memory it has no region on, regions full)."""
+        nbytes = data.nbytes
+        if nbytes < self.min_bytes:
+            return None
+        gpu = data.device if isinstance(data, DeviceBytes) else None
+        start = data.ptr if isinstance(data, DeviceBytes) else address(data)
+        for region in self._outgoing_on(gpu):   # already in a slot of ours: send it as it is
+            if region.holds(start, nbytes):
+                self.in_place += 1
+                self._dirty = True
+                return pb.SlotRef(region=region.index, offset=start - region.base,
+                                  nbytes=nbytes), False
+        taken = self.take_slot(nbytes, gpu)
+        if taken is None:
+            return None
+        region, offset, generation = taken
+        region.write(offset, data)
+        self.copied += 1
+        self._dirty = True
+        return pb.SlotRef(region=region.index, offset=offset, nbytes=nbytes,
+                          generation=generation), True
 
     def make_room(self, nbytes: int, gpu: int | None) -> bool:
         """Called when no outgoing region has a free slot of ``nbytes``: True if room was
@@ -358,9 +364,7 @@ class RegionTransport:
         """The region a checked reference names; SESSION_MISSING if the session ended since."""
         region = self._regions.get(ref.region)
         if region is None:
-            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{self.label} region {ref.region} is no longer in use: the "
-                              "session ended during the call", SESSION_MISSING)
+            raise _ended(f"{self.label} region {ref.region}")
         return region
 
     def close(self) -> None:
@@ -368,10 +372,13 @@ class RegionTransport:
         for region in self.regions:
             self.remove(region.index)
 
-    # -- introspection -----------------------------------------------------
-    def used_bytes(self) -> int:
-        """Bytes of this side's outgoing regions in allocated slots."""
-        return sum(r.arena.used_bytes for r in self.regions if r.arena is not None)
+
+
+def _ended(what: str) -> StatusError:
+    """The error for a reference into a region its session let go of during the call."""
+    return StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"{what} is no longer in use: the session ended during the call",
+                       SESSION_MISSING)
 
 
 T = TypeVar("T", bound=RegionTransport)
@@ -401,10 +408,9 @@ class Slots(Generic[T]):
     def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
         """A slot holding ``data`` in the first transport that can carry it, or None."""
         for transport in self.transports:
-            if transport.accepts(data):
-                placed = transport.place(data)
-                if placed is not None:
-                    return placed
+            placed = transport.place(data)
+            if placed is not None:
+                return placed
         return None
 
     def flush(self) -> None:
@@ -430,7 +436,5 @@ class Slots(Generic[T]):
         """The bytes of a checked reference."""
         transport = self.transport_of(ref.region)
         if transport is None:
-            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"region {ref.region} is no longer in use: the session ended "
-                              "during the call", SESSION_MISSING)
+            raise _ended(f"region {ref.region}")
         return transport.view(ref)

@@ -209,10 +209,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
             frames = writer.frames(pb.GetParametersFrame, header)
         if frames is not None:
-            with self.watch.watching(context) as touch:
-                for frame in frames:
-                    touch(frame.ByteSize())
-                    yield frame
+            yield from self._send(frames, context)
 
     def Signature(self, request: pb.SignatureRequest,
                   context: grpc.ServicerContext) -> pb.SignatureResponse:
@@ -323,9 +320,16 @@ class GradserveService(pb_grpc.GradserveServicer):
                 reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any]:
         """Read a framed request (watched), ``run`` it (among at most ``workers`` at once),
         stream the reply (watched). What the call made, the request and its payloads are
-        freed in the background, not while the client waits for its reply. A connection
-        holds at most ``max_streams_per_peer`` such streams."""
-        peer = context.peer()
+        freed in the background, not while the client waits for its reply."""
+        with self._admitted(context.peer()) as refusal:
+            frames = self._reply(request_iterator, context, reply_frame, run, refusal)
+            if frames is not None:
+                yield from self._send(frames, context)
+
+    @contextlib.contextmanager
+    def _admitted(self, peer: str) -> Iterator[str]:
+        """Count one Forward/Vjp stream of ``peer`` while it lasts; yields why it is refused
+        ("" when it is not): past ``max_streams_per_peer`` or ``max_streams``."""
         with self._streams_lock:
             mine, total = self._streams[peer], sum(self._streams.values())
             refusal = ""
@@ -334,55 +338,51 @@ class GradserveService(pb_grpc.GradserveServicer):
                            "one connection")
             elif total >= self.limits.max_streams:
                 refusal = f"this server has {total} Forward/Vjp calls open, its limit"
-            admitted = not refusal
-            if admitted:
+            else:
                 self._streams[peer] += 1
         try:
-            frames = self._reply(request_iterator, context, reply_frame, run, refusal)
-            if frames is not None:
-                with self.watch.watching(context) as touch:
-                    for frame in frames:
-                        touch(frame.ByteSize())
-                        yield frame
+            yield refusal
         finally:
-            if admitted:
+            if not refusal:
                 with self._streams_lock:
                     self._streams[peer] -= 1
                     if not self._streams[peer]:
                         del self._streams[peer]
 
+    def _send(self, frames: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """Yield reply frames, watched: a client that stops reading is cancelled."""
+        with self.watch.watching(context) as touch:
+            for frame in frames:
+                touch(frame.ByteSize())
+                yield frame
+
     def _reply(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
                reply_frame: type, run: Callable[..., tuple[Any, Any]],
                refusal: str) -> Iterator[Any] | None:
         """The reply frames of one framed call, or None once it failed (aborted)."""
-        session: ServerSession | None = None
-        writer: FrameWriter | None = None
         with self._status(context):
             if refusal:
                 raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-            with self.watch.watching(context) as touch:
-                reader: FrameReader[ServerSession] = FrameReader(
-                    self.limits.max_request_bytes, touch, self._slots_for,
-                    self.limits.max_request_values, self.inflight)
-                try:
+            reader: FrameReader[ServerSession] = FrameReader(
+                self.limits.max_request_bytes, None, self._slots_for,
+                self.limits.max_request_values, self.inflight)
+            try:   # the arrays made from its buffers keep what they still need
+                with self.watch.watching(context) as touch:
+                    reader.on_frame = touch
                     request = reader.read(request_iterator)
-                except BaseException:
-                    reader.close()
-                    raise
-            session = reader.slots
-            writer = FrameWriter(self.limits.chunk_bytes, slots=session)
-            try:
+                session = reader.slots
+                writer = FrameWriter(self.limits.chunk_bytes, slots=session)
                 with self._running:
                     if not context.is_active():   # it waited its turn, and its client left
-                        reader.close()
                         return None
-                    reply, made = run(request, reader, writer)
-                    writer.flush()
-            except BaseException:
-                _free_placed(session, writer)   # no reply names them
+                    try:
+                        reply, made = run(request, reader, writer)
+                        writer.flush()
+                    except BaseException:
+                        _free_placed(session, writer)   # no reply names them
+                        raise
+            finally:
                 reader.close()
-                raise
-            reader.close()   # the arrays made from its buffers keep what they still need
             self.residuals.dropper.drop((made, reader, request))
             del made, reader, request
             if not context.is_active():   # the client gave up: nobody will view them
@@ -445,8 +445,8 @@ class GradserveService(pb_grpc.GradserveServicer):
             context.abort(failure.code, clip_status(failure.message))
 
 
-def _free_placed(session: ServerSession | None, writer: FrameWriter | None) -> None:
+def _free_placed(session: ServerSession | None, writer: FrameWriter) -> None:
     """Return the reply slots ``writer`` allocated for a reply that will not be sent."""
-    if session is not None and writer is not None and writer.placed:
+    if session is not None and writer.placed:
         session.free(writer.placed)
         writer.placed = []

@@ -99,17 +99,14 @@ class ClientTransport(RegionTransport):
     # -- sending -----------------------------------------------------------
     def allocate(self, nbytes: int, gpu: int | None) -> Data | None:
         """Bytes in a request slot on ``gpu`` (None: host), freed when they are collected."""
-        for attempt in range(2):
-            for region in self._outgoing_on(gpu):
-                assert region.arena is not None
-                slot = region.arena.alloc(nbytes)
-                if slot is not None:
-                    owner, data = region.owner(slot[0], nbytes)
-                    weakref.finalize(owner, region.arena.free_later, slot[0], slot[1])
-                    return data
-            if attempt or not self._outgoing_on(gpu) or not self.make_room(nbytes, gpu):
-                break
-        return None
+        taken = self.take_slot(nbytes, gpu)
+        if taken is None:
+            return None
+        region, offset, generation = taken
+        assert region.arena is not None
+        owner, data = region.owner(offset, nbytes)
+        weakref.finalize(owner, region.arena.free_later, offset, generation)
+        return data
 
     # -- receiving ---------------------------------------------------------
     def view(self, ref: pb.SlotRef) -> Data:

@@ -137,20 +137,26 @@ class ServerTransport(RegionTransport):
                           f"{self.label} regions do not grow; their size is fixed per session",
                           REGIONS_AT_LIMIT)
 
-    def reserve(self, nbytes: int, device: str = "") -> None:
-        """Take ``nbytes`` from the server's budget before making memory (RESOURCE_EXHAUSTED)."""
-        self.budget.take(self.kind, device, nbytes)
-
-    def new_region(self, index: int, direction: pb.Direction, size: int, memory: Any, *,
-                   device: str = "", gpu: int | None = None, handle: bytes = b"",
-                   align: int = ALIGN) -> NewRegion:
-        """Register a region the subclass made with ``size`` bytes it reserved: its nonce
-        written at its start (and, in a reply region, its slot kept until proved)."""
-        arena = Arena(size, align) if direction == pb.REPLY else None
-        region = Region(index, self.kind, direction, device, size, memory, gpu=gpu, arena=arena)
-        self.add(region)
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        region.write(0, memoryview(nonce))
+    def new_region(self, index: int, direction: pb.Direction, size: int,
+                   make: Callable[[], tuple[Any, bytes]], *, device: str = "",
+                   gpu: int | None = None, align: int = ALIGN) -> NewRegion:
+        """A region of ``size`` bytes: taken from the server's budget first (RESOURCE_EXHAUSTED
+        where it is spent), made by ``make() -> (memory, handle)``, registered, its nonce
+        written at its start (and, in a reply region, its slot kept until proved). If
+        anything fails, nothing is left held; the region gives its bytes back when removed."""
+        self.budget.take(self.kind, device, size)
+        try:
+            memory, handle = make()
+            arena = Arena(size, align) if direction == pb.REPLY else None
+            region = Region(index, self.kind, direction, device, size, memory, gpu=gpu,
+                            arena=arena)
+            self.add(region)
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            region.write(0, memoryview(nonce))
+        except BaseException:
+            if self.remove(index) is None:   # not registered: its share is still to give back
+                self.budget.give(self.kind, device, size)
+            raise
         if arena is not None:
             self._nonce_slots[index] = arena.alloc(NONCE_BYTES) or (0, 0)
         return NewRegion(region, handle, nonce)

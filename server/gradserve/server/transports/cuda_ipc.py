@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 from gradserve.client.transports.cuda_ipc import CUDA_ALIGN, local_devices, unavailable
-from gradserve.errors import StatusError
 from gradserve.server.transports.base import PROBE_BYTES, Budget, NewRegion, NextIndex, Refusal, \
     ServerTransport, SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
@@ -51,9 +50,9 @@ class CudaIpcTransport(ServerTransport):
         try:
             for uuid, gpu in shared:
                 made.append(transport._pool(next_index(), pb.PROBE, PROBE_BYTES, uuid, gpu))
-        except (StatusError, Exception) as err:   # CUDARuntimeError: no memory, no IPC
+        except Exception as err:   # RESOURCE_EXHAUSTED from the budget; CUDARuntimeError
             transport.close()
-            raise Refusal(f"cannot make CUDA IPC probes: {_why(err)}") from None
+            raise Refusal(f"cannot make CUDA IPC probes: {err}") from None
         return transport, made
 
     def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
@@ -63,29 +62,21 @@ class CudaIpcTransport(ServerTransport):
         try:
             for direction in (pb.REQUEST, pb.REPLY):
                 made.append(self._pool(next_index(), direction, size, probe.device, probe.gpu))
-        except (StatusError, Exception) as err:
+        except Exception as err:
             for new in made:
                 self.remove(new.region.index)
-            raise Refusal(f"cannot make CUDA IPC pools on GPU {probe.device}: {_why(err)}") \
-                from None
+            raise Refusal(f"cannot make CUDA IPC pools on GPU {probe.device}: {err}") from None
         return made
 
     def _pool(self, index: int, direction: pb.Direction, size: int, uuid: str,
               gpu: int) -> NewRegion:
         """One pool of ``size`` bytes on local GPU ``gpu``, exported."""
-        self.reserve(size, uuid)
-        try:
-            cp = cupy()
-            with cp.cuda.Device(gpu):
-                memory: Any = cp.cuda.Memory(size)
-                handle = bytes(cp.cuda.runtime.ipcGetMemHandle(memory.ptr))
-                return self.new_region(index, direction, size, memory, device=uuid, gpu=gpu,
-                                       handle=handle, align=CUDA_ALIGN)
-        except BaseException:
-            if self.remove(index) is None:   # not registered yet: its share is still ours
-                self.budget.give(self.kind, uuid, size)
-            raise
+        cp = cupy()
 
+        def make() -> tuple[Any, bytes]:
+            memory = cp.cuda.Memory(size)
+            return memory, bytes(cp.cuda.runtime.ipcGetMemHandle(memory.ptr))
 
-def _why(err: Exception) -> str:
-    return err.message if isinstance(err, StatusError) else str(err)
+        with cp.cuda.Device(gpu):
+            return self.new_region(index, direction, size, make, device=uuid, gpu=gpu,
+                                   align=CUDA_ALIGN)

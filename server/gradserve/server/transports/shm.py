@@ -18,6 +18,7 @@ their bytes from the server's budget.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -60,6 +61,11 @@ def create_region(name: str, size: int) -> mmap.mmap:
         raise
     finally:
         os.close(fd)
+
+
+def _named_region(name: str, size: int) -> tuple[mmap.mmap, bytes]:
+    """A new region and the handle a client opens it by (its name)."""
+    return create_region(name, size), name.encode()
 
 
 def unlink(name: str) -> None:
@@ -200,14 +206,14 @@ class ShmTransport(ServerTransport):
         try:
             return transport, transport._make([("probe", pb.PROBE)], PROBE_BYTES, next_index)
         except (OSError, StatusError) as err:
-            raise Refusal(f"cannot create shared memory: {_why(err)}") from None
+            raise Refusal(f"cannot create shared memory: {err}") from None
 
     def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
         size = self.request.region_bytes or self.settings.shm_region_bytes
         try:
             return self._make([("req", pb.REQUEST), ("rep", pb.REPLY)], size, next_index)
         except (OSError, StatusError) as err:
-            raise Refusal(f"cannot create {size} bytes of shared memory: {_why(err)}") from None
+            raise Refusal(f"cannot create {size} bytes of shared memory: {err}") from None
 
     def grow(self, request: pb.GrowSessionRequest, next_index: NextIndex) -> list[NewRegion]:
         total, limit = self.size, self.settings.max_shm_bytes
@@ -232,20 +238,17 @@ class ShmTransport(ServerTransport):
         """Regions of ``size`` bytes, one per ``(name kind, direction)``: all of them, or
         (OSError, or RESOURCE_EXHAUSTED from the budget) none, and no name left behind.
         Each region holds its share of the budget until it is removed."""
-        self.reserve(size * len(kinds))
         names = [new_name(self.settings.owner or process_owner(), kind) for kind, _ in kinds]
-        indices = [next_index() for _ in kinds]
         made: list[NewRegion] = []
         try:
-            for name, index, (_, direction) in zip(names, indices, kinds):
-                memory = create_region(name, size)
-                made.append(self.new_region(index, direction, size, memory,
-                                            handle=name.encode()))
+            for name, (_, direction) in zip(names, kinds):
+                made.append(self.new_region(next_index(), direction, size,
+                                            functools.partial(_named_region, name, size)))
         except BaseException:
-            for name, index in zip(names, indices):
+            for name in names:
                 unlink(name)
-                if self.remove(index) is None:   # not registered: its share is still ours
-                    self.budget.give(self.kind, "", size)
+            for new in made:
+                self.remove(new.region.index)
             raise
         for name, new in zip(names, made):
             self._names[new.region.index] = name
@@ -274,6 +277,3 @@ class ShmTransport(ServerTransport):
         """Bytes of the request regions together (the reply regions are as large)."""
         return sum(r.size for r in self.regions if r.direction == pb.REQUEST)
 
-
-def _why(err: Exception) -> str:
-    return err.message if isinstance(err, StatusError) else str(err)
