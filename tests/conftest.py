@@ -1,4 +1,5 @@
-"""Shared fixtures: a server started on a free loopback port, and a client to it."""
+"""Shared fixtures: a server started on a free loopback port, and a client to it; clients
+whose calls go through a fault-injecting channel. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -36,6 +37,25 @@ def serve() -> Iterator[Callable[..., tuple[Server, gradserve.Client]]]:
     for server, client in started:
         client.close()
         server.stop(grace=0)
+
+
+@pytest.fixture
+def faulty() -> Iterator[Callable[..., tuple[gradserve.Client, Any]]]:
+    """``faulty(address, **client_options)`` -> (connected client, its ``FaultChannel``),
+    as ``faults.fault_client`` makes them; every client made is closed at teardown (before
+    the servers of ``serve``, when the test names ``serve`` first)."""
+    from faults import fault_client
+
+    made: list[gradserve.Client] = []
+
+    def connect(address: str, **options: Any) -> tuple[gradserve.Client, Any]:
+        client, channel = fault_client(address, **options)
+        made.append(client)
+        return client, channel
+
+    yield connect
+    for client in made:
+        client.close()
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradserve
 from gradserve.server.cli import build_endpoints, load_target
+from helpers import free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 TARGETS = str(HERE / "cli_targets.py")
@@ -50,26 +49,19 @@ def test_non_servable_object_is_refused() -> None:
         build_endpoints(name, obj, None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:
     channel = grpc.insecure_channel(address)
     stub = health_pb2_grpc.HealthStub(channel)
-    end = time.monotonic() + deadline
-    while True:
+
+    def serving() -> bool:
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return channel
         except grpc.RpcError:
-            pass
-        if time.monotonic() > end:
-            raise TimeoutError(f"no server on {address}")
-        time.sleep(0.2)
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    wait_until(serving, timeout=deadline, interval=0.2, message=f"no server on {address}")
+    return channel
 
 
 def test_serve_list_health_reflection_and_sigterm() -> None:

@@ -12,6 +12,7 @@ from gradserve.errors import StatusError
 from gradserve.frameworks.torch import ADAPTER as TORCH
 from gradserve.wire.framing import FrameReader, FrameWriter
 from gradserve.v1 import gradserve_pb2 as pb
+from helpers import resident_bytes
 
 ALL_TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -167,11 +168,6 @@ def test_reader_rejects_absurd_shapes(shape, match) -> None:
     with pytest.raises(StatusError, match=match) as info:
         FrameReader(1 << 30).read(tensor_frames(shape=shape, data=b""))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="Linux only")

@@ -12,24 +12,12 @@ import torch
 
 import gradserve
 from gradserve.wire.slots import Region
-from gradserve.client.transports import cuda_ipc, shm
+from gradserve.client.transports import cuda_ipc
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from helpers import HAS_CUDA, double, needs_cuda, needs_shm, raw, wait_until
 from models import local_input_grad, mlp
 
-pytestmark = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
-
-HAS_CUDA = torch.cuda.is_available() and not cuda_ipc.unavailable()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CuPy")
-
-
-def double(x):
-    return x * 2
-
-
-def raw(server):
-    return pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
-
+pytestmark = needs_shm
 
 # -- everywhere --------------------------------------------------------------
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
@@ -118,7 +106,7 @@ def pool(info, direction: str):
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_cuda_tensors_go_through_ipc_pools(serve) -> None:
     model = mlp().cuda()
     server, client = serve({"mlp": model})
@@ -137,7 +125,7 @@ def test_cuda_tensors_go_through_ipc_pools(serve) -> None:
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_cuda_and_cpu_tensors_in_one_call(serve) -> None:
     def mixed(a, b):
         return a * b.to(a.device), (a.sum() + b.sum().to(a.device)).cpu()
@@ -153,7 +141,7 @@ def test_cuda_and_cpu_tensors_in_one_call(serve) -> None:
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_tensors_allocated_in_the_pool_are_sent_without_a_copy(serve) -> None:
     model = torch.nn.Linear(64, 8).cuda()
     _, client = serve({"lin": model})
@@ -172,7 +160,7 @@ def test_tensors_allocated_in_the_pool_are_sent_without_a_copy(serve) -> None:
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_cuda_reply_slots_are_not_reused_while_viewed(serve) -> None:
     server, client = serve({"double": double})
     first = client.torch("double")(torch.full((16384,), 1.0, device="cuda"))
@@ -194,26 +182,13 @@ def test_cuda_reply_slots_are_not_reused_while_viewed(serve) -> None:
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_server_restart_reopens_the_cuda_session() -> None:
     from test_shm import check_restart_reopens_the_session
     check_restart_reopens_the_session("cuda", "cuda_ipc", 1e-5)
 
 
-@pytest.mark.gpu
-@gpu
-def test_jax_gpu_arrays_through_a_torch_endpoint(serve) -> None:
-    jax = pytest.importorskip("jax")
-    if jax.default_backend() != "gpu":
-        pytest.skip("jax has no GPU backend here")
-    jnp = jax.numpy
-    model = torch.nn.Linear(128, 32).cuda()
-    _, client = serve({"lin": model})
-    x = jnp.ones((256, 128))
-    w, b = (model.weight.detach().cpu().numpy(), model.bias.detach().cpu().numpy())
-    g = jax.grad(lambda v: jnp.sum(jnp.tanh(client.jax("lin")(v))))(x)
-    want = jax.grad(lambda v: jnp.sum(jnp.tanh(v @ w.T + b)))(x)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=2e-4, atol=2e-4)
+# JAX GPU arrays through a torch endpoint: test_shm.py::test_jax_client_through_a_torch_linear
 
 
 # -- the CUDA IPC transports' logic, on a stand-in for CuPy (runs everywhere) ----------------
@@ -310,13 +285,16 @@ def test_a_pool_whose_nonce_does_not_come_back_ends_the_session(fake_gpu, serve,
 
 
 def test_a_pool_the_client_cannot_open_is_dropped_not_fatal(fake_gpu, serve, monkeypatch) -> None:
-    from gradserve.client.transports import cuda_ipc as client_cuda
+    runtime = fake_gpu.cuda.runtime
+    opens = runtime.ipcOpenMemHandle
 
-    def refuse(handle, device):
-        raise RuntimeError("cudaErrorInvalidDevice: peer access is not supported")
+    def refuse_pools(handle):
+        if runtime.opened:   # the probe opened: the pools do not
+            raise RuntimeError("cudaErrorInvalidDevice: peer access is not supported")
+        return opens(handle)
 
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
-    monkeypatch.setattr(client_cuda, "_Opened", refuse)
+    monkeypatch.setattr(runtime, "ipcOpenMemHandle", refuse_pools)
     with gradserve.connect(server.address) as client:
         assert client.transport == "shm"
         assert client.fallback_reason.startswith("cuda_ipc: cannot open the pool on GPU " + UUID)
@@ -325,16 +303,60 @@ def test_a_pool_the_client_cannot_open_is_dropped_not_fatal(fake_gpu, serve, mon
             r.kind == "CUDA IPC" for r in info.regions)   # the server let its pools go
 
 
-def test_small_replies_in_a_cuda_session_do_not_grow_the_shared_memory(fake_gpu, serve) -> None:
-    from faults import fault_client
-
+def test_small_replies_in_a_cuda_session_do_not_grow_the_shared_memory(fake_gpu, serve,
+                                                                       faulty) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
-    client, channel = fault_client(server.address, transport="cuda_ipc")
+    client, channel = faulty(server.address, transport="cuda_ipc")
+    for _ in range(3):   # inline by choice: not a sign of full reply regions
+        np.testing.assert_array_equal(client.forward("double", (np.ones(3),)).outputs,
+                                      2 * np.ones(3))
+    assert channel.calls["GrowSession"] == 0
+    assert client.session_info().sizes("shared-memory", "reply") == [16 << 20]
+
+
+def test_pools_larger_than_the_server_allows_are_refused_naming_its_limit(fake_gpu, serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      cuda_pool_bytes=1 << 20, max_cuda_pool_bytes=1 << 20)
+    stub = raw(server)
+    opened = stub.OpenSession(ask(devices=(UUID,), pool_bytes=2 << 20))
+    assert [r.kind for r in opened.regions] == [pb.SHARED_MEMORY]   # opens without pools
+    assert [(r.kind, r.reason) for r in opened.refused] == [
+        (pb.CUDA_IPC, "CUDA IPC pools of 2097152 bytes asked for; this server allows 4096 to "
+                      "1048576")]
+    stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
+    opened = stub.OpenSession(ask(devices=(UUID,), pool_bytes=1 << 20))   # at the limit
+    assert not opened.refused
+    assert sorted(r.kind for r in opened.regions) == [pb.SHARED_MEMORY, pb.CUDA_IPC]
+    stub.CloseSession(pb.SessionRequest(session_id=opened.session_id))
+    with pytest.raises(gradserve.GradserveError,
+                       match="cuda_ipc transport cannot work here: CUDA IPC pools of 2097152 "
+                             "bytes asked for; this server allows 4096 to 1048576"):
+        gradserve.connect(server.address, transport="cuda_ipc", cuda_pool_bytes=2 << 20)
+    with gradserve.connect(server.address, transport="cuda_ipc") as client:   # the default
+        assert [(r.direction, r.size) for r in client.session_info().regions
+                if r.kind == "CUDA IPC"] == [("request", 1 << 20), ("reply", 1 << 20)]
+    assert server.sessions.count() == 0
+
+
+def test_all_sessions_pools_on_a_gpu_stay_within_its_budget(fake_gpu, serve) -> None:
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      cuda_pool_bytes=1 << 20, max_cuda_total_bytes=(2 << 20) + 4096)
+    budget = server.sessions.budget
+    first = gradserve.connect(server.address)
     try:
-        for _ in range(3):   # inline by choice: not a sign of full reply regions
-            np.testing.assert_array_equal(client.forward("double", (np.ones(3),)).outputs,
-                                          2 * np.ones(3))
-        assert channel.calls["GrowSession"] == 0
-        assert client.session_info().sizes("shared-memory", "reply") == [16 << 20]
+        assert first.transport == "cuda_ipc"
+        assert budget.used(pb.CUDA_IPC, UUID) == 2 << 20     # its request and reply pools
+        with gradserve.connect(server.address) as second:    # no room for two more pools
+            assert second.transport == "shm"
+            assert second.fallback_reason == (
+                f"cuda_ipc: cannot make CUDA IPC pools on GPU {UUID}: this server's CUDA IPC "
+                f"budget on GPU {UUID} is spent: 2097152 of 2101248 bytes held, 1048576 more "
+                "asked for")
+            big = np.ones(65536, np.float32)
+            np.testing.assert_array_equal(second.forward("double", (big,)).outputs, 2 * big)
+        assert budget.used(pb.CUDA_IPC, UUID) == 2 << 20
     finally:
-        client.close()
+        first.close()
+    wait_until(lambda: budget.used(pb.CUDA_IPC, UUID) == 0, timeout=5)
+    with gradserve.connect(server.address) as third:         # the first one's bytes came back
+        assert third.transport == "cuda_ipc"

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import gradserve
-from faults import fault_client
 from gradserve.server.torch_endpoint import TorchEndpoint
 from gradserve.wire.specs import TensorSpec, TensorType
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from helpers import raw
 from models import mlp
 
 
@@ -184,7 +183,7 @@ def tensor_value(**fields):
 ])
 def test_malformed_payloads_are_invalid_argument(env, tensor, match) -> None:
     server, _ = env
-    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    stub = raw(server)
     header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(
         tuple_value=pb.Sequence(items=[tensor_value(**tensor)])))
     with pytest.raises(grpc.RpcError) as info:
@@ -195,7 +194,7 @@ def test_malformed_payloads_are_invalid_argument(env, tensor, match) -> None:
 
 def test_truncated_stream_is_invalid_argument(env) -> None:
     server, _ = env
-    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    stub = raw(server)
     header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(tuple_value=pb.Sequence(items=[
         tensor_value(dtype=pb.FLOAT32, shape=[100, 6], stream=pb.StreamedPayload(id=0))])))
     with pytest.raises(grpc.RpcError) as info:
@@ -206,7 +205,7 @@ def test_truncated_stream_is_invalid_argument(env) -> None:
 
 def test_vjp_on_unknown_residual_without_inputs_is_failed_precondition(env) -> None:
     server, _ = env
-    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    stub = raw(server)
     request = pb.VjpRequest(endpoint="mlp", residual_id="made-up",
                             cotangents=pb.Value(none=pb.NoneValue()))
     with pytest.raises(grpc.RpcError) as info:
@@ -240,7 +239,7 @@ def test_server_survives_bad_inputs(env) -> None:
 def test_idle_request_streams_are_cancelled_and_the_server_keeps_serving(serve) -> None:
     import threading
     server, client = serve({"mlp": mlp()}, workers=2, idle_timeout=0.5)
-    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    stub = raw(server)
     never = threading.Event()
 
     def stalled():
@@ -262,7 +261,7 @@ def test_shape_only_tensors_count_against_the_limit_and_only_in_signature(env) -
     server, client = env
     with pytest.raises(gradserve.ResourceExhausted, match="over the limit of 1048576"):
         client.signature("mlp", (TensorType((1 << 29,), "float32"),))
-    stub = pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+    stub = raw(server)
     header = pb.ForwardRequest(endpoint="mlp", args=pb.Value(tuple_value=pb.Sequence(items=[
         pb.Value(abstract=pb.TensorSpec(dtype=pb.FLOAT32, shape=[1, 6]))])))
     with pytest.raises(grpc.RpcError) as info:
@@ -278,53 +277,44 @@ def test_empty_batch_of_cotangents_is_invalid(env) -> None:
         client.vjp(res.residual, np.ones((0, 2, 4), np.float32), batched=True)
 
 
-def test_releases_survive_a_failed_flush(serve) -> None:
+def test_releases_survive_a_failed_flush(serve, faulty) -> None:
     server, _ = serve({"mlp": mlp()})
-    client, channel = fault_client(server.address)
-    try:
-        held = [client.forward("mlp", (np.ones((2, 6), np.float32),), need_vjp=True)
-                for _ in range(2)]
-        assert client.describe("mlp").residuals.count == 2
-        del held                                  # queued for release with the next call
-        assert client.pending_releases == 2
-        channel.fail("Release", grpc.StatusCode.UNAVAILABLE)
-        assert client.describe("mlp").residuals.count == 2   # the flush failed; Describe did not
-        assert client.pending_releases == 2 and channel.calls["Release"] == 1
-        assert client.describe("mlp").residuals.count == 0   # flushed with the next call
-        assert client.pending_releases == 0 and channel.calls["Release"] == 2
-    finally:
-        client.close()
+    client, channel = faulty(server.address)
+    held = [client.forward("mlp", (np.ones((2, 6), np.float32),), need_vjp=True)
+            for _ in range(2)]
+    assert client.describe("mlp").residuals.count == 2
+    del held                                  # queued for release with the next call
+    assert client.pending_releases == 2
+    channel.fail("Release", grpc.StatusCode.UNAVAILABLE)
+    assert client.describe("mlp").residuals.count == 2   # the flush failed; Describe did not
+    assert client.pending_releases == 2 and channel.calls["Release"] == 1
+    assert client.describe("mlp").residuals.count == 0   # flushed with the next call
+    assert client.pending_releases == 0 and channel.calls["Release"] == 2
 
 
-def test_a_missing_residual_is_recomputed_once(serve) -> None:
+def test_a_missing_residual_is_recomputed_once(serve, faulty) -> None:
     model = mlp()
     server, _ = serve({"mlp": model})
-    client, channel = fault_client(server.address)
-    try:
-        x = torch.randn(3, 6, requires_grad=True)
-        ct = torch.randn(3, 4)
-        y = client.torch("mlp")(x)
-        channel.fail("Vjp", grpc.StatusCode.FAILED_PRECONDITION, "gone",
-                     trailers=(("gradserve-reason", "residual-missing"),))
-        y.backward(ct)
-        assert channel.calls["Vjp"] == 2          # refused, then re-sent with the inputs
-        xl = x.detach().clone().requires_grad_()
-        model(xl).backward(ct)
-        torch.testing.assert_close(x.grad, xl.grad, rtol=1e-6, atol=1e-6)
-    finally:
-        client.close()
+    client, channel = faulty(server.address)
+    x = torch.randn(3, 6, requires_grad=True)
+    ct = torch.randn(3, 4)
+    y = client.torch("mlp")(x)
+    channel.fail("Vjp", grpc.StatusCode.FAILED_PRECONDITION, "gone",
+                 trailers=(("gradserve-reason", "residual-missing"),))
+    y.backward(ct)
+    assert channel.calls["Vjp"] == 2          # refused, then re-sent with the inputs
+    xl = x.detach().clone().requires_grad_()
+    model(xl).backward(ct)
+    torch.testing.assert_close(x.grad, xl.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_a_session_the_server_lost_is_reopened_and_the_call_retried(serve) -> None:
+def test_a_session_the_server_lost_is_reopened_and_the_call_retried(serve, faulty) -> None:
     server, _ = serve({"mlp": mlp()})
-    client, channel = fault_client(server.address)
-    try:
-        first = client.session_info().id
-        channel.fail("Forward", grpc.StatusCode.FAILED_PRECONDITION, "no such session",
-                     trailers=(("gradserve-reason", "session-missing"),))
-        out = client.forward("mlp", (np.ones((2, 6), np.float32),)).outputs
-        assert out.shape == (2, 4)
-        assert channel.calls["Forward"] == 2 and channel.calls["OpenSession"] == 2
-        assert client.session_info().id != first and client.transport == "shm"
-    finally:
-        client.close()
+    client, channel = faulty(server.address)
+    first = client.session_info().id
+    channel.fail("Forward", grpc.StatusCode.FAILED_PRECONDITION, "no such session",
+                 trailers=(("gradserve-reason", "session-missing"),))
+    out = client.forward("mlp", (np.ones((2, 6), np.float32),)).outputs
+    assert out.shape == (2, 4)
+    assert channel.calls["Forward"] == 2 and channel.calls["OpenSession"] == 2
+    assert client.session_info().id != first and client.transport == "shm"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import gradserve
-from gradserve.client.transports import shm
 from gradserve.frameworks.jax import as_jax
+from helpers import needs_shm
 
-pytestmark = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
+pytestmark = needs_shm
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 W = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32) / 16

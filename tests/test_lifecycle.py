@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ import torch
 
 import gradserve
 from gradserve.server import Server
+from helpers import wait_until
 from models import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,16 +27,25 @@ def gradserve_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("gradserve")}
 
 
+def quiet() -> set[str]:
+    """The gradserve threads once the executor workers of servers that earlier tests
+    stopped (``gradserve_N``; they end when their last call does) have ended."""
+    wait_until(lambda: not any(n.startswith("gradserve_") for n in gradserve_threads()),
+               timeout=10, message=lambda: f"threads {sorted(gradserve_threads())}")
+    return gradserve_threads()
+
+
 def settled(expected: set[str], deadline: float = 5.0) -> set[str]:
-    """The gradserve threads once those that were told to end have ended."""
-    end = time.monotonic() + deadline
-    while gradserve_threads() != expected and time.monotonic() < end:
-        time.sleep(0.05)
+    """The gradserve threads once those that were told to end have ended (fails the test,
+    naming them, if they are not ``expected`` within ``deadline`` seconds)."""
+    wait_until(lambda: gradserve_threads() == expected, timeout=deadline,
+               message=lambda: f"threads {sorted(gradserve_threads())}, "
+                               f"expected {sorted(expected)}")
     return gradserve_threads()
 
 
 def test_nothing_starts_before_start_and_stop_ends_everything() -> None:
-    before = gradserve_threads()
+    before = quiet()
     server = Server("127.0.0.1", 0)
     server.add_torch("mlp", mlp())
     assert gradserve_threads() == before          # the constructor starts no thread
@@ -52,14 +61,15 @@ def test_nothing_starts_before_start_and_stop_ends_everything() -> None:
 
 
 def test_a_constructor_that_raises_leaks_no_thread() -> None:
-    before = gradserve_threads()
-    with pytest.raises(ValueError):
+    before = quiet()
+    with pytest.raises(ValueError, match="transport must be one of .*, got 'carrier-pigeon'"):
         gradserve.Client("127.0.0.1:1", transport="carrier-pigeon")
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{holder.getsockname()[1]}: "
+                                          "the port is in use"):
             Server("127.0.0.1", holder.getsockname()[1])
     finally:
         holder.close()

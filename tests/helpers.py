@@ -1,0 +1,89 @@
+"""Plain helpers the test modules share (fixtures live in conftest.py).
+
+Imported as a module (``from helpers import raw, wait_until``), like ``faults`` and
+``models``: pytest puts this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Callable, TypeVar
+
+import grpc
+import pytest
+
+from gradserve.client.transports import shm
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+#: Skips a test (or, as ``pytestmark``, a module) where there is no usable /dev/shm.
+needs_shm = pytest.mark.skipif(bool(shm.available()), reason="needs /dev/shm")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    from gradserve.client.transports import cuda_ipc
+    return bool(torch.cuda.is_available()) and not cuda_ipc.unavailable()
+
+
+#: Whether torch sees a CUDA device and CuPy is there (the real CUDA IPC path can run).
+HAS_CUDA = _has_cuda()
+#: Skips a test that needs a CUDA device and CuPy (give it the ``gpu`` mark too).
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CuPy")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
+               message: str | Callable[[], str] = "") -> T:
+    """Poll ``predicate`` until it returns something true, and return that; fail the test
+    (AssertionError, with ``message``) if it has not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            said = message() if callable(message) else message
+            raise AssertionError(f"not so within {timeout} s"
+                                 + (f": {said}" if said else f" (last value {value!r})"))
+        time.sleep(interval)
+
+
+def raw(server: Any) -> pb_grpc.GradserveStub:
+    """A bare stub on the server's port, for requests no client would send."""
+    return pb_grpc.GradserveStub(grpc.insecure_channel(server.address))
+
+
+def ask_shm(region_bytes: int = 1 << 20) -> pb.OpenSessionRequest:
+    """An OpenSession request for shared-memory regions of ``region_bytes``."""
+    return pb.OpenSessionRequest(transports=[pb.TransportRequest(kind=pb.SHARED_MEMORY,
+                                                                 region_bytes=region_bytes)])
+
+
+def double(x: Any) -> Any:
+    return x * 2
+
+
+def shm_names(server: Any = None) -> list[str]:
+    """Region names in /dev/shm (not servers' lock files): all gradserve's, or ``server``'s."""
+    prefix = f"gradserve-{server.sessions.settings.owner}-" if server is not None else "gradserve-"
+    return sorted(n for n in os.listdir(shm.SHM_DIR)
+                  if n.startswith(prefix) and not n.endswith(".lock"))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
