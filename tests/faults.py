@@ -13,16 +13,13 @@ from typing import Any, Iterator
 import grpc
 
 
-Metadatum = collections.namedtuple("Metadatum", "key value")   # what grpc's trailers hold
-
-
 class InjectedError(grpc.RpcError, grpc.Call):
     """What a failed call raises, like grpc's own errors."""
 
     def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple = ()):
         super().__init__(details)
         self._code, self._details = code, details
-        self._trailers = tuple(Metadatum(*item) for item in trailers)
+        self._trailers = tuple(trailers)   # plain (key, value) pairs
 
     def code(self) -> grpc.StatusCode:
         return self._code

@@ -121,5 +121,24 @@ def test_every_limit_is_a_flag_with_the_servers_default() -> None:
     assert (args.max_sessions, args.max_shm_total_bytes, args.session_proof_seconds,
             args.reuse_port) == (3, 1 << 30, 0.5, True)
     defaults = parser().parse_args(["serve", "m:x"])
-    for option, _, _ in SERVER_OPTIONS:
-        assert getattr(defaults, option) == inspect.signature(Server).parameters[option].default
+    keywords = {name: p.default for name, p in inspect.signature(Server).parameters.items()
+                if name not in ("host", "port", "debug")}
+    assert {option for option, _, _ in SERVER_OPTIONS} | {"health_port", "reuse_port"} == \
+        set(keywords)
+    for option, default in keywords.items():
+        assert getattr(defaults, option) == default
+
+
+def test_session_settings_and_call_limits_are_the_servers_keywords() -> None:
+    import dataclasses
+    import inspect
+
+    from gradserve.server import Server
+    from gradserve.server.service import Limits
+    from gradserve.server.transports import SessionSettings
+
+    keywords = inspect.signature(Server).parameters
+    for f in dataclasses.fields(SessionSettings):
+        if f.name != "owner":   # made per server
+            assert f.default == keywords[f.name].default, f.name
+    assert {f.name for f in dataclasses.fields(Limits)} <= set(keywords)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gradserve
+from gradserve.wire.framing import FrameWriter
 from gradserve.wire.slots import Region
 from gradserve.client.transports import cuda_ipc
 from gradserve.v1 import gradserve_pb2 as pb
@@ -223,10 +224,12 @@ def test_cuda_ipc_session_places_views_and_frees_through_the_pools(fake_gpu, ser
         assert len(fake_gpu.cuda.runtime.opened) == 3   # the probe, then each pool once
 
         payload = bytes(range(256)) * 16
-        ref, allocated = session.place(device_bytes(fake_gpu, payload))
-        assert allocated and ref.nbytes == len(payload) and ref.generation
+        writer, msg = FrameWriter(slots=session), pb.Tensor()
+        writer.put(msg, device_bytes(fake_gpu, payload))
+        ref = msg.slot
+        assert writer.placed == [ref] and ref.nbytes == len(payload) and ref.generation
         synced = fake_gpu.cuda.runtime.synchronized
-        session.flush()                                  # before the server may look
+        writer.flush()                                   # before the server may look
         assert fake_gpu.cuda.runtime.synchronized == synced + 1
         served = server.sessions.slots(session.state())
         served.check(ref, len(payload), "args[0]")
@@ -257,6 +260,35 @@ def test_cuda_ipc_session_places_views_and_frees_through_the_pools(fake_gpu, ser
         gc.collect()
         assert pools_in_use(session.info(), "request") == 0
         assert session.place(device_bytes(fake_gpu, b"x" * 64, device=3)) is None   # no pool there
+    finally:
+        session.close()
+
+
+def test_each_message_waits_for_its_own_gpu_work(fake_gpu, serve) -> None:
+    from fake_cupy import device_bytes
+    from gradserve.client.session import Session
+    from gradserve.client.transports import CudaIpcTransport, ShmTransport
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      cuda_pool_bytes=1 << 20)
+    session, _ = Session.open(raw(server), [ShmTransport(), CudaIpcTransport()])
+    try:
+        runtime = fake_gpu.cuda.runtime
+        first, second, host = (FrameWriter(slots=session) for _ in range(3))
+        first.put(pb.Tensor(), device_bytes(fake_gpu, b"a" * 4096))
+        second.put(pb.Tensor(), device_bytes(fake_gpu, b"b" * 4096))
+        host.put(pb.Tensor(), memoryview(bytearray(64 << 10)))
+        synced = runtime.synchronized
+        second.flush()             # waits for its own copy (and, on one stream, the first's)
+        first.flush()              # but the first does not count on that: it waits too
+        assert runtime.synchronized == synced + 2
+        host.flush()               # nothing of it is on a GPU
+        first.flush()              # already waited for
+        assert runtime.synchronized == synced + 2
+        for writer in (first, second, host):
+            writer.free_placed()
+            assert writer.placed == []
+        assert sum(r.used_bytes for r in session.info().regions if r.direction == "request") == 0
     finally:
         session.close()
 

@@ -481,7 +481,7 @@ def test_streams_per_connection_are_bounded(serve) -> None:
         with pytest.raises(grpc.RpcError) as info:
             list(third)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "this connection has 2 Forward/Vjp calls open" in info.value.details()
+        assert "this connection has 2 streaming calls open" in info.value.details()
         legitimate_call_works(client)                  # another connection
     finally:
         attack.close()
@@ -495,8 +495,11 @@ def test_open_calls_are_bounded_and_probes_answer_on_their_own_port(serve) -> No
         attack.open(3, separate=True)
         wait_until(lambda: server.service.active_streams() == 3, timeout=5)
         with pytest.raises(gradserve.ResourceExhausted,
-                           match="this server has 3 Forward/Vjp calls open, its limit"):
+                           match="this server has 3 streaming calls open .*, its limit"):
             client.forward("mlp", (np.ones((1, 6), np.float32),))
+        with pytest.raises(gradserve.ResourceExhausted,   # a reply stream too
+                           match="this server has 3 streaming calls open .*, its limit"):
+            client.parameters("mlp")
         assert healthy(f"127.0.0.1:{server.health_port}")
         # unary calls have room of their own beyond max_streams
         assert [e.name for e in client.endpoints()] == ["mlp"]

@@ -59,6 +59,26 @@ def test_signature_of_jax_endpoint_and_errors(serve) -> None:
         client.signature("model", (TensorType((7, 4), "float32"),))
 
 
+def test_signature_of_arrays_sends_their_types_only(serve) -> None:
+    _, client = serve(endpoints("jax"))
+    big = np.zeros((1 << 18, 5), np.float32)       # 5 MiB: past a chunk, and a message
+    assert client.signature("model", (big,)) == TensorType((1 << 18, 3), "float32")
+
+
+def test_jax_backwards_keep_their_compilation_and_signatures_compile_nothing(serve) -> None:
+    endpoint = JaxEndpoint(lambda x: jnp.sin(x) * 3, compile_cache=1)
+    _, client = serve({"f": endpoint})
+    x = np.linspace(0, 1, 5, dtype=np.float32)
+    res = client.forward("f", (x,), need_vjp=True)
+    assert endpoint.compiles == 1
+    client.forward("f", (np.ones(7, np.float32),), need_vjp=True)   # evicts the first
+    assert client.signature("f", (TensorType((3,), "float32"),)) == TensorType((3,), "float32")
+    assert endpoint.compiles == 2
+    (grad,) = client.vjp(res.residual, np.ones(5, np.float32)).args
+    np.testing.assert_allclose(grad, 3 * np.cos(x), rtol=1e-6)
+    assert endpoint.compiles == 2                   # the backward used its forward's own
+
+
 def test_jax_endpoint_bad_inputs(serve) -> None:
     _, client = serve(endpoints("jax"))
     x = np.ones((2, 5), np.float32)

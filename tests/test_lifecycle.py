@@ -114,13 +114,47 @@ def test_auto_fallback_is_logged_as_a_warning(serve, monkeypatch, caplog) -> Non
     assert "using the grpc transport" in record.getMessage()
 
 
-def test_a_closed_client_says_so(serve) -> None:
+def test_a_closed_client_says_so_for_every_call(serve) -> None:
     server, _ = serve({"mlp": mlp()})
     client = gradserve.connect(server.address)
+    assert client.transport == "shm"
     client.close()
     client.close()   # twice is harmless
-    with pytest.raises(gradserve.GradserveError, match="is closed"):
-        client.forward("mlp", (np.ones((1, 6), np.float32),))
+    assert client.transport == "grpc" and client.session_info() is None
+    x = np.ones((1, 6), np.float32)
+    for call in (client.endpoints, lambda: client.describe("mlp"),
+                 lambda: client.parameters("mlp"), lambda: client.forward("mlp", (x,)),
+                 lambda: client.signature("mlp", (x,))):
+        with pytest.raises(gradserve.GradserveError,
+                           match=f"this client of {server.address} is closed"):
+            call()
+
+
+def test_a_failed_start_stops_what_it_started() -> None:
+    from gradserve.client.transports import shm
+
+    before = quiet()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        server = Server(health_port=taken.getsockname()[1])
+        lock = f"{shm.SHM_DIR}/gradserve-{server.sessions.settings.owner}.lock"
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
+            server.start()            # the health port is taken: after the shm lock was
+    finally:
+        taken.close()
+    assert not Path(lock).exists()
+    assert settled(before) == before
+
+
+def test_options_with_an_endpoint_object_are_refused() -> None:
+    from gradserve.server import TorchEndpoint
+
+    server = Server()
+    with pytest.raises(TypeError, match="device, timeout given with a TorchEndpoint, which has "
+                                        "its own: pass them to its constructor"):
+        server.add("d", TorchEndpoint(torch.sin), device="cpu", timeout=3)
 
 
 def test_an_injected_channel_is_used_and_left_open(serve) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -321,6 +323,26 @@ def test_a_lost_session_is_reopened_once_by_many_threads(serve, faulty) -> None:
     assert client.transport == "shm"
 
 
+def test_a_forced_transport_never_falls_back_after_a_failed_reopen(serve, faulty) -> None:
+    from gradserve.errors import REASON_KEY, SESSION_MISSING
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    client, channel = faulty(server.address, transport="shm")
+    assert client.transport == "shm"
+    channel.fail("Forward", grpc.StatusCode.FAILED_PRECONDITION, "session gone",
+                 trailers=((REASON_KEY, SESSION_MISSING),))
+    channel.fail("OpenSession", grpc.StatusCode.UNAVAILABLE, "restarting")
+    with pytest.raises(gradserve.errors.Unavailable,
+                       match="the shm transport is not set up: the server is not reachable"):
+        client.forward("double", (np.ones(4, np.float32),))
+    assert client.transport == "grpc" and client.session_info() is None
+    assert channel.calls["Forward"] == 1           # nothing went over gRPC instead
+    time.sleep(1.1)                                # past the renegotiation pause
+    np.testing.assert_array_equal(client.forward("double", (np.ones(4, np.float32),)).outputs,
+                                  2 * np.ones(4, np.float32))
+    assert client.transport == "shm" and channel.calls["OpenSession"] == 3
+
+
 def test_a_client_started_before_its_server_upgrades_to_shared_memory() -> None:
     address = f"127.0.0.1:{free_port()}"
     client = gradserve.connect(address, timeout=5)       # nothing listens there yet
@@ -561,14 +583,43 @@ def test_tensors_allocated_in_the_arena_are_sent_without_a_copy(serve) -> None:
     plain.close()
 
 
+def test_as_shared_copies_into_a_slot_or_where_the_array_lives(serve) -> None:
+    import jax.numpy as jnp
+
+    server, client = serve({"double": double})
+    kept = []
+    for array in (torch.arange(8192, dtype=torch.float32), np.arange(8192, dtype=np.float32),
+                  jnp.arange(8192, dtype=jnp.float32)):
+        kept.append(client.as_shared(array))
+        assert type(kept[-1]) is type(array)
+        np.testing.assert_array_equal(np.asarray(kept[-1]), np.asarray(array))
+        assert client.session_info().used_bytes("request") == 32768 * len(kept)
+    _, plain = serve({"double": double}, client_options={"transport": "grpc"})
+    t = torch.arange(4.0)
+    copy = plain.as_shared(t)        # no session: an ordinary copy, on the tensor's device
+    assert copy.device == t.device and copy.data_ptr() != t.data_ptr()
+    torch.testing.assert_close(copy, t)
+
+
 def test_a_dropped_client_stops_keeping_its_session_alive(serve) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"}, session_lease=0.6)
     client = gradserve.connect(server.address, transport="shm")
     time.sleep(1.0)                  # the keep-alive (every lease/3) holds it open
     assert server.sessions.count() == 1
-    del client                       # no close(): its keep-alive must stop by itself
-    gc.collect()
-    wait_until(lambda: server.sessions.count() == 0)
+    del client                       # no close(): its keep-alive must stop by itself, at once
+    wait_until(lambda: server.sessions.count() == 0)   # (no collector run: nothing is a cycle)
+
+
+def test_a_dropped_session_is_freed_at_once(serve) -> None:
+    from gradserve.client.session import Session
+    from gradserve.client.transports import ShmTransport
+
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    session, _ = Session.open(raw(server), [ShmTransport()])
+    session.start()
+    gone = weakref.ref(session)
+    del session
+    assert gone() is None            # its transports hold it weakly
 
 
 def test_finalizer_frees_name_their_allocation_too() -> None:
@@ -579,6 +630,26 @@ def test_finalizer_frees_name_their_allocation_too() -> None:
     arena.free_later(offset, generation)          # as a finalizer does
     assert arena.used_bytes == 0
     assert arena.alloc(1024)[0] == 0
+
+
+def test_slots_freed_in_any_order_merge_back_into_one_run() -> None:
+    rng = random.Random(7)
+    arena = Arena(1 << 20)
+    live = [arena.alloc(rng.randrange(1, 8192)) for _ in range(100)]
+    for _ in range(2000):
+        if live and rng.random() < 0.5:
+            offset, generation = live.pop(rng.randrange(len(live)))
+            assert arena.free(offset, generation)
+        else:
+            slot = arena.alloc(rng.randrange(1, 8192))
+            if slot is not None:
+                live.append(slot)
+    rng.shuffle(live)
+    for offset, generation in live:
+        arena.free_later(offset, generation)
+    assert arena.used_bytes == 0
+    offset, _ = arena.alloc(1 << 20)   # the free runs merged back into one
+    assert offset == 0
 
 
 def server_transport(region_bytes: int, **settings: object):
@@ -593,6 +664,25 @@ def server_transport(region_bytes: int, **settings: object):
     for new in transport.regions_for(probe.region, lambda: next(made)):
         transport.confirm(new.region)
     return transport, lambda: next(made)
+
+
+def test_regions_made_while_their_session_ended_are_let_go() -> None:
+    from gradserve.errors import SESSION_MISSING, StatusError
+    from gradserve.server.sessions import ServerSession
+
+    settings = SessionSettings()
+    budget = Budget(settings)
+    session = ServerSession("s")
+    transport, made = ShmTransport.create(pb.TransportRequest(kind=pb.SHARED_MEMORY),
+                                          settings, budget, session.next_index)
+    names = [new.handle.decode() for new in made]
+    assert budget.used(pb.SHARED_MEMORY) == 4096
+    session.close()                  # swept, or evicted, while the probe was being made
+    with pytest.raises(StatusError, match="same-host session 's' ended") as info:
+        session.expect(transport, made)
+    assert info.value.reason == SESSION_MISSING
+    assert budget.used(pb.SHARED_MEMORY) == 0
+    assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
 
 
 def test_a_view_after_the_session_ended_is_a_clear_error() -> None:

@@ -7,7 +7,11 @@ chosen by status code, so callers never handle raw ``grpc.RpcError``.
 
 from __future__ import annotations
 
+from typing import Any, Callable, TypeVar
+
 import grpc
+
+T = TypeVar("T")
 
 #: Trailing-metadata key that carries a machine-readable failure reason.
 REASON_KEY = "gradserve-reason"
@@ -142,9 +146,19 @@ def from_rpc_error(err: grpc.RpcError) -> RemoteError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
     trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    reason = next((str(item.value) for item in trailers or () if item.key == REASON_KEY), None)
+    entries: Any = trailers or ()   # (key, value) pairs: grpc's named ones, or plain tuples
+    found = dict(entries).get(REASON_KEY)
+    reason = str(found) if found is not None else None
     if reason == RESIDUAL_MISSING:
         return ResidualMissing(code, message or "", reason)
     if reason == SESSION_MISSING:
         return SessionMissing(code, message or "", reason)
     return _BY_CODE.get(code, RemoteError)(code, message or "", reason)
+
+
+def rpc(method: Callable[..., T], request: Any, timeout: float | None) -> T:
+    """Call a gRPC method; a failure raises the matching :class:`RemoteError`."""
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None

@@ -25,15 +25,15 @@ from gradserve import frameworks
 from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
 from gradserve.errors import (DeadlineExceeded, GradserveError, RemoteError, ResidualMissing,
-                              ResourceExhausted, SessionMissing, Unavailable, from_rpc_error)
+                              ResourceExhausted, SessionMissing, Unavailable, from_rpc_error, rpc)
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from gradserve.wire import codec, dtypes
+from gradserve.wire import codec, dtypes, pytree
 from gradserve.wire.codec import Arguments, MakeLeaf
 from gradserve.wire.framing import DEFAULT_CHUNK_BYTES, FrameReader, FrameWriter
-from gradserve.wire.memory import DeviceBytes, WireTensor, clone, copy_into
+from gradserve.wire.memory import Data, WireTensor, copy_into
 from gradserve.wire.slots import SessionInfo
-from gradserve.wire.specs import EndpointInfo
+from gradserve.wire.specs import EndpointInfo, TensorType
 
 #: ``transport=`` values: "auto", "grpc" (bytes in the gRPC stream), then each same-host one.
 TRANSPORT_NAMES = ("auto", "grpc", *TRANSPORTS)
@@ -103,7 +103,8 @@ class Client:
 
     ``timeout`` (seconds) is the default deadline of every call;
     ``chunk_bytes`` is the largest gRPC message this client sends.
-    ``transport``: ``"grpc"`` sends tensor bytes in the gRPC stream;
+    ``transport`` (the value asked for; ``client.transport`` is the one in use):
+    ``"grpc"`` sends tensor bytes in the gRPC stream;
     ``"shm"`` moves them through shared memory (same host only);
     ``"cuda_ipc"`` also moves GPU tensors through CUDA IPC pools on the GPUs
     both sides see (CPU tensors of the same call use shared memory); a forced
@@ -111,9 +112,8 @@ class Client:
     the first call). ``"auto"`` takes the best of these that works, saying why
     it did not get a better one in ``fallback_reason``; a server not reachable
     yet is asked again on later calls, so a client started before its server
-    still gets shared memory. ``client.transport`` is the one in use.
-    ``arena_bytes`` sizes the shared-memory regions' first pair and
-    ``cuda_pool_bytes`` the CUDA IPC pools (0: the server's defaults).
+    still gets shared memory. ``arena_bytes`` sizes the shared-memory regions'
+    first pair and ``cuda_pool_bytes`` the CUDA IPC pools (0: the server's defaults).
     ``channel`` replaces the channel the client would open (a test seam, or a
     channel with interceptors); ``close`` leaves an injected channel open. A
     backward whose server is unavailable is re-sent (with its inputs) until its
@@ -142,7 +142,6 @@ class Client:
         ])
         self._stub = pb_grpc.GradserveStub(self._channel)
         self._released: collections.deque[str] = collections.deque()
-        self.transport = "grpc"
         self.fallback_reason = ""
         self._session: Session | None = None
         self._session_lock = threading.Lock()
@@ -179,6 +178,12 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def transport(self) -> str:
+        """The transport in use: the best of the session's, or "grpc" without one."""
+        session = self._session
+        return session.transports[-1].name if session is not None else "grpc"
+
     def session_info(self) -> SessionInfo | None:
         """The same-host session in use (regions, pending frees, copy counters), if any."""
         session = self._session
@@ -206,8 +211,8 @@ class Client:
         adapter = frameworks.adapter(like)
         self._flush_releases(timeout)
         reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
-        frames = self._stub.GetParameters(pb.GetParametersRequest(endpoint=name),
-                                          timeout=self._deadline(timeout))
+        frames = self._invoke(self._stub.GetParameters, pb.GetParametersRequest(endpoint=name),
+                              timeout)
         header = self._read(reader, frames)
         found: dict[str, Any] = codec.decode(header, reader,
                                              lambda wire, path: adapter.from_wire(wire),
@@ -239,14 +244,21 @@ class Client:
 
     def signature(self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
                   parameters: Any = None, *, timeout: float | None = None) -> Any:
-        """Output types of a call whose tensors are given as :class:`TensorType` leaves
-        (nothing runs on the server)."""
-        writer = FrameWriter(self.chunk_bytes, inline_bytes=self.chunk_bytes)
+        """Output types of a call whose tensors are given as :class:`TensorType` leaves, or
+        as arrays, which stand for their types (nothing runs on the server)."""
+        def as_type(x: Any) -> Any:
+            adapter = frameworks.adapter_for(x)
+            assert adapter is not None
+            return TensorType(tuple(int(d) for d in x.shape), dtypes.name_of(adapter.wire_dtype(x)))
+
+        tree = pytree.map_leaves(as_type, (tuple(args), dict(kwargs or {}), parameters),
+                                 lambda x: frameworks.adapter_for(x) is not None)
         request = pb.ForwardRequest(endpoint=name)
-        codec.encode_arguments(Arguments(tuple(args), dict(kwargs or {}), parameters), writer,
-                               request)
+        codec.encode_arguments(Arguments(*tree), FrameWriter(), request)
         reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=request), timeout)
-        return codec.decode(reply.outputs, FrameReader(0), numpy_leaf, "outputs", abstract=True)
+        reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
+        outputs = reader.read([pb.GetParametersFrame(header=reply.outputs)])
+        return codec.decode(outputs, reader, numpy_leaf, "outputs", abstract=True)
 
     def release(self, *residuals: Residual, timeout: float | None = None) -> int:
         """Free residuals on the server now; returns how many it still held."""
@@ -256,7 +268,7 @@ class Client:
         if not ids:
             return 0
         released: int = self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids),
-                                    timeout).released
+                                    timeout, flush=False).released
         return released
 
     # -- arrays in the session's request slots -----------------------------
@@ -269,28 +281,33 @@ class Client:
         adapter = frameworks.adapter(like)
         code = adapter.dtype_code(dtype)
         shape = tuple(int(d) for d in shape)
-        nbytes = dtypes.nbytes(code, shape)
-        session = self._session_now()
-        data = session.allocate(nbytes, adapter.gpu(device)) if session and nbytes else None
+        data = self._allocate(adapter, code, shape, device)
         if data is None:
             return adapter.empty(shape, code, device)
         return adapter.from_wire(WireTensor(code, shape, data))
 
     def as_shared(self, array: Any) -> Any:
         """A copy of ``array`` (torch, numpy or JAX) in a request slot (see :meth:`empty`);
-        an ordinary copy where no slot can be had."""
+        an ordinary copy, on the array's device, where no slot can be had."""
         adapter = frameworks.adapter_for(array)
         if adapter is None:
             raise TypeError(f"as_shared needs an array, got {type(array).__name__}")
-        wire = adapter.to_wire(array)
-        gpu = wire.data.device if isinstance(wire.data, DeviceBytes) else None
-        session = self._session_now()
-        data = session.allocate(wire.data.nbytes, gpu) if session and wire.data.nbytes else None
+        code, shape = adapter.wire_dtype(array), tuple(int(d) for d in array.shape)
+        data = self._allocate(adapter, code, shape, adapter.device(array))
         if data is None:
-            data = clone(wire.data)
-        else:
-            copy_into(data, wire.data)
-        return adapter.from_wire(WireTensor(wire.dtype, wire.shape, data))
+            return adapter.copy(array)
+        copy_into(data, adapter.to_wire(array).data)
+        return adapter.from_wire(WireTensor(code, shape, data))
+
+    def _allocate(self, adapter: frameworks.ArrayAdapter, code: int, shape: tuple[int, ...],
+                  device: Any) -> Data | None:
+        """A request slot for an array of ``adapter``'s framework on ``device``, or None."""
+        nbytes = dtypes.nbytes(code, shape)
+        gpu = adapter.gpu(device)
+        session = self._session_now()
+        if session is None or not nbytes or gpu == frameworks.NO_SLOT:
+            return None
+        return session.allocate(nbytes, gpu)
 
     # -- autograd front-ends -----------------------------------------------
     def torch(self, name: str, *, timeout: float | None = None) -> Any:
@@ -376,7 +393,7 @@ class Client:
             raise
         finally:
             if not kept:
-                _free(session, writer)
+                writer.free_placed()
 
     def _vjp_once(self, session: Session | None, residual: Residual, cotangents: Any,
                   make_leaf: MakeLeaf, resend: bool, batched: bool,
@@ -396,7 +413,7 @@ class Client:
                 lambda header, reader: codec.decode_arguments(header, reader, make_leaf))
             return grads
         finally:
-            _free(session, writer)
+            writer.free_placed()
 
     # -- plumbing ----------------------------------------------------------
     def _exchange(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
@@ -412,7 +429,7 @@ class Client:
                                                    slots_for=lambda header: session)
         try:
             writer.flush()
-            frames = method(writer.frames(frame_type, request), timeout=self._deadline(timeout))
+            frames = self._invoke(method, writer.frames(frame_type, request), timeout)
             header = self._read(reader, frames)
             decoded = decode(header, reader)
         except BaseException:
@@ -431,12 +448,12 @@ class Client:
         except SessionMissing:
             if session is None:
                 raise
-            return attempt(self._reopen(session))
+            self._reopen(session)
+            return attempt(self._session_now())
 
     def _session_now(self) -> Session | None:
         """The session calls go through, negotiating it first where that is due."""
-        if self._closed:
-            raise GradserveError(f"this client of {self.address} is closed")
+        self._check_open()
         due = self._negotiate_at
         forced = self.requested not in ("auto", "grpc")
         if due is not None and time.monotonic() >= due:
@@ -454,7 +471,7 @@ class Client:
             raise GradserveError(reason)
         return session
 
-    def _reopen(self, lost: Session) -> Session | None:
+    def _reopen(self, lost: Session) -> None:
         """Replace a session the server no longer holds (once, whichever thread asks)."""
         with self._session_lock:
             if self._session is lost:
@@ -462,7 +479,6 @@ class Client:
                 lost.close(tell_server=False)
                 self._session = None
                 self._negotiate()
-            return self._session
 
     def _negotiate(self) -> None:
         """Open a same-host session for the requested transport (holding the session lock)."""
@@ -499,7 +515,6 @@ class Client:
             session.start()
         self._session = session
         rank = ["grpc", *TRANSPORTS]
-        self.transport = in_use[-1] if in_use else "grpc"
         candidates = [t.name for t in usable] or names
         self.fallback_reason = "; ".join(
             f"{n}: {reasons[n]}" for n in candidates
@@ -517,13 +532,21 @@ class Client:
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        if method is not self._stub.Release:
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradserveError(f"this client of {self.address} is closed")
+
+    def _invoke(self, method: Any, request: Any, timeout: float | None) -> Any:
+        """Call an RPC of this client's (its reply, or a stream's iterator)."""
+        self._check_open()
+        return rpc(method, request, self._deadline(timeout))
+
+    def _unary(self, method: Any, request: Any, timeout: float | None,
+               flush: bool = True) -> Any:
+        """A unary RPC, after sending queued releases (``flush``)."""
+        if flush:
             self._flush_releases(timeout)
-        try:
-            return method(request, timeout=self._deadline(timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        return self._invoke(method, request, timeout)
 
     @staticmethod
     def _read(reader: FrameReader[Any], frames: Iterator[Any]) -> Any:
@@ -549,18 +572,11 @@ class Client:
         if state is not None:
             request.session.CopyFrom(state)
         try:
-            self._unary(self._stub.Release, request, timeout)
+            self._unary(self._stub.Release, request, timeout, flush=False)
         except RemoteError:
             self._released.extend(ids)
             if session is not None and state is not None:
                 session.put_back(state.freed_slots)
-
-
-def _free(session: Session | None, writer: FrameWriter) -> None:
-    """Return the request slots ``writer`` allocated (the server is done with them)."""
-    if session is not None and writer.placed:
-        session.free(writer.placed)
-        writer.placed = []
 
 
 def _frontend(name: str) -> ModuleType:

@@ -17,7 +17,7 @@ import grpc
 
 from gradserve.client.transports.base import ClientTransport
 from gradserve.errors import BUDGET_SPENT, REGIONS_AT_LIMIT, GradserveError, ResourceExhausted, \
-    from_rpc_error
+    rpc
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data
 from gradserve.wire.slots import SessionInfo, Slots
@@ -45,55 +45,36 @@ class Session(Slots[ClientTransport]):
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
-        for transport in transports:
-            transport.growth = self
+        for transport in transports:   # weakly: a dropped session is freed at once
+            transport.growth = weakref.WeakMethod(self.grow)
 
     @classmethod
     def open(cls, stub: Any, transports: Sequence[ClientTransport],
              timeout: float = 10.0) -> tuple["Session | None", dict[str, str]]:
         """Ask the server for ``transports`` and attach to the regions it makes; the session
         (None when no transport came up) and why each that did not."""
-        reasons: dict[str, str] = {}
         asked = list(transports)
         request = pb.OpenSessionRequest(transports=[t.ask() for t in asked])
-        opened = _call(stub.OpenSession, request, timeout)
+        opened = rpc(stub.OpenSession, request, timeout)
         session = cls(stub, opened.session_id, opened.lease_seconds, asked, timeout)
         by_kind = {t.kind: t for t in asked}
 
-        def attach(regions: Iterable[pb.Region]) -> list[pb.RegionProof]:
-            proofs = []
-            for transport in asked:
-                mine = [r for r in regions if r.kind == transport.kind]
-                if mine:
-                    made, failures = transport.attach(mine)
-                    proofs.extend(made)
-                    if failures:
-                        reasons[transport.name] = "; ".join(failures)
-            return proofs
+        def refused(refusals: Iterable[pb.TransportRefusal]) -> dict[str, str]:
+            return {by_kind[r.kind].name: r.reason for r in refusals if r.kind in by_kind}
 
-        def refused(refusals: Iterable[pb.TransportRefusal]) -> None:
-            for refusal in refusals:
-                if refusal.kind in by_kind:
-                    reasons[by_kind[refusal.kind].name] = refusal.reason
-
+        reasons = refused(opened.refused)
         try:
-            refused(opened.refused)
-            for transport in asked:   # the probes: proving it, the session gets its regions
+            for transport in asked:
                 if not any(r.kind == transport.kind for r in opened.regions):
                     reasons.setdefault(transport.name, "the server made no regions for it")
-            proofs = attach(opened.regions)
-            if any(p.nonce for p in proofs):
-                proved = _call(stub.ConfirmSession,
-                               pb.ConfirmSessionRequest(session_id=session.id, proofs=proofs),
-                               timeout)
-                refused(proved.refused)
-                for transport in asked:
-                    transport.confirmed(set(proved.ready))
-                if proved.regions:
-                    confirmed = _call(stub.ConfirmSession, pb.ConfirmSessionRequest(
-                        session_id=session.id, proofs=attach(proved.regions)), timeout)
-                    for transport in asked:
-                        transport.confirmed(set(confirmed.ready))
+            regions = list(opened.regions)
+            for _ in ("probes", "their regions"):   # proving the probes brings the regions
+                if not regions:
+                    break
+                proved, failures = session._prove(regions)
+                reasons.update(failures)
+                reasons.update(refused(proved.refused))
+                regions = list(proved.regions)
             session.transports = [t for t in asked if t.usable]
             for transport in asked:
                 if not transport.usable:
@@ -150,17 +131,12 @@ class Session(Slots[ClientTransport]):
                     or time.monotonic() < self._grow_retry.get(kind, 0.0)):
                 return False
             try:
-                grown = _call(self._stub.GrowSession,
-                              pb.GrowSessionRequest(session_id=self.id, min_bytes=min_bytes,
-                                                    kind=kind), self.timeout)
-                # every region is proved or (empty nonce) dropped, so none lingers half-made
-                proofs, failures = transport.attach(list(grown.regions))
-                confirmed = _call(self._stub.ConfirmSession,
-                                  pb.ConfirmSessionRequest(session_id=self.id, proofs=proofs),
-                                  self.timeout)
-                transport.confirmed(set(confirmed.ready))
+                grown = rpc(self._stub.GrowSession,
+                            pb.GrowSessionRequest(session_id=self.id, min_bytes=min_bytes,
+                                                  kind=kind), self.timeout)
+                _, failures = self._prove(list(grown.regions))
                 if failures:
-                    raise GradserveError("; ".join(failures))
+                    raise GradserveError("; ".join(failures.values()))
             except ResourceExhausted as err:
                 if err.reason == BUDGET_SPENT:     # the server's memory: it may free up
                     self._grow_retry[kind] = time.monotonic() + GROW_RETRY_SECONDS
@@ -176,6 +152,28 @@ class Session(Slots[ClientTransport]):
                          transport.label, err)
                 return False
             return True
+
+    def _prove(self, regions: list[pb.Region]) -> tuple[pb.ConfirmSessionResponse,
+                                                        dict[str, str]]:
+        """Attach to the server's new ``regions`` (each by its transport) and send what was
+        read back; every region is proved or (an empty nonce) dropped, so none lingers
+        half-made. The server's answer (its ready regions used, the others forgotten) and
+        why attaching failed, by transport name."""
+        proofs: list[pb.RegionProof] = []
+        failures: dict[str, str] = {}
+        for transport in self.transports:
+            mine = [r for r in regions if r.kind == transport.kind]
+            if mine:
+                made, failed = transport.attach(mine)
+                proofs.extend(made)
+                if failed:
+                    failures[transport.name] = "; ".join(failed)
+        proved = rpc(self._stub.ConfirmSession,
+                     pb.ConfirmSessionRequest(session_id=self.id, proofs=proofs), self.timeout)
+        ready = set(proved.ready)
+        for transport in self.transports:
+            transport.confirmed(ready)
+        return proved, failures
 
     # -- per call ----------------------------------------------------------
     def state(self) -> pb.SessionState:
@@ -217,13 +215,6 @@ class Session(Slots[ClientTransport]):
                            tuple(r.info() for t in transports for r in t.regions),
                            sum(t.pending_frees for t in transports),
                            sum(t.copied for t in transports), sum(t.in_place for t in transports))
-
-
-def _call(method: Any, request: Any, timeout: float) -> Any:
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from None
 
 
 def _keep_alive(stub: Any, sid: str, lease: float, stopped: threading.Event) -> None:

@@ -10,8 +10,8 @@ an array can be sent never depends on what happened to be imported before.
 
 from __future__ import annotations
 
+import functools
 import importlib
-import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,8 +42,19 @@ class ArrayAdapter(Protocol):
     def empty(self, shape: tuple[int, ...], code: int, device: Any) -> Any:
         """An ordinary uninitialised array of wire dtype ``code`` on ``device``."""
 
+    def device(self, x: Any) -> Any:
+        """The device array ``x`` lives on, as ``empty`` takes it."""
+
+    def copy(self, x: Any) -> Any:
+        """An ordinary copy of array ``x``, on its device."""
+
     def gpu(self, device: Any) -> int | None:
-        """The local GPU index ``device`` names (None: host memory)."""
+        """Where an array on ``device`` can lie in a session's slot: the local GPU index
+        (None: host memory), or ``NO_SLOT`` where no region can hold it."""
+
+
+#: ``ArrayAdapter.gpu`` for devices whose arrays cannot be views of a session's slot.
+NO_SLOT = -1
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,6 @@ FRAMEWORKS: tuple[Framework, ...] = (
 
 _BY_ROOT = {root: fw for fw in FRAMEWORKS for root in fw.roots}
 _by_type: dict[type, ArrayAdapter | None] = {}
-_lock = threading.Lock()
 
 
 def framework(name: str) -> Framework:
@@ -78,6 +88,7 @@ def framework(name: str) -> Framework:
     raise ValueError(f"unknown framework {name!r}; known: {', '.join(f.name for f in FRAMEWORKS)}")
 
 
+@functools.cache
 def adapter(name: str) -> ArrayAdapter:
     """The adapter of framework ``name`` (imports it)."""
     module = importlib.import_module(framework(name).adapter)
@@ -100,6 +111,5 @@ def adapter_for(x: Any) -> ArrayAdapter | None:
             if candidate.is_array(x):
                 found = candidate
                 break
-    with _lock:
-        _by_type[kind] = found
+    _by_type[kind] = found
     return found

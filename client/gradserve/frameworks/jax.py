@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradserve.frameworks import NO_SLOT
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.wire import dtypes
 from gradserve.v1 import gradserve_pb2 as pb
@@ -62,8 +63,18 @@ class JaxAdapter:
         array = jnp.zeros(shape, dtypes.numpy_dtype(code))
         return array if device is None else jax.device_put(array, device)
 
+    def device(self, x: Any) -> Any:
+        (device,) = x.devices()
+        return device
+
+    def copy(self, x: Any) -> jax.Array:
+        return jnp.array(x, copy=True)
+
     def gpu(self, device: Any) -> int | None:
-        return None   # JAX arrays reach the wire through host memory
+        # JAX arrays reach the wire through host memory: only a CPU array can be a
+        # view of a slot (see as_jax)
+        platform = device.platform if device is not None else jax.default_backend()
+        return None if platform == "cpu" else NO_SLOT
 
 
 ADAPTER = JaxAdapter()

@@ -41,6 +41,12 @@ class NumpyAdapter:
     def empty(self, shape: tuple[int, ...], code: int, device: Any) -> np.ndarray[Any, Any]:
         return np.empty(shape, dtypes.numpy_dtype(code))
 
+    def device(self, x: Any) -> None:
+        return None
+
+    def copy(self, x: Any) -> np.ndarray[Any, Any]:
+        return np.array(x, copy=True)
+
     def gpu(self, device: Any) -> int | None:
         if device not in (None, "cpu"):
             raise ValueError(f"numpy arrays live in host memory, not on {device!r}")

@@ -81,6 +81,12 @@ class TorchAdapter:
     def empty(self, shape: tuple[int, ...], code: int, device: Any) -> torch.Tensor:
         return torch.empty(shape, dtype=FROM_CODE[code], device=device)
 
+    def device(self, x: Any) -> Any:
+        return x.device
+
+    def copy(self, x: Any) -> Any:
+        return x.detach().clone()
+
     def gpu(self, device: Any) -> int | None:
         place = torch.device(device if device is not None else "cpu")
         if place.type != "cuda":

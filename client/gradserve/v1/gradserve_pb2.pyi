@@ -425,16 +425,14 @@ class ConfirmSessionResponse(_message.Message):
     def __init__(self, ready: _Optional[_Iterable[int]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[TransportRefusal, _Mapping]]] = ...) -> None: ...
 
 class GrowSessionRequest(_message.Message):
-    __slots__ = ("session_id", "min_bytes", "kind", "device")
+    __slots__ = ("session_id", "min_bytes", "kind")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     min_bytes: int
     kind: RegionKind
-    device: str
-    def __init__(self, session_id: _Optional[str] = ..., min_bytes: _Optional[int] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., device: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., min_bytes: _Optional[int] = ..., kind: _Optional[_Union[RegionKind, str]] = ...) -> None: ...
 
 class GrowSessionResponse(_message.Message):
     __slots__ = ("regions",)

@@ -10,14 +10,12 @@ gradients mirror them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from gradserve import frameworks
 from gradserve.errors import invalid
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire import dtypes
-from gradserve.wire.framing import tensor_nbytes
 from gradserve.wire.memory import Data, WireTensor
 from gradserve.wire.specs import TensorSpec, TensorType
 
@@ -47,13 +45,13 @@ class Arguments:
     own) — or the gradients, which mirror them (None where none was asked for)."""
 
     args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
     parameters: Any = None
 
     @property
     def tree(self) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
         """``(args, kwargs, parameters)`` as one pytree."""
-        return self.args, dict(self.kwargs or {}), self.parameters
+        return self.args, self.kwargs, self.parameters
 
 
 def encode(tree: Any, writer: PayloadWriter,
@@ -126,9 +124,7 @@ def decode(value: pb.Value, reader: PayloadReader, make_leaf: MakeLeaf, path: st
         if not abstract:
             raise invalid(f"{path or 'value'}: a shape-only tensor is allowed in Signature "
                           "requests only")
-        spec = value.abstract
-        tensor_nbytes(path, spec)
-        return TensorType.from_pb(spec)
+        return TensorType.from_pb(value.abstract)   # its size was checked with the message's
     if kind == "none" or kind is None:
         return None
     if kind in ("bool_value", "int_value", "float_value", "str_value"):
@@ -148,8 +144,8 @@ def encode_arguments(parts: Arguments, writer: PayloadWriter, target: Any,
                      requires_grad: Callable[[Any], bool] | None = None) -> None:
     """Encode a call's parts into ``target``'s ``args``, ``kwargs`` and ``parameters``
     fields (``parameters`` only when given)."""
-    target.args.CopyFrom(encode(tuple(parts.args), writer, requires_grad, "args"))
-    target.kwargs.CopyFrom(encode(dict(parts.kwargs or {}), writer, requires_grad, "kwargs"))
+    target.args.CopyFrom(encode(parts.args, writer, requires_grad, "args"))
+    target.kwargs.CopyFrom(encode(parts.kwargs, writer, requires_grad, "kwargs"))
     if parts.parameters is not None:
         target.parameters.CopyFrom(encode(parts.parameters, writer, requires_grad, "parameters"))
 

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from gradserve.errors import StatusError, invalid
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import dtypes
-from gradserve.wire.memory import Data, DeviceBytes
+from gradserve.wire.memory import Data, DeviceBytes, synchronize
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: Stream buffers up to this size come from the heap (warm, fast) once an eighth of their
@@ -39,10 +39,11 @@ class SlotWriter(Protocol):
     """Where a sender may put payloads instead of the stream (a same-host session)."""
 
     def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
-        """A slot holding ``data`` and whether it was allocated for it; None: send bytes."""
+        """A slot holding ``data`` and whether it was allocated for it; None: send bytes.
+        A GPU payload's copy may still be queued: the writer synchronises before sending."""
 
-    def flush(self) -> None:
-        """Make what ``place`` wrote visible to the receiver; called before sending."""
+    def free(self, refs: Iterable[pb.SlotRef]) -> None:
+        """Return slots ``place`` allocated (the receiver is done with them)."""
 
 
 class Holder(Protocol):
@@ -149,8 +150,9 @@ class FrameWriter:
     reference, and ``placed`` lists the slots allocated for this message (the
     owner frees them when the receiver is done). The rest go inline or as chunk
     streams (GPU memory copied to the host). ``flush`` must run before the
-    header is sent: it waits for queued GPU copies into slots, until when the
-    writer keeps their sources alive.
+    header is sent: it waits for the GPU work on this message's slots (queued
+    copies into them, or kernels that wrote the arrays already there), until
+    when the writer keeps the copies' sources alive.
     """
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None,
@@ -160,7 +162,7 @@ class FrameWriter:
         self._streams: list[memoryview] = []
         self._slots = slots
         self._sources: list[Data] = []   # placed, maybe still being copied from
-        self._placed_any = False
+        self._devices: set[int] = set()   # GPUs holding this message's slots
         self.placed: list[pb.SlotRef] = []
 
     def put(self, msg: pb.Tensor, data: Data) -> None:
@@ -173,7 +175,8 @@ class FrameWriter:
             if placed is not None:
                 ref, allocated = placed
                 msg.slot.CopyFrom(ref)
-                self._placed_any = True
+                if isinstance(data, DeviceBytes):
+                    self._devices.add(data.device)
                 if allocated:
                     self.placed.append(ref)
                     self._sources.append(data)
@@ -189,10 +192,16 @@ class FrameWriter:
 
     def flush(self) -> None:
         """Make what the slots hold ready for the receiver (before the header is sent)."""
-        if self._placed_any and self._slots is not None:
-            self._placed_any = False
-            self._slots.flush()
+        for device in sorted(self._devices):
+            synchronize(device)
+        self._devices.clear()
         self._sources = []
+
+    def free_placed(self) -> None:
+        """Return the slots allocated for this message (the receiver is done with them)."""
+        if self._slots is not None and self.placed:
+            self._slots.free(self.placed)
+        self.placed = []
 
     def frames(self, frame_type: type, header: Any) -> Iterator[Any]:
         """The header frame, then every streamed tensor's chunks in order."""
@@ -219,7 +228,7 @@ class FrameReader(Generic[S]):
 
     def __init__(self, max_bytes: int, on_frame: Callable[[int], None] | None = None,
                  slots_for: Callable[[Any], S | None] | None = None,
-                 max_values: int = 1 << 62, holder: Holder | None = None):
+                 max_values: int | None = None, holder: Holder | None = None):
         self.max_bytes = max_bytes
         self.max_values = max_values
         self._holder = holder
@@ -246,26 +255,29 @@ class FrameReader(Generic[S]):
         if first is None or first.WhichOneof("frame") != "header":
             raise invalid("stream must start with a header frame")
         header = first.header
+        size = header.ByteSize() if self.on_frame or self.max_values is not None else 0
         if self.on_frame is not None:
-            self.on_frame(first.ByteSize())
+            self.on_frame(size)
         if self._slots_for is not None:
             self.slots = self._slots_for(header)
-        self._plan(header)
+        self._plan(header, size)
         for frame in it:
             if frame.WhichOneof("frame") != "chunk":
                 raise invalid("only chunk frames may follow the header")
+            chunk = frame.chunk
+            data = chunk.data   # each read of a bytes field copies it
             if self.on_frame is not None:
-                self.on_frame(len(frame.chunk.data))
-            self._append(frame.chunk)
+                self.on_frame(len(data))
+            self._append(chunk.id, data)
         for stream_id, (path, size) in self._expected.items():
             got = self._filled.get(stream_id, 0)
             if got != size:
                 raise invalid(f"{path}: stream ended after {got} of {size} bytes")
         return header
 
-    def _plan(self, header: Any) -> None:
+    def _plan(self, header: Any, size: int) -> None:
         # every Value takes at least two bytes: small headers cannot be over the limit
-        if (header.ByteSize() > 2 * self.max_values
+        if (self.max_values is not None and size > 2 * self.max_values
                 and count_values(header, self.max_values) > self.max_values):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message holds more than {self.max_values} pytree nodes, this "
@@ -308,27 +320,27 @@ class FrameReader(Generic[S]):
             self._holder.take(held)
             self._held = held
 
-    def _append(self, chunk: pb.Chunk) -> None:
-        if chunk.id not in self._expected:
-            raise invalid(f"chunk for unknown stream id {chunk.id}")
-        path, size = self._expected[chunk.id]
-        start = self._filled.get(chunk.id, 0)
-        end = start + len(chunk.data)
+    def _append(self, stream_id: int, data: bytes) -> None:
+        if stream_id not in self._expected:
+            raise invalid(f"chunk for unknown stream id {stream_id}")
+        path, size = self._expected[stream_id]
+        start = self._filled.get(stream_id, 0)
+        end = start + len(data)
         if end > size:
             raise invalid(f"{path}: stream carries more than the {size} bytes its shape needs")
-        self._filled[chunk.id] = end
-        buf = self._buffers.get(chunk.id)
+        self._filled[stream_id] = end
+        buf = self._buffers.get(stream_id)
         if buf is None:
             if size > EAGER_BUFFER_BYTES:
-                buf = self._buffers[chunk.id] = mmap.mmap(-1, size)
+                buf = self._buffers[stream_id] = mmap.mmap(-1, size)
             elif end * EAGER_FRACTION >= size:
-                buf = self._buffers[chunk.id] = bytearray(size)
-                pending = self._pending.pop(chunk.id, b"")
+                buf = self._buffers[stream_id] = bytearray(size)
+                pending = self._pending.pop(stream_id, b"")
                 buf[:len(pending)] = pending
             else:
-                self._pending.setdefault(chunk.id, bytearray()).extend(chunk.data)
+                self._pending.setdefault(stream_id, bytearray()).extend(data)
                 return
-        buf[start:end] = chunk.data
+        buf[start:end] = data
 
     def close(self) -> None:
         """Let go of every buffer now (a failed call's reader may live on in a traceback;

@@ -100,15 +100,6 @@ def copy_into(dst: Data, src: Data) -> None:
             runtime.memcpy(dst.ptr, address(src), dst.nbytes, runtime.memcpyHostToDevice)
 
 
-def clone(data: Data) -> Data:
-    """A copy of ``data`` in memory of the same kind (host, or the same GPU)."""
-    if isinstance(data, DeviceBytes):
-        cp = cupy()
-        with cp.cuda.Device(data.device):
-            return DeviceBytes(data.array.copy(), data.device)
-    return memoryview(bytearray(data))
-
-
 def synchronize(device: int | None = None) -> None:
     """Wait until every queued operation on GPU ``device`` (None: every GPU) is done."""
     cp = cupy()

@@ -8,13 +8,14 @@ region travels as ``pb.SlotRef(region, offset, nbytes, generation)``; the
 receiver checks the reference against the region before any view is made.
 
 :class:`RegionTransport` is one side's data path over one transport's regions
-(place, flush, check, view, free); a transport module adds only how its
+(place, check, view, free); a transport module adds only how its
 regions are created or attached to. :class:`Slots` is a session's transports
 seen as one, which is all the framing knows of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import threading
@@ -26,8 +27,7 @@ import numpy as np
 
 from gradserve.errors import SESSION_MISSING, StatusError, invalid
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.memory import Data, DeviceBytes, address, copy_into, device_view, host_bytes, \
-    synchronize
+from gradserve.wire.memory import Data, DeviceBytes, address, copy_into, device_view, host_bytes
 
 #: Slot alignment: JAX's CPU zero-copy import needs 64 bytes; device regions use 256.
 ALIGN = 64
@@ -50,7 +50,6 @@ class Arena:
     _generations = itertools.count(1)
 
     def __init__(self, size: int, align: int = ALIGN):
-        self.size = size
         self.align = align
         self._free: list[tuple[int, int]] = [(0, size)] if size else []   # sorted (offset, length)
         self._used: dict[int, tuple[int, int]] = {}                        # offset -> (length, gen)
@@ -104,15 +103,14 @@ class Arena:
         if used is None or used[1] != generation:
             return False
         del self._used[offset]
-        self._free.append((offset, used[0]))
-        self._free.sort()
-        merged: list[tuple[int, int]] = []
-        for start, size in self._free:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + size)
-            else:
-                merged.append((start, size))
-        self._free = merged
+        length, free = used[0], self._free
+        i = bisect.bisect(free, (offset, 0))
+        if i < len(free) and offset + length == free[i][0]:        # joins the next free run
+            length += free.pop(i)[1]
+        if i and free[i - 1][0] + free[i - 1][1] == offset:        # and the previous one
+            free[i - 1] = (free[i - 1][0], free[i - 1][1] + length)
+        else:
+            free.insert(i, (offset, length))
         return True
 
 
@@ -246,7 +244,6 @@ class RegionTransport:
         self.outgoing = outgoing
         self._regions: dict[int, Region] = {}
         self._lock = threading.Lock()
-        self._dirty = False
         #: payloads copied into a slot / sent from where they already lay
         self.copied = 0
         self.in_place = 0
@@ -281,21 +278,17 @@ class RegionTransport:
         return [r for r in self.regions
                 if r.ready and r.direction == self.outgoing and r.gpu == gpu and r.arena]
 
-    def take_slot(self, nbytes: int, gpu: int | None) -> tuple[Region, int, int] | None:
+    def take_slot(self, nbytes: int, gpu: int | None,
+                  regions: list[Region] | None = None) -> tuple[Region, int, int] | None:
         """``(region, offset, generation)`` of a new slot of ``nbytes`` in an outgoing region
-        on ``gpu`` (None: host), asking ``make_room`` once when they are full; None when no
-        slot can be had (or this transport has no such region)."""
-        regions = self._outgoing_on(gpu)
-        for attempt in range(2):
-            for region in regions:
-                assert region.arena is not None
-                slot = region.arena.alloc(nbytes)
-                if slot is not None:
-                    return region, *slot
-            if attempt or not regions or not self.make_room(nbytes, gpu):
-                return None
-            regions = self._outgoing_on(gpu)
-        return None
+        on ``gpu`` (None: host; ``regions``: those, where the caller has them), asking
+        ``make_room`` once when they are full; None when no slot can be had (or this
+        transport has no such region)."""
+        regions = self._outgoing_on(gpu) if regions is None else regions
+        taken = _first_fit(regions, nbytes)
+        if taken is None and regions and self.make_room(nbytes, gpu):
+            taken = _first_fit(self._outgoing_on(gpu), nbytes)
+        return taken
 
     # -- sending -----------------------------------------------------------
     def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
@@ -307,19 +300,18 @@ class RegionTransport:
             return None
         gpu = data.device if isinstance(data, DeviceBytes) else None
         start = data.ptr if isinstance(data, DeviceBytes) else address(data)
-        for region in self._outgoing_on(gpu):   # already in a slot of ours: send it as it is
+        regions = self._outgoing_on(gpu)
+        for region in regions:   # already in a slot of ours: send it as it is
             if region.holds(start, nbytes):
                 self.in_place += 1
-                self._dirty = True
                 return pb.SlotRef(region=region.index, offset=start - region.base,
                                   nbytes=nbytes), False
-        taken = self.take_slot(nbytes, gpu)
+        taken = self.take_slot(nbytes, gpu, regions)
         if taken is None:
             return None
         region, offset, generation = taken
         region.write(offset, data)
         self.copied += 1
-        self._dirty = True
         return pb.SlotRef(region=region.index, offset=offset, nbytes=nbytes,
                           generation=generation), True
 
@@ -327,14 +319,6 @@ class RegionTransport:
         """Called when no outgoing region has a free slot of ``nbytes``: True if room was
         made (a region was added), so placing is tried once more."""
         return False
-
-    def flush(self) -> None:
-        """Make what ``place`` wrote visible to the other side (queued GPU copies done)."""
-        if not self._dirty:
-            return
-        self._dirty = False
-        for gpu in sorted({r.gpu for r in self.regions if r.gpu is not None}):
-            synchronize(gpu)
 
     @property
     def on_gpu(self) -> bool:
@@ -373,6 +357,14 @@ class RegionTransport:
             self.remove(region.index)
 
 
+def _first_fit(regions: list[Region], nbytes: int) -> tuple[Region, int, int] | None:
+    for region in regions:
+        assert region.arena is not None
+        slot = region.arena.alloc(nbytes)
+        if slot is not None:
+            return region, *slot
+    return None
+
 
 def _ended(what: str) -> StatusError:
     """The error for a reference into a region its session let go of during the call."""
@@ -386,7 +378,7 @@ T = TypeVar("T", bound=RegionTransport)
 
 class Slots(Generic[T]):
     """A session's transports as one store of slots: what the framing writes payloads
-    to (``place``, ``flush``) and reads them from (``check``, ``view``)."""
+    to (``place``, ``free``) and reads them from (``check``, ``view``)."""
 
     def __init__(self, transports: Sequence[T]):
         self.transports: list[T] = list(transports)
@@ -412,11 +404,6 @@ class Slots(Generic[T]):
             if placed is not None:
                 return placed
         return None
-
-    def flush(self) -> None:
-        """Make every placed payload visible to the other side."""
-        for transport in self.transports:
-            transport.flush()
 
     def free(self, refs: Iterable[pb.SlotRef]) -> None:
         """Return slots of this side's outgoing regions."""

@@ -72,15 +72,14 @@ class TensorSpec:
             return f"expected dtype {self.dtype}, got {t.dtype}"
         if len(t.shape) != len(self.shape) or any(
                 want is not None and want != got for want, got in zip(self.shape, t.shape)):
-            return f"expected shape {self._dims()}, got {tuple(t.shape)}"
+            return f"expected shape ({self._dims()}), got {tuple(t.shape)}"
         return None
 
     def _dims(self) -> str:
-        return "(" + ", ".join("*" if d is None else str(d) for d in self.shape) + ")"
+        return ", ".join("*" if d is None else str(d) for d in self.shape)
 
     def __str__(self) -> str:
-        dims = ", ".join("*" if d is None else str(d) for d in self.shape)
-        return f"{self.dtype or 'any'}[{dims}]"
+        return f"{self.dtype or 'any'}[{self._dims()}]"
 
 
 @dataclass(frozen=True)

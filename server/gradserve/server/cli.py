@@ -169,6 +169,9 @@ SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("residual_ttl", float, "seconds an unused residual lives"),
     ("max_request_bytes", _byte_size, "tensor bytes of one request"),
     ("max_request_values", int, "pytree nodes (tensors, scalars, containers) of one request"),
+    ("max_message_bytes", _byte_size, "one gRPC message (None: 4 chunks plus 1 MiB; clients "
+                                      "chunk larger tensors)"),
+    ("chunk_bytes", _byte_size, "chunks the server streams large replies in"),
     ("max_inflight_bytes", _byte_size, "request bytes all calls together may hold (None: "
                                        "--max-request-bytes)"),
     ("idle_timeout", float, "seconds a request stream may stay silent before it is cancelled"),

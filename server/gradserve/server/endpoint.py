@@ -188,7 +188,7 @@ class Endpoint(ABC):
         """INVALID_ARGUMENT naming the argument unless the call fits the signature, the
         declared specs and (if sent) the endpoint's parameters."""
         try:
-            bound = self.call_signature.bind(*inputs.args, **(inputs.kwargs or {}))
+            bound = self.call_signature.bind(*inputs.args, **inputs.kwargs)
         except TypeError as err:
             raise invalid(f"endpoint {self.name!r}{self.call_signature}: {err}") from None
         for name, spec in self.input_specs.items():
@@ -301,6 +301,10 @@ def build_endpoint(obj: Any, device: Any = None, framework_name: str | None = No
     """An endpoint serving ``obj`` (a module or a function): with the framework named, or
     the one that claims it most strongly ("is this yours?"), among those loaded."""
     if isinstance(obj, Endpoint):
+        given = [*(["device"] if device is not None else []), *sorted(options)]
+        if given:
+            raise TypeError(f"{', '.join(given)} given with a {type(obj).__name__}, which has "
+                            "its own: pass them to its constructor")
         return obj
     if framework_name is None:
         loaded = [fw for fw in FRAMEWORKS

@@ -9,6 +9,7 @@ answered.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any
 
@@ -68,10 +69,6 @@ class HealthPort:
         """Report ``service``'s serving status."""
         self._call(lambda health: health.set(service, status))
 
-    def enter_graceful_shutdown(self) -> None:
-        """Report every service NOT_SERVING from now on."""
-        self._call(lambda health: health.enter_graceful_shutdown())
-
     def stop(self, timeout: float) -> None:
         """Stop serving and end the thread (within about ``timeout`` seconds)."""
         loop, thread, server = self._loop, self._thread, self._server
@@ -79,7 +76,10 @@ class HealthPort:
         if loop is None or thread is None:
             return
         if server is not None:
-            asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout)
+            try:
+                asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout)
+            except concurrent.futures.TimeoutError:
+                pass   # the loop stops below all the same
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
 

@@ -90,17 +90,21 @@ class Server:
         self.debug = debug
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl, max_count=max_residuals)
-        self.sessions = SessionManager(
-            SessionSettings(shm_arena_bytes, max_shm_arena_bytes, cuda_pool_bytes,
-                            max_cuda_pool_bytes, session_lease, max_shm_total_bytes,
-                            max_cuda_total_bytes, max_sessions, max_sessions_per_peer,
-                            session_proof_seconds, owner=secrets.token_hex(8)),
+        self.sessions = SessionManager(SessionSettings(
+            shm_arena_bytes=shm_arena_bytes, max_shm_arena_bytes=max_shm_arena_bytes,
+            cuda_pool_bytes=cuda_pool_bytes, max_cuda_pool_bytes=max_cuda_pool_bytes,
+            session_lease=session_lease, max_shm_total_bytes=max_shm_total_bytes,
+            max_cuda_total_bytes=max_cuda_total_bytes, max_sessions=max_sessions,
+            max_sessions_per_peer=max_sessions_per_peer,
+            session_proof_seconds=session_proof_seconds, owner=secrets.token_hex(8)),
             on_close=self.residuals.release_session)
-        self.service = GradserveService(
-            self.registry, self.residuals, self.sessions,
-            Limits(chunk_bytes, max_request_bytes, idle_timeout, max_request_values, workers,
-                   max_streams_per_peer, min_stream_rate, max_streams,
-                   max_request_bytes if max_inflight_bytes is None else max_inflight_bytes), debug)
+        self.service = GradserveService(self.registry, self.residuals, self.sessions, Limits(
+            chunk_bytes=chunk_bytes, max_request_bytes=max_request_bytes,
+            idle_timeout=idle_timeout, max_request_values=max_request_values, workers=workers,
+            max_streams=max_streams, max_streams_per_peer=max_streams_per_peer,
+            min_stream_rate=min_stream_rate,
+            max_inflight_bytes=(max_request_bytes if max_inflight_bytes is None
+                                else max_inflight_bytes)), debug)
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
         # a thread per open call (a call reading its request or draining its reply holds
         # one); the model runs in at most `workers` of them at once
@@ -152,16 +156,22 @@ class Server:
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Server":
         """Start serving, and the threads that free memory and end stalled streams (memory
-        that servers which died left behind is cleaned up first)."""
-        self.sessions.start()
-        if self._health_port is not None:
-            self._health_port.start(_bind)
-        self._grpc.start()
-        self._started = True
-        self.residuals.dropper.start()
-        self.service.watch.start()
-        self._sweeper = threading.Thread(target=self._sweep, name="gradserve-ttl", daemon=True)
-        self._sweeper.start()
+        that servers which died left behind is cleaned up first). If any of it fails, what
+        did start is stopped again."""
+        try:
+            self.sessions.start()
+            if self._health_port is not None:
+                self._health_port.start(_bind)
+            self._grpc.start()
+            self._started = True
+            self.residuals.dropper.start()
+            self.service.watch.start()
+            self._sweeper = threading.Thread(target=self._sweep, name="gradserve-ttl",
+                                             daemon=True)
+            self._sweeper.start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
         for name in ("", SERVICE_NAME, *(e.name for e in self.registry.all())):
             self._serving(name)
         log.info("gradserve listening on %s with endpoints %s", self.address,
@@ -205,8 +215,8 @@ class Server:
     def _sweep(self) -> None:
         """Drop expired residuals and sessions even while no call arrives."""
         settings = self.sessions.settings
-        interval = min(max(min(self.residuals.ttl, settings.lease,
-                               settings.unconfirmed_seconds) / 4, 0.05), 30.0)
+        interval = min(max(min(self.residuals.ttl, settings.session_lease,
+                               settings.session_proof_seconds) / 4, 0.05), 30.0)
         while not self._stopped.wait(interval):
             self.residuals.sweep()
             self.sessions.sweep()

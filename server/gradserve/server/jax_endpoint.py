@@ -55,9 +55,8 @@ def _is_array(x: Any) -> bool:
 
 @dataclass
 class _Compiled:
-    """Jitted functions for one call structure; ``call(diff, rest)`` is the user's function."""
+    """Jitted functions for one call structure."""
 
-    call: Callable[[list[Any], list[Any]], Any]
     forward: Callable[[list[Any], list[Any]], Any]
     forward_vjp: Callable[[list[Any], list[Any]], Any]
     backward: Callable[[Any, Any], Any]
@@ -66,12 +65,13 @@ class _Compiled:
 
 @dataclass
 class _State:
-    """A forward's vjp closure, and the compiled signature it came from."""
+    """A forward's vjp closure, and the call structure and jitted functions it came from
+    (held here: the cache may have let them go by the time the backward comes)."""
 
     vjp_fn: Any
     in_def: pytree.TreeDef
     mask: tuple[bool, ...]
-    key: _Key
+    compiled: _Compiled
 
 
 class JaxEndpoint(Endpoint):
@@ -102,8 +102,9 @@ class JaxEndpoint(Endpoint):
         self.has_params = params is not None
         self.params = jax.device_put(params, self.device) if self.has_params else None
         self._shared = {_buffer(x) for x in jax.tree_util.tree_leaves(self.params)}
+        leaves, _ = pytree.flatten(self.params, _is_array) if self.has_params else ([], None)
+        self._accepts_parameters = bool(leaves)
         if self.has_params:
-            leaves, _ = pytree.flatten(self.params, _is_array)
             if len(leaves) != len(jax.tree_util.tree_leaves(self.params)):
                 raise TypeError("params must be a pytree of arrays in dicts, lists and tuples "
                                 "(for an Equinox module, serve eqx.partition's array part)")
@@ -125,6 +126,9 @@ class JaxEndpoint(Endpoint):
 
     def is_array(self, x: Any) -> bool:
         return _is_array(x)
+
+    def accepts_parameters(self) -> bool:
+        return self._accepts_parameters
 
     def leaf_type(self, x: Any) -> TensorType | None:
         if isinstance(x, _Leaf):
@@ -156,7 +160,7 @@ class JaxEndpoint(Endpoint):
         if not (need_vjp and diff):
             return Forwarded(self.run(lambda: compiled.forward(diff, rest)))
         outputs, vjp_fn = self.run(lambda: compiled.forward_vjp(diff, rest))
-        return Forwarded(outputs, Residual(outputs, _State(vjp_fn, in_def, mask, key)),
+        return Forwarded(outputs, Residual(outputs, _State(vjp_fn, in_def, mask, compiled)),
                          self._residual_bytes((vjp_fn, outputs, arrays)))
 
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
@@ -167,20 +171,19 @@ class JaxEndpoint(Endpoint):
         cts = [self._cotangent(out, cot, size if batched else None)
                for out, cot in zip(out_leaves, cotangents)]
         ct_tree = pytree.unflatten(out_def, jax.device_put(cts, self.device))
-        backward = self._compile(state.key)
-        apply = backward.backward_batched if batched else backward.backward
+        apply = state.compiled.backward_batched if batched else state.compiled.backward
         (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
         return self.mirror(state.in_def, state.mask, grads)
 
     def run_signature(self, inputs: Arguments) -> Any:
         leaves, in_def, mask = self._flatten(inputs)
-        compiled = self._compile(self._key(in_def, tuple(False for _ in mask), leaves))
+        call = self._call(in_def, tuple(False for _ in mask))   # traced once: no jit, no cache
         shapes = []
         for leaf in leaves:
             t = self.leaf_type(leaf)
             assert t is not None
             shapes.append(jax.ShapeDtypeStruct(t.shape, dtypes.numpy_dtype(dtypes.code_of(t.dtype))))
-        outputs = self.run(lambda: jax.eval_shape(compiled.call, [], shapes))
+        outputs = self.run(lambda: jax.eval_shape(call, [], shapes))
         return pytree.map_leaves(lambda s: TensorType(tuple(s.shape), np.dtype(s.dtype).name),
                                  outputs, lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
@@ -226,6 +229,19 @@ class JaxEndpoint(Endpoint):
             return compiled
         in_def, mask, _ = key
         self.compiles += 1
+        call = self._call(in_def, mask)
+        compiled = _Compiled(
+            forward=jax.jit(call),
+            forward_vjp=jax.jit(lambda diff, rest: jax.vjp(lambda d: call(d, rest), diff)),
+            backward=jax.jit(lambda vjp_fn, ct: _torch_convention(vjp_fn)(ct)),
+            backward_batched=jax.jit(lambda vjp_fn, cts: jax.vmap(_torch_convention(vjp_fn))(cts)))
+        self._compiled.put(key, compiled)
+        return compiled
+
+    def _call(self, in_def: pytree.TreeDef,
+              mask: tuple[bool, ...]) -> Callable[[list[Any], list[Any]], Any]:
+        """The user's function as ``call(diff, rest)``: the leaves of one call structure, split
+        by ``mask`` into those differentiated and the others."""
         fn, has_params = self.fn, self.has_params
 
         def call(diff: list[Any], rest: list[Any]) -> Any:
@@ -235,14 +251,7 @@ class JaxEndpoint(Endpoint):
             out = fn(params, *args, **kwargs) if has_params else fn(*args, **kwargs)
             return pytree.map_leaves(lambda x: x, out, _is_array)  # plain containers
 
-        compiled = _Compiled(
-            call=call,
-            forward=jax.jit(call),
-            forward_vjp=jax.jit(lambda diff, rest: jax.vjp(lambda d: call(d, rest), diff)),
-            backward=jax.jit(lambda vjp_fn, ct: _torch_convention(vjp_fn)(ct)),
-            backward_batched=jax.jit(lambda vjp_fn, cts: jax.vmap(_torch_convention(vjp_fn))(cts)))
-        self._compiled.put(key, compiled)
-        return compiled
+        return call
 
 
 def _conj(tree: Any) -> Any:

@@ -35,12 +35,12 @@ class Registry:
         """The endpoint called ``name``; NOT_FOUND listing the others."""
         with self._lock:
             endpoint = self._endpoints.get(name)
+            if endpoint is not None:
+                return endpoint
             known = sorted(self._endpoints)
-        if endpoint is None:
-            raise StatusError(grpc.StatusCode.NOT_FOUND,
-                              f"no endpoint named {shown(name)}; this server has: "
-                              f"{', '.join(known) or 'none'}")
-        return endpoint
+        raise StatusError(grpc.StatusCode.NOT_FOUND,
+                          f"no endpoint named {shown(name)}; this server has: "
+                          f"{', '.join(known) or 'none'}")
 
     def all(self) -> list[Endpoint]:
         """Every endpoint, in registration order."""

@@ -78,9 +78,9 @@ class ResidualStore:
     (each charged its tensors plus ``overhead``) and in count."""
 
     def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic,
-                 dropper: Dropper | None = None, max_count: int = 100_000,
-                 overhead: int = RESIDUAL_OVERHEAD):
-        self.dropper = dropper or Dropper()
+                 max_count: int = 100_000, overhead: int = RESIDUAL_OVERHEAD):
+        #: frees what calls leave behind off their path (the ``Server`` starts and stops it)
+        self.dropper = Dropper()
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.overhead = overhead

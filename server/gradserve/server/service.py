@@ -36,17 +36,17 @@ log = logging.getLogger("gradserve.server")
 
 @dataclass(frozen=True)
 class Limits:
-    """The server's bounds on calls."""
+    """The server's bounds on calls: ``Server``'s keywords of the same names."""
 
-    chunk_bytes: int = 1 << 20            # largest chunk this server sends
-    max_request_bytes: int = 16 << 30     # most tensor bytes one request may carry
-    idle_seconds: float = 30.0            # a stream that moves nothing this long is cancelled
-    max_request_values: int = 10_000      # most pytree nodes one request may hold
-    workers: int = 8                      # forwards and backwards running at once
-    max_streams_per_peer: int = 32        # Forward/Vjp streams one connection may hold open
-    min_stream_rate: float = 256 << 10    # bytes/s a connection must average past idle_seconds
-    max_streams: int = 64                 # Forward/Vjp streams open at once
-    max_inflight_bytes: int = 16 << 30    # request bytes all calls together may hold
+    chunk_bytes: int                 # largest chunk this server sends
+    max_request_bytes: int           # most tensor bytes one request may carry
+    idle_timeout: float              # a stream that moves nothing this long is cancelled
+    max_request_values: int          # most pytree nodes one request may hold
+    workers: int                     # forwards and backwards running at once
+    max_streams: int                 # Forward/Vjp/GetParameters streams open at once
+    max_streams_per_peer: int        # of them, those one connection may hold open
+    min_stream_rate: float           # bytes/s a connection must average past idle_timeout
+    max_inflight_bytes: int          # request bytes all calls together may hold
 
 
 #: Signature results kept, across endpoints (input signatures seen most recently).
@@ -173,7 +173,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         self.debug = debug
         #: Signature results by the request's bytes (``clear()`` forgets them)
         self.signatures: LRU[bytes, pb.Value] = LRU(SIGNATURE_CACHE_SIZE)
-        self.watch = StreamWatch(limits.idle_seconds, limits.min_stream_rate)
+        self.watch = StreamWatch(limits.idle_timeout, limits.min_stream_rate)
         #: request bytes all calls together hold now (bounded by ``max_inflight_bytes``)
         self.inflight = InFlight(limits.max_inflight_bytes)
         self._running = threading.BoundedSemaphore(limits.workers)
@@ -181,7 +181,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         self._streams_lock = threading.Lock()
 
     def active_streams(self, peer: str | None = None) -> int:
-        """Forward/Vjp streams open now (of one peer, if named)."""
+        """Forward/Vjp/GetParameters streams open now (of one peer, if named)."""
         with self._streams_lock:
             return self._streams[peer] if peer is not None else sum(self._streams.values())
 
@@ -202,14 +202,13 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def GetParameters(self, request: pb.GetParametersRequest,
                       context: grpc.ServicerContext) -> Iterator[pb.GetParametersFrame]:
-        frames: Iterator[pb.GetParametersFrame] | None = None
-        with self._status(context):
+        def frames() -> Iterator[pb.GetParametersFrame]:
             endpoint = self.registry.get(request.endpoint)
             writer = FrameWriter(self.limits.chunk_bytes)
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
-            frames = writer.frames(pb.GetParametersFrame, header)
-        if frames is not None:
-            yield from self._send(frames, context)
+            return writer.frames(pb.GetParametersFrame, header)
+
+        yield from self._streamed(context, frames)
 
     def Signature(self, request: pb.SignatureRequest,
                   context: grpc.ServicerContext) -> pb.SignatureResponse:
@@ -300,7 +299,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                                        residual_id=rid)
             return reply, made
 
-        yield from self._framed(request_iterator, context, pb.ForwardReplyFrame, run)
+        yield from self._streamed(context, lambda: self._reply(
+            request_iterator, context, pb.ForwardReplyFrame, run))
 
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame],
             context: grpc.ServicerContext) -> Iterator[pb.VjpReplyFrame]:
@@ -314,30 +314,39 @@ class GradserveService(pb_grpc.GradserveServicer):
             codec.encode_arguments(grads, writer, reply)
             return reply, (grads, cotangents, residual)
 
-        yield from self._framed(request_iterator, context, pb.VjpReplyFrame, run)
+        yield from self._streamed(context, lambda: self._reply(
+            request_iterator, context, pb.VjpReplyFrame, run))
 
-    def _framed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
-                reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any]:
-        """Read a framed request (watched), ``run`` it (among at most ``workers`` at once),
-        stream the reply (watched). What the call made, the request and its payloads are
-        freed in the background, not while the client waits for its reply."""
+    def _streamed(self, context: grpc.ServicerContext,
+                  make: Callable[[], Iterator[Any] | None]) -> Iterator[Any]:
+        """A streaming call: admitted (within ``max_streams`` and ``max_streams_per_peer``)
+        while it lasts, its reply frames made by ``make`` (None: none to send), then sent
+        watched, so a client that stops reading is cancelled."""
         with self._admitted(context.peer()) as refusal:
-            frames = self._reply(request_iterator, context, reply_frame, run, refusal)
+            frames = None
+            with self._status(context):
+                if refusal:
+                    raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                frames = make()
             if frames is not None:
-                yield from self._send(frames, context)
+                with self.watch.watching(context) as touch:
+                    for frame in frames:
+                        touch(frame.ByteSize())
+                        yield frame
 
     @contextlib.contextmanager
     def _admitted(self, peer: str) -> Iterator[str]:
-        """Count one Forward/Vjp stream of ``peer`` while it lasts; yields why it is refused
-        ("" when it is not): past ``max_streams_per_peer`` or ``max_streams``."""
+        """Count one stream of ``peer`` while it lasts; yields why it is refused ("" when it
+        is not): past ``max_streams_per_peer`` or ``max_streams``."""
         with self._streams_lock:
             mine, total = self._streams[peer], sum(self._streams.values())
             refusal = ""
             if mine >= self.limits.max_streams_per_peer:
-                refusal = (f"this connection has {mine} Forward/Vjp calls open, the limit of "
-                           "one connection")
+                refusal = (f"this connection has {mine} streaming calls open (Forward, Vjp, "
+                           "GetParameters), the limit of one connection")
             elif total >= self.limits.max_streams:
-                refusal = f"this server has {total} Forward/Vjp calls open, its limit"
+                refusal = (f"this server has {total} streaming calls open (Forward, Vjp, "
+                           "GetParameters), its limit")
             else:
                 self._streams[peer] += 1
         try:
@@ -349,47 +358,36 @@ class GradserveService(pb_grpc.GradserveServicer):
                     if not self._streams[peer]:
                         del self._streams[peer]
 
-    def _send(self, frames: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """Yield reply frames, watched: a client that stops reading is cancelled."""
-        with self.watch.watching(context) as touch:
-            for frame in frames:
-                touch(frame.ByteSize())
-                yield frame
-
     def _reply(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
-               reply_frame: type, run: Callable[..., tuple[Any, Any]],
-               refusal: str) -> Iterator[Any] | None:
-        """The reply frames of one framed call, or None once it failed (aborted)."""
-        with self._status(context):
-            if refusal:
-                raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-            reader: FrameReader[ServerSession] = FrameReader(
-                self.limits.max_request_bytes, None, self._slots_for,
-                self.limits.max_request_values, self.inflight)
-            try:   # the arrays made from its buffers keep what they still need
-                with self.watch.watching(context) as touch:
-                    reader.on_frame = touch
-                    request = reader.read(request_iterator)
-                session = reader.slots
-                writer = FrameWriter(self.limits.chunk_bytes, slots=session)
-                with self._running:
-                    if not context.is_active():   # it waited its turn, and its client left
-                        return None
-                    try:
-                        reply, made = run(request, reader, writer)
-                        writer.flush()
-                    except BaseException:
-                        _free_placed(session, writer)   # no reply names them
-                        raise
-            finally:
-                reader.close()
-            self.residuals.dropper.drop((made, reader, request))
-            del made, reader, request
-            if not context.is_active():   # the client gave up: nobody will view them
-                _free_placed(session, writer)
-                return None
-            return writer.frames(reply_frame, reply)
-        return None
+               reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any] | None:
+        """Read a framed request (watched), ``run`` it (among at most ``workers`` at once);
+        its reply frames, or None when its client left. What the call made, the request
+        and its payloads are freed in the background, not while the client waits."""
+        reader: FrameReader[ServerSession] = FrameReader(
+            self.limits.max_request_bytes, None, self._slots_for,
+            self.limits.max_request_values, self.inflight)
+        try:   # the arrays made from its buffers keep what they still need
+            with self.watch.watching(context) as touch:
+                reader.on_frame = touch
+                request = reader.read(request_iterator)
+            writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
+            with self._running:
+                if not context.is_active():   # it waited its turn, and its client left
+                    return None
+                try:
+                    reply, made = run(request, reader, writer)
+                    writer.flush()
+                except BaseException:
+                    writer.free_placed()   # no reply names them
+                    raise
+        finally:
+            reader.close()
+        self.residuals.dropper.drop((made, reader, request))
+        del made, reader, request
+        if not context.is_active():   # the client gave up: nobody will view them
+            writer.free_placed()
+            return None
+        return writer.frames(reply_frame, reply)
 
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
                       reader: FrameReader[Any]) -> Residual:
@@ -443,10 +441,3 @@ class GradserveService(pb_grpc.GradserveServicer):
             if failure.reason:
                 context.set_trailing_metadata(((REASON_KEY, failure.reason),))
             context.abort(failure.code, clip_status(failure.message))
-
-
-def _free_placed(session: ServerSession | None, writer: FrameWriter) -> None:
-    """Return the reply slots ``writer`` allocated for a reply that will not be sent."""
-    if session is not None and writer.placed:
-        session.free(writer.placed)
-        writer.placed = []

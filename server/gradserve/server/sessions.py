@@ -44,6 +44,9 @@ class ServerSession(Slots[ServerTransport]):
         self.closed = False
         self.opened = self.last_seen = time.monotonic()
         self.lock = threading.Lock()
+        #: held while regions are made for this session (one growth at a time); not
+        #: ``lock``, which closing and the sweeper take
+        self.making = threading.Lock()
         self._indices = itertools.count()
         self._pending: dict[int, tuple[ServerTransport, NewRegion]] = {}
 
@@ -51,13 +54,19 @@ class ServerSession(Slots[ServerTransport]):
         """The next free index of the region table."""
         return next(self._indices)
 
-    def expect(self, transport: ServerTransport, made: Iterable[NewRegion]) -> list[pb.Region]:
-        """Regions sent to the client, used once their nonce comes back."""
-        out = []
-        for new in made:
-            self._pending[new.region.index] = (transport, new)
-            out.append(new.to_pb())
-        return out
+    def expect(self, transport: ServerTransport, made: list[NewRegion]) -> list[pb.Region]:
+        """Regions sent to the client, used once their nonce comes back (``transport`` joins
+        the session if it is new). If the session ended while they were made, the transport
+        lets go of them and SESSION_MISSING is raised."""
+        with self.lock:
+            if not self.closed:
+                if transport not in self.transports:
+                    self.transports.append(transport)
+                for new in made:
+                    self._pending[new.region.index] = (transport, new)
+                return [new.to_pb() for new in made]
+        transport.close()   # what closing the session did not see
+        raise self._ended()
 
     def prove(self, proofs: Iterable[pb.RegionProof]) -> tuple[int | None, list[tuple[
             ServerTransport, Region]]]:
@@ -100,8 +109,11 @@ class ServerSession(Slots[ServerTransport]):
 
     def _check_open(self) -> None:
         if self.closed:
-            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"same-host session {shown(self.id)} ended", SESSION_MISSING)
+            raise self._ended()
+
+    def _ended(self) -> StatusError:
+        return StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"same-host session {shown(self.id)} ended", SESSION_MISSING)
 
     def info(self) -> SessionInfo:
         """A snapshot for introspection."""
@@ -135,11 +147,6 @@ class SessionManager:
         for kind in TRANSPORTS.values():
             kind.server_stopping(self.settings)
 
-    @property
-    def lease(self) -> float:
-        """Seconds a confirmed session lives without calls or keep-alives."""
-        return self.settings.lease
-
     def open(self, request: pb.OpenSessionRequest, peer: str = "") -> pb.OpenSessionResponse:
         """Make the probe regions of every transport asked for (or say why not)."""
         kinds = [t.kind for t in request.transports]
@@ -150,7 +157,7 @@ class SessionManager:
             raise invalid(f"OpenSession asks for a region kind twice ({kinds})")
         self.sweep()
         session = self._admit(peer)
-        reply = pb.OpenSessionResponse(lease_seconds=self.settings.lease)
+        reply = pb.OpenSessionResponse(lease_seconds=self.settings.session_lease)
         try:
             for asked in request.transports:
                 kind = TRANSPORTS.get(asked.kind)
@@ -164,12 +171,7 @@ class SessionManager:
                 except Refusal as why:
                     reply.refused.add(kind=asked.kind, reason=str(why))
                     continue
-                with session.lock:
-                    if session.closed:   # swept or evicted while its probes were made
-                        transport.close()
-                        break
-                    session.transports.append(transport)
-                    reply.regions.extend(session.expect(transport, made))
+                reply.regions.extend(session.expect(transport, made))
         except BaseException:
             self.close(session.id)
             raise
@@ -219,15 +221,13 @@ class SessionManager:
             raise invalid(f"the nonce of region {wrong} does not match: client and server do "
                           "not share that memory")
         reply = pb.ConfirmSessionResponse()
-        with session.lock:
-            session._check_open()
-            for transport, probe in probes:
-                try:
-                    made = transport.regions_for(probe, session.next_index)
-                except Refusal as why:
-                    reply.refused.add(kind=transport.kind, reason=str(why))
-                    continue
-                reply.regions.extend(session.expect(transport, made))
+        for transport, probe in probes:
+            try:
+                made = transport.regions_for(probe, session.next_index)
+            except Refusal as why:
+                reply.refused.add(kind=transport.kind, reason=str(why))
+                continue
+            reply.regions.extend(session.expect(transport, made))
         reply.ready.extend(session.ready())
         return reply
 
@@ -239,11 +239,10 @@ class SessionManager:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
                               f"session has no {KIND_NAMES.get(request.kind, request.kind)} "
                               "regions to grow")
-        with session.lock:
+        with session.making:
             session._check_open()
             made = transport.grow(request, session.next_index)
-            regions = session.expect(transport, made)
-        return pb.GrowSessionResponse(regions=regions)
+        return pb.GrowSessionResponse(regions=session.expect(transport, made))
 
     def slots(self, state: pb.SessionState) -> ServerSession:
         """The confirmed session a request names, after freeing the reply slots it reports."""
@@ -260,7 +259,7 @@ class SessionManager:
 
     def keep_alive(self, sid: str) -> bool:
         """Extend a confirmed session's lease; False if the server does not hold one (an
-        unconfirmed session lives only ``unconfirmed_seconds``)."""
+        unconfirmed session lives only ``session_proof_seconds``)."""
         with self._lock:
             session = self._sessions.get(sid)
             if session is None or not session.confirmed:
@@ -286,8 +285,8 @@ class SessionManager:
         settings = self.settings
         with self._lock:
             expired = [sid for sid, s in self._sessions.items()
-                       if now - s.last_seen > settings.lease
-                       or (not s.confirmed and now - s.opened > settings.unconfirmed_seconds)]
+                       if now - s.last_seen > settings.session_lease
+                       or (not s.confirmed and now - s.opened > settings.session_proof_seconds)]
         for sid in expired:
             self.close(sid)
 

@@ -123,7 +123,7 @@ class TorchEndpoint(Endpoint):
         return self.module is not None
 
     def is_array(self, x: Any) -> bool:
-        return isinstance(x, torch.Tensor)
+        return _is_tensor(x)
 
     def leaf_type(self, x: Any) -> TensorType | None:
         if isinstance(x, torch.Tensor):

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data, synchronize
 from gradserve.wire.slots import ALIGN, Arena, Region, RegionTransport
 
 
-class Growth(Protocol):
-    """The session's side of growing: asks the server for more regions of a transport."""
-
-    def grow(self, transport: "ClientTransport", min_bytes: int, seen: int) -> bool:
-        """Add regions that can hold ``min_bytes`` unless some were added since the
-        caller saw ``seen`` regions; True if the transport has more room now."""
+#: The session's side of growing (``Session.grow``): adds regions of ``transport`` that can
+#: hold ``min_bytes`` unless some were added since the caller saw ``seen``; True if the
+#: transport has more room now.
+Grow = Callable[["ClientTransport", int, int], bool]
 
 
 class ClientTransport(RegionTransport):
@@ -35,7 +33,8 @@ class ClientTransport(RegionTransport):
         super().__init__(pb.REQUEST)
         #: size of each region asked for (0: the server's default)
         self.region_bytes = region_bytes
-        self.growth: Growth | None = None
+        #: the session's ``grow``, held weakly (the session holds this transport)
+        self.growth: Callable[[], Grow | None] | None = None
         self._freed: collections.deque[pb.SlotRef] = collections.deque()
 
     # -- set-up (each module) ----------------------------------------------
@@ -95,6 +94,11 @@ class ClientTransport(RegionTransport):
     def spilled(self, nbytes: int) -> None:
         """A reply carried ``nbytes`` as bytes that would have fit a slot: the server's
         regions were full. Grow them if this transport can."""
+
+    def grow(self, nbytes: int) -> bool:
+        """Ask the session for regions that can hold ``nbytes``; True if there is more room."""
+        grow = self.growth() if self.growth is not None else None
+        return grow is not None and grow(self, nbytes, len(self.regions))
 
     # -- sending -----------------------------------------------------------
     def allocate(self, nbytes: int, gpu: int | None) -> Data | None:

@@ -12,7 +12,7 @@ the same GPU was proved the same way. The handle is closed once the session and 
 view of the pool are gone.
 
 Ordering: the sender synchronises the pool's device after writing and before
-sending references (``flush``), and this side does so before reporting reply
+sending references (``FrameWriter.flush``), and this side does so before reporting reply
 slots freed, so no kernel still reads a slot the server is about to
 overwrite. CuPy makes the raw runtime calls; it is imported only when CUDA
 IPC is asked for. Pools have a fixed size: a GPU payload that does not fit
@@ -21,6 +21,7 @@ goes through host memory.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -88,19 +89,17 @@ class CudaIpcTransport(ClientTransport):
 
     name = "cuda_ipc"
     kind = pb.CUDA_IPC
-    min_bytes = 1
     align = CUDA_ALIGN
-
-    def __init__(self, region_bytes: int = 0):
-        super().__init__(region_bytes)
-        self._local: dict[str, int] = {}
 
     @staticmethod
     def unavailable() -> str:
         return unavailable()
 
+    @functools.cached_property
+    def _local(self) -> dict[str, int]:
+        return local_devices()
+
     def ask(self) -> pb.TransportRequest:
-        self._local = local_devices()
         return pb.TransportRequest(kind=self.kind, region_bytes=self.region_bytes,
                                    devices=list(self._local))
 

@@ -18,7 +18,6 @@ fit travel as bytes.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import re
@@ -32,8 +31,7 @@ SHM_DIR = "/dev/shm"
 #: Payloads smaller than this travel inline: a slot costs more than the copy saves.
 SHM_MIN_BYTES = 16 << 10
 #: The names a server gives its regions; no other name is ever mapped.
-NAME = re.compile(r"^gradserve-[0-9a-f]{16}-[0-9a-f]{32}-(req|rep|probe)$")
-log = logging.getLogger("gradserve.client")
+NAME = re.compile(r"^gradserve-(?P<owner>[0-9a-f]{16})-[0-9a-f]{32}-(req|rep|probe)$")
 
 
 def available() -> str:
@@ -64,9 +62,6 @@ class ShmTransport(ClientTransport):
     kind = pb.SHARED_MEMORY
     min_bytes = SHM_MIN_BYTES
 
-    def __init__(self, region_bytes: int = 0):
-        super().__init__(region_bytes)
-
     @staticmethod
     def unavailable() -> str:
         return available()
@@ -87,13 +82,7 @@ class ShmTransport(ClientTransport):
                 "host or in another IPC namespace")
 
     def make_room(self, nbytes: int, gpu: int | None) -> bool:
-        return self.growth is not None and self.growth.grow(self, nbytes, len(self.regions))
+        return self.grow(nbytes)
 
     def spilled(self, nbytes: int) -> None:
-        if self.growth is not None:
-            self.growth.grow(self, nbytes, len(self.regions))
-
-    @property
-    def size(self) -> int:
-        """Bytes of the request regions together (the reply regions are as large)."""
-        return sum(r.size for r in self.regions if r.direction == pb.REQUEST)
+        self.grow(nbytes)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import grpc
 
@@ -36,18 +36,19 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """The server's bounds on same-host sessions (see ``Server``)."""
+    """The server's bounds on same-host sessions: ``Server``'s keywords of the same names
+    (and its defaults)."""
 
-    shm_region_bytes: int = 16 << 20       # each shared-memory region of a new session
-    max_shm_bytes: int = 4 << 30           # all of a session's request (or reply) regions
+    shm_arena_bytes: int = 16 << 20        # each shared-memory region of a new session
+    max_shm_arena_bytes: int = 2 << 30     # all of a session's request (or reply) regions
     cuda_pool_bytes: int = 256 << 20       # each CUDA IPC pool, unless the client asks
     max_cuda_pool_bytes: int = 4 << 30     # the most a client may ask for
-    lease: float = 30.0                    # seconds a confirmed session lives unheard of
+    session_lease: float = 30.0            # seconds a confirmed session lives unheard of
     max_shm_total_bytes: int = 8 << 30     # shared memory of all sessions together
     max_cuda_total_bytes: int = 8 << 30    # CUDA IPC pools of all sessions, per GPU
     max_sessions: int = 256                # sessions held at once
     max_sessions_per_peer: int = 16        # sessions one connection may hold
-    unconfirmed_seconds: float = 5.0       # how long a session may wait for its proof
+    session_proof_seconds: float = 10.0    # how long a session may wait for its proof
     owner: str = ""                        # this server's token in region names (shm)
 
 
@@ -106,12 +107,12 @@ NextIndex = Callable[[], int]
 class ServerTransport(RegionTransport):
     """The server's side of one same-host transport in a session."""
 
-    def __init__(self, request: pb.TransportRequest, settings: SessionSettings, budget: Budget):
+    def __init__(self, region_bytes: int, settings: SessionSettings, budget: Budget):
         super().__init__(pb.REPLY)
-        self.request = request
+        #: size of each region the session's first regions get (as asked, or the default)
+        self.region_bytes = region_bytes
         self.settings = settings
         self.budget = budget
-        self._nonce_slots: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def server_starting(cls, settings: SessionSettings) -> None:
@@ -137,14 +138,15 @@ class ServerTransport(RegionTransport):
                           f"{self.label} regions do not grow; their size is fixed per session",
                           REGIONS_AT_LIMIT)
 
-    def new_region(self, index: int, direction: pb.Direction, size: int,
+    def new_region(self, next_index: NextIndex, direction: pb.Direction, size: int,
                    make: Callable[[], tuple[Any, bytes]], *, device: str = "",
                    gpu: int | None = None, align: int = ALIGN) -> NewRegion:
-        """A region of ``size`` bytes: taken from the server's budget first (RESOURCE_EXHAUSTED
+        """The session's next region, of ``size`` bytes: taken from the server's budget first (RESOURCE_EXHAUSTED
         where it is spent), made by ``make() -> (memory, handle)``, registered, its nonce
-        written at its start (and, in a reply region, its slot kept until proved). If
-        anything fails, nothing is left held; the region gives its bytes back when removed."""
+        written at its start (nothing is allocated in it before it is proved). If anything
+        fails, nothing is left held; the region gives its bytes back when removed."""
         self.budget.take(self.kind, device, size)
+        index = next_index()
         try:
             memory, handle = make()
             arena = Arena(size, align) if direction == pb.REPLY else None
@@ -157,15 +159,23 @@ class ServerTransport(RegionTransport):
             if self.remove(index) is None:   # not registered: its share is still to give back
                 self.budget.give(self.kind, device, size)
             raise
-        if arena is not None:
-            self._nonce_slots[index] = arena.alloc(NONCE_BYTES) or (0, 0)
         return NewRegion(region, handle, nonce)
+
+    def all_or_none(self, makers: Iterable[Callable[[], NewRegion]]) -> list[NewRegion]:
+        """The regions ``makers`` make (with ``new_region``): all of them, or, when one
+        fails, none (those made are removed) and its error."""
+        made: list[NewRegion] = []
+        try:
+            for make in makers:
+                made.append(make())
+        except BaseException:
+            for new in made:
+                self.remove(new.region.index)
+            raise
+        return made
 
     def confirm(self, region: Region) -> None:
         """The client proved it attached to ``region``: use it."""
-        offset, generation = self._nonce_slots.pop(region.index, (0, 0))
-        if region.arena is not None and generation:
-            region.arena.free(offset, generation)
         region.ready = True
 
     def discard(self, region: Region) -> None:

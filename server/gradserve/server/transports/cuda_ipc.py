@@ -13,6 +13,7 @@ take their bytes from the server's budget.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from gradserve.client.transports.cuda_ipc import CUDA_ALIGN, local_devices, unavailable
@@ -45,30 +46,25 @@ class CudaIpcTransport(ServerTransport):
         if not shared:
             raise Refusal("the server sees none of the client's GPUs (it runs on another node, "
                           "or they are hidden from it)")
-        transport = cls(request, settings, budget)
-        made = []
+        transport = cls(size, settings, budget)
         try:
-            for uuid, gpu in shared:
-                made.append(transport._pool(next_index(), pb.PROBE, PROBE_BYTES, uuid, gpu))
+            return transport, transport.all_or_none(
+                functools.partial(transport._pool, next_index, pb.PROBE, PROBE_BYTES, uuid, gpu)
+                for uuid, gpu in shared)
         except Exception as err:   # RESOURCE_EXHAUSTED from the budget; CUDARuntimeError
-            transport.close()
             raise Refusal(f"cannot make CUDA IPC probes: {err}") from None
-        return transport, made
 
     def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
         assert probe.gpu is not None
-        size = self.request.region_bytes or self.settings.cuda_pool_bytes
-        made: list[NewRegion] = []
         try:
-            for direction in (pb.REQUEST, pb.REPLY):
-                made.append(self._pool(next_index(), direction, size, probe.device, probe.gpu))
+            return self.all_or_none(
+                functools.partial(self._pool, next_index, direction, self.region_bytes,
+                                  probe.device, probe.gpu)
+                for direction in (pb.REQUEST, pb.REPLY))
         except Exception as err:
-            for new in made:
-                self.remove(new.region.index)
             raise Refusal(f"cannot make CUDA IPC pools on GPU {probe.device}: {err}") from None
-        return made
 
-    def _pool(self, index: int, direction: pb.Direction, size: int, uuid: str,
+    def _pool(self, next_index: NextIndex, direction: pb.Direction, size: int, uuid: str,
               gpu: int) -> NewRegion:
         """One pool of ``size`` bytes on local GPU ``gpu``, exported."""
         cp = cupy()
@@ -78,5 +74,5 @@ class CudaIpcTransport(ServerTransport):
             return memory, bytes(cp.cuda.runtime.ipcGetMemHandle(memory.ptr))
 
         with cp.cuda.Device(gpu):
-            return self.new_region(index, direction, size, make, device=uuid, gpu=gpu,
+            return self.new_region(next_index, direction, size, make, device=uuid, gpu=gpu,
                                    align=CUDA_ALIGN)

@@ -11,7 +11,7 @@ session ends within seconds. Names carry their server's token, and the server
 holds a lock on a file named for it while it runs (:class:`Owner`): at start,
 a server removes the regions of servers that died holding names
 (:func:`sweep_stale`). A session grows by a pair of regions that doubles its
-total, up to ``SessionSettings.max_shm_bytes``; all sessions together take
+total, up to ``SessionSettings.max_shm_arena_bytes``; all sessions together take
 their bytes from the server's budget.
 """
 
@@ -28,7 +28,7 @@ import threading
 
 import grpc
 
-from gradserve.client.transports.shm import SHM_DIR, SHM_MIN_BYTES, available
+from gradserve.client.transports.shm import NAME, SHM_DIR, SHM_MIN_BYTES, available
 from gradserve.errors import BUDGET_SPENT, REGIONS_AT_LIMIT, StatusError, invalid
 from gradserve.server.transports.base import PROBE_BYTES, Budget, NewRegion, NextIndex, Refusal, \
     ServerTransport, SessionSettings
@@ -37,8 +37,7 @@ from gradserve.wire.slots import ALIGN, Region
 
 #: The smallest region a session gets: a page, and room for the nonce and a slot.
 MIN_REGION_BYTES = 4096
-_OWNED = re.compile(r"^gradserve-([0-9a-f]{16})-[0-9a-f]{32}-(req|rep|probe)$")
-_LOCK = re.compile(r"^gradserve-([0-9a-f]{16})\.lock$")
+_LOCK = re.compile(r"^gradserve-(?P<owner>[0-9a-f]{16})\.lock$")
 
 
 def new_name(owner: str, kind: str) -> str:
@@ -123,10 +122,10 @@ def sweep_stale() -> int:
     me = os.geteuid()
     owners: dict[str, list[str]] = {}
     for name in os.listdir(SHM_DIR):
-        match = _OWNED.match(name) or _LOCK.match(name)
+        match = NAME.match(name) or _LOCK.match(name)
         try:
             if match and os.stat(os.path.join(SHM_DIR, name)).st_uid == me:
-                owners.setdefault(match.group(1), []).append(name)
+                owners.setdefault(match.group("owner"), []).append(name)
         except OSError:
             continue                    # gone meanwhile
     removed = 0
@@ -173,8 +172,8 @@ class ShmTransport(ServerTransport):
     kind = pb.SHARED_MEMORY
     min_bytes = SHM_MIN_BYTES
 
-    def __init__(self, request: pb.TransportRequest, settings: SessionSettings, budget: Budget):
-        super().__init__(request, settings, budget)
+    def __init__(self, region_bytes: int, settings: SessionSettings, budget: Budget):
+        super().__init__(region_bytes, settings, budget)
         self._names: dict[int, str] = {}   # region -> name not yet unlinked
 
     @classmethod
@@ -198,25 +197,26 @@ class ShmTransport(ServerTransport):
         why = available()
         if why:
             raise Refusal(f"the server cannot use shared memory: {why}")
-        size = request.region_bytes or settings.shm_region_bytes
-        if not MIN_REGION_BYTES <= size <= settings.max_shm_bytes:
+        size = request.region_bytes or settings.shm_arena_bytes
+        if not MIN_REGION_BYTES <= size <= settings.max_shm_arena_bytes:
             raise Refusal(f"regions of {size} bytes asked for; this server allows "
-                          f"{MIN_REGION_BYTES} to {settings.max_shm_bytes}")
-        transport = cls(request, settings, budget)
+                          f"{MIN_REGION_BYTES} to {settings.max_shm_arena_bytes}")
+        transport = cls(size, settings, budget)
         try:
             return transport, transport._make([("probe", pb.PROBE)], PROBE_BYTES, next_index)
         except (OSError, StatusError) as err:
             raise Refusal(f"cannot create shared memory: {err}") from None
 
     def regions_for(self, probe: Region, next_index: NextIndex) -> list[NewRegion]:
-        size = self.request.region_bytes or self.settings.shm_region_bytes
         try:
-            return self._make([("req", pb.REQUEST), ("rep", pb.REPLY)], size, next_index)
+            return self._make([("req", pb.REQUEST), ("rep", pb.REPLY)], self.region_bytes,
+                              next_index)
         except (OSError, StatusError) as err:
-            raise Refusal(f"cannot create {size} bytes of shared memory: {err}") from None
+            raise Refusal(f"cannot create {self.region_bytes} bytes of shared memory: "
+                          f"{err}") from None
 
     def grow(self, request: pb.GrowSessionRequest, next_index: NextIndex) -> list[NewRegion]:
-        total, limit = self.size, self.settings.max_shm_bytes
+        total, limit = self.size, self.settings.max_shm_arena_bytes
         room = (limit - total) // ALIGN * ALIGN
         if request.min_bytes == 0:
             raise invalid("GrowSession needs min_bytes > 0")
@@ -239,16 +239,14 @@ class ShmTransport(ServerTransport):
         (OSError, or RESOURCE_EXHAUSTED from the budget) none, and no name left behind.
         Each region holds its share of the budget until it is removed."""
         names = [new_name(self.settings.owner or process_owner(), kind) for kind, _ in kinds]
-        made: list[NewRegion] = []
         try:
-            for name, (_, direction) in zip(names, kinds):
-                made.append(self.new_region(next_index(), direction, size,
-                                            functools.partial(_named_region, name, size)))
+            made = self.all_or_none(
+                functools.partial(self.new_region, next_index, direction, size,
+                                  functools.partial(_named_region, name, size))
+                for name, (_, direction) in zip(names, kinds))
         except BaseException:
             for name in names:
                 unlink(name)
-            for new in made:
-                self.remove(new.region.index)
             raise
         for name, new in zip(names, made):
             self._names[new.region.index] = name
