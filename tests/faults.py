@@ -47,11 +47,16 @@ class InjectedError(grpc.RpcError, grpc.Call):
 
 
 class FaultChannel(grpc.Channel):
-    """Counts calls by method name (``calls["Forward"]``) and fails those queued by ``fail``."""
+    """Counts calls by method name (``calls["Forward"]``) and fails those queued by ``fail``.
+
+    A call's one-message and streaming RPCs are one call here (``ForwardUnary`` counts
+    and fails as ``Forward``); ``rpcs`` counts the RPCs by their own names.
+    """
 
     def __init__(self, inner: grpc.Channel):
         self.inner = inner
         self.calls: collections.Counter[str] = collections.Counter()
+        self.rpcs: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, collections.deque[InjectedError]] = collections.defaultdict(
             collections.deque)
 
@@ -63,6 +68,8 @@ class FaultChannel(grpc.Channel):
 
     def _next_failure(self, method: str) -> InjectedError | None:
         name = method.rsplit("/", 1)[-1]
+        self.rpcs[name] += 1
+        name = name.removesuffix("Unary")
         self.calls[name] += 1
         queue = self._failures.get(name)
         return queue.popleft() if queue else None

@@ -146,6 +146,10 @@ class Client:
         self._session: Session | None = None
         self._session_lock = threading.Lock()
         self._closed = False
+        #: whether the server has one-message Forward/Vjp calls (older ones do not)
+        self._one_message = True
+        #: (call, endpoint) whose last one-message reply was large: they stream
+        self._large_replies: set[tuple[str, str]] = set()
         #: when to (re)try opening a same-host session; None: settled
         self._negotiate_at: float | None = None if transport == "grpc" else 0.0
 
@@ -201,9 +205,11 @@ class Client:
         return [EndpointInfo.from_pb(e) for e in reply.endpoints]
 
     def describe(self, name: str, *, timeout: float | None = None) -> EndpointInfo:
-        """One endpoint's details and the server's residual statistics."""
+        """One endpoint's details, the server's residual statistics and (for an endpoint
+        that batches) what batching did."""
         reply = self._unary(self._stub.Describe, pb.DescribeRequest(endpoint=name), timeout)
-        return EndpointInfo.from_pb(reply.endpoint, reply.residuals)
+        return EndpointInfo.from_pb(reply.endpoint, reply.residuals,
+                                    reply.batches if reply.HasField("batches") else None)
 
     def parameters(self, name: str, *, like: str = "numpy",
                    timeout: float | None = None) -> dict[str, Any]:
@@ -380,7 +386,7 @@ class Client:
             codec.encode_arguments(call.inputs, writer, request, call.requires_grad)
             request.release.extend(self._take_releases())
             header, outputs = self._exchange(
-                self._stub.Forward, pb.ForwardFrame, request, writer, session, timeout,
+                "Forward", request, writer, session, timeout,
                 lambda header, reader: codec.decode(header.outputs, reader, make_leaf, "outputs"))
             residual = Residual(call, header.residual_id, self._released) if need_vjp else None
             if residual is not None and residual.id and writer.placed and session is not None:
@@ -409,28 +415,48 @@ class Client:
                 codec.encode_arguments(residual.call.inputs, writer, request.inputs,
                                        residual.call.requires_grad)
             _, grads = self._exchange(
-                self._stub.Vjp, pb.VjpFrame, request, writer, session, timeout,
+                "Vjp", request, writer, session, timeout,
                 lambda header, reader: codec.decode_arguments(header, reader, make_leaf))
             return grads
         finally:
             writer.free_placed()
 
     # -- plumbing ----------------------------------------------------------
-    def _exchange(self, method: Any, frame_type: type, request: Any, writer: FrameWriter,
-                  session: Session | None, timeout: float | None,
+    def _exchange(self, call: str, request: Any, writer: FrameWriter, session: Session | None,
+                  timeout: float | None,
                   decode: Callable[[Any, FrameReader[Any]], T]) -> tuple[Any, T]:
-        """Send a framed request; the reply header and what ``decode`` makes of it. If the
-        call fails, the freed reply slots it reported are reported again, and so are the
-        reply slots it named that were never viewed."""
+        """Send a Forward or Vjp (``call``); the reply header and what ``decode`` makes of
+        it. A request that fits in one message goes as one (``ForwardUnary``/``VjpUnary``)
+        unless this endpoint's last such reply was large; the rest stream. If the call
+        fails, the freed reply slots it reported are reported again, and so are the reply
+        slots it named that were never viewed."""
         state = session.state() if session is not None else None
         if state is not None:
             request.session.CopyFrom(state)
         reader: FrameReader[Session] = FrameReader(self.max_receive_bytes,
                                                    slots_for=lambda header: session)
+        key = (call, request.endpoint)
         try:
             writer.flush()
-            frames = self._invoke(method, writer.frames(frame_type, request), timeout)
-            header = self._read(reader, frames)
+            header = None
+            if writer.one_message and self._one_message and key not in self._large_replies:
+                try:
+                    header = reader.read_header(
+                        self._invoke(getattr(self._stub, call + "Unary"), request, timeout))
+                except RemoteError as err:
+                    if err.code != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self._one_message = False   # a server from before one-message calls
+                else:
+                    if header.ByteSize() > self.chunk_bytes:
+                        self._large_replies.add(key)
+            if header is None:
+                frame_type = getattr(pb, call + "Frame")
+                frames = self._invoke(getattr(self._stub, call),
+                                      writer.frames(frame_type, request), timeout)
+                header = self._read(reader, frames)
+                if not reader.chunked:
+                    self._large_replies.discard(key)
             decoded = decode(header, reader)
         except BaseException:
             if session is not None and state is not None:

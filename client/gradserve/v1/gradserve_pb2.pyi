@@ -151,7 +151,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable")
+    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable", "batching")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class EndpointInfo(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     BATCHABLE_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     framework: str
     device: str
@@ -172,7 +173,34 @@ class EndpointInfo(_message.Message):
     parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     accepts_parameters: bool
     batchable: bool
-    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ...) -> None: ...
+    batching: Batching
+    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+
+class Batching(_message.Message):
+    __slots__ = ("max_batch", "max_delay_seconds")
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    max_batch: int
+    max_delay_seconds: float
+    def __init__(self, max_batch: _Optional[int] = ..., max_delay_seconds: _Optional[float] = ...) -> None: ...
+
+class BatchStats(_message.Message):
+    __slots__ = ("forward_runs", "forward_calls", "forward_rows", "vjp_runs", "vjp_calls", "queue_seconds", "max_calls")
+    FORWARD_RUNS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ROWS_FIELD_NUMBER: _ClassVar[int]
+    VJP_RUNS_FIELD_NUMBER: _ClassVar[int]
+    VJP_CALLS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    forward_runs: int
+    forward_calls: int
+    forward_rows: int
+    vjp_runs: int
+    vjp_calls: int
+    queue_seconds: float
+    max_calls: int
+    def __init__(self, forward_runs: _Optional[int] = ..., forward_calls: _Optional[int] = ..., forward_rows: _Optional[int] = ..., vjp_runs: _Optional[int] = ..., vjp_calls: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., max_calls: _Optional[int] = ...) -> None: ...
 
 class ResidualStats(_message.Message):
     __slots__ = ("count", "bytes", "max_bytes", "ttl_seconds", "evictions", "endpoint_count")
@@ -207,12 +235,14 @@ class DescribeRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("endpoint", "residuals")
+    __slots__ = ("endpoint", "residuals", "batches")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
     endpoint: EndpointInfo
     residuals: ResidualStats
-    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ...) -> None: ...
+    batches: BatchStats
+    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ..., batches: _Optional[_Union[BatchStats, _Mapping]] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("endpoint",)

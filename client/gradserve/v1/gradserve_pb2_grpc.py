@@ -59,6 +59,16 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpFrame.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpReplyFrame.FromString,
                 _registered_method=True)
+        self.ForwardUnary = channel.unary_unary(
+                '/gradserve.v1.Gradserve/ForwardUnary',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardResponse.FromString,
+                _registered_method=True)
+        self.VjpUnary = channel.unary_unary(
+                '/gradserve.v1.Gradserve/VjpUnary',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpResponse.FromString,
+                _registered_method=True)
         self.Signature = channel.unary_unary(
                 '/gradserve.v1.Gradserve/Signature',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SignatureRequest.SerializeToString,
@@ -135,6 +145,23 @@ class GradserveServicer:
         trailing metadata `gradserve-reason: residual-missing`; the client then
         re-sends the forward inputs and the server recomputes.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardUnary(self, request, context):
+        """The same calls in one message each way: for requests whose tensors are
+        all inline or in session slots (up to the server's message limit). The
+        reply carries every output inline or in a slot, whatever its size: a
+        client expecting large replies without a session uses the streams.
+        Handled exactly like Forward and Vjp.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VjpUnary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -221,6 +248,16 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.Vjp,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpFrame.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpReplyFrame.SerializeToString,
+            ),
+            'ForwardUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardUnary,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardResponse.SerializeToString,
+            ),
+            'VjpUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.VjpUnary,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpResponse.SerializeToString,
             ),
             'Signature': grpc.unary_unary_rpc_method_handler(
                     servicer.Signature,
@@ -393,6 +430,60 @@ class Gradserve:
             '/gradserve.v1.Gradserve/Vjp',
             gradserve_dot_v1_dot_gradserve__pb2.VjpFrame.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.VjpReplyFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/ForwardUnary',
+            gradserve_dot_v1_dot_gradserve__pb2.ForwardRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VjpUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/VjpUnary',
+            gradserve_dot_v1_dot_gradserve__pb2.VjpRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.VjpResponse.FromString,
             options,
             channel_credentials,
             insecure,

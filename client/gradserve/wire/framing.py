@@ -197,6 +197,11 @@ class FrameWriter:
         self._devices.clear()
         self._sources = []
 
+    @property
+    def one_message(self) -> bool:
+        """Whether the header alone carries every payload (no chunk frames follow)."""
+        return not self._streams
+
     def free_placed(self) -> None:
         """Return the slots allocated for this message (the receiver is done with them)."""
         if self._slots is not None and self.placed:
@@ -254,13 +259,7 @@ class FrameReader(Generic[S]):
         first = next(it, None)
         if first is None or first.WhichOneof("frame") != "header":
             raise invalid("stream must start with a header frame")
-        header = first.header
-        size = header.ByteSize() if self.on_frame or self.max_values is not None else 0
-        if self.on_frame is not None:
-            self.on_frame(size)
-        if self._slots_for is not None:
-            self.slots = self._slots_for(header)
-        self._plan(header, size)
+        header = self._start(first.header)
         for frame in it:
             if frame.WhichOneof("frame") != "chunk":
                 raise invalid("only chunk frames may follow the header")
@@ -273,6 +272,25 @@ class FrameReader(Generic[S]):
             got = self._filled.get(stream_id, 0)
             if got != size:
                 raise invalid(f"{path}: stream ended after {got} of {size} bytes")
+        return header
+
+    def read_header(self, header: Any) -> Any:
+        """Validate the whole message of a one-message call (request or reply), which
+        streams no tensor, and return it."""
+        self._start(header)
+        if self._expected:
+            path, _ = next(iter(self._expected.values()))
+            raise invalid(f"{path}: a one-message call carries its tensors inline or in "
+                          "slots; streamed tensors need the streaming call")
+        return header
+
+    def _start(self, header: Any) -> Any:
+        size = header.ByteSize() if self.on_frame or self.max_values is not None else 0
+        if self.on_frame is not None:
+            self.on_frame(size)
+        if self._slots_for is not None:
+            self.slots = self._slots_for(header)
+        self._plan(header, size)
         return header
 
     def _plan(self, header: Any, size: int) -> None:
@@ -350,6 +368,11 @@ class FrameReader(Generic[S]):
         held, self._held = self._held, 0
         if self._holder is not None and held:
             self._holder.give(held)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the message streamed some tensor in chunk frames."""
+        return bool(self._expected)
 
     def unviewed(self) -> list[pb.SlotRef]:
         """Slots the header named that were never viewed (to report free after a failure)."""

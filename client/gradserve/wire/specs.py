@@ -100,6 +100,36 @@ class ResidualStats:
                    msg.endpoint_count)
 
 
+@dataclass(frozen=True)
+class BatchStats:
+    """What dynamic batching did for one endpoint since its server started."""
+
+    forward_runs: int
+    forward_calls: int
+    forward_rows: int
+    vjp_runs: int
+    vjp_calls: int
+    queue_seconds: float
+    max_calls: int
+
+    @classmethod
+    def from_pb(cls, msg: pb.BatchStats) -> "BatchStats":
+        """Read the wire form."""
+        return cls(msg.forward_runs, msg.forward_calls, msg.forward_rows, msg.vjp_runs,
+                   msg.vjp_calls, msg.queue_seconds, msg.max_calls)
+
+    @property
+    def mean_batch(self) -> float:
+        """Forward calls one model run served, on average (0 before any ran)."""
+        return self.forward_calls / self.forward_runs if self.forward_runs else 0.0
+
+    @property
+    def mean_queue_seconds(self) -> float:
+        """How long a call waited for its run to start, on average."""
+        calls = self.forward_calls + self.vjp_calls
+        return self.queue_seconds / calls if calls else 0.0
+
+
 def _specs(items: Iterable[pb.TensorSpec]) -> dict[str, TensorSpec]:
     return {s.name: TensorSpec.from_pb(s) for s in items}
 
@@ -118,13 +148,21 @@ class EndpointInfo:
     parameters: dict[str, TensorSpec] = field(default_factory=dict)
     accepts_parameters: bool = False
     batchable: bool = False
+    #: dynamic batching: most rows one merged run takes (0: calls are never merged)
+    max_batch: int = 0
+    #: dynamic batching: longest a call waits for others to join it, in seconds
+    max_delay: float = 0.0
     residuals: ResidualStats | None = None
+    #: what batching did (``Describe`` of an endpoint that batches)
+    batches: BatchStats | None = None
 
     @classmethod
-    def from_pb(cls, msg: pb.EndpointInfo,
-                residuals: pb.ResidualStats | None = None) -> "EndpointInfo":
-        """Read the wire form (with the residual statistics ``Describe`` adds)."""
+    def from_pb(cls, msg: pb.EndpointInfo, residuals: pb.ResidualStats | None = None,
+                batches: pb.BatchStats | None = None) -> "EndpointInfo":
+        """Read the wire form (with the statistics ``Describe`` adds)."""
         return cls(msg.name, msg.framework, msg.device, msg.signature, msg.doc,
                    _specs(msg.inputs), _specs(msg.outputs), _specs(msg.parameters),
-                   msg.accepts_parameters, msg.batchable,
-                   ResidualStats.from_pb(residuals) if residuals is not None else None)
+                   msg.accepts_parameters, msg.batchable, msg.batching.max_batch,
+                   msg.batching.max_delay_seconds,
+                   ResidualStats.from_pb(residuals) if residuals is not None else None,
+                   BatchStats.from_pb(batches) if batches is not None else None)

@@ -1,4 +1,5 @@
-"""The ``gradserve`` command line: ``gradserve serve TARGET`` and ``gradserve list ADDRESS``."""
+"""The ``gradserve`` command line: ``gradserve serve TARGET``, ``gradserve list ADDRESS`` and
+``gradserve bench ADDRESS ENDPOINT``."""
 
 from __future__ import annotations
 
@@ -141,6 +142,88 @@ def list_endpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """``gradserve bench``: load an endpoint at each concurrency level and print what it did."""
+    import json
+
+    from gradserve import loadgen
+    from gradserve.errors import GradserveError
+
+    def progress(line: str) -> None:
+        sys.stderr.write(f"\r{line}\x1b[K")
+        sys.stderr.flush()
+
+    shown = sys.stderr.isatty() and not args.json
+    try:
+        levels = loadgen.run(args.address, args.endpoint, concurrency=args.concurrency,
+                             processes=args.processes, duration=args.duration,
+                             warmup=args.warmup, shape=args.shape, dtype=args.dtype,
+                             rows=args.rows, transport=args.transport, backward=args.backward,
+                             timeout=args.timeout, progress=progress if shown else None)
+    except GradserveError as err:
+        raise loadgen.LoadError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+    except KeyboardInterrupt:
+        print("\ngradserve: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if shown:
+            progress("")
+            sys.stderr.write("\r")
+    config = {key: getattr(args, key) for key in (
+        "address", "endpoint", "shape", "dtype", "rows", "concurrency", "processes", "duration",
+        "warmup", "transport", "backward", "timeout")}
+    if args.json:
+        print(json.dumps({"config": config, "levels": [lv.as_dict() for lv in levels]}, indent=2))
+        return 0
+    call = "Forward+Vjp" if args.backward else "Forward"
+    print(f"{args.endpoint} at {args.address}: {call} calls, {args.duration:g} s per level "
+          f"after {args.warmup:g} s warm-up, transport {args.transport}")
+    print(loadgen.render(levels))
+    for lv in levels:
+        for kind, count in lv.errors.items():
+            print(f"concurrency {lv.concurrency}: {count} x {kind}, first: "
+                  f"{lv.error_messages.get(kind, '')}")
+    return 0
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 16,256, got {text!r}")
+    if any(d < 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"dimensions must not be negative, got {text!r}")
+    return dims
+
+
+def _dtype(text: str) -> str:
+    from gradserve.wire import dtypes
+    if text not in dtypes.BY_NAME:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; one of "
+                                         f"{', '.join(dtypes.BY_NAME)}")
+    return text
+
+
+def _positive(kind: Callable[[str], Any], zero: bool = False) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'at least 0' if zero else 'positive'}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
 def _numel(shape: Sequence[int | None]) -> int:
     n = 1
     for d in shape:
@@ -185,6 +268,9 @@ SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("session_proof_seconds", float, "seconds a client has to prove it shares the host"),
     ("max_sessions", int, "same-host sessions held at once"),
     ("max_sessions_per_peer", int, "same-host sessions one connection may hold"),
+    ("max_batch", int, "rows one merged run of a batchable endpoint takes (0: never merge "
+                       "calls)"),
+    ("max_delay", float, "seconds a call to a batchable endpoint waits for others to join it"),
 ]
 
 
@@ -224,6 +310,31 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("address", help="host:port")
     ls.add_argument("--timeout", type=float, default=10.0)
     ls.set_defaults(run=list_endpoints)
+    b = sub.add_parser("bench", help="measure an endpoint's throughput and latency under load "
+                                     "from many concurrent callers")
+    b.add_argument("address", help="host:port")
+    b.add_argument("endpoint")
+    b.add_argument("--shape", type=_shape, default=None,
+                   help="send one argument of this shape, e.g. 16,256 (default: the "
+                        "endpoint's declared input specs)")
+    b.add_argument("--dtype", type=_dtype, default="float32", help="dtype of --shape's argument")
+    b.add_argument("--rows", type=_positive(int), default=16,
+                   help="size of a wildcard leading dimension of a declared input")
+    b.add_argument("--concurrency", type=_positive_ints, default=[1, 4, 16],
+                   help="callers at once, one level each (comma-separated; default 1,4,16)")
+    b.add_argument("--processes", type=_positive(int), default=None,
+                   help="worker processes the callers are spread over (default: one each)")
+    b.add_argument("--duration", type=_positive(float), default=10.0,
+                   help="seconds measured per level")
+    b.add_argument("--warmup", type=_positive(float, zero=True), default=1.0,
+                   help="seconds of calls before each level's measurement, not counted")
+    b.add_argument("--transport", choices=("auto", "grpc", "shm"), default="auto")
+    b.add_argument("--backward", action="store_true",
+                   help="each call is a Forward and a Vjp (default: a Forward)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.add_argument("--timeout", type=_positive(float), default=30.0,
+                   help="seconds one RPC may take")
+    b.set_defaults(run=bench)
     return p
 
 

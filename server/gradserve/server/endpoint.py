@@ -93,6 +93,10 @@ class Endpoint(ABC):
     doc: str = ""
     device: Any = "cpu"
     batchable: bool = False
+    #: dynamic batching (``Server.add`` sets them for batchable endpoints): most rows one
+    #: merged run takes (0: never merge calls), longest a call waits for others (seconds)
+    max_batch: int = 0
+    max_delay: float = 0.0
     #: whether a client may send some of the parameters (by name) rather than all
     partial_parameters: bool = False
 
@@ -126,6 +130,20 @@ class Endpoint(ABC):
     @abstractmethod
     def run_signature(self, inputs: Arguments) -> Any:
         """Outputs, with ``TensorType`` leaves, for inputs whose tensors are ``TensorType``."""
+
+    @abstractmethod
+    def concat(self, parts: Sequence[Any], axis: int = 0) -> Any:
+        """Input or cotangent arrays (as ``to_array`` makes them) joined along ``axis``; the
+        result is differentiated where the parts are (dynamic batching merges calls so)."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        """A cotangent of zeros of ``shape`` with output array ``like``'s dtype and device."""
+
+    def rows(self, x: Any, lo: int, hi: int, axis: int = 0) -> Any:
+        """Rows ``lo:hi`` along ``axis`` of an output or gradient array, with no autograd
+        history (dynamic batching splits merged results so)."""
+        return x[(slice(None),) * axis + (slice(lo, hi),)]
 
     def refuse_dtype(self, code: int) -> str:
         """Why inputs of wire dtype ``code`` cannot be used here ("" when they can)."""
@@ -170,7 +188,8 @@ class Endpoint(ABC):
             inputs=[spec.to_pb(name) for name, spec in self.input_specs.items()],
             outputs=[spec.to_pb(name) for name, spec in self.output_specs.items()],
             parameters=[t.to_pb(name) for name, t in self.parameter_types().items()],
-            accepts_parameters=self.accepts_parameters(), batchable=self.batchable)
+            accepts_parameters=self.accepts_parameters(), batchable=self.batchable,
+            batching=pb.Batching(max_batch=self.max_batch, max_delay_seconds=self.max_delay))
 
     def parameter_types(self) -> dict[str, TensorType]:
         """Types of the endpoint's own parameters, by name (a flat dict's keys, else paths)."""

@@ -32,6 +32,9 @@ STOP_SECONDS = 5.0
 #: Calls beyond ``max_streams`` gRPC still admits: the unary ones (keep-alives, releases,
 #: Describe, sessions) that Forward/Vjp streams must not crowd out.
 CONTROL_CALLS = 16
+#: Dynamic batching defaults for batchable endpoints (``Server.add`` may override them).
+DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_DELAY = 0.002
 
 
 class Server:
@@ -63,7 +66,10 @@ class Server:
     most ``max_shm_total_bytes`` of shared memory and ``max_cuda_total_bytes``
     of pools per GPU; the server holds at most ``max_sessions`` sessions, one
     connection ``max_sessions_per_peer``; a session whose client has not proved
-    within ``session_proof_seconds`` that it shares the host is dropped. ``max_request_values`` bounds the pytree
+    within ``session_proof_seconds`` that it shares the host is dropped. Batchable
+    endpoints merge concurrent calls into runs of up to ``max_batch`` rows, a call
+    waiting at most ``max_delay`` seconds for others (``add`` may set both per endpoint;
+    ``max_batch=0`` turns merging off). ``max_request_values`` bounds the pytree
     nodes (tensors, scalars, containers) of one request. ``stop`` returns within its grace
     plus ``STOP_SECONDS`` whatever the clients do.
 
@@ -84,10 +90,13 @@ class Server:
                  max_cuda_total_bytes: int = 8 * GiB, max_sessions: int = 256,
                  max_sessions_per_peer: int = 16, session_proof_seconds: float = 10.0,
                  max_inflight_bytes: int | None = None,
-                 max_request_values: int = 10_000,
-                 reuse_port: bool = False, debug: bool = False):
+                 max_request_values: int = 10_000, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_delay: float = DEFAULT_MAX_DELAY, reuse_port: bool = False,
+                 debug: bool = False):
         self.host = host
         self.debug = debug
+        #: dynamic batching defaults of batchable endpoints (``add`` may override them)
+        self.max_batch, self.max_delay = max_batch, max_delay
         self.registry = Registry()
         self.residuals = ResidualStore(max_residual_bytes, residual_ttl, max_count=max_residuals)
         self.sessions = SessionManager(SessionSettings(
@@ -135,10 +144,20 @@ class Server:
 
     # -- endpoints ---------------------------------------------------------
     def add(self, name: str, endpoint: Any, *, framework: str | None = None,
+            max_batch: int | None = None, max_delay: float | None = None,
             **options: Any) -> Endpoint:
         """Host ``endpoint`` under ``name``: an ``Endpoint``, or a model or function that
-        ``framework`` (default: the one that claims it) serves with ``options``."""
+        ``framework`` (default: the one that claims it) serves with ``options``. A batchable
+        endpoint merges concurrent calls up to ``max_batch`` rows, a call waiting at most
+        ``max_delay`` seconds for others (default: the server's; ``max_batch=0``: never)."""
         served = build_endpoint(endpoint, framework_name=framework, **options)
+        max_batch = self.max_batch if max_batch is None else max_batch
+        max_delay = self.max_delay if max_delay is None else max_delay
+        if max_batch < 0 or max_delay < 0:
+            raise ValueError(f"max_batch and max_delay must be >= 0, got {max_batch} and "
+                             f"{max_delay}")
+        if served.batchable:
+            served.max_batch, served.max_delay = max_batch, max_delay
         served.debug = served.debug or self.debug
         self.registry.add(name, served)
         if self._started:

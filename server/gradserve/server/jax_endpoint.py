@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +174,14 @@ class JaxEndpoint(Endpoint):
         apply = state.compiled.backward_batched if batched else state.compiled.backward
         (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
         return self.mirror(state.in_def, state.mask, grads)
+
+    def concat(self, parts: Sequence[Any], axis: int = 0) -> _Leaf:
+        values = [p.value if isinstance(p, _Leaf) else np.asarray(p) for p in parts]
+        return _Leaf(np.concatenate(values, axis),
+                     any(isinstance(p, _Leaf) and p.requires_grad for p in parts))
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> _Leaf:
+        return _Leaf(np.zeros(shape, like.dtype), False)
 
     def run_signature(self, inputs: Arguments) -> Any:
         leaves, in_def, mask = self._flatten(inputs)

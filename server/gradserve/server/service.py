@@ -21,6 +21,7 @@ import grpc
 from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, clip_status, invalid, \
     shown
 from gradserve.lru import LRU
+from gradserve.server.batching import Batcher, Recorder, is_share
 from gradserve.server.endpoint import Endpoint, Residual
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
@@ -49,6 +50,8 @@ class Limits:
     max_inflight_bytes: int          # request bytes all calls together may hold
 
 
+#: A writer budget that puts every payload inline (a one-message reply).
+UNLIMITED = 1 << 62
 #: Signature results kept, across endpoints (input signatures seen most recently).
 SIGNATURE_CACHE_SIZE = 256
 #: Calls larger than this (inline tensors) are not kept as signature cache keys.
@@ -177,6 +180,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         #: request bytes all calls together hold now (bounded by ``max_inflight_bytes``)
         self.inflight = InFlight(limits.max_inflight_bytes)
         self._running = threading.BoundedSemaphore(limits.workers)
+        self._batchers: dict[str, Batcher] = {}
         self._streams: collections.Counter[str] = collections.Counter()
         self._streams_lock = threading.Lock()
 
@@ -196,8 +200,12 @@ class GradserveService(pb_grpc.GradserveServicer):
                  context: grpc.ServicerContext) -> pb.DescribeResponse:
         with self._status(context):
             endpoint = self.registry.get(request.endpoint)
-            return pb.DescribeResponse(endpoint=endpoint.info(),
-                                       residuals=self.residuals.stats(endpoint.name))
+            reply = pb.DescribeResponse(endpoint=endpoint.info(),
+                                        residuals=self.residuals.stats(endpoint.name))
+            batcher = self.batcher(endpoint)
+            if batcher is not None:
+                reply.batches.CopyFrom(batcher.stats())
+            return reply
         return pb.DescribeResponse()
 
     def GetParameters(self, request: pb.GetParametersRequest,
@@ -228,7 +236,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                 inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
                 with self._running:   # a fake-tensor trace, a compile, or a dry run
                     types = endpoint.signature(inputs)
-                outputs = codec.encode(types, FrameWriter(inline_bytes=1 << 62), path="outputs")
+                outputs = codec.encode(types, FrameWriter(inline_bytes=UNLIMITED), path="outputs")
                 if cacheable:
                     self.signatures.put(key, outputs)
             return pb.SignatureResponse(outputs=outputs)
@@ -279,43 +287,91 @@ class GradserveService(pb_grpc.GradserveServicer):
         return self.sessions.slots(header.session) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
+    def batcher(self, endpoint: Endpoint) -> Batcher | None:
+        """The endpoint's dynamic batcher (None: it does not merge calls)."""
+        if not endpoint.batchable or endpoint.max_batch < 2:
+            return None
+        with self._streams_lock:
+            batcher = self._batchers.get(endpoint.name)
+            if batcher is None or batcher.endpoint is not endpoint:
+                batcher = self._batchers[endpoint.name] = Batcher(endpoint, self._running)
+            return batcher
+
+    @contextlib.contextmanager
+    def _turn(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Run the model among at most ``workers`` runs at once, unless the client left
+        while its call waited (CANCELLED, which is not sent)."""
+        with self._running:
+            if not context.is_active():
+                raise StatusError(grpc.StatusCode.CANCELLED, "the client left")
+            yield
+
+    def _forward(self, request: pb.ForwardRequest, reader: FrameReader[Any],
+                 writer: FrameWriter, context: grpc.ServicerContext
+                 ) -> tuple[pb.ForwardResponse, Any]:
+        """The body of Forward and ForwardUnary."""
+        if request.release:
+            self.residuals.release(list(request.release))
+        endpoint = self.registry.get(request.endpoint)
+        batcher = self.batcher(endpoint)
+        made = None
+        if batcher is not None:
+            recorder = Recorder(endpoint)
+            inputs = codec.decode_arguments(request, reader, recorder)
+            made = batcher.forward(inputs, recorder, request.need_vjp, context.peer())
+        else:
+            inputs = self._inputs(endpoint, request, reader)
+        if made is None:
+            with self._turn(context):
+                made = endpoint.forward(inputs, request.need_vjp)
+        # a residual viewing session memory goes when the session does
+        slots = reader.slots if reader.used_slots else None
+        rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes,
+                                  slots.id if slots is not None else "")
+               if made.residual is not None else "")
+        if rid and slots is not None and slots.closed:   # it ended while this ran
+            self.residuals.release([rid])
+            rid = ""
+        reply = pb.ForwardResponse(outputs=codec.encode(made.outputs, writer, path="outputs"),
+                                   residual_id=rid)
+        return reply, made
+
+    def _vjp(self, request: pb.VjpRequest, reader: FrameReader[Any], writer: FrameWriter,
+             context: grpc.ServicerContext) -> tuple[pb.VjpResponse, Any]:
+        """The body of Vjp and VjpUnary."""
+        endpoint = self.registry.get(request.endpoint)
+        residual = self._residual_for(endpoint, request, reader, context)
+        cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
+        batcher = self.batcher(endpoint)
+        if batcher is not None and is_share(residual):
+            grads = batcher.vjp(residual, cotangents, request.batched_cotangents,
+                                 context.peer())
+        else:
+            with self._turn(context):
+                grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
+        reply = pb.VjpResponse()
+        codec.encode_arguments(grads, writer, reply)
+        return reply, (grads, cotangents, residual)
+
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame],
                 context: grpc.ServicerContext) -> Iterator[pb.ForwardReplyFrame]:
-        def run(request: pb.ForwardRequest, reader: FrameReader[Any],
-                writer: FrameWriter) -> tuple[pb.ForwardResponse, Any]:
-            if request.release:
-                self.residuals.release(list(request.release))
-            endpoint = self.registry.get(request.endpoint)
-            made = endpoint.forward(self._inputs(endpoint, request, reader), request.need_vjp)
-            # a residual viewing session memory goes when the session does
-            slots = reader.slots if reader.used_slots else None
-            rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes,
-                                      slots.id if slots is not None else "")
-                   if made.residual is not None else "")
-            if rid and slots is not None and slots.closed:   # it ended while this ran
-                self.residuals.release([rid])
-                rid = ""
-            reply = pb.ForwardResponse(outputs=codec.encode(made.outputs, writer, path="outputs"),
-                                       residual_id=rid)
-            return reply, made
-
         yield from self._streamed(context, lambda: self._reply(
-            request_iterator, context, pb.ForwardReplyFrame, run))
+            request_iterator, context, pb.ForwardReplyFrame, self._forward))
 
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame],
             context: grpc.ServicerContext) -> Iterator[pb.VjpReplyFrame]:
-        def run(request: pb.VjpRequest, reader: FrameReader[Any],
-                writer: FrameWriter) -> tuple[pb.VjpResponse, Any]:
-            endpoint = self.registry.get(request.endpoint)
-            residual = self._residual_for(endpoint, request, reader)
-            cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
-            grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
-            reply = pb.VjpResponse()
-            codec.encode_arguments(grads, writer, reply)
-            return reply, (grads, cotangents, residual)
-
         yield from self._streamed(context, lambda: self._reply(
-            request_iterator, context, pb.VjpReplyFrame, run))
+            request_iterator, context, pb.VjpReplyFrame, self._vjp))
+
+    def ForwardUnary(self, request: pb.ForwardRequest,
+                     context: grpc.ServicerContext) -> pb.ForwardResponse:
+        found: pb.ForwardResponse = (self._unary(request, context, self._forward)
+                                     or pb.ForwardResponse())
+        return found
+
+    def VjpUnary(self, request: pb.VjpRequest, context: grpc.ServicerContext) -> pb.VjpResponse:
+        found: pb.VjpResponse = self._unary(request, context, self._vjp) or pb.VjpResponse()
+        return found
 
     def _streamed(self, context: grpc.ServicerContext,
                   make: Callable[[], Iterator[Any] | None]) -> Iterator[Any]:
@@ -360,26 +416,60 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def _reply(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
                reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any] | None:
-        """Read a framed request (watched), ``run`` it (among at most ``workers`` at once);
-        its reply frames, or None when its client left. What the call made, the request
-        and its payloads are freed in the background, not while the client waits."""
-        reader: FrameReader[ServerSession] = FrameReader(
-            self.limits.max_request_bytes, None, self._slots_for,
-            self.limits.max_request_values, self.inflight)
-        try:   # the arrays made from its buffers keep what they still need
-            with self.watch.watching(context) as touch:
-                reader.on_frame = touch
+        """Read a framed request (watched) and ``run`` it; its reply frames, or None when
+        its client left."""
+        reader: FrameReader[ServerSession] = self._reader()
+        with self.watch.watching(context) as touch:
+            reader.on_frame = touch
+            try:
                 request = reader.read(request_iterator)
-            writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
-            with self._running:
-                if not context.is_active():   # it waited its turn, and its client left
-                    return None
+            except BaseException:
+                reader.close()
+                raise
+        writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
+        reply = self._run(request, reader, writer, context, run)
+        return writer.frames(reply_frame, reply) if reply is not None else None
+
+    def _unary(self, request: Any, context: grpc.ServicerContext,
+               run: Callable[..., tuple[Any, Any]]) -> Any:
+        """A one-message call: admitted like a stream, run like one; its reply carries every
+        tensor inline or in a slot."""
+        with self._admitted(context.peer()) as refusal:
+            with self._status(context):
+                if refusal:
+                    raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                reader: FrameReader[ServerSession] = self._reader()
                 try:
-                    reply, made = run(request, reader, writer)
-                    writer.flush()
+                    request = reader.read_header(request)
                 except BaseException:
-                    writer.free_placed()   # no reply names them
+                    reader.close()
                     raise
+                writer = FrameWriter(self.limits.chunk_bytes, inline_bytes=UNLIMITED,
+                                     slots=reader.slots)
+                reply = self._run(request, reader, writer, context, run)
+                if reply is not None:
+                    writer.flush()
+                    return reply
+        return None
+
+    def _reader(self) -> FrameReader[ServerSession]:
+        return FrameReader(self.limits.max_request_bytes, None, self._slots_for,
+                           self.limits.max_request_values, self.inflight)
+
+    def _run(self, request: Any, reader: FrameReader[ServerSession], writer: FrameWriter,
+             context: grpc.ServicerContext, run: Callable[..., tuple[Any, Any]]) -> Any:
+        """Run a read request (the model among at most ``workers`` runs at once); its reply
+        header, or None when its client left. What the call made, the request and its
+        payloads are freed in the background, not while the client waits."""
+        try:   # the arrays made from its buffers keep what they still need
+            if not context.is_active():   # its client left while it was read
+                return None
+            try:
+                reply, made = run(request, reader, writer, context)
+                writer.flush()
+            except BaseException:
+                writer.free_placed()   # no reply names them
+                raise
         finally:
             reader.close()
         self.residuals.dropper.drop((made, reader, request))
@@ -387,10 +477,10 @@ class GradserveService(pb_grpc.GradserveServicer):
         if not context.is_active():   # the client gave up: nobody will view them
             writer.free_placed()
             return None
-        return writer.frames(reply_frame, reply)
+        return reply
 
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
-                      reader: FrameReader[Any]) -> Residual:
+                      reader: FrameReader[Any], context: grpc.ServicerContext) -> Residual:
         if request.residual_id:
             held = self.residuals.get(request.residual_id)
             if held is not None:
@@ -408,7 +498,9 @@ class GradserveService(pb_grpc.GradserveServicer):
         if request.inputs.endpoint not in ("", endpoint.name):
             raise invalid(f"inputs name endpoint {shown(request.inputs.endpoint)}, "
                           f"not {endpoint.name!r}")
-        made = endpoint.forward(self._inputs(endpoint, request.inputs, reader), need_vjp=True)
+        inputs = self._inputs(endpoint, request.inputs, reader)
+        with self._turn(context):
+            made = endpoint.forward(inputs, need_vjp=True)
         if made.residual is None:
             raise invalid("no input of the re-sent call requires grad")
         return made.residual

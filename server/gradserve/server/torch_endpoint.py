@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import torch
@@ -160,6 +160,16 @@ class TorchEndpoint(Endpoint):
             grads = list(self.run(lambda: torch.autograd.grad(
                 outs, wrt, cots, retain_graph=True, allow_unused=True, is_grads_batched=batched)))
         return self.mirror(in_def, [t.requires_grad for t in in_leaves], grads)
+
+    def concat(self, parts: Sequence[Any], axis: int = 0) -> torch.Tensor:
+        return torch.cat(list(parts), axis)
+
+    def rows(self, x: Any, lo: int, hi: int, axis: int = 0) -> torch.Tensor:
+        tensor: torch.Tensor = x
+        return tensor.detach().narrow(axis, lo, hi - lo)
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> torch.Tensor:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     def run_signature(self, inputs: Arguments) -> Any:
         """Output types from fake tensors; one real dry run on zeros if tracing fails."""

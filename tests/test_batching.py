@@ -1,0 +1,288 @@
+"""Dynamic batching across clients: merged runs give each caller exactly its unbatched
+results and gradients, a bad caller fails alone, and what batching did is reported."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+import gradserve
+from gradserve.server import Server
+from gradserve.wire.specs import BatchStats, TensorSpec
+
+pytestmark = pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else []
+
+
+def mlp(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).to(dtype)
+
+
+@pytest.fixture
+def batching() -> Iterator[Callable[..., Server]]:
+    """``batching(name=fn, ..., max_batch=.., max_delay=.., **add_options)`` -> a started
+    server hosting each ``fn`` as a batchable torch endpoint."""
+    servers: list[Server] = []
+
+    def start(endpoints: dict[str, Any], *, batchable: bool = True, **options: Any) -> Server:
+        server = Server("127.0.0.1", 0)
+        for name, fn in endpoints.items():
+            if isinstance(fn, gradserve.server.Endpoint):
+                server.add(name, fn, **options)
+            else:
+                server.add_torch(name, fn, batchable=batchable, **options)
+        servers.append(server.start())
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)
+
+
+def together(address: str, calls: Sequence[Callable[[gradserve.Client], Any]],
+             **client_options: Any) -> list[Any]:
+    """Run each call in its own thread with its own client, all starting at once; their
+    results (or the exceptions they raised), in order."""
+    clients = [gradserve.connect(address, transport="grpc", **client_options) for _ in calls]
+    start = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = calls[i](clients[i])
+        except Exception as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in clients:
+        c.close()
+    return results
+
+
+def crowd(address: str, name: str, x: np.ndarray) -> BatchStats:
+    """Two calls at once, so the endpoint's calls wait for others from now on (a lone
+    client's never do); the endpoint's batch statistics after them."""
+    together(address, [lambda c: c.forward(name, (x,)), lambda c: c.forward(name, (x,))])
+    return stats(address, name)
+
+
+def stats(address: str, name: str) -> BatchStats:
+    with gradserve.connect(address) as client:
+        found = client.describe(name).batches
+    assert found is not None
+    return found
+
+
+def since(before: BatchStats, after: BatchStats) -> tuple[int, ...]:
+    """(forward runs, forward calls, forward rows, vjp runs, vjp calls) from one to the other."""
+    fields = ("forward_runs", "forward_calls", "forward_rows", "vjp_runs", "vjp_calls")
+    return tuple(getattr(after, f) - getattr(before, f) for f in fields)
+
+
+def local_grads(model: torch.nn.Module, x: np.ndarray, ct: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    xt = torch.tensor(x, requires_grad=True)
+    y = model(xt)
+    y.backward(torch.tensor(ct))
+    return y.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_merged_calls_give_each_caller_its_unbatched_values_and_gradients(batching, dtype, tol
+                                                                          ) -> None:
+    model = mlp(dtype)
+    rows = [1, 3, 5, 7]                                   # 16 rows: one merged run
+    server = batching({"mlp": model}, max_batch=sum(rows), max_delay=1.0)
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((n, 6)).astype(np_dtype) for n in rows]
+    cts = [rng.standard_normal((n, 3)).astype(np_dtype) for n in rows]
+    gate = threading.Barrier(len(rows) - 1)
+    before = crowd(server.address, "mlp", xs[0])
+
+    def caller(i: int) -> Callable[[gradserve.Client], Any]:
+        def call(client: gradserve.Client) -> Any:
+            result = client.forward("mlp", (xs[i],), need_vjp=True)
+            if i == 0:                                    # never sends its Vjp
+                return result.outputs, None
+            if i == 1:                                    # its residual was evicted
+                server.residuals.release([result.residual.id])
+            gate.wait()
+            (grad,) = client.vjp(result.residual, cts[i]).args
+            return result.outputs, grad
+        return call
+
+    results = together(server.address, [caller(i) for i in range(len(rows))])
+    for i, (outputs, grad) in enumerate(results):
+        y, g = local_grads(model, xs[i], cts[i])
+        np.testing.assert_allclose(outputs, y, rtol=tol, atol=tol)
+        if grad is not None:
+            np.testing.assert_allclose(grad, g, rtol=tol, atol=tol)
+    after = stats(server.address, "mlp")
+    # one merged forward; callers 2 and 3 backpropagate together over the merged graph,
+    # caller 1 recomputes from its re-sent inputs
+    assert since(before, after) == (1, 4, 16, 1, 2)
+    assert after.max_calls == 4
+
+
+def test_calls_with_their_own_parameters_run_alone(batching) -> None:
+    model = mlp(torch.float32)
+    server = batching({"mlp": model}, max_batch=8, max_delay=1.0)
+    own = {k: v.detach().numpy() * 1.5 for k, v in model.named_parameters()}
+    x = np.ones((4, 6), np.float32)
+    before = crowd(server.address, "mlp", x)
+
+    def with_params(client: gradserve.Client) -> Any:
+        return client.forward("mlp", (x,), parameters=own).outputs
+
+    def plain(client: gradserve.Client) -> Any:
+        return client.forward("mlp", (x,)).outputs
+
+    with_own, without = together(server.address, [with_params, plain])
+    scaled = mlp(torch.float32)
+    with torch.no_grad():
+        for p in scaled.parameters():
+            p.mul_(1.5)
+        np.testing.assert_allclose(with_own, scaled(torch.tensor(x)).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(without, model(torch.tensor(x)).numpy(), rtol=1e-6)
+    # the call with parameters ran alone
+    assert since(before, stats(server.address, "mlp"))[:2] == (1, 1)
+
+
+def test_a_bad_call_fails_alone_and_never_the_batch(batching) -> None:
+    def guarded(x: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(x).any():
+            raise ValueError("nan in the input")
+        return x * 2
+
+    server = batching({"f": guarded}, max_batch=9, max_delay=1.0,
+                      inputs={"x": TensorSpec((None, 4), "float32")})
+    good = [np.full((3, 4), float(i), np.float32) for i in range(3)]
+    nan = np.full((2, 4), np.nan, np.float32)
+    before = crowd(server.address, "f", good[0])
+    calls = [lambda c, x=x: c.forward("f", (x,)).outputs for x in good]
+    calls.append(lambda c: c.forward("f", (np.ones((2, 5), np.float32),)).outputs)
+    results = together(server.address, calls)
+    for x, out in zip(good, results[:3]):
+        np.testing.assert_array_equal(out, x * 2)
+    assert isinstance(results[3], gradserve.InvalidArgument)
+    assert "argument 'x': expected shape (*, 4), got (2, 5)" in str(results[3])
+    assert since(before, stats(server.address, "f"))[:3] == (1, 3, 9)
+
+    # a call that makes the model raise: the merged run is retried call by call
+    calls = [lambda c, x=x: c.forward("f", (x,)).outputs for x in good]
+    calls.append(lambda c: c.forward("f", (nan,)).outputs)
+    server.registry.get("f").max_batch = 11
+    results = together(server.address, calls)
+    for x, out in zip(good, results[:3]):
+        np.testing.assert_array_equal(out, x * 2)
+    assert isinstance(results[3], gradserve.RemoteError)
+    assert results[3].code.name == "INTERNAL"
+    assert "endpoint 'f' raised ValueError: nan in the input" in str(results[3])
+
+
+def test_a_lone_caller_does_not_wait_for_others(batching) -> None:
+    server = batching({"double": lambda x: x * 2}, max_batch=64, max_delay=30.0)
+    with gradserve.connect(server.address, transport="grpc") as client:
+        for _ in range(3):
+            out = client.forward("double", (np.ones((2, 3), np.float32),)).outputs
+            np.testing.assert_array_equal(out, np.full((2, 3), 2.0))
+    found = stats(server.address, "double")
+    assert found.forward_runs == 3
+    assert found.queue_seconds < 3.0        # not the 30 s max_delay, three times over
+
+
+def test_non_batchable_endpoints_and_max_batch_zero_never_merge(batching) -> None:
+    server = batching({"plain": lambda x: x + 1}, batchable=False, max_batch=64,
+                      max_delay=1.0)
+    off = batching({"off": lambda x: x + 1}, max_batch=0)
+    for srv, name in ((server, "plain"), (off, "off")):
+        endpoint = srv.registry.get(name)
+        runs: list[int] = []
+        original = endpoint.run_forward
+        endpoint.run_forward = lambda inputs, need_vjp: (  # type: ignore[method-assign]
+            runs.append(1), original(inputs, need_vjp))[1]
+        calls = [lambda c, i=i: c.forward(name, (np.full((2, 2), float(i), np.float32),)).outputs
+                 for i in range(4)]
+        results = together(srv.address, calls)
+        for i, out in enumerate(results):
+            np.testing.assert_array_equal(out, np.full((2, 2), i + 1.0))
+        assert len(runs) == 4
+        with gradserve.connect(srv.address) as client:
+            info = client.describe(name)
+        assert info.batches is None and info.max_batch == 0
+
+
+def test_batched_cotangents_and_releases_keep_exact_gradients(batching) -> None:
+    model = mlp(torch.float64)
+    rows = [2, 2, 4]
+    server = batching({"mlp": model}, max_batch=8, max_delay=1.0)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((n, 6)) for n in rows]
+    done = threading.Barrier(len(rows))
+    before = crowd(server.address, "mlp", xs[0])
+
+    def caller(i: int) -> Callable[[gradserve.Client], Any]:
+        def call(client: gradserve.Client) -> Any:
+            result = client.forward("mlp", (xs[i],), need_vjp=True)
+            if i > 0:   # the others let their residuals go: the merged graph goes too
+                client.release(result.residual)
+                done.wait()
+                return None
+            done.wait()
+            eye = np.eye(rows[i] * 3).reshape(rows[i] * 3, rows[i], 3)
+            (jac,) = client.vjp(result.residual, eye, batched=True).args
+            return jac
+        return call
+
+    jac = together(server.address, [caller(i) for i in range(len(rows))])[0]
+    local = torch.autograd.functional.jacobian(model, torch.tensor(xs[0])).numpy()
+    np.testing.assert_allclose(jac.reshape(local.shape), local, rtol=1e-12, atol=1e-12)
+    assert since(before, stats(server.address, "mlp"))[:2] == (1, 3)
+
+
+def test_jax_endpoints_batch_too(batching) -> None:
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+
+    def f(x: Any) -> Any:
+        return jnp.tanh(x @ w)
+
+    endpoint = gradserve.server.JaxEndpoint(f, batchable=True)
+    server = batching({"f": endpoint}, max_batch=6, max_delay=1.0)
+    xs = [np.full((n, 4), 0.1 * n, np.float32) for n in (1, 2, 3)]
+    cts = [np.ones((n, 3), np.float32) for n in (1, 2, 3)]
+    before = crowd(server.address, "f", xs[0])
+
+    def caller(i: int) -> Callable[[gradserve.Client], Any]:
+        def call(client: gradserve.Client) -> Any:
+            result = client.forward("f", (xs[i],), need_vjp=True)
+            return result.outputs, client.vjp(result.residual, cts[i]).args[0]
+        return call
+
+    results = together(server.address, [caller(i) for i in range(3)])
+    for x, ct, (out, grad) in zip(xs, cts, results):
+        y, pull = jax.vjp(f, x)
+        np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grad, pull(ct)[0], rtol=1e-6, atol=1e-6)
+    assert since(before, stats(server.address, "f")) == (1, 3, 6, 1, 3)
+
+
+def test_settings_are_checked_and_described(batching) -> None:
+    server = batching({"double": lambda x: x * 2}, max_batch=32, max_delay=0.004)
+    with gradserve.connect(server.address) as client:
+        info = client.describe("double")
+    assert (info.batchable, info.max_batch, info.max_delay) == (True, 32, 0.004)
+    with pytest.raises(ValueError, match="max_batch and max_delay must be >= 0"):
+        server.add_torch("bad", lambda x: x, batchable=True, max_batch=-1)
