@@ -28,6 +28,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/small_calls.py
+	$(PY) benchmarks/many_clients.py
 
 # Regenerates the committed stubs; tests/test_proto.py checks they are current.
 proto:

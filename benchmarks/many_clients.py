@@ -73,16 +73,11 @@ def serve(max_batch: int, max_delay: float) -> None:
     """Host the MLP until stdin closes; prints one JSON line: address, how batching was set."""
     from gradserve.server import Server
 
-    server = Server("127.0.0.1", 0, max_batch=max_batch, max_delay=max_delay)
-    try:
-        server.add_torch(ENDPOINT, make_mlp(), batchable=True, max_batch=max_batch,
-                         max_delay=max_delay)
-        how = "per endpoint"
-    except TypeError:   # per-endpoint batching options not there: the server-wide ones hold
-        server.add_torch(ENDPOINT, make_mlp(), batchable=True)
-        how = "server-wide"
+    server = Server("127.0.0.1", 0)
+    server.add_torch(ENDPOINT, make_mlp(), batchable=True, max_batch=max_batch,
+                     max_delay=max_delay)
     server.start()
-    print(json.dumps({"address": server.address, "set": how}), flush=True)
+    print(json.dumps({"address": server.address}), flush=True)
     sys.stdin.read()
     server.stop(grace=0)
     sys.stdout.flush()
@@ -104,7 +99,6 @@ class ServerProcess:
             raise RuntimeError(f"the server process exited ({self.proc.returncode})")
         started = json.loads(line)
         self.address: str = started["address"]
-        self.set: str = started["set"]
 
     def close(self) -> None:
         """Stop the server (closing its stdin), killing it if it does not go."""
@@ -268,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode, (max_batch, max_delay) in modes.items():
         with ServerProcess(max_batch, max_delay) as server:
             print(f"batching {mode}: max_batch={max_batch}, max_delay={max_delay:g} s "
-                  f"(set {server.set}) on {server.address}", flush=True)
+                  f"on {server.address}", flush=True)
             for n in clients:
                 (level,) = loadgen.run(server.address, ENDPOINT, concurrency=[n],
                                        duration=duration, warmup=warmup, shape=(ROWS, WIDTH),
@@ -314,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"2 x {single.p50_ms:.2f} + {args.max_delay * 1e3:g} = {bound:.2f} ms "
               f"(ratio p99/p50(off, N=1) {on.p99_ms / single.p50_ms:.2f}, "
               f"max_delay {args.max_delay * 1e3:g} ms)")
+        # Little's law: N callers that always have a call out wait N / (calls/s) on average
+        print(f"  (with N={top} callers always waiting, the mean latency is N / calls/s = "
+              f"{top / on.calls_per_s * 1e3:.1f} ms at {on.calls_per_s:,.1f} calls/s; under "
+              f"{bound:.1f} ms takes {top / bound * 1e3:,.0f} calls/s, "
+              f"{top / bound * 1e3 * ROWS:,.0f} rows/s, against the "
+              f"{local[ROWS * top][0]:,.0f} rows/s one local loop reaches at {ROWS * top} rows)")
     print(gradients)
     return 0
 

@@ -286,3 +286,28 @@ def test_settings_are_checked_and_described(batching) -> None:
     assert (info.batchable, info.max_batch, info.max_delay) == (True, 32, 0.004)
     with pytest.raises(ValueError, match="max_batch and max_delay must be >= 0"):
         server.add_torch("bad", lambda x: x, batchable=True, max_batch=-1)
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_one_message_and_streaming_calls_agree_at_the_threshold(serve, faulty, over) -> None:
+    """A request that fits in one message goes as ForwardUnary/VjpUnary, a larger one
+    streams; both give the local results."""
+    server, _ = serve({"mlp": mlp(torch.float32)}, client_options={"transport": "grpc"})
+    chunk = 64 << 10
+    rows = chunk // (6 * 4) + (1 if over else -1)      # just over / under one message
+    client, channel = faulty(server.address, transport="grpc", chunk_bytes=chunk)
+    x = np.random.default_rng(2).standard_normal((rows, 6)).astype(np.float32)
+    ct = np.ones((rows, 3), np.float32)
+    result = client.forward("mlp", (x,), need_vjp=True)
+    (grad,) = client.vjp(result.residual, ct).args
+    y, g = local_grads(mlp(torch.float32), x, ct)
+    np.testing.assert_allclose(result.outputs, y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, g, rtol=1e-6, atol=1e-6)
+    # the cotangents always fit in one message; the gradients come back in one, however
+    # large, and a reply over one chunk makes the next such call stream
+    assert channel.rpcs["Forward" if over else "ForwardUnary"] == 1
+    assert (channel.rpcs["ForwardUnary" if over else "Forward"], channel.rpcs["VjpUnary"],
+            channel.rpcs["Vjp"]) == (0, 1, 0)
+    (again,) = client.vjp(result.residual, ct).args
+    np.testing.assert_array_equal(again, grad)
+    assert (channel.rpcs["VjpUnary"], channel.rpcs["Vjp"]) == ((1, 1) if over else (2, 0))

@@ -560,7 +560,7 @@ def test_a_residual_made_while_its_session_ended_goes_too(serve) -> None:
         return x * 2
 
     server, client = serve({"waits": waits})
-    x = torch.ones(8192, requires_grad=True)          # 32 KiB: through a request slot
+    x = torch.ones(65536, requires_grad=True)         # 256 KiB: through a request slot
     result: list = []
     thread = threading.Thread(target=lambda: result.append(client.torch("waits")(x)))
     thread.start()
@@ -570,7 +570,7 @@ def test_a_residual_made_while_its_session_ended_goes_too(serve) -> None:
     thread.join(10)
     assert client.describe("waits").residuals.count == 0
     result[0].sum().backward()                        # recomputed
-    assert torch.equal(x.grad, torch.full((8192,), 2.0))
+    assert torch.equal(x.grad, torch.full((65536,), 2.0))
 
 
 @needs_shm
@@ -719,7 +719,7 @@ def test_a_lapsed_lease_ends_the_session_and_the_residuals_viewing_it(serve, fau
     client, channel = faulty(server.address, transport="shm")
     channel.fail("KeepAlive", grpc.StatusCode.UNAVAILABLE, times=1000)   # its keep-alive stops
     sid = client.session_info().id
-    x = np.ones((4096, 6), np.float32)                     # 96 KiB: through a request slot
+    x = np.ones((8192, 6), np.float32)                     # 192 KiB: through a request slot
     kept = client.forward("mlp", (x,), need_vjp=True)      # views the session's memory
     inline = client.forward("mlp", (x[:2],), need_vjp=True)   # views nothing of it
     assert server.residuals.stats("mlp").count == 2
@@ -731,8 +731,8 @@ def test_a_lapsed_lease_ends_the_session_and_the_residuals_viewing_it(serve, fau
     assert info.value.reason == "session-missing"
     assert server.residuals.stats("mlp").count == 1        # the viewing one went with it
     wait_until(lambda: server.sessions.budget.used(pb.SHARED_MEMORY) == 0, timeout=5)
-    grads = client.vjp(kept.residual, np.ones((4096, 4), np.float32))   # recomputed
-    want = local_input_grad(model, torch.from_numpy(x), torch.ones(4096, 4))
+    grads = client.vjp(kept.residual, np.ones((8192, 4), np.float32))   # recomputed
+    want = local_input_grad(model, torch.from_numpy(x), torch.ones(8192, 4))
     torch.testing.assert_close(torch.from_numpy(grads.args[0]), want, rtol=1e-6, atol=1e-6)
     assert client.session_info().id != sid                 # a new session took its place
     del inline

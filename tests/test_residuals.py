@@ -187,13 +187,13 @@ def test_residuals_viewing_a_session_go_with_it(serve) -> None:
 
     model = mlp()
     server, client = serve({"mlp": model})
-    x = np.ones((4096, 6), np.float32)                    # 96 KiB: through a request slot
+    x = np.ones((8192, 6), np.float32)                    # 192 KiB: through a request slot
     kept = client.forward("mlp", (x,), need_vjp=True)
     small = client.forward("mlp", (x[:2],), need_vjp=True)   # inline: views no session memory
     assert client.describe("mlp").residuals.count == 2
     server.sessions.close(client.session_info().id)      # the session ends (lease, close)
     assert client.describe("mlp").residuals.count == 1
-    grads = client.vjp(kept.residual, np.ones((4096, 4), np.float32))   # recomputed
-    want = local_input_grad(model, torch.from_numpy(x), torch.ones(4096, 4))
+    grads = client.vjp(kept.residual, np.ones((8192, 4), np.float32))   # recomputed
+    want = local_input_grad(model, torch.from_numpy(x), torch.ones(8192, 4))
     torch.testing.assert_close(torch.from_numpy(grads.args[0]), want, rtol=1e-6, atol=1e-6)
     del small

@@ -157,17 +157,17 @@ def test_unknown_session_and_sessionless_slots(serve) -> None:
 
 
 def test_reply_slots_are_not_reused_while_viewed(serve) -> None:
-    server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    first = client.forward("double", (np.full(16384, 1.0, np.float32),)).outputs   # 64 KiB
+    server, client = serve({"double": double}, client_options={"arena_bytes": 4 << 20})
+    first = client.forward("double", (np.full(65536, 1.0, np.float32),)).outputs   # 256 KiB
     view = torch.from_numpy(first)[::2]       # a view of a view keeps the slot too
     del first
-    for i in range(24):                       # more than the 1 MiB reply region holds at once
-        out = client.forward("double", (np.full(16384, float(i), np.float32),)).outputs
+    for i in range(24):                       # more than the 4 MiB reply region holds at once
+        out = client.forward("double", (np.full(65536, float(i), np.float32),)).outputs
         assert out[0] == 2.0 * i
         del out
     assert torch.all(view == 2.0)
     client.describe("double")                 # carries freed slots to the server
-    assert served(server, client).used_bytes("reply") == 65536   # only the slot still viewed
+    assert served(server, client).used_bytes("reply") == 262144   # only the slot still viewed
     del view
     gc.collect()
     client.describe("double")
@@ -232,20 +232,20 @@ def test_a_reply_that_fails_to_decode_frees_its_slots(serve) -> None:
 
 
 def test_reporting_a_freed_slot_twice_frees_nothing_else(serve) -> None:
-    server, client = serve({"double": double}, client_options={"arena_bytes": 1 << 20})
-    first = client.forward("double", (np.ones(16384, np.float32),)).outputs
+    server, client = serve({"double": double}, client_options={"arena_bytes": 4 << 20})
+    first = client.forward("double", (np.ones(65536, np.float32),)).outputs
     del first
     client.describe("double")                          # its slot is free on the server now
-    held = client.forward("double", (np.ones(16384, np.float32),)).outputs   # reuses offset 0
-    assert served(server, client).used_bytes("reply") == 65536
+    held = client.forward("double", (np.ones(65536, np.float32),)).outputs   # reuses offset 0
+    assert served(server, client).used_bytes("reply") == 262144
     # a late duplicate of the first report names the old allocation: it must not free `held`
     old_generation = 1   # any generation but the one `held` got
     request = pb.ReleaseRequest(session=pb.SessionState(
         id=client.session_info().id,
         freed_slots=[pb.SlotRef(region=2, offset=0, generation=old_generation)]))
     raw(server).Release(request)
-    assert served(server, client).used_bytes("reply") == 65536
-    np.testing.assert_array_equal(held, 2 * np.ones(16384, np.float32))
+    assert served(server, client).used_bytes("reply") == 262144
+    np.testing.assert_array_equal(held, 2 * np.ones(65536, np.float32))
 
 
 def test_a_killed_client_is_reclaimed_after_its_lease(serve) -> None:
@@ -409,7 +409,7 @@ def test_arena_limit_falls_back_to_bytes(serve, faulty) -> None:
         np.testing.assert_array_equal(client.forward("double", (big,)).outputs, 2 * big)
     assert channel.calls["GrowSession"] == 1   # refused once: later calls do not ask again
     assert client.session_info().sizes(SHM, "request") == [1 << 20]
-    small = np.ones(8192, np.float32)                      # 32 KiB: through the region
+    small = np.ones(1 << 16, np.float32)                   # 256 KiB: through the region
     np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)
     assert client.session_info().copied == 1
     stub, sid = raw(server), client.session_info().id

@@ -407,8 +407,8 @@ class Client:
         writer = FrameWriter(self.chunk_bytes, slots=session)
         try:
             request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
-                                    cotangents=codec.encode(cotangents, writer, path="cotangents"),
                                     batched_cotangents=batched)
+            codec.encode_into(request.cotangents, cotangents, writer, path="cotangents")
             if resend:
                 request.inputs.endpoint = residual.call.endpoint
                 request.inputs.need_vjp = True

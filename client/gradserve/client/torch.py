@@ -72,7 +72,20 @@ class _State:
         return len(self.mask) - self.call_def.n_params
 
 
-class _RemoteForward(torch.autograd.Function):
+class _Function(torch.autograd.Function):
+    """An autograd function whose ``forward`` takes no defaults: outside functorch
+    transforms, ``apply`` skips the signature binding torch does for every call (which
+    costs more than the rest of a node)."""
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or torch._C._are_functorch_transforms_active():
+            return super().apply(*args, **kwargs)
+        args = torch._functorch.utils.unwrap_dead_wrappers(args)
+        return super(torch.autograd.Function, cls).apply(*args)  # type: ignore[misc]
+
+
+class _RemoteForward(_Function):
     @staticmethod
     def forward(state: _State, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         call = state.fn.make_call(state.call_def, leaves, state.mask)
@@ -123,7 +136,7 @@ class _RemoteForward(torch.autograd.Function):
         return outs, tuple(0 for _ in outs)
 
 
-class _RemoteBackward(torch.autograd.Function):
+class _RemoteBackward(_Function):
     """The Vjp as an autograd node of its own: under torch.func the backward sees
     wrapped tensors, and differentiating it must fail loudly. Its inputs are the
     cotangents and then the forward's inputs (unused: the residual holds them)."""

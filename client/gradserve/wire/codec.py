@@ -62,6 +62,13 @@ def encode(tree: Any, writer: PayloadWriter,
     return value
 
 
+def encode_into(value: pb.Value, tree: Any, writer: PayloadWriter,
+                requires_grad: Callable[[Any], bool] | None = None, path: str = "") -> None:
+    """Encode a pytree into an empty ``Value`` field of a message (no copy of its bytes)."""
+    value.SetInParent()
+    _encode_into(value, tree, writer, requires_grad, path)
+
+
 def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
                  requires_grad: Callable[[Any], bool] | None, path: str) -> None:
     adapter = frameworks.adapter_for(node)
@@ -144,10 +151,10 @@ def encode_arguments(parts: Arguments, writer: PayloadWriter, target: Any,
                      requires_grad: Callable[[Any], bool] | None = None) -> None:
     """Encode a call's parts into ``target``'s ``args``, ``kwargs`` and ``parameters``
     fields (``parameters`` only when given)."""
-    target.args.CopyFrom(encode(parts.args, writer, requires_grad, "args"))
-    target.kwargs.CopyFrom(encode(parts.kwargs, writer, requires_grad, "kwargs"))
+    encode_into(target.args, parts.args, writer, requires_grad, "args")
+    encode_into(target.kwargs, parts.kwargs, writer, requires_grad, "kwargs")
     if parts.parameters is not None:
-        target.parameters.CopyFrom(encode(parts.parameters, writer, requires_grad, "parameters"))
+        encode_into(target.parameters, parts.parameters, writer, requires_grad, "parameters")
 
 
 def decode_arguments(source: Any, reader: PayloadReader, make_leaf: MakeLeaf,

@@ -71,29 +71,34 @@ class SlotReader(Protocol):
         """The bytes of a checked reference, without a copy."""
 
 
-def tensors(msg: Message, path: str = "", kind: str = "tensor") -> Iterator[tuple[str, Any]]:
-    """Every tensor leaf (``kind`` "tensor", or "abstract") inside a message, with a
-    readable path such as ``args[0]``."""
-    if isinstance(msg, pb.Value):
-        which = msg.WhichOneof("kind")
-        if which == kind:
-            yield path, getattr(msg, kind)
-        elif which in ("list_value", "tuple_value"):
-            for i, item in enumerate(getattr(msg, which).items):
-                yield from tensors(item, f"{path}[{i}]", kind)
-        elif which == "dict_value":
-            for key, item in zip(msg.dict_value.keys, msg.dict_value.values):
-                yield from tensors(item, f"{path}[{key!r}]", kind)
-        return
-    for field, val in msg.ListFields():
-        if field.message_type is None:
+def tensors(msg: Message, kinds: tuple[str, ...] = ("tensor",)) -> list[tuple[str, str, Any]]:
+    """Every tensor leaf of the given ``kinds`` ("tensor", "abstract") inside a message, in
+    order: (readable path such as ``args[0]``, kind, leaf)."""
+    found: list[tuple[str, str, Any]] = []
+    stack: list[tuple[str, Any]] = [("", msg)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, pb.Value):
+            which = node.WhichOneof("kind")
+            if which in kinds:
+                found.append((path, which, getattr(node, which)))
+            elif which in ("list_value", "tuple_value"):
+                items = getattr(node, which).items
+                stack.extend((f"{path}[{i}]", items[i]) for i in reversed(range(len(items))))
+            elif which == "dict_value":
+                keys, values = node.dict_value.keys, node.dict_value.values
+                stack.extend((f"{path}[{keys[i]!r}]", values[i])
+                             for i in reversed(range(min(len(keys), len(values)))))
             continue
-        sub = f"{path}.{field.name}" if path else field.name
-        if field.is_repeated:
-            for i, item in enumerate(val):
-                yield from tensors(item, f"{sub}[{i}]", kind)
-        else:
-            yield from tensors(val, sub, kind)
+        for field, val in reversed(node.ListFields()):
+            if field.message_type is None:
+                continue
+            sub = f"{path}.{field.name}" if path else field.name
+            if field.is_repeated:
+                stack.extend((f"{sub}[{i}]", val[i]) for i in reversed(range(len(val))))
+            else:
+                stack.append((sub, val))
+    return found
 
 
 def _holds_values(descriptor: Any, seen: set[str] | None = None) -> bool:
@@ -285,8 +290,9 @@ class FrameReader(Generic[S]):
         return header
 
     def _start(self, header: Any) -> Any:
-        size = header.ByteSize() if self.on_frame or self.max_values is not None else 0
+        size = 0
         if self.on_frame is not None:
+            size = header.ByteSize()
             self.on_frame(size)
         if self._slots_for is not None:
             self.slots = self._slots_for(header)
@@ -295,7 +301,7 @@ class FrameReader(Generic[S]):
 
     def _plan(self, header: Any, size: int) -> None:
         # every Value takes at least two bytes: small headers cannot be over the limit
-        if (self.max_values is not None and size > 2 * self.max_values
+        if (self.max_values is not None and (not size or size > 2 * self.max_values)
                 and count_values(header, self.max_values) > self.max_values):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message holds more than {self.max_values} pytree nodes, this "
@@ -303,9 +309,11 @@ class FrameReader(Generic[S]):
         total = held = 0
         slots = self.slots
         inline_below = slots.inline_below if slots is not None else 1 << 62
-        for path, msg in tensors(header):
+        for path, leaf, msg in tensors(header, ("tensor", "abstract")):
             size = tensor_nbytes(path, msg)
             total += size
+            if leaf == "abstract":
+                continue
             kind = msg.WhichOneof("payload")
             if kind in ("data", "stream"):
                 held += size
@@ -328,8 +336,6 @@ class FrameReader(Generic[S]):
                 self._unviewed[(msg.slot.region, msg.slot.offset)] = msg.slot
             else:
                 raise invalid(f"{path}: tensor has no payload")
-        for path, spec in tensors(header, kind="abstract"):
-            total += tensor_nbytes(path, spec)
         if total > self.max_bytes:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message carries {total} tensor bytes, over the limit of "

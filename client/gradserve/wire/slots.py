@@ -237,7 +237,8 @@ class RegionTransport:
     kind: pb.RegionKind = pb.REGION_KIND_UNSPECIFIED
     #: the transport's name, as users ask for it (``transport="shm"``)
     name: str = ""
-    #: Payloads smaller than this go inline: a slot costs more than the copy saves.
+    #: Payloads smaller than this are not copied into a slot (they go inline): a slot
+    #: costs more than the copy saves. Those already in a slot are sent as they are.
     min_bytes: int = 1
 
     def __init__(self, outgoing: pb.Direction):
@@ -296,8 +297,6 @@ class RegionTransport:
         frees it once the other side is done); None when this transport cannot carry it
         (too small, memory it has no region on, regions full)."""
         nbytes = data.nbytes
-        if nbytes < self.min_bytes:
-            return None
         gpu = data.device if isinstance(data, DeviceBytes) else None
         start = data.ptr if isinstance(data, DeviceBytes) else address(data)
         regions = self._outgoing_on(gpu)
@@ -306,6 +305,8 @@ class RegionTransport:
                 self.in_place += 1
                 return pb.SlotRef(region=region.index, offset=start - region.base,
                                   nbytes=nbytes), False
+        if nbytes < self.min_bytes:
+            return None
         taken = self.take_slot(nbytes, gpu, regions)
         if taken is None:
             return None

@@ -230,7 +230,9 @@ class Batcher:
         if found is None:   # each on its own: only a call that fails gets its error
             for job, call in zip(jobs, calls):
                 try:
-                    job.finish((self._merged_forward([call]) or [None])[0])
+                    alone = self._merged_forward([call])
+                    assert alone is not None   # one call's outputs need no split
+                    job.finish(alone[0])
                 except Exception as err:
                     job.finish(error=err)
             return

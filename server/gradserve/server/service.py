@@ -332,8 +332,8 @@ class GradserveService(pb_grpc.GradserveServicer):
         if rid and slots is not None and slots.closed:   # it ended while this ran
             self.residuals.release([rid])
             rid = ""
-        reply = pb.ForwardResponse(outputs=codec.encode(made.outputs, writer, path="outputs"),
-                                   residual_id=rid)
+        reply = pb.ForwardResponse(residual_id=rid)
+        codec.encode_into(reply.outputs, made.outputs, writer, path="outputs")
         return reply, made
 
     def _vjp(self, request: pb.VjpRequest, reader: FrameReader[Any], writer: FrameWriter,

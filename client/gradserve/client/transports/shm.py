@@ -28,8 +28,10 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.slots import NONCE_BYTES
 
 SHM_DIR = "/dev/shm"
-#: Payloads smaller than this travel inline: a slot costs more than the copy saves.
-SHM_MIN_BYTES = 16 << 10
+#: Payloads smaller than this travel inline: a slot costs more than the copy saves. Measured
+#: with benchmarks/small_calls.py (2 cores): a Forward+Vjp through shared memory is slower
+#: than inline bytes at 64 KiB per tensor and faster at 256 KiB.
+SHM_MIN_BYTES = 128 << 10
 #: The names a server gives its regions; no other name is ever mapped.
 NAME = re.compile(r"^gradserve-(?P<owner>[0-9a-f]{16})-[0-9a-f]{32}-(req|rep|probe)$")
 
