@@ -277,6 +277,18 @@ def test_jax_endpoints_batch_too(batching) -> None:
         np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(grad, pull(ct)[0], rtol=1e-6, atol=1e-6)
     assert since(before, stats(server.address, "f")) == (1, 3, 6, 1, 3)
+    # merged runs are padded to a power of two rows: 1+2+4 rows runs as 8, like 1+2+3 did,
+    # and compiles nothing new
+    compiled = endpoint.compiles
+    xs = [np.full((n, 4), 0.1 * n, np.float32) for n in (1, 2, 4)]
+    cts = [np.ones((n, 3), np.float32) for n in (1, 2, 4)]
+    server.registry.get("f").max_batch = 7
+    results = together(server.address, [caller(i) for i in range(3)])
+    for x, ct, (out, grad) in zip(xs, cts, results):
+        y, pull = jax.vjp(f, x)
+        np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grad, pull(ct)[0], rtol=1e-6, atol=1e-6)
+    assert endpoint.compiles == compiled
 
 
 def test_settings_are_checked_and_described(batching) -> None:

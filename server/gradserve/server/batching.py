@@ -108,14 +108,15 @@ class _Call:
 
 class MergedRun:
     """The residual of one merged forward, shared by its callers' ``Share``s; let go once
-    shares holding half its rows are gone."""
+    shares holding half its rows are gone. ``bounds`` are the row ranges of its callers,
+    then of the padding rows no caller owns (if any)."""
 
-    def __init__(self, residual: Residual, bounds: list[tuple[int, int]]):
+    def __init__(self, residual: Residual, bounds: list[tuple[int, int]], callers: int):
         self.residual: Residual | None = residual
         self.bounds = bounds
-        self.rows = bounds[-1][1]
+        self.rows = bounds[callers - 1][1]   # the callers' rows
         self.live_rows = self.rows
-        self.live = len(bounds)
+        self.live = callers
         self._lock = threading.Lock()
 
     def left(self, rows: int) -> None:
@@ -157,8 +158,6 @@ class Batcher:
     def __init__(self, endpoint: Endpoint, compute: Any,
                  clock: Callable[[], float] = time.monotonic):
         self.endpoint = endpoint
-        self.max_batch = endpoint.max_batch
-        self.max_delay = endpoint.max_delay
         self._compute = compute
         self._clock = clock
         self._cond = threading.Condition()
@@ -188,6 +187,16 @@ class Batcher:
         finally:
             with self._cond:
                 self._inside -= 1
+
+    @property
+    def max_batch(self) -> int:
+        """Most rows one merged run takes (the endpoint's setting, read at every call)."""
+        return self.endpoint.max_batch
+
+    @property
+    def max_delay(self) -> float:
+        """Longest a call waits for others (the endpoint's setting)."""
+        return self.endpoint.max_delay
 
     def stats(self) -> pb.BatchStats:
         """What batching did so far."""
@@ -243,18 +252,24 @@ class Batcher:
         """One run over the calls' inputs side by side; None if its outputs cannot be split
         by rows (the function is not really batchable)."""
         endpoint = self.endpoint
+        real = sum(call.rows for call in calls)
+        pad = _bucket(real) - real if endpoint.pad_batches and len(calls) > 1 else 0
         if len(calls) == 1:
             merged = calls[0].inputs
         else:
-            joined = [endpoint.concat(parts) for parts in zip(*(c.leaves for c in calls))]
+            parts = [c.leaves for c in calls]
+            if pad:   # rows of zeros no caller owns: one compiled shape per bucket
+                parts.append([endpoint.zeros((pad, *_type(endpoint, x).shape[1:]), x)
+                              for x in calls[0].leaves])
+            joined = [endpoint.concat(leaves) for leaves in zip(*parts)]
             merged = Arguments(*pytree.unflatten(calls[0].treedef, joined))
-        bounds = _bounds([call.rows for call in calls])
+        bounds = _bounds([call.rows for call in calls] + ([pad] if pad else []))
         start = bounds[-1][1]
         made = endpoint.run_forward(merged, calls[0].need_vjp)
         out_leaves, out_def = pytree.flatten(made.outputs, endpoint.is_array)
         if len(calls) > 1 and any(not x.shape or x.shape[0] != start for x in out_leaves):
             return None
-        run = MergedRun(made.residual, bounds) if made.residual is not None else None
+        run = MergedRun(made.residual, bounds, len(calls)) if made.residual is not None else None
         found = []
         for i, (call, (lo, hi)) in enumerate(zip(calls, bounds)):
             outputs = (made.outputs if len(calls) == 1 else
@@ -435,6 +450,11 @@ def _bounds(rows: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((start, start + n))
         start += n
     return bounds
+
+
+def _bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the sizes a padded merged run takes."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 def _type(endpoint: Endpoint, x: Any) -> Any:

@@ -97,6 +97,9 @@ class Endpoint(ABC):
     #: merged run takes (0: never merge calls), longest a call waits for others (seconds)
     max_batch: int = 0
     max_delay: float = 0.0
+    #: whether merged runs are padded to a power-of-two number of rows (a framework that
+    #: compiles once per shape: a few sizes, not one per sum of callers' rows)
+    pad_batches: bool = False
     #: whether a client may send some of the parameters (by name) rather than all
     partial_parameters: bool = False
 
@@ -138,7 +141,8 @@ class Endpoint(ABC):
 
     @abstractmethod
     def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
-        """A cotangent of zeros of ``shape`` with output array ``like``'s dtype and device."""
+        """Zeros of ``shape`` with the dtype and device of ``like`` (an output array: a
+        cotangent; an input array: padding rows), not differentiated."""
 
     def rows(self, x: Any, lo: int, hi: int, axis: int = 0) -> Any:
         """Rows ``lo:hi`` along ``axis`` of an output or gradient array, with no autograd

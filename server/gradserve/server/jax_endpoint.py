@@ -89,6 +89,7 @@ class JaxEndpoint(Endpoint):
     """
 
     framework = "jax"
+    pad_batches = True
 
     def __init__(self, fn: Callable[..., Any], *, params: Any = None, device: str | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
@@ -181,7 +182,8 @@ class JaxEndpoint(Endpoint):
                      any(isinstance(p, _Leaf) and p.requires_grad for p in parts))
 
     def zeros(self, shape: tuple[int, ...], like: Any) -> _Leaf:
-        return _Leaf(np.zeros(shape, like.dtype), False)
+        dtype = like.value.dtype if isinstance(like, _Leaf) else like.dtype
+        return _Leaf(np.zeros(shape, dtype), False)
 
     def run_signature(self, inputs: Arguments) -> Any:
         leaves, in_def, mask = self._flatten(inputs)

@@ -287,9 +287,10 @@ class GradserveService(pb_grpc.GradserveServicer):
         return self.sessions.slots(header.session) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
-    def batcher(self, endpoint: Endpoint) -> Batcher | None:
-        """The endpoint's dynamic batcher (None: it does not merge calls)."""
-        if not endpoint.batchable or endpoint.max_batch < 2:
+    def batcher(self, endpoint: Endpoint, merging: bool = True) -> Batcher | None:
+        """The endpoint's dynamic batcher (None: it does not merge calls; ``merging=False``:
+        its batcher all the same, for the Vjp of a share of a merged run)."""
+        if merging and (not endpoint.batchable or endpoint.max_batch < 2):
             return None
         with self._streams_lock:
             batcher = self._batchers.get(endpoint.name)
@@ -342,8 +343,8 @@ class GradserveService(pb_grpc.GradserveServicer):
         endpoint = self.registry.get(request.endpoint)
         residual = self._residual_for(endpoint, request, reader, context)
         cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
-        batcher = self.batcher(endpoint)
-        if batcher is not None and is_share(residual):
+        batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
+        if batcher is not None:
             grads = batcher.vjp(residual, cotangents, request.batched_cotangents,
                                  context.peer())
         else:

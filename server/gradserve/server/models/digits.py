@@ -67,12 +67,13 @@ def endpoints(device: str | torch.device | None = None) -> dict[str, TorchEndpoi
     """The default model's endpoints by name: ``{"digits": ...}``.
 
     ``device`` (default CPU) is where the model runs; ``gradserve serve
-    --device`` passes it through.
+    --device`` passes it through. The CNN maps over its batch axis (eval mode), so it is
+    ``batchable``: concurrent callers' images are merged into one run.
     """
     return {
         "digits": TorchEndpoint(
             load_pretrained(), device=device,
             inputs={"x": TensorSpec((None, 1, 8, 8), "float32")},
             outputs={"logits": TensorSpec((None, 10), "float32")},
-            doc=DOC),
+            doc=DOC, batchable=True),
     }
