@@ -225,12 +225,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def table(rows: Sequence[Sequence[str]]) -> str:
-    """Aligned columns, the first row the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--serve``, be its server)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -286,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      str(sum(lv.errors.values())), ratio, f"{local[ROWS][0]:,.0f}",
                      f"{local[ROWS * n][0]:,.0f}"))
     print()
-    print(table(rows))
+    print(loadgen.aligned(rows))
     for (mode, n), lv in results.items():
         for kind, message in lv.error_messages.items():
             print(f"batching {mode}, N={n}: {lv.errors[kind]} x {kind}, first: {message}")

@@ -323,3 +323,80 @@ def test_one_message_and_streaming_calls_agree_at_the_threshold(serve, faulty, o
     (again,) = client.vjp(result.residual, ct).args
     np.testing.assert_array_equal(again, grad)
     assert (channel.rpcs["VjpUnary"], channel.rpcs["Vjp"]) == ((1, 1) if over else (2, 0))
+
+
+class _PickyBackward(torch.autograd.Function):
+    """x * 2, whose backward refuses a cotangent holding NaN."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(grad).any():
+            raise ValueError("nan in the cotangent")
+        return grad * 2
+
+
+def test_a_backward_that_fails_for_one_caller_fails_only_that_caller(batching) -> None:
+    server = batching({"picky": _PickyBackward.apply}, max_batch=6, max_delay=1.0)
+    xs = [np.full((2, 3), float(i), np.float32) for i in range(3)]
+    cts = [np.ones((2, 3), np.float32), np.full((2, 3), np.nan, np.float32),
+           np.full((2, 3), 3.0, np.float32)]
+    before = crowd(server.address, "picky", xs[0])
+    both = threading.Barrier(3)
+
+    def caller(i: int) -> Callable[[gradserve.Client], Any]:
+        def call(client: gradserve.Client) -> Any:
+            result = client.forward("picky", (xs[i],), need_vjp=True)
+            both.wait()
+            return client.vjp(result.residual, cts[i]).args[0]
+        return call
+
+    first, bad, third = together(server.address, [caller(i) for i in range(3)])
+    np.testing.assert_array_equal(first, np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(third, np.full((2, 3), 6.0))
+    assert isinstance(bad, gradserve.RemoteError) and bad.code.name == "INTERNAL"
+    assert "nan in the cotangent" in str(bad)
+    # one merged forward; one merged backward for the three, which failed, then each alone
+    assert since(before, stats(server.address, "picky")) == (1, 3, 6, 1, 3)
+
+
+def test_one_message_calls_keep_the_request_limits(serve) -> None:
+    import grpc
+
+    from gradserve.v1 import gradserve_pb2 as pb
+    from helpers import raw
+
+    server, _ = serve({"double": lambda x: x * 2}, max_request_values=50,
+                      max_request_bytes=1 << 16)
+    stub = raw(server)
+
+    def call(*leaves: pb.Value) -> grpc.RpcError:
+        request = pb.ForwardRequest(endpoint="double")
+        request.args.tuple_value.items.extend(leaves)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ForwardUnary(request)
+        return info.value
+
+    streamed = pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[4],
+                                         stream=pb.StreamedPayload(id=0)))
+    err = call(streamed)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "args[0]: a one-message call carries its tensors inline or in slots" in err.details()
+    err = call(*[pb.Value(int_value=i) for i in range(60)])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than 50 pytree nodes" in err.details()
+    big = pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[1 << 15], data=bytes(1 << 17)))
+    err = call(big)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "message carries 131072 tensor bytes, over the limit of 65536" in err.details()
+    reply = stub.ForwardUnary(pb.ForwardRequest(endpoint="double", args=pb.Value(
+        tuple_value=pb.Sequence(items=[pb.Value(tensor=pb.Tensor(
+            dtype=pb.FLOAT32, shape=[2], data=np.array([1, 2], np.float32).tobytes()))]))))
+    assert np.frombuffer(reply.outputs.tensor.data, np.float32).tolist() == [2.0, 4.0]

@@ -446,5 +446,10 @@ def render(levels: Sequence[Level]) -> str:
                      _number(lv.rows_per_s, 0), _number(lv.p50_ms, 2), _number(lv.p90_ms, 2),
                      _number(lv.p99_ms, 2), str(sum(lv.errors.values())),
                      _number(lv.mean_batch, 2), _number(lv.mean_queue_ms, 2)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return aligned(rows)
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as right-aligned text columns (the first row the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)

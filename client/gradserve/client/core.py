@@ -263,7 +263,7 @@ class Client:
         codec.encode_arguments(Arguments(*tree), FrameWriter(), request)
         reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=request), timeout)
         reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
-        outputs = reader.read([pb.GetParametersFrame(header=reply.outputs)])
+        outputs = reader.read_header(reply.outputs)
         return codec.decode(outputs, reader, numpy_leaf, "outputs", abstract=True)
 
     def release(self, *residuals: Residual, timeout: float | None = None) -> int:

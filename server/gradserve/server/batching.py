@@ -308,13 +308,14 @@ class Batcher:
             else:
                 rounds.append([job])
         for group in rounds:
+            found: list[Arguments] | None
             try:
                 found = self._merged_vjp(group, batched)
             except Exception as err:
                 if len(group) == 1:
                     group[0].finish(error=err)
                     continue
-                    found = None
+                found = None
             if found is None:
                 for job in group:
                     try:

@@ -232,7 +232,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             if outputs is None:
                 reader: FrameReader[Any] = FrameReader(self.limits.max_request_bytes,
                                                        max_values=self.limits.max_request_values)
-                call = reader.read([pb.ForwardFrame(header=call)])
+                call = reader.read_header(call)
                 inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
                 with self._running:   # a fake-tensor trace, a compile, or a dry run
                     types = endpoint.signature(inputs)
