@@ -169,9 +169,12 @@ class FrameWriter:
         self._sources: list[Data] = []   # placed, maybe still being copied from
         self._devices: set[int] = set()   # GPUs holding this message's slots
         self.placed: list[pb.SlotRef] = []
+        #: payload bytes put so far
+        self.nbytes = 0
 
     def put(self, msg: pb.Tensor, data: Data) -> None:
         """Set ``msg``'s payload so the receiver can recover ``data``."""
+        self.nbytes += data.nbytes
         if self._slots is not None and data.nbytes:
             placed = self._slots.place(data)
             if placed is None and isinstance(data, DeviceBytes):
@@ -257,6 +260,8 @@ class FrameReader(Generic[S]):
         self._filled: dict[int, int] = {}
         #: whether the message named slots of a same-host session
         self.used_slots = False
+        #: tensor bytes the header declares (once read)
+        self.nbytes = 0
 
     def read(self, frames: Iterable[Any]) -> Any:
         """Consume ``frames`` and return the validated header message."""
@@ -336,6 +341,7 @@ class FrameReader(Generic[S]):
                 self._unviewed[(msg.slot.region, msg.slot.offset)] = msg.slot
             else:
                 raise invalid(f"{path}: tensor has no payload")
+        self.nbytes = total
         if total > self.max_bytes:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message carries {total} tensor bytes, over the limit of "

@@ -50,6 +50,9 @@ class Limits:
     max_inflight_bytes: int          # request bytes all calls together may hold
 
 
+#: Calls moving fewer tensor bytes than this free what they made at once; larger ones
+#: leave it to the background dropper (a hand-off costs more than freeing a little).
+DROP_BYTES = 1 << 20
 #: A writer budget that puts every payload inline (a one-message reply).
 UNLIMITED = 1 << 62
 #: Signature results kept, across endpoints (input signatures seen most recently).
@@ -460,7 +463,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def _run(self, request: Any, reader: FrameReader[ServerSession], writer: FrameWriter,
              context: grpc.ServicerContext, run: Callable[..., tuple[Any, Any]]) -> Any:
         """Run a read request (the model among at most ``workers`` runs at once); its reply
-        header, or None when its client left. What the call made, the request and its
+        header, or None when its client left. What a large call made, its request and its
         payloads are freed in the background, not while the client waits."""
         try:   # the arrays made from its buffers keep what they still need
             if not context.is_active():   # its client left while it was read
@@ -473,7 +476,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                 raise
         finally:
             reader.close()
-        self.residuals.dropper.drop((made, reader, request))
+        if reader.nbytes + writer.nbytes >= DROP_BYTES:
+            self.residuals.dropper.drop((made, reader, request))
         del made, reader, request
         if not context.is_active():   # the client gave up: nobody will view them
             writer.free_placed()
