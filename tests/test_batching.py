@@ -202,6 +202,18 @@ def test_a_lone_caller_does_not_wait_for_others(batching) -> None:
     assert found.queue_seconds < 3.0        # not the 30 s max_delay, three times over
 
 
+def test_max_delay_bounds_the_wait_of_a_caller_left_alone_in_a_crowd(batching) -> None:
+    server = batching({"double": lambda x: x * 2}, max_batch=64, max_delay=0.3)
+    x = np.ones((2, 3), np.float32)
+    before = crowd(server.address, "double", x)   # two connections: calls now wait
+    with gradserve.connect(server.address, transport="grpc") as client:
+        np.testing.assert_array_equal(client.forward("double", (x,)).outputs, 2 * x)
+    after = stats(server.address, "double")
+    assert since(before, after)[:2] == (1, 1)
+    waited = after.queue_seconds - before.queue_seconds
+    assert 0.25 <= waited < 0.3 + 5.0        # it waited for company, max_delay and no longer
+
+
 def test_non_batchable_endpoints_and_max_batch_zero_never_merge(batching) -> None:
     server = batching({"plain": lambda x: x + 1}, batchable=False, max_batch=64,
                       max_delay=1.0)
