@@ -15,17 +15,19 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 from gradserve.client.core import Client, connect  # noqa: E402
 from gradserve.errors import (  # noqa: E402
     Cancelled, DeadlineExceeded, FailedPrecondition, GradserveError, Internal, InvalidArgument,
-    NotFound, RemoteError, ResidualMissing, ResourceExhausted, Unavailable,
+    NotFound, PermissionDenied, RemoteError, ResidualMissing, ResourceExhausted, Unauthenticated,
+    Unavailable,
 )
+from gradserve.security import TLSConfig  # noqa: E402
 from gradserve.wire.specs import EndpointInfo, ResidualStats, TensorSpec, TensorType  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cancelled", "Client", "DeadlineExceeded", "EndpointInfo", "FailedPrecondition",
-    "GradserveError", "Internal", "InvalidArgument", "NotFound", "RemoteError",
-    "ResidualMissing", "ResidualStats", "ResourceExhausted", "Server", "TensorSpec",
-    "TensorType", "Unavailable", "connect",
+    "GradserveError", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
+    "RemoteError", "ResidualMissing", "ResidualStats", "ResourceExhausted", "Server",
+    "TLSConfig", "TensorSpec", "TensorType", "Unauthenticated", "Unavailable", "connect",
 ]
 
 

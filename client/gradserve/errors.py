@@ -128,6 +128,18 @@ class Unavailable(RemoteError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(RemoteError):
+    """The server wants a valid token (``connect(..., token=...)`` or $GRADSERVE_TOKEN)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RemoteError):
+    """The token does not allow this call (that endpoint, parameters, sessions)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Cancelled(RemoteError):
     """The call was cancelled (by the client, or as an idle stream)."""
 
@@ -137,7 +149,8 @@ class Cancelled(RemoteError):
 _BY_CODE = {
     cls.code: cls
     for cls in (NotFound, InvalidArgument, ResourceExhausted, FailedPrecondition,
-                Internal, DeadlineExceeded, Unavailable, Cancelled)
+                Internal, DeadlineExceeded, Unavailable, Cancelled, Unauthenticated,
+                PermissionDenied)
 }
 
 

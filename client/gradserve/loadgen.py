@@ -150,26 +150,29 @@ def rows_of(plan: Sequence[Input]) -> int:
 def run(address: str, endpoint: str, *, concurrency: Sequence[int], processes: int | None = None,
         duration: float = 10.0, warmup: float = 1.0, shape: Sequence[int] | None = None,
         dtype: str = "float32", rows: int = 16, transport: str = "auto", backward: bool = False,
-        timeout: float | None = 30.0,
-        progress: Callable[[str], None] | None = None) -> list[Level]:
-    """Measure ``endpoint`` at each concurrency level; one ``Level`` per level."""
+        timeout: float | None = 30.0, progress: Callable[[str], None] | None = None,
+        connect: dict[str, Any] | None = None) -> list[Level]:
+    """Measure ``endpoint`` at each concurrency level; one ``Level`` per level. ``connect``
+    holds further ``gradserve.connect`` keywords (``tls``, ``token``) for every client."""
     if duration <= 0 or warmup < 0:
         raise ValueError("duration must be positive and warmup not negative")
-    with gradserve.connect(address, transport="grpc", timeout=timeout) as client:
+    options = dict(connect or {})
+    with gradserve.connect(address, transport="grpc", timeout=timeout, **options) as client:
         plan = plan_inputs(client, endpoint, shape, dtype, rows)
         check_inputs(client, endpoint, plan)
         levels = []
         for c in concurrency:
             levels.append(_level(client, address, endpoint, plan, split(c, processes),
                                  duration=duration, warmup=warmup, transport=transport,
-                                 backward=backward, timeout=timeout, progress=progress))
+                                 backward=backward, timeout=timeout, progress=progress,
+                                 options=options))
         return levels
 
 
 def _level(client: gradserve.Client, address: str, endpoint: str, plan: list[Input],
            threads: list[int], *, duration: float, warmup: float, transport: str,
            backward: bool, timeout: float | None,
-           progress: Callable[[str], None] | None) -> Level:
+           progress: Callable[[str], None] | None, options: dict[str, Any]) -> Level:
     """Run one concurrency level: start the workers, line up their windows, gather."""
     ctx = multiprocessing.get_context("spawn")
     n = len(threads)
@@ -181,7 +184,7 @@ def _level(client: gradserve.Client, address: str, endpoint: str, plan: list[Inp
     workers = [ctx.Process(target=worker, name=f"gradserve-load-{i}", daemon=True,
                            args=(i, address, endpoint, plan, threads[i], transport, timeout,
                                  backward, warmup, duration, start_at, go, ready, results,
-                                 counts))
+                                 counts, options))
                for i in range(n)]
     label = f"concurrency {sum(threads)}"
     try:
@@ -301,11 +304,11 @@ def _summarise(concurrency: int, processes: int, tallies: list[_Tally], window: 
 def worker(index: int, address: str, endpoint: str, plan: list[Input], threads: int,
            transport: str, timeout: float | None, backward: bool, warmup: float,
            duration: float, start_at: Any, go: Any, ready: Any, results: Any,
-           counts: Any) -> None:
+           counts: Any, options: dict[str, Any]) -> None:
     """One worker process: ``threads`` callers sharing a client (a ``spawn`` target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent stops the workers
     try:
-        client = gradserve.connect(address, transport=transport, timeout=timeout)
+        client = gradserve.connect(address, transport=transport, timeout=timeout, **options)
         values = _values(plan, seed=1000 + index)
     except Exception as err:  # reported to the parent, which stops the run
         ready.put((index, f"{type(err).__name__}: {err}".splitlines()[0]))

@@ -26,6 +26,7 @@ from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
 from gradserve.errors import (DeadlineExceeded, GradserveError, RemoteError, ResidualMissing,
                               ResourceExhausted, SessionMissing, Unavailable, from_rpc_error, rpc)
+from gradserve.security import TLSConfig, tls_config, token_from, with_token
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import codec, dtypes, pytree
@@ -117,14 +118,18 @@ class Client:
     ``channel`` replaces the channel the client would open (a test seam, or a
     channel with interceptors); ``close`` leaves an injected channel open. A
     backward whose server is unavailable is re-sent (with its inputs) until its
-    deadline, or for ``retry_seconds`` where it has none.
+    deadline, or for ``retry_seconds`` where it has none. ``tls`` (True: verify the
+    server against the system's roots; a ``TLSConfig``: a CA, a client certificate for
+    mutual TLS, the name to verify) opens a TLS channel; ``token`` (default
+    ``$GRADSERVE_TOKEN``) is sent with every call as ``authorization: Bearer <token>``.
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  transport: str = "auto", arena_bytes: int = 0, cuda_pool_bytes: int = 0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
                  options: Iterable[tuple[str, Any]] = (), channel: grpc.Channel | None = None,
-                 retry_seconds: float = 30.0):
+                 retry_seconds: float = 30.0, tls: bool | TLSConfig | None = None,
+                 token: str | None = None):
         if transport not in TRANSPORT_NAMES:
             raise ValueError(f"transport must be one of {TRANSPORT_NAMES}, got {transport!r}")
         self.address = address
@@ -135,12 +140,18 @@ class Client:
         self.retry_seconds = retry_seconds
         self.region_bytes = {"shm": arena_bytes, "cuda_ipc": cuda_pool_bytes}
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", -1),
-            ("grpc.max_send_message_length", -1),
-            *options,
-        ])
-        self._stub = pb_grpc.GradserveStub(self._channel)
+        self.tls = tls_config(tls)
+        if channel is None:
+            options = [("grpc.max_receive_message_length", -1),
+                       ("grpc.max_send_message_length", -1), *options]
+            if self.tls is not None:
+                channel = grpc.secure_channel(address, self.tls.channel_credentials(),
+                                              options=[*options, *self.tls.channel_options()])
+            else:
+                channel = grpc.insecure_channel(address, options=options)
+        self._channel = channel
+        found = token_from(token)
+        self._stub = pb_grpc.GradserveStub(with_token(channel, found) if found else channel)
         self._released: collections.deque[str] = collections.deque()
         self.fallback_reason = ""
         self._session: Session | None = None

@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from gradserve.security import TLSConfig
+from gradserve.server.auth import Tokens
 from gradserve.server.host import Server
 from gradserve.server.endpoint import Endpoint, build_endpoint
 
@@ -96,9 +98,16 @@ def serve(args: argparse.Namespace) -> int:
     endpoints = build_endpoints(args.name or attr, obj, args.device)
     if not endpoints:
         raise SystemExit(f"gradserve: {args.target!r} defines no endpoints")
-    server = Server(args.host, args.port, debug=args.debug, reuse_port=args.reuse_port,
-                    health_port=args.health_port,
-                    **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        tls = TLSConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    try:
+        auth = Tokens.load(args.auth_token_file) if args.auth_token_file else None
+        server = Server(args.host, args.port, debug=args.debug, reuse_port=args.reuse_port,
+                        health_port=args.health_port, tls=tls, auth=auth,
+                        **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
+    except ValueError as err:
+        raise SystemExit(f"gradserve: {err}") from None
     for name, endpoint in endpoints.items():
         server.add(name, endpoint)
     server.start()
@@ -126,7 +135,8 @@ def serve(args: argparse.Namespace) -> int:
 def list_endpoints(args: argparse.Namespace) -> int:
     """``gradserve list``: print a server's endpoints and signatures."""
     import gradserve
-    with gradserve.connect(args.address, timeout=args.timeout, transport="grpc") as client:
+    with gradserve.connect(args.address, timeout=args.timeout, transport="grpc",
+                           **client_options(args)) as client:
         for info in client.endpoints():
             batch = ", batchable" if info.batchable else ""
             print(f"{info.signature}  [{info.framework} on {info.device}{batch}]")
@@ -140,6 +150,37 @@ def list_endpoints(args: argparse.Namespace) -> int:
                 print(f"    parameters: {len(info.parameters)} tensors, {count} values"
                       f"{' (client may send its own)' if info.accepts_parameters else ''}")
     return 0
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``connect`` keywords from a client command's TLS and token flags."""
+    tls: bool | TLSConfig = bool(args.tls)
+    if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        tls = TLSConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                        server_name=args.tls_server_name)
+    options: dict[str, Any] = {"tls": tls}
+    if args.token_file:
+        try:
+            options["token"] = Path(args.token_file).read_text().strip()
+        except OSError as err:
+            raise SystemExit(f"gradserve: token file {args.token_file!r} cannot be read: "
+                             f"{err.strerror}") from None
+    return options
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    """The TLS and token flags of the commands that call a server."""
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS, verifying the server against the system's roots")
+    p.add_argument("--tls-ca", default=None, help="PEM file of the CA to verify the server with "
+                                                  "(implies --tls)")
+    p.add_argument("--tls-cert", default=None, help="PEM file of this client's certificate "
+                                                    "(mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM file of this client's private key")
+    p.add_argument("--tls-server-name", default=None,
+                   help="the name the server's certificate must carry, if not the address's")
+    p.add_argument("--token-file", default=None,
+                   help="file holding this client's token (default: $GRADSERVE_TOKEN)")
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -159,7 +200,8 @@ def bench(args: argparse.Namespace) -> int:
                              processes=args.processes, duration=args.duration,
                              warmup=args.warmup, shape=args.shape, dtype=args.dtype,
                              rows=args.rows, transport=args.transport, backward=args.backward,
-                             timeout=args.timeout, progress=progress if shown else None)
+                             timeout=args.timeout, progress=progress if shown else None,
+                             connect=client_options(args))
     except GradserveError as err:
         raise loadgen.LoadError(str(err).splitlines()[0] if str(err) else repr(err)) from None
     except KeyboardInterrupt:
@@ -305,10 +347,19 @@ def parser() -> argparse.ArgumentParser:
                    help="share the port with servers already listening there")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")
     s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
+    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA: require client certificates it signed (mutual TLS)")
+    s.add_argument("--auth-token-file", default=None,
+                   help="accept only calls carrying a token of this file (one per line: "
+                        "TOKEN [name=N] [endpoints=a,b|*] [parameters=yes|no] "
+                        "[sessions=yes|no]); health checks stay open")
     s.set_defaults(run=serve)
     ls = sub.add_parser("list", help="list a server's endpoints and signatures")
     ls.add_argument("address", help="host:port")
     ls.add_argument("--timeout", type=float, default=10.0)
+    _client_flags(ls)
     ls.set_defaults(run=list_endpoints)
     b = sub.add_parser("bench", help="measure an endpoint's throughput and latency under load "
                                      "from many concurrent callers")
@@ -332,6 +383,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backward", action="store_true",
                    help="each call is a Forward and a Vjp (default: a Forward)")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _client_flags(b)
     b.add_argument("--timeout", type=_positive(float), default=30.0,
                    help="seconds one RPC may take")
     b.set_defaults(run=bench)

@@ -62,9 +62,14 @@ def module_roots(fn: Any) -> set[str]:
 
 
 def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
-    """``fn``'s call signature; ``(*args, **kwargs)`` for builtins that have none."""
+    """``fn``'s call signature, its string annotations resolved where they can be (shown
+    as ``x: torch.Tensor``, not ``x: 'torch.Tensor'``); ``(*args, **kwargs)`` for builtins
+    that have none."""
     try:
-        return inspect.signature(fn)
+        try:
+            return inspect.signature(fn, eval_str=True)
+        except Exception:   # an annotation naming what the module cannot resolve
+            return inspect.signature(fn)
     except (TypeError, ValueError):
         return inspect.Signature([
             inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),

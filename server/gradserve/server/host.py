@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradserve.security import TLSConfig
+from gradserve.server.auth import AuthInterceptor, Tokens
 from gradserve.server.endpoint import Endpoint, build_endpoint
 from gradserve.server.health_port import HealthPort
 from gradserve.server.registry import Registry
@@ -69,7 +71,10 @@ class Server:
     within ``session_proof_seconds`` that it shares the host is dropped. Batchable
     endpoints merge concurrent calls into runs of up to ``max_batch`` rows, a call
     waiting at most ``max_delay`` seconds for others (``add`` may set both per endpoint;
-    ``max_batch=0`` turns merging off). ``max_request_values`` bounds the pytree
+    ``max_batch=0`` turns merging off). ``tls`` serves the main port over TLS (mutual
+    TLS where it names a client CA); ``auth`` accepts only calls carrying one of its
+    tokens, each within its scopes (the health service stays open, and so does
+    ``health_port``, which serves nothing else, in plaintext: kubelet probes speak no TLS). ``max_request_values`` bounds the pytree
     nodes (tensors, scalars, containers) of one request. ``stop`` returns within its grace
     plus ``STOP_SECONDS`` whatever the clients do.
 
@@ -91,8 +96,8 @@ class Server:
                  max_sessions_per_peer: int = 16, session_proof_seconds: float = 10.0,
                  max_inflight_bytes: int | None = None,
                  max_request_values: int = 10_000, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_delay: float = DEFAULT_MAX_DELAY, reuse_port: bool = False,
-                 debug: bool = False):
+                 max_delay: float = DEFAULT_MAX_DELAY, tls: TLSConfig | None = None,
+                 auth: Tokens | None = None, reuse_port: bool = False, debug: bool = False):
         self.host = host
         self.debug = debug
         #: dynamic batching defaults of batchable endpoints (``add`` may override them)
@@ -113,13 +118,16 @@ class Server:
             max_streams=max_streams, max_streams_per_peer=max_streams_per_peer,
             min_stream_rate=min_stream_rate,
             max_inflight_bytes=(max_request_bytes if max_inflight_bytes is None
-                                else max_inflight_bytes)), debug)
+                                else max_inflight_bytes)), debug, auth)
+        self.tls, self.auth = tls, auth
+        credentials = tls.server_credentials() if tls is not None else None
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
         # a thread per open call (a call reading its request or draining its reply holds
         # one); the model runs in at most `workers` of them at once
         self._executor = futures.ThreadPoolExecutor(
             max_workers=max_streams + CONTROL_CALLS + 2, thread_name_prefix="gradserve")
         self._grpc = grpc.server(self._executor,
+                                 interceptors=[AuthInterceptor(auth)] if auth else None,
                                  maximum_concurrent_rpcs=max_streams + CONTROL_CALLS, options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
@@ -129,7 +137,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.port = _bind(self._grpc, host, port)
+        self.port = _bind(self._grpc, host, port, credentials)
         self._health_port = (HealthPort(host, health_port, reuse_port)
                              if health_port is not None else None)
         self._started = False
@@ -247,11 +255,14 @@ class Server:
         self.stop()
 
 
-def _bind(server: grpc.Server, host: str, port: int) -> int:
-    """Listen on ``host:port``; OSError naming the address if it cannot be had."""
+def _bind(server: grpc.Server, host: str, port: int,
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on ``host:port`` (with TLS where ``credentials`` are given); OSError naming
+    the address if it cannot be had."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as err:
         bound, detail = 0, f" ({err})"
     else:

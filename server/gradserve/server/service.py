@@ -21,6 +21,7 @@ import grpc
 from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, clip_status, invalid, \
     shown
 from gradserve.lru import LRU
+from gradserve.server.auth import Tokens
 from gradserve.server.batching import Batcher, Recorder, is_share
 from gradserve.server.endpoint import Endpoint, Residual
 from gradserve.server.registry import Registry
@@ -171,8 +172,10 @@ class GradserveService(pb_grpc.GradserveServicer):
     """The RPC handlers."""
 
     def __init__(self, registry: Registry, residuals: ResidualStore, sessions: SessionManager,
-                 limits: Limits, debug: bool = False):
+                 limits: Limits, debug: bool = False, auth: Tokens | None = None):
         self.registry = registry
+        #: the tokens calls must carry (None: no auth)
+        self.auth = auth
         self.residuals = residuals
         self.sessions = sessions
         self.limits = limits
@@ -192,16 +195,26 @@ class GradserveService(pb_grpc.GradserveServicer):
         with self._streams_lock:
             return self._streams[peer] if peer is not None else sum(self._streams.values())
 
+    def _allow(self, context: grpc.ServicerContext, *, endpoint: str | None = None,
+               parameters: bool = False, sessions: bool = False) -> None:
+        """PERMISSION_DENIED unless the call's token allows what it does (no auth: all)."""
+        if self.auth is not None:
+            self.auth.require(context, endpoint=endpoint, parameters=parameters,
+                              sessions=sessions)
+
     # -- discovery ---------------------------------------------------------
     def ListEndpoints(self, request: pb.ListEndpointsRequest,
                       context: grpc.ServicerContext) -> pb.ListEndpointsResponse:
         with self._status(context):
-            return pb.ListEndpointsResponse(endpoints=[e.info() for e in self.registry.all()])
+            token = self.auth.require(context) if self.auth is not None else None
+            return pb.ListEndpointsResponse(endpoints=[
+                e.info() for e in self.registry.all() if token is None or token.may_call(e.name)])
         return pb.ListEndpointsResponse()
 
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.DescribeResponse:
         with self._status(context):
+            self._allow(context, endpoint=request.endpoint)
             endpoint = self.registry.get(request.endpoint)
             reply = pb.DescribeResponse(endpoint=endpoint.info(),
                                         residuals=self.residuals.stats(endpoint.name))
@@ -214,6 +227,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def GetParameters(self, request: pb.GetParametersRequest,
                       context: grpc.ServicerContext) -> Iterator[pb.GetParametersFrame]:
         def frames() -> Iterator[pb.GetParametersFrame]:
+            self._allow(context, endpoint=request.endpoint, parameters=True)
             endpoint = self.registry.get(request.endpoint)
             writer = FrameWriter(self.limits.chunk_bytes)
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
@@ -224,6 +238,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Signature(self, request: pb.SignatureRequest,
                   context: grpc.ServicerContext) -> pb.SignatureResponse:
         with self._status(context):
+            self._allow(context, endpoint=request.call.endpoint)
             endpoint = self.registry.get(request.call.endpoint)
             call = pb.ForwardRequest(endpoint=endpoint.name, args=request.call.args,
                                      kwargs=request.call.kwargs)
@@ -258,18 +273,21 @@ class GradserveService(pb_grpc.GradserveServicer):
     def OpenSession(self, request: pb.OpenSessionRequest,
                     context: grpc.ServicerContext) -> pb.OpenSessionResponse:
         with self._status(context):
+            self._allow(context, sessions=True)
             return self.sessions.open(request, context.peer())
         return pb.OpenSessionResponse()
 
     def ConfirmSession(self, request: pb.ConfirmSessionRequest,
                        context: grpc.ServicerContext) -> pb.ConfirmSessionResponse:
         with self._status(context):
+            self._allow(context, sessions=True)
             return self.sessions.confirm(request)
         return pb.ConfirmSessionResponse()
 
     def GrowSession(self, request: pb.GrowSessionRequest,
                     context: grpc.ServicerContext) -> pb.GrowSessionResponse:
         with self._status(context):
+            self._allow(context, sessions=True)
             return self.sessions.grow(request)
         return pb.GrowSessionResponse()
 
@@ -314,6 +332,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                  writer: FrameWriter, context: grpc.ServicerContext
                  ) -> tuple[pb.ForwardResponse, Any]:
         """The body of Forward and ForwardUnary."""
+        self._allow(context, endpoint=request.endpoint)
         if request.release:
             self.residuals.release(list(request.release))
         endpoint = self.registry.get(request.endpoint)
@@ -343,6 +362,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def _vjp(self, request: pb.VjpRequest, reader: FrameReader[Any], writer: FrameWriter,
              context: grpc.ServicerContext) -> tuple[pb.VjpResponse, Any]:
         """The body of Vjp and VjpUnary."""
+        self._allow(context, endpoint=request.endpoint)
         endpoint = self.registry.get(request.endpoint)
         residual = self._residual_for(endpoint, request, reader, context)
         cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
