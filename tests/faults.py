@@ -13,8 +13,9 @@ from typing import Any, Iterator
 import grpc
 
 
-class InjectedError(grpc.RpcError, grpc.Call):
-    """What a failed call raises, like grpc's own errors."""
+class InjectedError(grpc.RpcError, grpc.Call, grpc.Future):
+    """What a failed call raises, like grpc's own errors (which are finished futures too:
+    channel interceptors ask them for their ``result``)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple = ()):
         super().__init__(details)
@@ -43,6 +44,27 @@ class InjectedError(grpc.RpcError, grpc.Call):
         return False
 
     def add_callback(self, callback: Any) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> "InjectedError":
+        return self
+
+    def traceback(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_done_callback(self, fn: Any) -> None:
+        fn(self)
+
+    def done(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
         return False
 
 
@@ -75,18 +97,8 @@ class FaultChannel(grpc.Channel):
         return queue.popleft() if queue else None
 
     def _wrap(self, kind: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        real = getattr(self.inner, kind)(method, *args, **kwargs)
-        streams_out = kind in ("unary_stream", "stream_stream")
-
-        def call(request: Any, *a: Any, **k: Any) -> Any:
-            failure = self._next_failure(method)
-            if failure is None:
-                return real(request, *a, **k)
-            if streams_out:
-                return _raising(failure)
-            raise failure
-
-        return call
+        return _Method(self, method, getattr(self.inner, kind)(method, *args, **kwargs),
+                       kind in ("unary_stream", "stream_stream"))
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._wrap("unary_unary", method, *args, **kwargs)
@@ -114,6 +126,28 @@ class FaultChannel(grpc.Channel):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Method:
+    """One method of a ``FaultChannel``: the real one, unless a failure is queued. It
+    answers ``with_call`` too, as channel interceptors call unary methods so."""
+
+    def __init__(self, channel: FaultChannel, method: str, real: Any, streams_out: bool):
+        self.channel, self.method, self.real, self.streams_out = channel, method, real, streams_out
+
+    def __call__(self, request: Any, *a: Any, **k: Any) -> Any:
+        failure = self.channel._next_failure(self.method)
+        if failure is None:
+            return self.real(request, *a, **k)
+        if self.streams_out:
+            return _raising(failure)
+        raise failure
+
+    def with_call(self, request: Any, *a: Any, **k: Any) -> Any:
+        failure = self.channel._next_failure(self.method)
+        if failure is None:
+            return self.real.with_call(request, *a, **k)
+        raise failure
 
 
 def _raising(error: InjectedError) -> Iterator[Any]:

@@ -63,7 +63,7 @@ def test_cuda_references_outside_a_cuda_session_are_refused(serve) -> None:
                                   slot=pb.SlotRef(region=3, offset=0, nbytes=16)))])))
     header.session.id = client.session_info().id
     with pytest.raises(grpc.RpcError) as info:
-        list(raw(server).Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
+        list(client.stub.Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "args[0]: region 3 is not in use in this session" in info.value.details()
 

@@ -225,7 +225,7 @@ def test_sessions_are_bounded_per_connection_and_per_server(serve) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.OpenSession(ask_shm())
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "this connection holds 2 same-host sessions" in info.value.details()
+    assert "this connection (or token) holds 2 same-host sessions" in info.value.details()
     other = connection(server)
     confirmed(other)
     with pytest.raises(grpc.RpcError) as info:

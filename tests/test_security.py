@@ -15,6 +15,7 @@ import gradserve
 from gradserve import TLSConfig
 from gradserve.server import Server
 from gradserve.server.auth import Tokens
+from gradserve.v1 import gradserve_pb2 as pb
 from helpers import needs_shm
 
 certs_module = pytest.importorskip("certs")
@@ -206,3 +207,69 @@ def test_the_command_line_serves_and_calls_with_tls_and_a_token(certs, tmp_path)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def vjp_by_id(stub: Any, rid: str) -> grpc.RpcError:
+    """A Vjp naming residual ``rid`` alone (no inputs to recompute from): its error."""
+    request = pb.VjpRequest(endpoint="double", residual_id=rid, cotangents=pb.Value(
+        tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[4], data=bytes(16))))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.VjpUnary(request, timeout=10)
+    return info.value
+
+
+@needs_shm
+def test_another_clients_residuals_and_sessions_look_unknown(started) -> None:
+    server = started()
+    with gradserve.connect(server.address, transport="shm", timeout=10) as owner, \
+            gradserve.connect(server.address, transport="grpc", timeout=10) as other:
+        x = np.arange(4, dtype=np.float32)
+        result = owner.forward("double", (x,), need_vjp=True)
+        rid = result.residual.id
+        stolen = vjp_by_id(other.stub, rid)
+        unknown = vjp_by_id(other.stub, "no-such-residual")
+        assert stolen.code() == unknown.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert stolen.details().replace(rid, "ID") == unknown.details().replace(
+            "no-such-residual", "ID")                   # exactly as for an unknown id
+        assert other.stub.Release(pb.ReleaseRequest(residual_ids=[rid])).released == 0
+        assert server.residuals.stats("double").count == 1
+        np.testing.assert_array_equal(owner.vjp(result.residual, np.ones(4, np.float32)).args[0],
+                                      np.full(4, 2.0, np.float32))
+
+        # the owner's session: another client can neither keep, close nor use it
+        big = np.arange(1 << 16, dtype=np.float32)      # 256 KiB: its reply lies in a slot
+        out = owner.forward("double", (big,)).outputs
+        sid = owner.session_info().id
+        assert not other.stub.KeepAlive(pb.SessionRequest(session_id=sid)).open
+        other.stub.CloseSession(pb.SessionRequest(session_id=sid))
+        reply_region = next(r for r in owner.session_info().regions if r.direction == "reply")
+        other.stub.Release(pb.ReleaseRequest(session=pb.SessionState(id=sid, freed_slots=[
+            pb.SlotRef(region=reply_region.index, offset=0, generation=g) for g in range(4)])))
+        header = pb.ForwardRequest(endpoint="double", session=pb.SessionState(id=sid),
+                                   args=pb.Value(tuple_value=pb.Sequence(items=[pb.Value(
+                                       tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[4],
+                                                        slot=pb.SlotRef(region=1, nbytes=16)))])))
+        with pytest.raises(grpc.RpcError) as info:
+            other.stub.ForwardUnary(header, timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no confirmed same-host session" in info.value.details()
+        assert server.sessions.count() == 1 and owner.session_info().id == sid
+        assert server.sessions.info(sid).used_bytes("reply") == big.nbytes   # still viewed
+        again = owner.forward("double", (big,)).outputs  # a fresh slot: the first is held
+        np.testing.assert_array_equal(out, 2 * big)
+        np.testing.assert_array_equal(again, 2 * big)
+
+
+def test_with_tokens_ownership_follows_the_token(started, tmp_path) -> None:
+    server = started(auth=tokens(tmp_path))
+    with gradserve.connect(server.address, token=TRAINER, transport="grpc") as trainer, \
+            gradserve.connect(server.address, token=TRAINER, transport="grpc") as again, \
+            gradserve.connect(server.address, token=VIEWER, transport="grpc") as viewer:
+        rid = trainer.forward("double", (np.ones(4, np.float32),), need_vjp=True).residual.id
+        assert vjp_by_id(viewer.stub, rid).code() == grpc.StatusCode.FAILED_PRECONDITION
+        grads = again.stub.VjpUnary(pb.VjpRequest(
+            endpoint="double", residual_id=rid, cotangents=pb.Value(tensor=pb.Tensor(
+                dtype=pb.FLOAT32, shape=[4], data=np.ones(4, np.float32).tobytes()))), timeout=10)
+        assert np.frombuffer(grads.args.tuple_value.items[0].tensor.data, np.float32).tolist() \
+            == [2.0, 2.0, 2.0, 2.0]                     # the same token: the same principal
+

@@ -120,7 +120,7 @@ def forward_with_ref(server, client, ref, session_id=None, shape=(4,)):
         pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(shape), slot=ref))])))
     if session_id is not False:
         header.session.id = session_id or client.session_info().id
-    return list(raw(server).Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
+    return list(client.stub.Forward(iter([pb.ForwardFrame(header=header)]), timeout=10))
 
 
 # the session's table: 0 the probe (gone once proved), 1 the request region, 2 the reply region
@@ -243,7 +243,7 @@ def test_reporting_a_freed_slot_twice_frees_nothing_else(serve) -> None:
     request = pb.ReleaseRequest(session=pb.SessionState(
         id=client.session_info().id,
         freed_slots=[pb.SlotRef(region=2, offset=0, generation=old_generation)]))
-    raw(server).Release(request)
+    client.stub.Release(request)            # from the session's own client
     assert served(server, client).used_bytes("reply") == 262144
     np.testing.assert_array_equal(held, 2 * np.ones(65536, np.float32))
 
@@ -412,7 +412,7 @@ def test_arena_limit_falls_back_to_bytes(serve, faulty) -> None:
     small = np.ones(1 << 16, np.float32)                   # 256 KiB: through the region
     np.testing.assert_array_equal(client.forward("double", (small,)).outputs, 2 * small)
     assert client.session_info().copied == 1
-    stub, sid = raw(server), client.session_info().id
+    stub, sid = client.stub, client.session_info().id
     with pytest.raises(grpc.RpcError) as info:
         stub.GrowSession(pb.GrowSessionRequest(session_id=sid, kind=pb.SHARED_MEMORY,
                                                min_bytes=2 << 20))

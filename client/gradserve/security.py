@@ -9,6 +9,7 @@ readable by anyone on the network path: use TLS).
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -19,6 +20,9 @@ import grpc
 TOKEN_ENV = "GRADSERVE_TOKEN"
 #: The metadata key of a call's bearer token (``authorization: Bearer <token>``).
 AUTHORIZATION = "authorization"
+#: The metadata key of a client's own random secret: without token auth, the sessions
+#: and residuals a client makes are its own by this (another client's calls cannot use them).
+CLIENT_KEY = "gradserve-client"
 
 
 def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
@@ -129,6 +133,10 @@ class _CallDetails(grpc.ClientCallDetails):
         self.compression = compression
 
 
-def with_token(channel: grpc.Channel, token: str) -> grpc.Channel:
-    """``channel`` sending ``authorization: Bearer <token>`` with every call."""
-    return grpc.intercept_channel(channel, _Metadata([(AUTHORIZATION, f"Bearer {token}")]))
+def identified(channel: grpc.Channel, token: str | None) -> grpc.Channel:
+    """``channel`` sending, with every call, a new random client secret and (where given)
+    ``authorization: Bearer <token>``."""
+    pairs = [(CLIENT_KEY, secrets.token_hex(16))]
+    if token:
+        pairs.append((AUTHORIZATION, f"Bearer {token}"))
+    return grpc.intercept_channel(channel, _Metadata(pairs))

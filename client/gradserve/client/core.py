@@ -26,7 +26,7 @@ from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
 from gradserve.errors import (DeadlineExceeded, GradserveError, RemoteError, ResidualMissing,
                               ResourceExhausted, SessionMissing, Unavailable, from_rpc_error, rpc)
-from gradserve.security import TLSConfig, tls_config, token_from, with_token
+from gradserve.security import TLSConfig, identified, tls_config, token_from
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import codec, dtypes, pytree
@@ -150,8 +150,7 @@ class Client:
             else:
                 channel = grpc.insecure_channel(address, options=options)
         self._channel = channel
-        found = token_from(token)
-        self._stub = pb_grpc.GradserveStub(with_token(channel, found) if found else channel)
+        self._stub = pb_grpc.GradserveStub(identified(channel, token_from(token)))
         self._released: collections.deque[str] = collections.deque()
         self.fallback_reason = ""
         self._session: Session | None = None
@@ -203,6 +202,12 @@ class Client:
         """The same-host session in use (regions, pending frees, copy counters), if any."""
         session = self._session
         return session.info() if session is not None else None
+
+    @property
+    def stub(self) -> pb_grpc.GradserveStub:
+        """The client's gRPC stub (its token and identity go with every call): for requests
+        no front-end makes, such as a test's hand-made ones."""
+        return self._stub
 
     @property
     def pending_releases(self) -> int:

@@ -30,6 +30,7 @@ class _Entry:
     nbytes: int
     last_used: float
     session: str = ""
+    owner: str = ""
 
 
 _STOP = object()
@@ -91,9 +92,11 @@ class ResidualStore:
         self._evictions = 0
         self._lock = threading.Lock()
 
-    def put(self, endpoint: str, value: Any, nbytes: int, session: str = "") -> str:
+    def put(self, endpoint: str, value: Any, nbytes: int, session: str = "",
+            owner: str = "") -> str:
         """Keep ``value`` (of ``endpoint``; viewing memory of same-host ``session``, if
-        named); returns its id, or "" when it alone exceeds the budget."""
+        named; only ``owner`` may use it); returns its id, or "" when it alone exceeds
+        the budget."""
         nbytes += self.overhead
         if nbytes > self.max_bytes or not self.max_count:
             return ""
@@ -101,20 +104,21 @@ class ResidualStore:
         with self._lock:
             now = self._clock()
             self._expire(now)
-            self._entries[rid] = _Entry(endpoint, value, nbytes, now, session)
+            self._entries[rid] = _Entry(endpoint, value, nbytes, now, session, owner)
             self._bytes += nbytes
             while self._bytes > self.max_bytes or len(self._entries) > self.max_count:
                 self._drop(next(iter(self._entries)))
                 self._evictions += 1
         return rid
 
-    def get(self, rid: str) -> tuple[str, Any] | None:
-        """The (endpoint, value) kept under ``rid``, or None if it is gone."""
+    def get(self, rid: str, owner: str | None = None) -> tuple[str, Any] | None:
+        """The (endpoint, value) kept under ``rid``, or None if it is gone or (where an
+        ``owner`` is named) not its: another's id looks exactly like an unknown one."""
         with self._lock:
             now = self._clock()
             self._expire(now)
             entry = self._entries.get(rid)
-            if entry is None:
+            if entry is None or (owner is not None and entry.owner != owner):
                 return None
             entry.last_used = now
             self._entries.move_to_end(rid)
@@ -129,10 +133,12 @@ class ResidualStore:
                 self._drop(rid)
             return len(held)
 
-    def release(self, rids: list[str]) -> int:
-        """Drop the given residuals; returns how many were still held."""
+    def release(self, rids: list[str], owner: str | None = None) -> int:
+        """Drop the given residuals (those of ``owner``, where one is named); returns how
+        many were still held."""
         with self._lock:
-            present = [rid for rid in rids if rid in self._entries]
+            present = [rid for rid in rids if rid in self._entries
+                       and (owner is None or self._entries[rid].owner == owner)]
             for rid in present:
                 self._drop(rid)
             return len(present)

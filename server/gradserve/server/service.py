@@ -21,6 +21,7 @@ import grpc
 from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, clip_status, invalid, \
     shown
 from gradserve.lru import LRU
+from gradserve.security import CLIENT_KEY
 from gradserve.server.auth import Tokens
 from gradserve.server.batching import Batcher, Recorder, is_share
 from gradserve.server.endpoint import Endpoint, Residual
@@ -195,6 +196,21 @@ class GradserveService(pb_grpc.GradserveServicer):
         with self._streams_lock:
             return self._streams[peer] if peer is not None else sum(self._streams.values())
 
+    def owner(self, context: grpc.ServicerContext) -> str:
+        """Whose a call's sessions and residuals are: its token's name with auth, else the
+        per-client secret its client sends (never logged; "" for a client sending none)."""
+        metadata = context.invocation_metadata()
+        if self.auth is not None:
+            token = self.auth.find(metadata)
+            return f"token:{token.name}" if token is not None else ""
+        return next((str(v) for k, v in metadata or () if k == CLIENT_KEY), "")
+
+    def _peer(self, context: grpc.ServicerContext) -> str:
+        """What per-connection limits count by: the token with auth, else the connection."""
+        if self.auth is not None:
+            return self.owner(context)
+        return str(context.peer())
+
     def _allow(self, context: grpc.ServicerContext, *, endpoint: str | None = None,
                parameters: bool = False, sessions: bool = False) -> None:
         """PERMISSION_DENIED unless the call's token allows what it does (no auth: all)."""
@@ -263,9 +279,10 @@ class GradserveService(pb_grpc.GradserveServicer):
     def Release(self, request: pb.ReleaseRequest,
                 context: grpc.ServicerContext) -> pb.ReleaseResponse:
         with self._status(context):
-            released = self.residuals.release(list(request.residual_ids))
+            owner = self.owner(context)
+            released = self.residuals.release(list(request.residual_ids), owner)
             if request.HasField("session"):   # frees the reported reply slots, if it is held
-                self.sessions.free(request.session)
+                self.sessions.free(request.session, owner)
             return pb.ReleaseResponse(released=released)
         return pb.ReleaseResponse()
 
@@ -274,38 +291,39 @@ class GradserveService(pb_grpc.GradserveServicer):
                     context: grpc.ServicerContext) -> pb.OpenSessionResponse:
         with self._status(context):
             self._allow(context, sessions=True)
-            return self.sessions.open(request, context.peer())
+            return self.sessions.open(request, self._peer(context), self.owner(context))
         return pb.OpenSessionResponse()
 
     def ConfirmSession(self, request: pb.ConfirmSessionRequest,
                        context: grpc.ServicerContext) -> pb.ConfirmSessionResponse:
         with self._status(context):
             self._allow(context, sessions=True)
-            return self.sessions.confirm(request)
+            return self.sessions.confirm(request, self.owner(context))
         return pb.ConfirmSessionResponse()
 
     def GrowSession(self, request: pb.GrowSessionRequest,
                     context: grpc.ServicerContext) -> pb.GrowSessionResponse:
         with self._status(context):
             self._allow(context, sessions=True)
-            return self.sessions.grow(request)
+            return self.sessions.grow(request, self.owner(context))
         return pb.GrowSessionResponse()
 
     def KeepAlive(self, request: pb.SessionRequest,
                   context: grpc.ServicerContext) -> pb.SessionResponse:
         with self._status(context):
-            return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id))
+            return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id,
+                                                                    self.owner(context)))
         return pb.SessionResponse()
 
     def CloseSession(self, request: pb.SessionRequest,
                      context: grpc.ServicerContext) -> pb.SessionResponse:
         with self._status(context):
-            self.sessions.close(request.session_id)
+            self.sessions.close(request.session_id, self.owner(context))
             return pb.SessionResponse(open=False)
         return pb.SessionResponse()
 
-    def _slots_for(self, header: Any) -> ServerSession | None:
-        return self.sessions.slots(header.session) if header.HasField("session") else None
+    def _slots_for(self, header: Any, owner: str) -> ServerSession | None:
+        return self.sessions.slots(header.session, owner) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
     def batcher(self, endpoint: Endpoint, merging: bool = True) -> Batcher | None:
@@ -333,8 +351,9 @@ class GradserveService(pb_grpc.GradserveServicer):
                  ) -> tuple[pb.ForwardResponse, Any]:
         """The body of Forward and ForwardUnary."""
         self._allow(context, endpoint=request.endpoint)
+        owner = self.owner(context)
         if request.release:
-            self.residuals.release(list(request.release))
+            self.residuals.release(list(request.release), owner)
         endpoint = self.registry.get(request.endpoint)
         batcher = self.batcher(endpoint)
         made = None
@@ -350,10 +369,10 @@ class GradserveService(pb_grpc.GradserveServicer):
         # a residual viewing session memory goes when the session does
         slots = reader.slots if reader.used_slots else None
         rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes,
-                                  slots.id if slots is not None else "")
+                                  slots.id if slots is not None else "", owner)
                if made.residual is not None else "")
         if rid and slots is not None and slots.closed:   # it ended while this ran
-            self.residuals.release([rid])
+            self.residuals.release([rid], owner)
             rid = ""
         reply = pb.ForwardResponse(residual_id=rid)
         codec.encode_into(reply.outputs, made.outputs, writer, path="outputs")
@@ -402,7 +421,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         """A streaming call: admitted (within ``max_streams`` and ``max_streams_per_peer``)
         while it lasts, its reply frames made by ``make`` (None: none to send), then sent
         watched, so a client that stops reading is cancelled."""
-        with self._admitted(context.peer()) as refusal:
+        with self._admitted(self._peer(context)) as refusal:
             frames = None
             with self._status(context):
                 if refusal:
@@ -442,7 +461,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any] | None:
         """Read a framed request (watched) and ``run`` it; its reply frames, or None when
         its client left."""
-        reader: FrameReader[ServerSession] = self._reader()
+        reader: FrameReader[ServerSession] = self._reader(context)
         with self.watch.watching(context) as touch:
             reader.on_frame = touch
             try:
@@ -458,11 +477,11 @@ class GradserveService(pb_grpc.GradserveServicer):
                run: Callable[..., tuple[Any, Any]]) -> Any:
         """A one-message call: admitted like a stream, run like one; its reply carries every
         tensor inline or in a slot."""
-        with self._admitted(context.peer()) as refusal:
+        with self._admitted(self._peer(context)) as refusal:
             with self._status(context):
                 if refusal:
                     raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-                reader: FrameReader[ServerSession] = self._reader()
+                reader: FrameReader[ServerSession] = self._reader(context)
                 try:
                     request = reader.read_header(request)
                 except BaseException:
@@ -476,8 +495,10 @@ class GradserveService(pb_grpc.GradserveServicer):
                     return reply
         return None
 
-    def _reader(self) -> FrameReader[ServerSession]:
-        return FrameReader(self.limits.max_request_bytes, None, self._slots_for,
+    def _reader(self, context: grpc.ServicerContext) -> FrameReader[ServerSession]:
+        owner = self.owner(context)
+        return FrameReader(self.limits.max_request_bytes, None,
+                           lambda header: self._slots_for(header, owner),
                            self.limits.max_request_values, self.inflight)
 
     def _run(self, request: Any, reader: FrameReader[ServerSession], writer: FrameWriter,
@@ -507,7 +528,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
                       reader: FrameReader[Any], context: grpc.ServicerContext) -> Residual:
         if request.residual_id:
-            held = self.residuals.get(request.residual_id)
+            held = self.residuals.get(request.residual_id, self.owner(context))
             if held is not None:
                 owner, residual = held
                 if owner != endpoint.name:

@@ -36,10 +36,11 @@ class ServerSession(Slots[ServerTransport]):
     """One client's session: its transports as one store of slots, and the regions
     awaiting proof."""
 
-    def __init__(self, session_id: str, peer: str = ""):
+    def __init__(self, session_id: str, peer: str = "", owner: str = ""):
         super().__init__([])
         self.id = session_id
         self.peer = peer
+        self.owner = owner   # only calls of this principal may use the session
         self.confirmed = False
         self.closed = False
         self.opened = self.last_seen = time.monotonic()
@@ -147,8 +148,10 @@ class SessionManager:
         for kind in TRANSPORTS.values():
             kind.server_stopping(self.settings)
 
-    def open(self, request: pb.OpenSessionRequest, peer: str = "") -> pb.OpenSessionResponse:
-        """Make the probe regions of every transport asked for (or say why not)."""
+    def open(self, request: pb.OpenSessionRequest, peer: str = "",
+             owner: str = "") -> pb.OpenSessionResponse:
+        """Make the probe regions of every transport asked for (or say why not), for a
+        session of ``owner`` (counted against ``peer``'s limit)."""
         kinds = [t.kind for t in request.transports]
         if not kinds:
             raise invalid("OpenSession asks for no transport; this server offers "
@@ -156,7 +159,7 @@ class SessionManager:
         if len(set(kinds)) != len(kinds):
             raise invalid(f"OpenSession asks for a region kind twice ({kinds})")
         self.sweep()
-        session = self._admit(peer)
+        session = self._admit(peer, owner)
         reply = pb.OpenSessionResponse(lease_seconds=self.settings.session_lease)
         try:
             for asked in request.transports:
@@ -182,7 +185,7 @@ class SessionManager:
             self.close(session.id)
         return reply
 
-    def _admit(self, peer: str) -> ServerSession:
+    def _admit(self, peer: str, owner: str) -> ServerSession:
         """A new, unconfirmed session, counted at once against the limits (RESOURCE_EXHAUSTED
         past them). Unconfirmed sessions may take a quarter of the table: past that the
         oldest one gives way, so clients that never prove anything cannot lock others out."""
@@ -193,8 +196,8 @@ class SessionManager:
             mine = sum(1 for s in sessions if s.peer == peer)
             if peer and mine >= settings.max_sessions_per_peer:
                 raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"this connection holds {mine} same-host sessions, the limit of "
-                                  "one connection")
+                                  f"this connection (or token) holds {mine} same-host sessions, "
+                                  "its limit")
             waiting = sorted((s for s in sessions if not s.confirmed), key=lambda s: s.opened)
             if waiting and len(waiting) >= max(1, settings.max_sessions // 4):
                 evicted = waiting[0]
@@ -203,7 +206,7 @@ class SessionManager:
                 raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"this server holds {len(sessions)} same-host sessions, its "
                                   "limit")
-            session = ServerSession(secrets.token_urlsafe(16), peer)
+            session = ServerSession(secrets.token_urlsafe(16), peer, owner)
             self._sessions[session.id] = session
         if evicted is not None:
             evicted.close()
@@ -211,10 +214,11 @@ class SessionManager:
                 self.on_close(evicted.id)
         return session
 
-    def confirm(self, request: pb.ConfirmSessionRequest) -> pb.ConfirmSessionResponse:
+    def confirm(self, request: pb.ConfirmSessionRequest,
+                owner: str | None = None) -> pb.ConfirmSessionResponse:
         """Check the nonces the client read back; make the regions the proved probes stand
         for; the regions in use after it."""
-        session = self._get(request.session_id, confirmed=None)
+        session = self._get(request.session_id, confirmed=None, owner=owner)
         wrong, probes = session.prove(request.proofs)
         if wrong is not None:
             self.close(session.id)
@@ -231,9 +235,10 @@ class SessionManager:
         reply.ready.extend(session.ready())
         return reply
 
-    def grow(self, request: pb.GrowSessionRequest) -> pb.GrowSessionResponse:
+    def grow(self, request: pb.GrowSessionRequest,
+             owner: str | None = None) -> pb.GrowSessionResponse:
         """Add regions of one kind to a confirmed session, within the server's limits."""
-        session = self._get(request.session_id, confirmed=True)
+        session = self._get(request.session_id, confirmed=True, owner=owner)
         transport = next((t for t in session.transports if t.kind == request.kind), None)
         if transport is None:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -244,35 +249,38 @@ class SessionManager:
             made = transport.grow(request, session.next_index)
         return pb.GrowSessionResponse(regions=session.expect(transport, made))
 
-    def slots(self, state: pb.SessionState) -> ServerSession:
+    def slots(self, state: pb.SessionState, owner: str | None = None) -> ServerSession:
         """The confirmed session a request names, after freeing the reply slots it reports."""
-        session = self._get(state.id, confirmed=True)
+        session = self._get(state.id, confirmed=True, owner=owner)
         session.free(state.freed_slots)
         return session
 
-    def free(self, state: pb.SessionState) -> None:
-        """Free the reply slots ``state`` reports, if its session is still held."""
+    def free(self, state: pb.SessionState, owner: str | None = None) -> None:
+        """Free the reply slots ``state`` reports, if its session is still held (and
+        ``owner``'s)."""
         with self._lock:
             session = self._sessions.get(state.id)
-        if session is not None and session.confirmed:
+        if session is not None and session.confirmed and owner in (None, session.owner):
             session.free(state.freed_slots)
 
-    def keep_alive(self, sid: str) -> bool:
-        """Extend a confirmed session's lease; False if the server does not hold one (an
-        unconfirmed session lives only ``session_proof_seconds``)."""
+    def keep_alive(self, sid: str, owner: str | None = None) -> bool:
+        """Extend a confirmed session's lease; False if the server does not hold one of
+        ``owner``'s (an unconfirmed session lives only ``session_proof_seconds``)."""
         with self._lock:
             session = self._sessions.get(sid)
-            if session is None or not session.confirmed:
+            if session is None or not session.confirmed or owner not in (None, session.owner):
                 return False
             session.last_seen = time.monotonic()
             return True
 
-    def close(self, sid: str) -> bool:
-        """End a session; False if the server did not hold it."""
+    def close(self, sid: str, owner: str | None = None) -> bool:
+        """End a session (only if it is ``owner``'s, where one is named); False if the
+        server did not hold it."""
         with self._lock:
-            session = self._sessions.pop(sid, None)
-        if session is None:
-            return False
+            session = self._sessions.get(sid)
+            if session is None or (owner is not None and session.owner != owner):
+                return False
+            del self._sessions[sid]
         session.close()
         if self.on_close is not None:
             self.on_close(sid)
@@ -306,9 +314,14 @@ class SessionManager:
         for sid in sids:
             self.close(sid)
 
-    def _get(self, sid: str, confirmed: bool | None, touch: bool = True) -> ServerSession:
+    def _get(self, sid: str, confirmed: bool | None, touch: bool = True,
+             owner: str | None = None) -> ServerSession:
+        """The session ``sid`` (of ``owner``, where one is named: another's looks exactly
+        like an unknown one); FAILED_PRECONDITION with reason ``session-missing`` if not."""
         with self._lock:
             session = self._sessions.get(sid)
+            if session is not None and owner is not None and session.owner != owner:
+                session = None
             if session is not None and touch and session.confirmed:
                 session.last_seen = time.monotonic()
         if session is None or (confirmed and not session.confirmed):
