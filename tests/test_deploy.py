@@ -20,6 +20,7 @@ DOCKERFILES = ["Dockerfile", "Dockerfile.gpu"]
 MANIFEST = DEPLOY / "kubernetes" / "gradserve.yaml"
 PORT = 50051
 HEALTH_PORT = 50052
+METRICS_PORT = 9090
 
 
 def instruction(dockerfile: str, name: str) -> list[str]:
@@ -74,7 +75,8 @@ def test_image_runs_gradserve_serve_on_the_port(dockerfile):
 
 def test_manifest_uses_the_same_port_everywhere():
     text = MANIFEST.read_text()
-    assert [int(p) for p in re.findall(r"containerPort:\s*(\d+)", text)] == [PORT, HEALTH_PORT]
+    assert [int(p) for p in re.findall(r"containerPort:\s*(\d+)", text)] == [
+        PORT, HEALTH_PORT, METRICS_PORT]
     probes = re.findall(r"(readiness|liveness|startup)Probe:.*\n(?:\s*#.*\n)*\s+grpc:\s*\n"
                         r"\s+port:\s*(\d+)", text)
     assert {kind for kind, _ in probes} >= {"readiness", "liveness"}
@@ -84,6 +86,20 @@ def test_manifest_uses_the_same_port_everywhere():
     assert re.search(r"targetPort:\s*grpc\b", service) and "appProtocol: grpc" in service
     assert "port: 50051" in text and f"--port={PORT}" in manifest_args()
     assert f"--health-port={HEALTH_PORT}" in manifest_args()
+    assert f"--metrics-port={METRICS_PORT}" in manifest_args()
+    assert f'prometheus.io/port: "{METRICS_PORT}"' in text
+
+
+def test_manifest_turns_tls_tokens_and_metrics_on_from_mounted_secrets():
+    cli = pytest.importorskip("gradserve.server.cli")
+    args = cli.parser().parse_args(["serve", *manifest_args()])
+    text = MANIFEST.read_text()
+    mounts = dict(re.findall(r"- name: (\w+)\n\s+mountPath: (\S+)", text))
+    secrets = dict(re.findall(r"- name: (\w+)\n\s+secret:\n\s+secretName: (\S+)", text))
+    assert secrets == {"tls": "gradserve-tls", "tokens": "gradserve-tokens"}
+    assert args.tls_cert == f"{mounts['tls']}/tls.crt" and args.tls_key == f"{mounts['tls']}/tls.key"
+    assert args.auth_token_file == f"{mounts['tokens']}/tokens"
+    assert args.metrics_port == METRICS_PORT and args.log_format == "json"
 
 
 def test_default_target_exists_and_is_served_everywhere():

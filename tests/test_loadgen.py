@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,12 +133,19 @@ def test_several_declared_inputs_go_by_name(serve) -> None:
     assert set(seen) == {((3, 5), (3, 1), (1,))}
 
 
+def said(capsys: Any) -> str:
+    """What the command wrote to stderr, less the access-log lines of the server that runs
+    in this test's process (a real client has none)."""
+    return "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
+                     if " gradserve.access " not in line)
+
+
 def test_wrong_shape_is_one_line_before_any_load(serve, capsys) -> None:
     fn = Counted()
     server, _ = serve({"declared": TorchEndpoint(fn, inputs={"x": TensorSpec((None, 8),
                                                                              "float32")})})
     code = main(["bench", server.address, "declared", "--shape", "16,9", *QUICK])
-    err = capsys.readouterr().err.strip()
+    err = said(capsys)
     assert code == 1 and fn.calls == 0
     assert len(err.splitlines()) == 1
     assert err.startswith("gradserve: ") and "16, 9" in err and "(*, 8)" in err
@@ -146,10 +154,10 @@ def test_wrong_shape_is_one_line_before_any_load(serve, capsys) -> None:
 def test_unknown_endpoint_and_missing_shape(serve, capsys) -> None:
     server, _ = serve({"f": Counted()})
     assert main(["bench", server.address, "nope", *QUICK]) == 1
-    err = capsys.readouterr().err.strip()
+    err = said(capsys)
     assert len(err.splitlines()) == 1 and "'nope'" in err
     assert main(["bench", server.address, "f", *QUICK]) == 1
-    err = capsys.readouterr().err.strip()
+    err = said(capsys)
     assert len(err.splitlines()) == 1 and "--shape" in err
 
 

@@ -112,7 +112,9 @@ def serve(args: argparse.Namespace) -> int:
         server.add(name, endpoint)
     server.start()
     health = f" (health also on port {server.health_port})" if server.health_port else ""
-    print(f"gradserve: serving {', '.join(endpoints)} on {server.address}{health}", flush=True)
+    metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
+    print(f"gradserve: serving {', '.join(endpoints)} on {server.address}{health}{metrics}",
+          flush=True)
     stopped = threading.Event()
 
     def shutdown(signum: int, frame: Any) -> None:
@@ -313,6 +315,7 @@ SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("max_batch", int, "rows one merged run of a batchable endpoint takes (0: never merge "
                        "calls)"),
     ("max_delay", float, "seconds a call to a batchable endpoint waits for others to join it"),
+    ("metrics_port", int, "serve Prometheus metrics over HTTP on this port (0: a free one)"),
 ]
 
 
@@ -325,7 +328,9 @@ def _size(n: int) -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
+    from gradserve import __version__
     p = argparse.ArgumentParser(prog="gradserve", description=__doc__)
+    p.add_argument("--version", action="version", version=f"gradserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model or function as differentiable endpoints")
     s.add_argument("target", help="module:attr or path/file.py:attr (module, function, "
@@ -347,6 +352,10 @@ def parser() -> argparse.ArgumentParser:
                    help="share the port with servers already listening there")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")
     s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text or as one JSON object each (default: text)")
+    s.add_argument("--verbose", action="store_true",
+                   help="log other libraries too, and everything at DEBUG")
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", default=None,
@@ -390,10 +399,39 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and an access-log
+    record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname,
+                                 "logger": record.name, "message": record.getMessage()}
+        entry.update(getattr(record, "call", None) or {})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(json_lines: bool = False, verbose: bool = False,
+                      level: int = logging.INFO) -> None:
+    """gradserve's own loggers at ``level`` (a server's INFO: one access-log line per
+    call); other libraries' at WARNING unless ``verbose`` (then everything at DEBUG)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("gradserve").setLevel(logging.DEBUG if verbose else level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
+    configure_logging(getattr(args, "log_format", "text") == "json",
+                      getattr(args, "verbose", False),
+                      logging.INFO if args.run is serve else logging.WARNING)
     try:
         return int(args.run(args))
     except Exception as err:  # a clean one-line error for the terminal

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
 import traceback
 from abc import ABC, abstractmethod
@@ -47,6 +48,8 @@ class Forwarded:
     residual: Residual | None = None
     nbytes: int = 0
 
+
+log = logging.getLogger("gradserve.server")
 
 #: How strongly a framework claims a Python object: not at all, by the modules its
 #: code uses, or by its type (a module, a jitted function).
@@ -307,13 +310,15 @@ class Endpoint(ABC):
         return Arguments(args, kwargs, parameters)
 
     def run(self, thunk: Callable[[], Any]) -> Any:
-        """Run model code; its exceptions become INTERNAL naming the endpoint."""
+        """Run model code; its exceptions become INTERNAL naming the endpoint (logged at
+        ERROR with their traceback here; the client gets it only with ``debug``)."""
         try:
             return thunk()
         except StatusError:
             raise
         except Exception as err:
             message = f"endpoint {self.name!r} raised {type(err).__name__}: {err}"
+            log.error("%s", message, exc_info=True)   # the traceback stays on the server
             if self.debug:
                 message += "\n" + traceback.format_exc()
             raise StatusError(grpc.StatusCode.INTERNAL, message) from None

@@ -6,7 +6,7 @@ import logging
 import secrets
 import threading
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +16,7 @@ from gradserve.security import TLSConfig
 from gradserve.server.auth import AuthInterceptor, Tokens
 from gradserve.server.endpoint import Endpoint, build_endpoint
 from gradserve.server.health_port import HealthPort
+from gradserve.server.metrics import Observer, counter, gauge
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.service import GradserveService, Limits
@@ -74,7 +75,9 @@ class Server:
     ``max_batch=0`` turns merging off). ``tls`` serves the main port over TLS (mutual
     TLS where it names a client CA); ``auth`` accepts only calls carrying one of its
     tokens, each within its scopes (the health service stays open, and so does
-    ``health_port``, which serves nothing else, in plaintext: kubelet probes speak no TLS). ``max_request_values`` bounds the pytree
+    ``health_port``, which serves nothing else, in plaintext: kubelet probes speak no TLS).
+    ``metrics_port`` serves Prometheus metrics over HTTP from ``start`` (0: a free port,
+    read back from ``metrics_port``; None: none). ``max_request_values`` bounds the pytree
     nodes (tensors, scalars, containers) of one request. ``stop`` returns within its grace
     plus ``STOP_SECONDS`` whatever the clients do.
 
@@ -97,7 +100,8 @@ class Server:
                  max_inflight_bytes: int | None = None,
                  max_request_values: int = 10_000, max_batch: int = DEFAULT_MAX_BATCH,
                  max_delay: float = DEFAULT_MAX_DELAY, tls: TLSConfig | None = None,
-                 auth: Tokens | None = None, reuse_port: bool = False, debug: bool = False):
+                 auth: Tokens | None = None, metrics_port: int | None = None,
+                 reuse_port: bool = False, debug: bool = False):
         self.host = host
         self.debug = debug
         #: dynamic batching defaults of batchable endpoints (``add`` may override them)
@@ -118,7 +122,11 @@ class Server:
             max_streams=max_streams, max_streams_per_peer=max_streams_per_peer,
             min_stream_rate=min_stream_rate,
             max_inflight_bytes=(max_request_bytes if max_inflight_bytes is None
-                                else max_inflight_bytes)), debug, auth)
+                                else max_inflight_bytes)), debug, auth,
+            Observer(self._state))
+        self._metrics_asked = metrics_port
+        #: the port ``/metrics`` is served on once started (None: not served)
+        self.metrics_port: int | None = None
         self.tls, self.auth = tls, auth
         credentials = tls.server_credentials() if tls is not None else None
         max_message = max_message_bytes or (4 * DEFAULT_CHUNK_BYTES + MESSAGE_OVERHEAD)
@@ -191,6 +199,8 @@ class Server:
                 self._health_port.start(_bind)
             self._grpc.start()
             self._started = True
+            if self._metrics_asked is not None:
+                self.metrics_port = self.service.observer.start(self.host, self._metrics_asked)
             self.residuals.dropper.start()
             self.service.watch.start()
             self._sweeper = threading.Thread(target=self._sweep, name="gradserve-ttl",
@@ -234,6 +244,8 @@ class Server:
             self._sweeper.join()
             self._sweeper = None
         self.service.watch.stop()
+        self.service.observer.stop()
+        self.metrics_port = None
         self.residuals.dropper.stop()
         self._executor.shutdown(wait=False)   # idle workers end now, busy ones when done
         self.residuals.clear()
@@ -247,6 +259,36 @@ class Server:
         while not self._stopped.wait(interval):
             self.residuals.sweep()
             self.sessions.sweep()
+
+    def _state(self) -> Iterator[Any]:
+        """What the server holds, as Prometheus metric families (read at each scrape)."""
+        stats = self.residuals.stats()
+        yield gauge("gradserve_residuals", "Residuals held", stats.count)
+        yield gauge("gradserve_residual_bytes", "Bytes residuals are charged", stats.bytes)
+        yield counter("gradserve_residual_evictions", "Residuals evicted (LRU) or expired",
+                      [({}, stats.evictions)], ())
+        yield gauge("gradserve_sessions", "Same-host sessions held", self.sessions.count())
+        yield gauge("gradserve_shared_memory_bytes", "Shared memory all sessions hold",
+                    self.sessions.budget.used(pb.SHARED_MEMORY))
+        yield gauge("gradserve_streams_open", "Streaming and one-message Forward/Vjp calls "
+                    "open", self.service.active_streams())
+        batches = [(e.name, b.stats()) for e in self.registry.all()
+                   if (b := self.service.batcher(e)) is not None]
+        labels = ("endpoint", "kind")
+        yield counter("gradserve_batch_runs", "Model runs of merged calls",
+                      [({"endpoint": n, "kind": "forward"}, b.forward_runs) for n, b in batches]
+                      + [({"endpoint": n, "kind": "vjp"}, b.vjp_runs) for n, b in batches],
+                      labels)
+        yield counter("gradserve_batch_calls", "Calls merged runs served (calls / runs: the "
+                      "mean batch)",
+                      [({"endpoint": n, "kind": "forward"}, b.forward_calls) for n, b in batches]
+                      + [({"endpoint": n, "kind": "vjp"}, b.vjp_calls) for n, b in batches],
+                      labels)
+        yield counter("gradserve_batch_rows", "Rows merged forward runs took",
+                      [({"endpoint": n}, b.forward_rows) for n, b in batches], ("endpoint",))
+        yield counter("gradserve_batch_queue_seconds", "Seconds calls waited for their merged "
+                      "run", [({"endpoint": n}, b.queue_seconds) for n, b in batches],
+                      ("endpoint",))
 
     def __enter__(self) -> "Server":
         return self.start() if not self._started else self

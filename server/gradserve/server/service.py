@@ -25,6 +25,7 @@ from gradserve.security import CLIENT_KEY
 from gradserve.server.auth import Tokens
 from gradserve.server.batching import Batcher, Recorder, is_share
 from gradserve.server.endpoint import Endpoint, Residual
+from gradserve.server.metrics import CallRecord, Observer
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.sessions import ServerSession, SessionManager
@@ -173,8 +174,11 @@ class GradserveService(pb_grpc.GradserveServicer):
     """The RPC handlers."""
 
     def __init__(self, registry: Registry, residuals: ResidualStore, sessions: SessionManager,
-                 limits: Limits, debug: bool = False, auth: Tokens | None = None):
+                 limits: Limits, debug: bool = False, auth: Tokens | None = None,
+                 observer: Observer | None = None):
         self.registry = registry
+        #: counts, times and logs every call (and serves the metrics, if started)
+        self.observer = observer if observer is not None else Observer()
         #: the tokens calls must carry (None: no auth)
         self.auth = auth
         self.residuals = residuals
@@ -221,7 +225,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     # -- discovery ---------------------------------------------------------
     def ListEndpoints(self, request: pb.ListEndpointsRequest,
                       context: grpc.ServicerContext) -> pb.ListEndpointsResponse:
-        with self._status(context):
+        with self._status(context, "ListEndpoints"):
             token = self.auth.require(context) if self.auth is not None else None
             return pb.ListEndpointsResponse(endpoints=[
                 e.info() for e in self.registry.all() if token is None or token.may_call(e.name)])
@@ -229,7 +233,7 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.DescribeResponse:
-        with self._status(context):
+        with self._status(context, "Describe", request.endpoint):
             self._allow(context, endpoint=request.endpoint)
             endpoint = self.registry.get(request.endpoint)
             reply = pb.DescribeResponse(endpoint=endpoint.info(),
@@ -242,18 +246,19 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def GetParameters(self, request: pb.GetParametersRequest,
                       context: grpc.ServicerContext) -> Iterator[pb.GetParametersFrame]:
-        def frames() -> Iterator[pb.GetParametersFrame]:
+        def frames(call: CallRecord) -> Iterator[pb.GetParametersFrame]:
             self._allow(context, endpoint=request.endpoint, parameters=True)
             endpoint = self.registry.get(request.endpoint)
             writer = FrameWriter(self.limits.chunk_bytes)
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
+            call.bytes_out = writer.nbytes
             return writer.frames(pb.GetParametersFrame, header)
 
-        yield from self._streamed(context, frames)
+        yield from self._streamed(context, "GetParameters", frames, request.endpoint)
 
     def Signature(self, request: pb.SignatureRequest,
                   context: grpc.ServicerContext) -> pb.SignatureResponse:
-        with self._status(context):
+        with self._status(context, "Signature", request.call.endpoint):
             self._allow(context, endpoint=request.call.endpoint)
             endpoint = self.registry.get(request.call.endpoint)
             call = pb.ForwardRequest(endpoint=endpoint.name, args=request.call.args,
@@ -278,7 +283,7 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Release(self, request: pb.ReleaseRequest,
                 context: grpc.ServicerContext) -> pb.ReleaseResponse:
-        with self._status(context):
+        with self._status(context, "Release"):
             owner = self.owner(context)
             released = self.residuals.release(list(request.residual_ids), owner)
             if request.HasField("session"):   # frees the reported reply slots, if it is held
@@ -289,35 +294,35 @@ class GradserveService(pb_grpc.GradserveServicer):
     # -- same-host sessions ------------------------------------------------
     def OpenSession(self, request: pb.OpenSessionRequest,
                     context: grpc.ServicerContext) -> pb.OpenSessionResponse:
-        with self._status(context):
+        with self._status(context, "OpenSession"):
             self._allow(context, sessions=True)
             return self.sessions.open(request, self._peer(context), self.owner(context))
         return pb.OpenSessionResponse()
 
     def ConfirmSession(self, request: pb.ConfirmSessionRequest,
                        context: grpc.ServicerContext) -> pb.ConfirmSessionResponse:
-        with self._status(context):
+        with self._status(context, "ConfirmSession"):
             self._allow(context, sessions=True)
             return self.sessions.confirm(request, self.owner(context))
         return pb.ConfirmSessionResponse()
 
     def GrowSession(self, request: pb.GrowSessionRequest,
                     context: grpc.ServicerContext) -> pb.GrowSessionResponse:
-        with self._status(context):
+        with self._status(context, "GrowSession"):
             self._allow(context, sessions=True)
             return self.sessions.grow(request, self.owner(context))
         return pb.GrowSessionResponse()
 
     def KeepAlive(self, request: pb.SessionRequest,
                   context: grpc.ServicerContext) -> pb.SessionResponse:
-        with self._status(context):
+        with self._status(context, "KeepAlive"):
             return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id,
                                                                     self.owner(context)))
         return pb.SessionResponse()
 
     def CloseSession(self, request: pb.SessionRequest,
                      context: grpc.ServicerContext) -> pb.SessionResponse:
-        with self._status(context):
+        with self._status(context, "CloseSession"):
             self.sessions.close(request.session_id, self.owner(context))
             return pb.SessionResponse(open=False)
         return pb.SessionResponse()
@@ -398,35 +403,37 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame],
                 context: grpc.ServicerContext) -> Iterator[pb.ForwardReplyFrame]:
-        yield from self._streamed(context, lambda: self._reply(
-            request_iterator, context, pb.ForwardReplyFrame, self._forward))
+        yield from self._streamed(context, "Forward", lambda call: self._reply(
+            request_iterator, context, pb.ForwardReplyFrame, self._forward, call))
 
     def Vjp(self, request_iterator: Iterator[pb.VjpFrame],
             context: grpc.ServicerContext) -> Iterator[pb.VjpReplyFrame]:
-        yield from self._streamed(context, lambda: self._reply(
-            request_iterator, context, pb.VjpReplyFrame, self._vjp))
+        yield from self._streamed(context, "Vjp", lambda call: self._reply(
+            request_iterator, context, pb.VjpReplyFrame, self._vjp, call))
 
     def ForwardUnary(self, request: pb.ForwardRequest,
                      context: grpc.ServicerContext) -> pb.ForwardResponse:
-        found: pb.ForwardResponse = (self._unary(request, context, self._forward)
-                                     or pb.ForwardResponse())
+        found: pb.ForwardResponse = (self._unary(request, context, "ForwardUnary",
+                                                 self._forward) or pb.ForwardResponse())
         return found
 
     def VjpUnary(self, request: pb.VjpRequest, context: grpc.ServicerContext) -> pb.VjpResponse:
-        found: pb.VjpResponse = self._unary(request, context, self._vjp) or pb.VjpResponse()
+        found: pb.VjpResponse = (self._unary(request, context, "VjpUnary", self._vjp)
+                                 or pb.VjpResponse())
         return found
 
-    def _streamed(self, context: grpc.ServicerContext,
-                  make: Callable[[], Iterator[Any] | None]) -> Iterator[Any]:
+    def _streamed(self, context: grpc.ServicerContext, method: str,
+                  make: Callable[[CallRecord], Iterator[Any] | None],
+                  endpoint: str = "") -> Iterator[Any]:
         """A streaming call: admitted (within ``max_streams`` and ``max_streams_per_peer``)
         while it lasts, its reply frames made by ``make`` (None: none to send), then sent
         watched, so a client that stops reading is cancelled."""
         with self._admitted(self._peer(context)) as refusal:
             frames = None
-            with self._status(context):
+            with self._status(context, method, endpoint) as call:
                 if refusal:
                     raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-                frames = make()
+                frames = make(call)
             if frames is not None:
                 with self.watch.watching(context) as touch:
                     for frame in frames:
@@ -458,7 +465,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                         del self._streams[peer]
 
     def _reply(self, request_iterator: Iterator[Any], context: grpc.ServicerContext,
-               reply_frame: type, run: Callable[..., tuple[Any, Any]]) -> Iterator[Any] | None:
+               reply_frame: type, run: Callable[..., tuple[Any, Any]],
+               call: CallRecord) -> Iterator[Any] | None:
         """Read a framed request (watched) and ``run`` it; its reply frames, or None when
         its client left."""
         reader: FrameReader[ServerSession] = self._reader(context)
@@ -470,15 +478,15 @@ class GradserveService(pb_grpc.GradserveServicer):
                 reader.close()
                 raise
         writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
-        reply = self._run(request, reader, writer, context, run)
+        reply = self._run(request, reader, writer, context, run, call)
         return writer.frames(reply_frame, reply) if reply is not None else None
 
-    def _unary(self, request: Any, context: grpc.ServicerContext,
+    def _unary(self, request: Any, context: grpc.ServicerContext, method: str,
                run: Callable[..., tuple[Any, Any]]) -> Any:
         """A one-message call: admitted like a stream, run like one; its reply carries every
         tensor inline or in a slot."""
         with self._admitted(self._peer(context)) as refusal:
-            with self._status(context):
+            with self._status(context, method) as call:
                 if refusal:
                     raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
                 reader: FrameReader[ServerSession] = self._reader(context)
@@ -489,7 +497,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                     raise
                 writer = FrameWriter(self.limits.chunk_bytes, inline_bytes=UNLIMITED,
                                      slots=reader.slots)
-                reply = self._run(request, reader, writer, context, run)
+                reply = self._run(request, reader, writer, context, run, call)
                 if reply is not None:
                     writer.flush()
                     return reply
@@ -502,10 +510,15 @@ class GradserveService(pb_grpc.GradserveServicer):
                            self.limits.max_request_values, self.inflight)
 
     def _run(self, request: Any, reader: FrameReader[ServerSession], writer: FrameWriter,
-             context: grpc.ServicerContext, run: Callable[..., tuple[Any, Any]]) -> Any:
+             context: grpc.ServicerContext, run: Callable[..., tuple[Any, Any]],
+             call: CallRecord) -> Any:
         """Run a read request (the model among at most ``workers`` runs at once); its reply
         header, or None when its client left. What a large call made, its request and its
         payloads are freed in the background, not while the client waits."""
+        call.endpoint = request.endpoint
+        call.bytes_in = reader.nbytes
+        if reader.slots is not None:
+            call.transport = "+".join(t.name for t in reader.slots.transports)
         try:   # the arrays made from its buffers keep what they still need
             if not context.is_active():   # its client left while it was read
                 return None
@@ -517,6 +530,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                 raise
         finally:
             reader.close()
+            call.bytes_out = writer.nbytes
         if reader.nbytes + writer.nbytes >= DROP_BYTES:
             self.residuals.dropper.drop((made, reader, request))
         del made, reader, request
@@ -544,6 +558,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         if request.inputs.endpoint not in ("", endpoint.name):
             raise invalid(f"inputs name endpoint {shown(request.inputs.endpoint)}, "
                           f"not {endpoint.name!r}")
+        self.observer.recomputes.labels(endpoint.name).inc()
         inputs = self._inputs(endpoint, request.inputs, reader)
         with self._turn(context):
             made = endpoint.forward(inputs, need_vjp=True)
@@ -558,24 +573,35 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     # -- errors ------------------------------------------------------------
     @contextlib.contextmanager
-    def _status(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Run a handler body, aborting the RPC with the right status on failure."""
-        failure = None
-        try:
-            yield
-        except StatusError as err:
-            failure = err
-        except Exception as err:  # a bug or an unexpected input: never kill the server
-            message = f"{type(err).__name__}: {err}"
-            if not context.is_active():   # cancelled (idle, or by the client)
-                log.info("call from %s ended before its error could be sent: %s",
-                         context.peer(), message)
-                return
-            log.exception("unexpected error in a call from %s", context.peer())
-            if self.debug:
-                message += "\n" + traceback.format_exc()
-            failure = StatusError(grpc.StatusCode.INTERNAL, message)
-        if failure is not None:
-            if failure.reason:
-                context.set_trailing_metadata(((REASON_KEY, failure.reason),))
-            context.abort(failure.code, clip_status(failure.message))
+    def _status(self, context: grpc.ServicerContext, method: str,
+                endpoint: str = "") -> Iterator[CallRecord]:
+        """Run a handler body (counted, timed and logged as one call of ``method``; the body
+        adds what it learns to the record it gets), aborting the RPC with the right status
+        on failure."""
+        with self.observer.call(method, context.peer()) as call:
+            call.endpoint = endpoint
+            if self.auth is not None:
+                token = self.auth.find(context.invocation_metadata())
+                call.principal = token.name if token is not None else ""
+            failure = None
+            try:
+                yield call
+            except StatusError as err:
+                failure = err
+            except Exception as err:  # a bug or an unexpected input: never kill the server
+                message = f"{type(err).__name__}: {err}"
+                if not context.is_active():   # cancelled (idle, or by the client)
+                    call.code = "CANCELLED"
+                    log.info("call from %s ended before its error could be sent: %s",
+                             context.peer(), message)
+                    return
+                log.exception("unexpected error in a call from %s", context.peer())
+                if self.debug:
+                    message += "\n" + traceback.format_exc()
+                failure = StatusError(grpc.StatusCode.INTERNAL, message)
+            if failure is not None:
+                call.code = failure.code.name
+                call.extra["error"] = clip_status(failure.message.splitlines()[0], 200)
+                if failure.reason:
+                    context.set_trailing_metadata(((REASON_KEY, failure.reason),))
+                context.abort(failure.code, clip_status(failure.message))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -24,6 +25,9 @@ from gradserve.wire import dtypes, pytree
 from gradserve.wire.codec import Arguments
 from gradserve.wire.memory import WireTensor
 from gradserve.wire.specs import TensorSpec, TensorType
+
+
+log = logging.getLogger("gradserve.server")
 
 
 def _is_tensor(x: Any) -> bool:
@@ -185,10 +189,12 @@ class TorchEndpoint(Endpoint):
             return FROM_CODE[dtypes.code_of(t.dtype)]
 
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True):
+            with FakeTensorMode(allow_non_fake_inputs=True), _quiet(_FAKE_LOGGERS):
                 outputs = run_with(lambda t: torch.empty(t.shape, dtype=dtype(t),
                                                          device=self.device))
         except Exception as err:
+            log.debug("endpoint %r cannot be traced with fake tensors (%s: %s); running it on "
+                      "zeros", self.name, type(err).__name__, err)
             nbytes = sum(dtypes.nbytes(dtypes.code_of(t.dtype), t.shape) for t in pytree.flatten(
                 inputs.tree, lambda x: isinstance(x, TensorType))[0])
             if nbytes > self.max_dry_run_bytes:
@@ -213,6 +219,26 @@ class TorchEndpoint(Endpoint):
                 replica = self._replicas.module = _shared_replica(self.module)
             return torch.func.functional_call(replica, parameters, args, kwargs)
         return self.fn(*args, **kwargs)
+
+
+#: torch's loggers that report a failed fake-tensor trace with tracebacks at ERROR: a failed
+#: trace is expected here (the dry run on zeros follows), so they are quieted during it.
+_FAKE_LOGGERS = ("torch._subclasses.fake_tensor", "torch._subclasses.fake_impls",
+                 "torch.fx.experimental.symbolic_shapes")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Silence the named loggers below CRITICAL while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _shared_replica(module: torch.nn.Module,

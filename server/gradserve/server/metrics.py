@@ -1,0 +1,153 @@
+"""Prometheus metrics and the access log: one record per call, and gauges read at scrape.
+
+``Observer.call(...)`` wraps a handler: when the call ends it counts it by
+method, endpoint and status, times it, adds its tensor bytes in and out by the
+transport they used, and writes one access-log line (``gradserve.access``: at
+INFO, failures at WARNING so they show whatever the level; the fields also ride on
+the record as ``call``, for a JSON formatter). What the server
+holds (residuals, sessions, shared memory, batching) is read from the server
+when Prometheus scrapes. Metrics live in a registry of the server's own, served
+on their own HTTP port (``Server(metrics_port=...)``) by ``prometheus_client``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+access = logging.getLogger("gradserve.access")
+
+#: Latency buckets (seconds): sub-millisecond small calls to minute-long ones.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+           60, 120)
+
+
+@dataclass
+class CallRecord:
+    """What a handler tells about its call while it runs."""
+
+    method: str
+    peer: str
+    principal: str = ""
+    endpoint: str = ""
+    code: str = "OK"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    transport: str = "grpc"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Observer:
+    """Counts, times and logs every call; exports the server's state at scrape time."""
+
+    def __init__(self, state: Callable[[], Iterable[Any]] | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("method", "endpoint", "code")
+        self.requests = Counter("gradserve_requests", "Calls by method, endpoint and status",
+                                labels, registry=self.registry)
+        self.seconds = Histogram("gradserve_request_seconds", "Call duration in seconds",
+                                 ("method", "endpoint"), buckets=BUCKETS, registry=self.registry)
+        self.bytes = Counter("gradserve_tensor_bytes", "Tensor bytes moved, by direction and "
+                             "transport", ("method", "endpoint", "direction", "transport"),
+                             registry=self.registry)
+        self.inflight = Gauge("gradserve_inflight_calls", "Calls being handled now",
+                              ("method",), registry=self.registry)
+        self.recomputes = Counter("gradserve_residual_misses", "Vjps that recomputed: their "
+                                  "residual was gone", ("endpoint",), registry=self.registry)
+        if state is not None:
+            self.registry.register(_StateCollector(state))
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+
+    # -- serving ------------------------------------------------------------
+    def start(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (0: a free port); the port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http, self._thread = server, thread
+        bound: int = server.server_address[1]
+        return bound
+
+    def stop(self) -> None:
+        """Stop serving metrics."""
+        server, thread, self._http, self._thread = self._http, self._thread, None, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(5)
+
+    # -- calls --------------------------------------------------------------
+    @contextlib.contextmanager
+    def call(self, method: str, peer: str) -> Iterator[CallRecord]:
+        """Record one call (the handler fills in what it learns) until it ends."""
+        record = CallRecord(method, peer)
+        gauge = self.inflight.labels(method)
+        gauge.inc()
+        start = time.perf_counter()
+        try:
+            yield record
+        except BaseException:
+            if record.code == "OK":
+                record.code = "UNKNOWN"
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            gauge.dec()
+            self._count(record, elapsed)
+
+    def _count(self, r: CallRecord, elapsed: float) -> None:
+        endpoint = r.endpoint or "-"
+        self.requests.labels(r.method, endpoint, r.code).inc()
+        self.seconds.labels(r.method, endpoint).observe(elapsed)
+        if r.bytes_in:
+            self.bytes.labels(r.method, endpoint, "in", r.transport).inc(r.bytes_in)
+        if r.bytes_out:
+            self.bytes.labels(r.method, endpoint, "out", r.transport).inc(r.bytes_out)
+        failed = r.code != "OK"
+        if not access.isEnabledFor(logging.WARNING if failed else logging.INFO):
+            return
+        fields = {"method": r.method, "endpoint": endpoint, "status": r.code,
+                  "ms": round(elapsed * 1e3, 3), "bytes_in": r.bytes_in,
+                  "bytes_out": r.bytes_out, "transport": r.transport, "peer": r.peer,
+                  "token": r.principal or "-", **r.extra}
+        access.log(logging.WARNING if failed else logging.INFO, "%s",
+                   " ".join(f"{k}={v}" for k, v in fields.items()), extra={"call": fields})
+
+
+class _StateCollector(Collector):
+    """Reads what the server holds when Prometheus scrapes: ``state()`` yields metric
+    families."""
+
+    def __init__(self, state: Callable[[], Iterable[Any]]):
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        yield from self.state()
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+def gauge(name: str, text: str, value: float, labels: dict[str, str] | None = None
+          ) -> GaugeMetricFamily:
+    """A gauge family of one sample."""
+    family = GaugeMetricFamily(name, text, labels=list(labels or {}))
+    family.add_metric(list((labels or {}).values()), value)
+    return family
+
+
+def counter(name: str, text: str, samples: Iterable[tuple[dict[str, str], float]],
+            labels: tuple[str, ...]) -> CounterMetricFamily:
+    """A counter family from (labels, value) samples."""
+    family = CounterMetricFamily(name, text, labels=list(labels))
+    for values, value in samples:
+        family.add_metric([values[k] for k in labels], value)
+    return family

@@ -1,0 +1,117 @@
+"""What a server tells its operators: Prometheus metrics, access logs, errors in its log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import gradserve
+from gradserve.server import Server
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The metrics page as {series: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            found[series] = float(value)
+    return found
+
+
+def series(name: str, **labels: str) -> str:
+    """A series key as Prometheus prints it (labels sorted by name)."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}" if labels else name
+
+
+def raises(x: torch.Tensor) -> torch.Tensor:
+    raise ValueError("model failure for the log")
+
+
+@pytest.fixture
+def server() -> Server:
+    server = Server("127.0.0.1", 0, metrics_port=0)
+    server.add_torch("double", lambda x: x * 2, batchable=True)
+    server.add_torch("raises", raises)
+    server.start()
+    yield server
+    server.stop(grace=0)
+
+
+def test_metrics_count_time_and_size_calls_and_show_what_the_server_holds(server) -> None:
+    assert server.metrics_port
+    with gradserve.connect(server.address, transport="grpc") as client:
+        x = np.ones((4, 3), np.float32)
+        result = client.forward("double", (x,), need_vjp=True)
+        with pytest.raises(gradserve.InvalidArgument):
+            client.forward("double", ())
+        server.residuals.release([result.residual.id])          # evicted, say
+        client.vjp(result.residual, np.ones((4, 3), np.float32))  # recomputes
+        found = scrape(server.metrics_port)
+        ok = series("gradserve_requests_total", code="OK", endpoint="double",
+                    method="ForwardUnary")
+        assert found[ok] == 1
+        assert found[series("gradserve_requests_total", code="INVALID_ARGUMENT",
+                            endpoint="double", method="ForwardUnary")] == 1
+        assert found[series("gradserve_request_seconds_count", endpoint="double",
+                            method="ForwardUnary")] == 2
+        assert found[series("gradserve_tensor_bytes_total", direction="in", endpoint="double",
+                            method="ForwardUnary", transport="grpc")] == 48
+        assert found[series("gradserve_tensor_bytes_total", direction="out", endpoint="double",
+                            method="ForwardUnary", transport="grpc")] == 48
+        assert found[series("gradserve_residual_misses_total", endpoint="double")] == 1
+        assert found[series("gradserve_batch_runs_total", endpoint="double", kind="forward")] == 1
+        assert found["gradserve_residuals"] == 0
+        client.forward("double", (x,), need_vjp=True)   # a residual kept, a run more
+        again = scrape(server.metrics_port)
+        assert again[ok] == 2
+        assert again["gradserve_residuals"] == 1
+        assert again["gradserve_residual_bytes"] > 0
+        assert again[series("gradserve_batch_runs_total", endpoint="double", kind="forward")] == 2
+        assert again[series("gradserve_inflight_calls", method="ForwardUnary")] == 0
+
+
+def test_every_call_is_logged_once_and_failures_with_their_reason(server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gradserve")
+    with gradserve.connect(server.address, transport="grpc") as client:
+        client.forward("double", (np.ones(2, np.float32),))
+        with pytest.raises(gradserve.Internal) as info:
+            client.forward("raises", (np.ones(2, np.float32),))
+    assert "Traceback" not in str(info.value)           # the client gets no traceback...
+    access = [r for r in caplog.records if r.name == "gradserve.access"]
+    forwards = [r for r in access if r.call["method"] == "ForwardUnary"]
+    assert [(r.call["endpoint"], r.call["status"], r.levelname) for r in forwards] == [
+        ("double", "OK", "INFO"), ("raises", "INTERNAL", "WARNING")]
+    assert forwards[0].getMessage().startswith("method=ForwardUnary endpoint=double status=OK ms=")
+    assert forwards[0].call["bytes_in"] == 8 and forwards[0].call["transport"] == "grpc"
+    assert "model failure for the log" in forwards[1].call["error"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "raises" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None   # ...the server's log does
+
+
+def test_json_log_lines_carry_the_call_fields() -> None:
+    from gradserve.server.cli import JsonFormatter
+    record = logging.LogRecord("gradserve.access", logging.INFO, __file__, 1, "%s",
+                               ("method=Describe",), None)
+    record.call = {"method": "Describe", "status": "OK", "ms": 0.5}
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["logger"], line["level"], line["message"], line["method"], line["ms"]) == (
+        "gradserve.access", "INFO", "method=Describe", "Describe", 0.5)
+
+
+def test_stop_closes_the_metrics_port() -> None:
+    server = Server("127.0.0.1", 0, metrics_port=0).start()
+    port = server.metrics_port
+    assert port and "gradserve_sessions 0.0" in urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    server.stop(grace=0)
+    assert server.metrics_port is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
