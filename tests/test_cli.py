@@ -37,6 +37,7 @@ def test_module_function_dict_and_factory_targets() -> None:
     ("no-colon", "must look like module:attr"),
     (f"{HERE}/missing.py:x", "no such file"),
     (f"{TARGETS}:missing", "has no attribute 'missing'"),
+    ("no_such_package.models:x", "no module named 'no_such_package'"),
 ])
 def test_bad_targets_exit_with_a_message(target, message) -> None:
     with pytest.raises(SystemExit, match=message):
@@ -84,6 +85,12 @@ def test_serve_list_health_reflection_and_sigterm() -> None:
 
         listing = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "list", address],
                                  capture_output=True, text=True, timeout=60)
+        closed = subprocess.run(   # stdout a pipe whose reader is gone, as `| head -1` leaves it
+            [sys.executable, "-c", "import os, sys; r, w = os.pipe(); os.close(r); "
+             "os.dup2(w, 1); from gradserve.server.cli import main; "
+             f"sys.exit(main(['list', '{address}']))"],
+            capture_output=True, text=True, timeout=60)
+        assert (closed.returncode, closed.stderr) == (0, "")
         assert listing.returncode == 0, listing.stderr
         assert "lin(input: torch.Tensor) -> torch.Tensor  [torch on cpu]" in listing.stdout
         assert "square(x)  [torch on cpu]" in listing.stdout

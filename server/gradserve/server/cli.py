@@ -42,7 +42,13 @@ def load_target(target: str) -> tuple[str, Any]:
         spec.loader.exec_module(module)
     else:
         sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(module_ref)
+        try:
+            module = importlib.import_module(module_ref)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module_ref.startswith(err.name):
+                raise   # the target exists: an import inside it failed, show where
+            raise SystemExit(f"gradserve: no module named {err.name!r} (TARGET "
+                             f"{target!r}; is it installed, or on PYTHONPATH?)") from None
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -329,15 +335,19 @@ def _size(n: int) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
     from gradserve import __version__
-    p = argparse.ArgumentParser(prog="gradserve", description=__doc__)
+    p = argparse.ArgumentParser(prog="gradserve", description=(
+        "Serve PyTorch and JAX models as differentiable functions over gRPC: `gradserve "
+        "serve TARGET` hosts them, `gradserve list` shows a server's endpoints, `gradserve "
+        "bench` loads one and measures it."))
     p.add_argument("--version", action="version", version=f"gradserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model or function as differentiable endpoints")
     s.add_argument("target", help="module:attr or path/file.py:attr (module, function, "
                                   "Endpoint, dict of those, or a factory)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=50051, help="port (default: 50051)")
+    s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     s.add_argument("--name", default=None, help="endpoint name for a single model (default: attr)")
     defaults = inspect.signature(Server).parameters
     for option, kind, text in SERVER_OPTIONS:
@@ -350,7 +360,8 @@ def parser() -> argparse.ArgumentParser:
                         "(for Kubernetes probes; default: the main port only)")
     s.add_argument("--reuse-port", action="store_true",
                    help="share the port with servers already listening there")
-    s.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on shutdown")
+    s.add_argument("--grace", type=float, default=5.0,
+                   help="seconds to finish calls on shutdown (default: 5)")
     s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
     s.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text or as one JSON object each (default: text)")
@@ -366,7 +377,8 @@ def parser() -> argparse.ArgumentParser:
                         "[sessions=yes|no]); health checks stay open")
     s.set_defaults(run=serve)
     ls = sub.add_parser("list", help="list a server's endpoints and signatures")
-    ls.add_argument("address", help="host:port")
+    ls.add_argument("address", nargs="?", default="127.0.0.1:50051",
+                    help="host:port (default: 127.0.0.1:50051)")
     ls.add_argument("--timeout", type=float, default=10.0)
     _client_flags(ls)
     ls.set_defaults(run=list_endpoints)
@@ -428,6 +440,17 @@ def configure_logging(json_lines: bool = False, verbose: bool = False,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit status."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()   # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:   # `gradserve list | head -1`: the reader left, nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # so the interpreter's final flush is quiet
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     configure_logging(getattr(args, "log_format", "text") == "json",
                       getattr(args, "verbose", False),
