@@ -151,3 +151,17 @@ def test_session_settings_and_call_limits_are_the_servers_keywords() -> None:
         if f.name != "owner":   # made per server
             assert f.default == keywords[f.name].default, f.name
     assert {f.name for f in dataclasses.fields(Limits)} <= set(keywords)
+
+
+def test_every_serve_flag_can_come_from_the_environment(monkeypatch, capsys) -> None:
+    from gradserve.server.cli import main, parser
+    monkeypatch.setenv("GRADSERVE_MAX_BATCH", "7")
+    monkeypatch.setenv("GRADSERVE_MAX_RESIDUAL_BYTES", "1GiB")
+    monkeypatch.setenv("GRADSERVE_REUSE_PORT", "yes")
+    monkeypatch.setenv("GRADSERVE_TLS_CERT", "/etc/tls/tls.crt")
+    args = parser().parse_args(["serve", "m:x", "--max-batch", "9"])
+    assert (args.max_batch, args.max_residual_bytes, args.reuse_port, args.tls_cert) == (
+        9, 1 << 30, True, "/etc/tls/tls.crt")            # a flag on the command line wins
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "[$GRADSERVE_MAX_DELAY]" in capsys.readouterr().out.replace("\n", " ")

@@ -153,3 +153,16 @@ def test_dockerfiles_install_extras_the_package_defines():
             assert set(group.split(",")) <= extras, (dockerfile, group)
     assert "cuda" in re.search(r"gradserve-\*\.whl\)\[([^\]]+)\]",
                                (DEPLOY / "Dockerfile.gpu").read_text()).group(1)
+
+
+def test_the_manifests_gradserve_variables_set_real_flags(monkeypatch):
+    cli = pytest.importorskip("gradserve.server.cli")
+    env = dict(re.findall(r"- name: (GRADSERVE_\w+)\n\s+value: \"([^\"]*)\"", MANIFEST.read_text()))
+    assert set(env) >= {"GRADSERVE_WORKERS", "GRADSERVE_MAX_RESIDUAL_BYTES", "GRADSERVE_GRACE"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = vars(cli.parser().parse_args(["serve", *manifest_args()]))
+    for name, value in env.items():
+        dest = name.removeprefix("GRADSERVE_").lower()
+        assert dest in args, f"{name} names no flag"
+        assert str(args[dest]) == value or args[dest] == cli._byte_size(value)

@@ -332,6 +332,29 @@ def _size(n: int) -> str:
     return str(n)
 
 
+#: Environment variables name flags so: ``--max-batch`` is ``GRADSERVE_MAX_BATCH``.
+ENV_PREFIX = "GRADSERVE_"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_defaults(p: argparse.ArgumentParser) -> None:
+    """Let every ``--flag`` of ``p`` take its default from ``$GRADSERVE_FLAG`` (a flag on the
+    command line still wins); the help says which variable."""
+    for action in p._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        name = ENV_PREFIX + flags[0][2:].replace("-", "_").upper()
+        action.help = f"{action.help or ''} [${name}]".strip()
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in _TRUE
+        else:
+            action.default = value   # argparse passes string defaults through ``type``
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
     from gradserve import __version__
@@ -375,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
                    help="accept only calls carrying a token of this file (one per line: "
                         "TOKEN [name=N] [endpoints=a,b|*] [parameters=yes|no] "
                         "[sessions=yes|no]); health checks stay open")
+    _env_defaults(s)
     s.set_defaults(run=serve)
     ls = sub.add_parser("list", help="list a server's endpoints and signatures")
     ls.add_argument("address", nargs="?", default="127.0.0.1:50051",
