@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,13 +70,19 @@ def test_metrics_count_time_and_size_calls_and_show_what_the_server_holds(server
         assert found[series("gradserve_residual_misses_total", endpoint="double")] == 1
         assert found[series("gradserve_batch_runs_total", endpoint="double", kind="forward")] == 1
         assert found["gradserve_residuals"] == 0
-        client.forward("double", (x,), need_vjp=True)   # a residual kept, a run more
+        kept = client.forward("double", (x,), need_vjp=True)   # a residual kept, a run more
+        with pytest.raises(gradserve.NotFound):
+            client.describe("made-up-" + "x" * 10_000)
         again = scrape(server.metrics_port)
+        # names no endpoint has are one label value: made-up ones cannot grow the series
+        assert again[series("gradserve_requests_total", code="NOT_FOUND", endpoint="?",
+                            method="Describe")] == 1
         assert again[ok] == 2
         assert again["gradserve_residuals"] == 1
         assert again["gradserve_residual_bytes"] > 0
         assert again[series("gradserve_batch_runs_total", endpoint="double", kind="forward")] == 2
         assert again[series("gradserve_inflight_calls", method="ForwardUnary")] == 0
+        assert kept.residual is not None
 
 
 def test_every_call_is_logged_once_and_failures_with_their_reason(server, caplog) -> None:
@@ -115,3 +122,39 @@ def test_stop_closes_the_metrics_port() -> None:
     assert server.metrics_port is None
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_errors_carry_the_standard_rich_status(server) -> None:
+    import grpc
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from gradserve.v1 import gradserve_pb2 as pb
+    from helpers import raw
+
+    def failure(request: pb.ForwardRequest | pb.VjpRequest, method: str) -> tuple[Any, ...]:
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(raw(server), method)(request, timeout=10)
+        status = rpc_status.from_call(info.value)
+        assert status is not None and status.code == info.value.code().value[0]
+        found = {}
+        for detail in status.details:
+            for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+                if detail.Is(kind.DESCRIPTOR):
+                    found[kind.__name__] = kind()
+                    detail.Unpack(found[kind.__name__])
+        return info.value, found
+
+    bad = pb.ForwardRequest(endpoint="double", args=pb.Value(tuple_value=pb.Sequence(items=[
+        pb.Value(tensor=pb.Tensor(dtype=pb.INT64, shape=[2], data=bytes(16),
+                                  requires_grad=True))])))
+    err, details = failure(bad, "ForwardUnary")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (details["ErrorInfo"].reason, details["ErrorInfo"].domain) == (
+        "INVALID_ARGUMENT", "gradserve.v1")
+    violation = details["BadRequest"].field_violations[0]
+    assert violation.field == "args[0]"
+    assert violation.description.startswith("requires_grad on a int64 tensor")
+    err, details = failure(pb.VjpRequest(endpoint="double", residual_id="gone"), "VjpUnary")
+    assert details["ErrorInfo"].reason == "RESIDUAL_MISSING" and "BadRequest" not in details
+    assert ("gradserve-reason", "residual-missing") in err.trailing_metadata()

@@ -48,7 +48,8 @@ def shown(text: str, limit: int = 64) -> str:
 
 #: Most bytes a status message may take once percent-encoded in gRPC's trailers (whose
 #: limit is 8 KiB: a longer one turns the status into RESOURCE_EXHAUSTED and drops them).
-MAX_STATUS_BYTES = 6000
+#: The message travels twice (``grpc-message``, and base64 in ``grpc-status-details-bin``).
+MAX_STATUS_BYTES = 2500
 
 
 def clip_status(message: str, limit: int = MAX_STATUS_BYTES) -> str:

@@ -42,6 +42,11 @@ class Registry:
                           f"no endpoint named {shown(name)}; this server has: "
                           f"{', '.join(known) or 'none'}")
 
+    def has(self, name: str) -> bool:
+        """Whether an endpoint is called ``name``."""
+        with self._lock:
+            return name in self._endpoints
+
     def all(self) -> list[Endpoint]:
         """Every endpoint, in registration order."""
         with self._lock:

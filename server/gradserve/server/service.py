@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import threading
 import time
 import traceback
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import grpc
+import google.rpc.error_details_pb2 as error_details_pb2
+import google.rpc.status_pb2 as status_pb2
+from grpc_status import rpc_status
 
 from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, clip_status, invalid, \
     shown
@@ -170,6 +174,42 @@ class InFlight:
             return self._held
 
 
+#: The ``ErrorInfo.domain`` of gradserve's errors.
+ERROR_DOMAIN = "gradserve.v1"
+#: Where an INVALID_ARGUMENT message names the field it is about: ``args[0]: ...``,
+#: ``parameters['0.weight']: ...``, ``argument 'x': ...``.
+_FIELD = re.compile(r"^((?:args|kwargs|parameters|cotangents|inputs)\S*?|argument '[^']+'): (.+)",
+                    re.S)
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def rich_status(failure: StatusError) -> grpc.Status:
+    """``failure`` as the standard rich error model (``google.rpc.Status`` with an
+    ``ErrorInfo``, and a ``BadRequest.FieldViolation`` naming the argument where the
+    message does) plus gradserve's own ``gradserve-reason`` trailer."""
+    message = clip_status(failure.message)
+    detail = status_pb2.Status(code=failure.code.value[0], message=message)
+    reason = (failure.reason or failure.code.name).upper().replace("-", "_")
+    detail.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    found = _FIELD.match(failure.message)
+    if failure.code == grpc.StatusCode.INVALID_ARGUMENT and found:
+        detail.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=clip_status(found.group(1), 200),
+                description=clip_status(found.group(2), 500))]))
+    standard = rpc_status.to_status(detail)
+    trailers = tuple(standard.trailing_metadata)
+    if failure.reason:
+        trailers += ((REASON_KEY, failure.reason),)
+    return _Status(standard.code, standard.details, trailers)
+
+
 class GradserveService(pb_grpc.GradserveServicer):
     """The RPC handlers."""
 
@@ -214,6 +254,11 @@ class GradserveService(pb_grpc.GradserveServicer):
         if self.auth is not None:
             return self.owner(context)
         return str(context.peer())
+
+    def _known(self, name: str) -> str:
+        """``name`` if this server hosts such an endpoint, else "?": what metrics and logs
+        show (a client's made-up names must not grow them)."""
+        return name if name and self.registry.has(name) else ("?" if name else "")
 
     def _allow(self, context: grpc.ServicerContext, *, endpoint: str | None = None,
                parameters: bool = False, sessions: bool = False) -> None:
@@ -515,7 +560,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         """Run a read request (the model among at most ``workers`` runs at once); its reply
         header, or None when its client left. What a large call made, its request and its
         payloads are freed in the background, not while the client waits."""
-        call.endpoint = request.endpoint
+        call.endpoint = self._known(request.endpoint)
         call.bytes_in = reader.nbytes
         if reader.slots is not None:
             call.transport = "+".join(t.name for t in reader.slots.transports)
@@ -579,7 +624,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         adds what it learns to the record it gets), aborting the RPC with the right status
         on failure."""
         with self.observer.call(method, context.peer()) as call:
-            call.endpoint = endpoint
+            call.endpoint = self._known(endpoint)
             if self.auth is not None:
                 token = self.auth.find(context.invocation_metadata())
                 call.principal = token.name if token is not None else ""
@@ -602,6 +647,4 @@ class GradserveService(pb_grpc.GradserveServicer):
             if failure is not None:
                 call.code = failure.code.name
                 call.extra["error"] = clip_status(failure.message.splitlines()[0], 200)
-                if failure.reason:
-                    context.set_trailing_metadata(((REASON_KEY, failure.reason),))
-                context.abort(failure.code, clip_status(failure.message))
+                context.abort_with_status(rich_status(failure))
