@@ -129,13 +129,13 @@ def test_every_limit_is_a_flag_with_the_servers_default() -> None:
             args.reuse_port) == (3, 1 << 30, 0.5, True)
     defaults = parser().parse_args(["serve", "m:x"])
     keywords = {name: p.default for name, p in inspect.signature(Server).parameters.items()
-                if name not in ("host", "port", "debug", "tls", "auth")}   # tls, auth: below
+                if name not in ("host", "port", "debug", "tls", "auth", "tracing")}  # below
     assert {option for option, _, _ in SERVER_OPTIONS} | {"health_port", "reuse_port"} == \
         set(keywords)
     for option, default in keywords.items():
         assert getattr(defaults, option) == default
     assert (defaults.tls_cert, defaults.tls_key, defaults.tls_client_ca,
-            defaults.auth_token_file) == (None, None, None, None)
+            defaults.auth_token_file, defaults.otel) == (None, None, None, None, False)
 
 
 def test_session_settings_and_call_limits_are_the_servers_keywords() -> None:

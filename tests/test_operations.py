@@ -158,3 +158,30 @@ def test_errors_carry_the_standard_rich_status(server) -> None:
     err, details = failure(pb.VjpRequest(endpoint="double", residual_id="gone"), "VjpUnary")
     assert details["ErrorInfo"].reason == "RESIDUAL_MISSING" and "BadRequest" not in details
     assert ("gradserve-reason", "residual-missing") in err.trailing_metadata()
+
+
+def test_tracing_spans_each_call_and_links_a_vjp_to_its_forward() -> None:
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = Server("127.0.0.1", 0, tracing=provider)
+    server.add_torch("double", lambda x: x * 2)
+    server.start()
+    try:
+        with gradserve.connect(server.address, transport="grpc") as client:
+            result = client.forward("double", (np.ones(3, np.float32),), need_vjp=True)
+            client.vjp(result.residual, np.ones(3, np.float32))
+            streamed = np.ones(1 << 19, np.float32)   # 2 MiB: over a chunk, it streams
+            client.forward("double", (streamed,))
+    finally:
+        server.stop(grace=0)
+    spans = {s.name.rsplit("/", 1)[-1]: s for s in exporter.get_finished_spans()}
+    forward, vjp = spans["ForwardUnary"], spans["VjpUnary"]
+    assert forward.attributes["gradserve.endpoint"] == "double"
+    assert forward.attributes["gradserve.residual"] == vjp.attributes["gradserve.residual"]
+    assert result.residual.id not in str(forward.attributes)   # a digest, not the secret id
+    assert "Forward" in spans                                    # streaming calls too

@@ -111,6 +111,7 @@ def serve(args: argparse.Namespace) -> int:
         auth = Tokens.load(args.auth_token_file) if args.auth_token_file else None
         server = Server(args.host, args.port, debug=args.debug, reuse_port=args.reuse_port,
                         health_port=args.health_port, tls=tls, auth=auth,
+                        tracing=tracer_provider() if args.otel else None,
                         **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
     except ValueError as err:
         raise SystemExit(f"gradserve: {err}") from None
@@ -138,6 +139,31 @@ def serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def tracer_provider() -> Any:
+    """An OpenTelemetry tracer provider for ``--otel``: spans go to the OTLP exporter
+    (configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables) where it is installed,
+    else to the console. SystemExit naming the extra if OpenTelemetry is missing."""
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        raise SystemExit("gradserve: --otel needs OpenTelemetry: pip install "
+                         "'gradserve[otel]'") from None
+    exporter: Any
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    except ImportError:
+        log.warning("--otel: no OTLP exporter installed (opentelemetry-exporter-otlp); "
+                    "spans go to the console")
+        exporter = ConsoleSpanExporter()
+    provider = TracerProvider(resource=Resource.create({
+        "service.name": os.environ.get("OTEL_SERVICE_NAME", "gradserve")}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
 
 
 def list_endpoints(args: argparse.Namespace) -> int:
@@ -390,6 +416,9 @@ def parser() -> argparse.ArgumentParser:
                    help="log lines as text or as one JSON object each (default: text)")
     s.add_argument("--verbose", action="store_true",
                    help="log other libraries too, and everything at DEBUG")
+    s.add_argument("--otel", action="store_true",
+                   help="trace every call with OpenTelemetry (the otel extra; OTLP exporter "
+                        "where installed, set by the OTEL_* variables)")
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", default=None,

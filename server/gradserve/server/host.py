@@ -16,7 +16,7 @@ from gradserve.security import TLSConfig
 from gradserve.server.auth import AuthInterceptor, Tokens
 from gradserve.server.endpoint import Endpoint, build_endpoint
 from gradserve.server.health_port import HealthPort
-from gradserve.server.metrics import Observer, counter, gauge
+from gradserve.server.metrics import Observer, counter, gauge, tracing_interceptor
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.service import GradserveService, Limits
@@ -77,7 +77,9 @@ class Server:
     tokens, each within its scopes (the health service stays open, and so does
     ``health_port``, which serves nothing else, in plaintext: kubelet probes speak no TLS).
     ``metrics_port`` serves Prometheus metrics over HTTP from ``start`` (0: a free port,
-    read back from ``metrics_port``; None: none). ``max_request_values`` bounds the pytree
+    read back from ``metrics_port``; None: none). ``tracing`` (True: OpenTelemetry's
+    global tracer provider; or a ``TracerProvider``) traces every call (the ``otel``
+    extra). ``max_request_values`` bounds the pytree
     nodes (tensors, scalars, containers) of one request. ``stop`` returns within its grace
     plus ``STOP_SECONDS`` whatever the clients do.
 
@@ -101,7 +103,7 @@ class Server:
                  max_request_values: int = 10_000, max_batch: int = DEFAULT_MAX_BATCH,
                  max_delay: float = DEFAULT_MAX_DELAY, tls: TLSConfig | None = None,
                  auth: Tokens | None = None, metrics_port: int | None = None,
-                 reuse_port: bool = False, debug: bool = False):
+                 tracing: Any = None, reuse_port: bool = False, debug: bool = False):
         self.host = host
         self.debug = debug
         #: dynamic batching defaults of batchable endpoints (``add`` may override them)
@@ -134,8 +136,12 @@ class Server:
         # one); the model runs in at most `workers` of them at once
         self._executor = futures.ThreadPoolExecutor(
             max_workers=max_streams + CONTROL_CALLS + 2, thread_name_prefix="gradserve")
-        self._grpc = grpc.server(self._executor,
-                                 interceptors=[AuthInterceptor(auth)] if auth else None,
+        interceptors: list[grpc.ServerInterceptor] = []
+        if tracing:   # outermost: refused calls are traced too
+            interceptors.append(tracing_interceptor(tracing))
+        if auth is not None:
+            interceptors.append(AuthInterceptor(auth))
+        self._grpc = grpc.server(self._executor, interceptors=interceptors or None,
                                  maximum_concurrent_rpcs=max_streams + CONTROL_CALLS, options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),

@@ -13,6 +13,7 @@ on their own HTTP port (``Server(metrics_port=...)``) by ``prometheus_client``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -134,6 +135,32 @@ class _StateCollector(Collector):
 
     def describe(self) -> Iterable[Any]:
         return []
+
+
+def tracing_interceptor(tracing: Any) -> Any:
+    """OpenTelemetry's gRPC server interceptor: a span per call, from ``tracing`` (True: the
+    global tracer provider; else the ``TracerProvider`` to use). ImportError naming the
+    extra if OpenTelemetry is not installed."""
+    try:
+        from opentelemetry.instrumentation.grpc import server_interceptor
+    except ImportError as err:
+        raise ImportError("tracing needs OpenTelemetry: pip install 'gradserve[otel]'") from err
+    return server_interceptor(tracer_provider=None if tracing is True else tracing)
+
+
+def trace_call(endpoint: str, residual_id: str) -> None:
+    """Tag the current span (if tracing) with the endpoint and a digest of the residual id:
+    a Vjp's span and its Forward's share it, and the id itself (a secret) stays out."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("gradserve.endpoint", endpoint)
+        if residual_id:
+            digest = hashlib.sha256(residual_id.encode()).hexdigest()[:16]
+            span.set_attribute("gradserve.residual", digest)
 
 
 def gauge(name: str, text: str, value: float, labels: dict[str, str] | None = None

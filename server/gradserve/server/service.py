@@ -29,7 +29,7 @@ from gradserve.security import CLIENT_KEY
 from gradserve.server.auth import Tokens
 from gradserve.server.batching import Batcher, Recorder, is_share
 from gradserve.server.endpoint import Endpoint, Residual
-from gradserve.server.metrics import CallRecord, Observer
+from gradserve.server.metrics import CallRecord, Observer, trace_call
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.sessions import ServerSession, SessionManager
@@ -424,6 +424,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         if rid and slots is not None and slots.closed:   # it ended while this ran
             self.residuals.release([rid], owner)
             rid = ""
+        trace_call(endpoint.name, rid)
         reply = pb.ForwardResponse(residual_id=rid)
         codec.encode_into(reply.outputs, made.outputs, writer, path="outputs")
         return reply, made
@@ -433,6 +434,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         """The body of Vjp and VjpUnary."""
         self._allow(context, endpoint=request.endpoint)
         endpoint = self.registry.get(request.endpoint)
+        trace_call(endpoint.name, request.residual_id)
         residual = self._residual_for(endpoint, request, reader, context)
         cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
         batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
