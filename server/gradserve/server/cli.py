@@ -153,9 +153,9 @@ def tracer_provider() -> Any:
         raise SystemExit("gradserve: --otel needs OpenTelemetry: pip install "
                          "'gradserve[otel]'") from None
     exporter: Any
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        exporter = OTLPSpanExporter()
+    try:   # optional: not a dependency of the otel extra
+        otlp = importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+        exporter = otlp.OTLPSpanExporter()
     except ImportError:
         log.warning("--otel: no OTLP exporter installed (opentelemetry-exporter-otlp); "
                     "spans go to the console")
