@@ -82,6 +82,13 @@ def test_serve_list_health_reflection_and_sigterm() -> None:
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         services = {s.name for r in replies for s in r.list_services_response.service}
         assert {"gradserve.v1.Gradserve", "grpc.health.v1.Health"} <= services
+        v1 = channel.stream_stream(   # the current protocol: v1alpha's messages, renamed
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        replies = v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        assert {"gradserve.v1.Gradserve", "grpc.reflection.v1.ServerReflection"} <= {
+            s.name for r in replies for s in r.list_services_response.service}
 
         listing = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "list", address],
                                  capture_output=True, text=True, timeout=60)

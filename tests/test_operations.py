@@ -185,3 +185,23 @@ def test_tracing_spans_each_call_and_links_a_vjp_to_its_forward() -> None:
     assert forward.attributes["gradserve.residual"] == vjp.attributes["gradserve.residual"]
     assert result.residual.id not in str(forward.attributes)   # a digest, not the secret id
     assert "Forward" in spans                                    # streaming calls too
+
+
+def test_a_model_fake_tensors_cannot_trace_logs_one_debug_line(caplog) -> None:
+    def data_dependent(x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.sum().item() > 0)      # .item() has no fake value
+
+    server = Server("127.0.0.1", 0)
+    server.add_torch("dd", data_dependent)
+    server.start()
+    caplog.set_level(logging.DEBUG)
+    try:
+        with gradserve.connect(server.address, transport="grpc") as client:
+            types = client.signature("dd", (gradserve.TensorType((3,), "float32"),))
+        assert types == gradserve.TensorType((3,), "float32")    # from the dry run on zeros
+    finally:
+        server.stop(grace=0)
+    noisy = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert noisy == []
+    said = [r for r in caplog.records if "cannot be traced with fake tensors" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "DEBUG" and said[0].exc_info is None

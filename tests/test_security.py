@@ -273,3 +273,38 @@ def test_with_tokens_ownership_follows_the_token(started, tmp_path) -> None:
         assert np.frombuffer(grads.args.tuple_value.items[0].tensor.data, np.float32).tolist() \
             == [2.0, 2.0, 2.0, 2.0]                     # the same token: the same principal
 
+
+
+def test_the_examples_call_a_tls_and_token_server_from_the_environment(certs, tmp_path,
+                                                                        monkeypatch) -> None:
+    """The README's walk-through: a TLS + token server, and an unchanged example calling it
+    with $GRADSERVE_TLS_CA and $GRADSERVE_TOKEN."""
+    import os
+    import subprocess
+    import sys
+
+    from gradserve.server.models.digits import endpoints
+
+    server = Server("127.0.0.1", 0, tls=TLSConfig(cert=certs.server_cert, key=certs.server_key),
+                    auth=tokens(tmp_path))
+    for name, endpoint in endpoints().items():
+        server.add(name, endpoint)
+    server.start()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GRADSERVE_TLS_CA=str(certs.ca), GRADSERVE_TOKEN=TRAINER)
+    try:
+        done = subprocess.run([sys.executable, str(root / "examples" / "saliency.py"),
+                               "--address", server.address, "--index", "13"], env=env,
+                              cwd=root, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "true label 0, predicted 0" in done.stdout
+        monkeypatch.setenv("GRADSERVE_TLS_CA", str(certs.ca))   # connect() reads it too
+        monkeypatch.setenv("GRADSERVE_TOKEN", TRAINER)
+        with gradserve.connect(server.address) as client:
+            assert client.tls == TLSConfig(ca=str(certs.ca))
+            assert [e.name for e in client.endpoints()] == ["digits"]
+        with gradserve.connect(server.address, tls=False, timeout=5) as plain:
+            with pytest.raises(gradserve.Unavailable):          # tls=False: plaintext
+                plain.endpoints()
+    finally:
+        server.stop(grace=0)

@@ -77,8 +77,18 @@ class TLSConfig:
         return [("grpc.ssl_target_name_override", self.server_name)]
 
 
+#: What a client reads when ``connect`` is given no ``tls=``: the CA to verify the server
+#: with (TLS is on when it is set), the name to verify, and a client certificate and key.
+TLS_ENV = {"ca": "GRADSERVE_TLS_CA", "server_name": "GRADSERVE_TLS_SERVER_NAME",
+           "cert": "GRADSERVE_TLS_CLIENT_CERT", "key": "GRADSERVE_TLS_CLIENT_KEY"}
+
+
 def tls_config(tls: bool | TLSConfig | None) -> TLSConfig | None:
-    """``connect``'s ``tls=`` as a configuration (True: the system's roots; False/None: none)."""
+    """``connect``'s ``tls=`` as a configuration: True, the system's roots; False, none;
+    None, from ``$GRADSERVE_TLS_CA`` (and the other ``TLS_ENV`` variables) if it is set."""
+    if tls is None:
+        found = {key: os.environ.get(name) or None for key, name in TLS_ENV.items()}
+        return TLSConfig(**found) if found["ca"] else None
     if tls is True:
         return TLSConfig()
     return tls or None

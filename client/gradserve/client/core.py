@@ -120,8 +120,9 @@ class Client:
     backward whose server is unavailable is re-sent (with its inputs) until its
     deadline, or for ``retry_seconds`` where it has none. ``tls`` (True: verify the
     server against the system's roots; a ``TLSConfig``: a CA, a client certificate for
-    mutual TLS, the name to verify) opens a TLS channel; ``token`` (default
-    ``$GRADSERVE_TOKEN``) is sent with every call as ``authorization: Bearer <token>``.
+    mutual TLS, the name to verify; None: ``$GRADSERVE_TLS_CA`` and its companions if
+    set; False: plaintext) opens a TLS channel; ``token`` (default ``$GRADSERVE_TOKEN``)
+    is sent with every call as ``authorization: Bearer <token>``.
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,

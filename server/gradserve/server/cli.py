@@ -188,7 +188,7 @@ def list_endpoints(args: argparse.Namespace) -> int:
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
     """``connect`` keywords from a client command's TLS and token flags."""
-    tls: bool | TLSConfig = bool(args.tls)
+    tls: bool | TLSConfig | None = True if args.tls else None   # None: from $GRADSERVE_TLS_*
     if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
         tls = TLSConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
                         server_name=args.tls_server_name)

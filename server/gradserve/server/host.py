@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from gradserve.security import TLSConfig
 from gradserve.server.auth import AuthInterceptor, Tokens
@@ -149,8 +149,7 @@ class Server:
         pb_grpc.add_GradserveServicer_to_server(self.service, self._grpc)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        _serve_reflection(self._grpc, (SERVICE_NAME, health.SERVICE_NAME))
         self.port = _bind(self._grpc, host, port, credentials)
         self._health_port = (HealthPort(host, health_port, reuse_port)
                              if health_port is not None else None)
@@ -301,6 +300,23 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+#: The reflection service's current name; grpcio-reflection serves only v1alpha's.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Serve reflection as ``grpc.reflection.v1`` and ``v1alpha``: one servicer, since the
+    two protocols' messages are the same on the wire (v1 renamed only the package)."""
+    servicer = reflection.ReflectionServicer(
+        (*services, reflection.SERVICE_NAME, REFLECTION_V1))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
 
 
 def _bind(server: grpc.Server, host: str, port: int,

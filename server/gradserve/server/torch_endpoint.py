@@ -189,7 +189,7 @@ class TorchEndpoint(Endpoint):
             return FROM_CODE[dtypes.code_of(t.dtype)]
 
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True), _quiet(_FAKE_LOGGERS):
+            with FakeTensorMode(allow_non_fake_inputs=True):
                 outputs = run_with(lambda t: torch.empty(t.shape, dtype=dtype(t),
                                                          device=self.device))
         except Exception as err:
@@ -219,26 +219,6 @@ class TorchEndpoint(Endpoint):
                 replica = self._replicas.module = _shared_replica(self.module)
             return torch.func.functional_call(replica, parameters, args, kwargs)
         return self.fn(*args, **kwargs)
-
-
-#: torch's loggers that report a failed fake-tensor trace with tracebacks at ERROR: a failed
-#: trace is expected here (the dry run on zeros follows), so they are quieted during it.
-_FAKE_LOGGERS = ("torch._subclasses.fake_tensor", "torch._subclasses.fake_impls",
-                 "torch.fx.experimental.symbolic_shapes")
-
-
-@contextlib.contextmanager
-def _quiet(names: tuple[str, ...]) -> Iterator[None]:
-    """Silence the named loggers below CRITICAL while the block runs."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _shared_replica(module: torch.nn.Module,
