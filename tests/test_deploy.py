@@ -66,8 +66,9 @@ def test_image_runs_gradserve_serve_on_the_port(dockerfile):
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert int(cmd[cmd.index("--port") + 1]) == PORT
     assert int(cmd[cmd.index("--health-port") + 1]) == HEALTH_PORT
+    assert int(cmd[cmd.index("--metrics-port") + 1]) == METRICS_PORT
     assert [int(p) for p in " ".join(instruction(dockerfile, "EXPOSE")).split()] == \
-        [PORT, HEALTH_PORT]
+        [PORT, HEALTH_PORT, METRICS_PORT]
     assert re.search(r"^USER\s+(?!0\b|root\b)\S+", (DEPLOY / dockerfile).read_text(), re.M)
     if dockerfile == "Dockerfile.gpu":
         assert cmd[cmd.index("--device") + 1].startswith("cuda")
@@ -118,6 +119,7 @@ def test_cli_accepts_the_deployed_arguments(source):
     argv = manifest_args() if source == "manifest" else exec_form(source, "CMD")
     args = cli.parser().parse_args(["serve", *argv])  # SystemExit(2) on an unknown flag
     assert args.port == PORT and args.host == "0.0.0.0"
+    assert args.metrics_port == METRICS_PORT   # metrics on in the container
     if source == "manifest":
         assert args.max_residual_bytes > 0 and args.residual_ttl > 0 and args.workers > 0
 
