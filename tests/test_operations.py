@@ -195,6 +195,7 @@ def test_a_model_fake_tensors_cannot_trace_logs_one_debug_line(caplog) -> None:
     server.add_torch("dd", data_dependent)
     server.start()
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="gradserve")   # whatever a CLI test left it at
     try:
         with gradserve.connect(server.address, transport="grpc") as client:
             types = client.signature("dd", (gradserve.TensorType((3,), "float32"),))
