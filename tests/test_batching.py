@@ -272,7 +272,7 @@ def test_jax_endpoints_batch_too(batching) -> None:
         return jnp.tanh(x @ w)
 
     endpoint = gradserve.server.JaxEndpoint(f, batchable=True)
-    server = batching({"f": endpoint}, max_batch=6, max_delay=1.0)
+    server = batching({"f": endpoint}, max_batch=8, max_delay=1.0)
     xs = [np.full((n, 4), 0.1 * n, np.float32) for n in (1, 2, 3)]
     cts = [np.ones((n, 3), np.float32) for n in (1, 2, 3)]
     before = crowd(server.address, "f", xs[0])
@@ -294,7 +294,6 @@ def test_jax_endpoints_batch_too(batching) -> None:
     compiled = endpoint.compiles
     xs = [np.full((n, 4), 0.1 * n, np.float32) for n in (1, 2, 4)]
     cts = [np.ones((n, 3), np.float32) for n in (1, 2, 4)]
-    server.registry.get("f").max_batch = 7
     results = together(server.address, [caller(i) for i in range(3)])
     for x, ct, (out, grad) in zip(xs, cts, results):
         y, pull = jax.vjp(f, x)
@@ -412,3 +411,56 @@ def test_one_message_calls_keep_the_request_limits(serve) -> None:
         tuple_value=pb.Sequence(items=[pb.Value(tensor=pb.Tensor(
             dtype=pb.FLOAT32, shape=[2], data=np.array([1, 2], np.float32).tobytes()))]))))
     assert np.frombuffer(reply.outputs.tensor.data, np.float32).tolist() == [2.0, 4.0]
+
+
+def test_a_large_reply_to_a_one_message_call_is_sent_again_streaming(serve, faulty) -> None:
+    """The server refuses to put more than four chunks in one message; the client sends the
+    call again on the stream and streams that endpoint's calls from then on."""
+    def wide(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(1 << 21) * x.sum()           # 8 MiB out of an 8-byte input
+
+    server, _ = serve({"wide": wide})
+    client, channel = faulty(server.address, transport="grpc")
+    x = np.ones(2, np.float32)
+    for _ in range(2):
+        result = client.forward("wide", (x,), need_vjp=True)
+        np.testing.assert_array_equal(result.outputs[:4], np.full(4, 2.0, np.float32))
+        assert result.outputs.shape == (1 << 21,)
+    assert (channel.rpcs["ForwardUnary"], channel.rpcs["Forward"]) == (1, 2)
+    assert server.residuals.stats().count == 2          # the refused attempt kept none
+    assert client.vjp(result.residual, np.ones(1 << 21, np.float32)).args[0].tolist() == [
+        float(1 << 21)] * 2
+
+
+def test_batched_cotangents_that_are_all_none_give_no_gradient(batching) -> None:
+    server = batching({"double": lambda x: x * 2}, max_batch=4, max_delay=1.0)
+    x = np.ones((2, 3), np.float32)
+    crowd(server.address, "double", x)
+
+    def caller(client: gradserve.Client) -> Any:
+        result = client.forward("double", (x,), need_vjp=True)
+        return client.vjp(result.residual, None, batched=True).args
+
+    for grads in together(server.address, [caller, caller]):
+        assert grads == (None,)
+
+
+def test_jax_padding_never_goes_past_max_batch(batching) -> None:
+    pytest.importorskip("jax")
+
+    def f(x: Any) -> Any:
+        return x * 2
+
+    endpoint = gradserve.server.JaxEndpoint(f, batchable=True)
+    server = batching({"f": endpoint}, max_batch=6, max_delay=1.0)
+    ran: list[int] = []
+    original = endpoint.run_forward
+    endpoint.run_forward = lambda inputs, need_vjp: (  # type: ignore[method-assign]
+        ran.append(endpoint.leaf_type(inputs.args[0]).shape[0]), original(inputs, need_vjp))[1]
+    xs = [np.full((n, 2), float(n), np.float32) for n in (1, 2, 3)]
+    crowd(server.address, "f", xs[0])
+    ran.clear()
+    results = together(server.address, [lambda c, x=x: c.forward("f", (x,)).outputs for x in xs])
+    for x, out in zip(xs, results):
+        np.testing.assert_array_equal(out, 2 * x)
+    assert ran == [6]                    # 1+2+3 rows: not padded to 8, past max_batch

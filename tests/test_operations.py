@@ -91,11 +91,18 @@ def test_every_call_is_logged_once_and_failures_with_their_reason(server, caplog
         client.forward("double", (np.ones(2, np.float32),))
         with pytest.raises(gradserve.Internal) as info:
             client.forward("raises", (np.ones(2, np.float32),))
+        result = client.forward("double", (np.ones(2, np.float32),), need_vjp=True)
+        rid = result.residual.id
+        server.residuals.release([rid])
+        client.vjp(result.residual, np.ones(2, np.float32))   # refused, then recomputed
     assert "Traceback" not in str(info.value)           # the client gets no traceback...
     access = [r for r in caplog.records if r.name == "gradserve.access"]
     forwards = [r for r in access if r.call["method"] == "ForwardUnary"]
     assert [(r.call["endpoint"], r.call["status"], r.levelname) for r in forwards] == [
-        ("double", "OK", "INFO"), ("raises", "INTERNAL", "WARNING")]
+        ("double", "OK", "INFO"), ("raises", "INTERNAL", "WARNING"), ("double", "OK", "INFO")]
+    missed = [r for r in access if r.call["method"] == "VjpUnary"][0]
+    assert missed.call["error"] == "residual-missing"           # the reason, not the id
+    assert rid and rid not in caplog.text
     assert forwards[0].getMessage().startswith("method=ForwardUnary endpoint=double status=OK ms=")
     assert forwards[0].call["bytes_in"] == 8 and forwards[0].call["transport"] == "grpc"
     assert "model failure for the log" in forwards[1].call["error"]

@@ -140,6 +140,7 @@ def test_token_files_and_tls_settings_are_checked(tmp_path) -> None:
         f"{TRAINER} sessions=maybe\n": "sessions= takes yes or no, got 'maybe'",
         "# nothing\n": "token auth needs at least one token",
         f"{TRAINER} name=a\n{VIEWER} name=a\n": "token names must differ",
+        f"{TRAINER} name=a\n{TRAINER} name=b\n": "a token is listed twice",
     }
     for text, message in bad.items():
         path = tmp_path / "tokens"
@@ -148,6 +149,9 @@ def test_token_files_and_tls_settings_are_checked(tmp_path) -> None:
             Tokens.load(path)
     with pytest.raises(ValueError, match="cannot be read"):
         Tokens.load(tmp_path / "missing")
+    path.write_text(f"{TRAINER}#tail name=hashed  # a comment\n")   # '#' inside a token
+    assert [(t.secret, t.name) for t in Tokens.load(path).tokens] == [
+        (f"{TRAINER}#tail", "hashed")]
     with pytest.raises(ValueError, match="a TLS server needs both cert and key"):
         TLSConfig(cert=tmp_path / "x.pem").server_credentials()
     with pytest.raises(ValueError, match="TLS certificate '.*missing.pem' cannot be read"):

@@ -19,6 +19,8 @@ REASON_KEY = "gradserve-reason"
 RESIDUAL_MISSING = "residual-missing"
 #: Reason sent when a call names a shared-memory session the server does not hold.
 SESSION_MISSING = "session-missing"
+#: Reason sent when a one-message call's reply would not fit one message: send it streaming.
+REPLY_TOO_LARGE = "reply-too-large"
 #: Reason sent when a session's regions cannot grow at all any more (its limit is reached).
 REGIONS_AT_LIMIT = "regions-at-limit"
 #: Reason sent when the server's memory for all sessions is spent for now (it may free up).

@@ -24,8 +24,9 @@ import grpc
 from gradserve import frameworks
 from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
-from gradserve.errors import (DeadlineExceeded, GradserveError, RemoteError, ResidualMissing,
-                              ResourceExhausted, SessionMissing, Unavailable, from_rpc_error, rpc)
+from gradserve.errors import (REPLY_TOO_LARGE, DeadlineExceeded, GradserveError, RemoteError,
+                              ResidualMissing, ResourceExhausted, SessionMissing, Unavailable,
+                              from_rpc_error, rpc)
 from gradserve.security import TLSConfig, identified, tls_config, token_from
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -461,9 +462,12 @@ class Client:
                     header = reader.read_header(
                         self._invoke(getattr(self._stub, call + "Unary"), request, timeout))
                 except RemoteError as err:
-                    if err.code != grpc.StatusCode.UNIMPLEMENTED:
+                    if err.reason == REPLY_TOO_LARGE:   # this endpoint's replies are large
+                        self._large_replies.add(key)
+                    elif err.code == grpc.StatusCode.UNIMPLEMENTED:
+                        self._one_message = False   # a server from before one-message calls
+                    else:
                         raise
-                    self._one_message = False   # a server from before one-message calls
                 else:
                     if header.ByteSize() > self.chunk_bytes:
                         self._large_replies.add(key)

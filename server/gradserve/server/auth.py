@@ -60,6 +60,8 @@ class Tokens:
         names = [t.name for t in self.tokens]
         if len(set(names)) != len(names):
             raise ValueError("token names must differ (they say whose calls are whose)")
+        if len({t.secret for t in self.tokens}) != len(self.tokens):
+            raise ValueError("a token is listed twice (its scopes would be ambiguous)")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Tokens":
@@ -70,9 +72,10 @@ class Tokens:
             raise ValueError(f"token file {str(path)!r} cannot be read: {err.strerror}") from None
         tokens = []
         for number, line in enumerate(text.splitlines(), 1):
-            words = line.split("#", 1)[0].split()
-            if words:
-                tokens.append(_parse(words, f"{path}:{number}", number))
+            words = line.split()
+            cut = next((i for i, w in enumerate(words) if w.startswith("#")), len(words))
+            if cut:   # a comment starts a word ('#' inside a token is part of it)
+                tokens.append(_parse(words[:cut], f"{path}:{number}", number))
         return cls(tokens)
 
     def find(self, metadata: Iterable[tuple[str, Any]] | None) -> Token | None:

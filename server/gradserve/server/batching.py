@@ -117,7 +117,8 @@ class MergedRun:
         self.rows = bounds[callers - 1][1]   # the callers' rows
         self.live_rows = self.rows
         self.live = callers
-        self._lock = threading.Lock()
+        # re-entrant: a share freed by the garbage collector may finalize inside ``left``
+        self._lock = threading.RLock()
 
     def left(self, rows: int) -> None:
         """A share of ``rows`` rows is gone."""
@@ -253,7 +254,8 @@ class Batcher:
         by rows (the function is not really batchable)."""
         endpoint = self.endpoint
         real = sum(call.rows for call in calls)
-        pad = _bucket(real) - real if endpoint.pad_batches and len(calls) > 1 else 0
+        pad = (min(_bucket(real), max(real, self.max_batch)) - real
+               if endpoint.pad_batches and len(calls) > 1 else 0)
         if len(calls) == 1:
             merged = calls[0].inputs
         else:
@@ -277,7 +279,9 @@ class Batcher:
             if run is None:
                 found.append(Forwarded(outputs))
                 continue
-            kept = pytree.unflatten(out_def, [endpoint.rows(x, lo, hi) for x in out_leaves])
+            # a copy: a view would keep every caller's rows of the merged outputs alive
+            kept = pytree.unflatten(out_def, [endpoint.rows(x, lo, hi, copy=True)
+                                              for x in out_leaves])
             share = Share(run, i, call.inputs)
             charge = made.nbytes * (hi - lo) // start + call.nbytes
             found.append(Forwarded(outputs, Residual(kept, share), charge))
@@ -364,7 +368,8 @@ class Batcher:
         given = [c for _, c in slots if c is not None]
         batch = 0
         if batched:
-            batch = next(_type(endpoint, x).shape[0] for c in given for x in c if x is not None)
+            batch = next((_type(endpoint, x).shape[0] for c in given for x in c if x is not None),
+                         0)   # all None: no cotangent is made
         merged: list[Any] = []
         for k, out in enumerate(outs):
             if all(c[k] is None for c in given):

@@ -152,10 +152,12 @@ class Endpoint(ABC):
         """Zeros of ``shape`` with the dtype and device of ``like`` (an output array: a
         cotangent; an input array: padding rows), not differentiated."""
 
-    def rows(self, x: Any, lo: int, hi: int, axis: int = 0) -> Any:
+    def rows(self, x: Any, lo: int, hi: int, axis: int = 0, copy: bool = False) -> Any:
         """Rows ``lo:hi`` along ``axis`` of an output or gradient array, with no autograd
-        history (dynamic batching splits merged results so)."""
-        return x[(slice(None),) * axis + (slice(lo, hi),)]
+        history (dynamic batching splits merged results so); with ``copy``, memory of their
+        own rather than a view."""
+        part = x[(slice(None),) * axis + (slice(lo, hi),)]
+        return part.copy() if copy else part
 
     def refuse_dtype(self, code: int) -> str:
         """Why inputs of wire dtype ``code`` cannot be used here ("" when they can)."""

@@ -277,8 +277,7 @@ class Server:
                     self.sessions.budget.used(pb.SHARED_MEMORY))
         yield gauge("gradserve_streams_open", "Streaming and one-message Forward/Vjp calls "
                     "open", self.service.active_streams())
-        batches = [(e.name, b.stats()) for e in self.registry.all()
-                   if (b := self.service.batcher(e)) is not None]
+        batches = [(name, b.stats()) for name, b in self.service.batchers().items()]
         labels = ("endpoint", "kind")
         yield counter("gradserve_batch_runs", "Model runs of merged calls",
                       [({"endpoint": n, "kind": "forward"}, b.forward_runs) for n, b in batches]

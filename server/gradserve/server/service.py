@@ -22,8 +22,8 @@ import google.rpc.error_details_pb2 as error_details_pb2
 import google.rpc.status_pb2 as status_pb2
 from grpc_status import rpc_status
 
-from gradserve.errors import REASON_KEY, RESIDUAL_MISSING, StatusError, clip_status, invalid, \
-    shown
+from gradserve.errors import REASON_KEY, REPLY_TOO_LARGE, RESIDUAL_MISSING, StatusError, \
+    clip_status, invalid, shown
 from gradserve.lru import LRU
 from gradserve.security import CLIENT_KEY
 from gradserve.server.auth import Tokens
@@ -60,8 +60,10 @@ class Limits:
 #: Calls moving fewer tensor bytes than this free what they made at once; larger ones
 #: leave it to the background dropper (a hand-off costs more than freeing a little).
 DROP_BYTES = 1 << 20
-#: A writer budget that puts every payload inline (a one-message reply).
+#: A writer budget that puts every payload inline.
 UNLIMITED = 1 << 62
+#: The inline bytes a one-message reply may carry, in chunks (more: the client streams).
+ONE_MESSAGE_CHUNKS = 4
 #: Signature results kept, across endpoints (input signatures seen most recently).
 SIGNATURE_CACHE_SIZE = 256
 #: Calls larger than this (inline tensors) are not kept as signature cache keys.
@@ -376,6 +378,11 @@ class GradserveService(pb_grpc.GradserveServicer):
         return self.sessions.slots(header.session, owner) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
+    def batchers(self) -> dict[str, Batcher]:
+        """The batchers made so far, by endpoint name (what metrics read)."""
+        with self._streams_lock:
+            return dict(self._batchers)
+
     def batcher(self, endpoint: Endpoint, merging: bool = True) -> Batcher | None:
         """The endpoint's dynamic batcher (None: it does not merge calls; ``merging=False``:
         its batcher all the same, for the Vjp of a share of a merged run)."""
@@ -542,9 +549,18 @@ class GradserveService(pb_grpc.GradserveServicer):
                 except BaseException:
                     reader.close()
                     raise
-                writer = FrameWriter(self.limits.chunk_bytes, inline_bytes=UNLIMITED,
+                room = ONE_MESSAGE_CHUNKS * self.limits.chunk_bytes
+                writer = FrameWriter(self.limits.chunk_bytes, inline_bytes=room,
                                      slots=reader.slots)
                 reply = self._run(request, reader, writer, context, run, call)
+                if reply is not None and not writer.one_message:
+                    writer.free_placed()   # the reply is not sent: nobody views them
+                    if getattr(reply, "residual_id", ""):
+                        self.residuals.release([reply.residual_id])
+                    raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"the reply's tensors take {writer.nbytes} bytes, more "
+                                      f"than one message carries ({room}): send this call "
+                                      "streaming", REPLY_TOO_LARGE)
                 if reply is not None:
                     writer.flush()
                     return reply
@@ -648,5 +664,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                 failure = StatusError(grpc.StatusCode.INTERNAL, message)
             if failure is not None:
                 call.code = failure.code.name
-                call.extra["error"] = clip_status(failure.message.splitlines()[0], 200)
+                # a reason says it without the ids (secrets) its message names
+                call.extra["error"] = failure.reason or clip_status(
+                    failure.message.splitlines()[0], 200)
                 context.abort_with_status(rich_status(failure))

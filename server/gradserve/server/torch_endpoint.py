@@ -168,9 +168,10 @@ class TorchEndpoint(Endpoint):
     def concat(self, parts: Sequence[Any], axis: int = 0) -> torch.Tensor:
         return torch.cat(list(parts), axis)
 
-    def rows(self, x: Any, lo: int, hi: int, axis: int = 0) -> torch.Tensor:
+    def rows(self, x: Any, lo: int, hi: int, axis: int = 0, copy: bool = False) -> torch.Tensor:
         tensor: torch.Tensor = x
-        return tensor.detach().narrow(axis, lo, hi - lo)
+        part = tensor.detach().narrow(axis, lo, hi - lo)
+        return part.clone() if copy else part
 
     def zeros(self, shape: tuple[int, ...], like: Any) -> torch.Tensor:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
