@@ -151,10 +151,11 @@ class GradserveServicer:
 
     def ForwardUnary(self, request, context):
         """The same calls in one message each way: for requests whose tensors are
-        all inline or in session slots (up to the server's message limit). The
-        reply carries every output inline or in a slot, whatever its size: a
-        client expecting large replies without a session uses the streams.
-        Handled exactly like Forward and Vjp.
+        all inline or in session slots (up to the server's message limit).
+        Handled exactly like Forward and Vjp. A reply whose inline tensors would
+        pass four of the server's chunks is not sent: the call fails with
+        FAILED_PRECONDITION and the trailing metadata `gradserve-reason:
+        reply-too-large` (nothing is kept), and the client sends it streaming.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
