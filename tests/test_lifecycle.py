@@ -207,6 +207,9 @@ def test_get_parameters_of_a_cancelled_call_ends_quietly(serve, caplog) -> None:
         def peer(self) -> str:
             return "ipv4:127.0.0.1:1"
 
+        def invocation_metadata(self) -> tuple:
+            return ()
+
     with caplog.at_level(logging.INFO, logger="gradserve.server"):
         frames = list(server.service.GetParameters(pb.GetParametersRequest(endpoint="lin"),
                                                    Cancelled()))

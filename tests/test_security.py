@@ -312,3 +312,14 @@ def test_the_examples_call_a_tls_and_token_server_from_the_environment(certs, tm
                 plain.endpoints()
     finally:
         server.stop(grace=0)
+
+
+@needs_shm
+def test_with_tokens_the_per_connection_limits_count_per_token(started, tmp_path) -> None:
+    server = started(auth=tokens(tmp_path), max_sessions_per_peer=1)
+    with gradserve.connect(server.address, token=TRAINER) as first, \
+            gradserve.connect(server.address, token=TRAINER) as second:
+        assert first.transport == "shm"
+        assert second.transport == "grpc"       # another connection, but the same token
+        assert "this connection (or token) holds 1 same-host sessions" in second.fallback_reason
+        calls_double(second)

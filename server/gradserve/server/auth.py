@@ -91,10 +91,11 @@ class Tokens:
                 found = token
         return found
 
-    def require(self, context: grpc.ServicerContext, *, endpoint: str | None = None,
-                parameters: bool = False, sessions: bool = False) -> Token:
-        """The call's token; PERMISSION_DENIED unless it allows what the call does."""
-        token = self.find(context.invocation_metadata())
+    @staticmethod
+    def require(token: Token | None, *, endpoint: str | None = None, parameters: bool = False,
+                sessions: bool = False) -> Token:
+        """The call's token (``find`` found it); PERMISSION_DENIED unless it allows what the
+        call does."""
         if token is None:   # the interceptor lets none through; a handler called otherwise
             raise StatusError(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required")
         if endpoint is not None and not token.may_call(endpoint):

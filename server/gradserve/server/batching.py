@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from gradserve.errors import invalid
 from gradserve.server.endpoint import Endpoint, Forwarded, Residual
@@ -162,7 +162,7 @@ class Batcher:
         self._compute = compute
         self._clock = clock
         self._cond = threading.Condition()
-        self._open: dict[Hashable, _Group] = {}
+        self._open: dict[tuple[Any, ...], _Group] = {}
         self._turn = threading.Lock()
         self._stats = pb.BatchStats()
         self._inside = 0   # calls of this endpoint in the batcher now
@@ -263,8 +263,7 @@ class Batcher:
             if pad:   # rows of zeros no caller owns: one compiled shape per bucket
                 parts.append([endpoint.zeros((pad, *_type(endpoint, x).shape[1:]), x)
                               for x in calls[0].leaves])
-            joined = [endpoint.concat(leaves) for leaves in zip(*parts)]
-            merged = Arguments(*pytree.unflatten(calls[0].treedef, joined))
+            merged = self._side_by_side(parts, calls[0].treedef)
         bounds = _bounds([call.rows for call in calls] + ([pad] if pad else []))
         start = bounds[-1][1]
         made = endpoint.run_forward(merged, calls[0].need_vjp)
@@ -295,7 +294,7 @@ class Batcher:
         share: Share = residual.state
         run = share.run
         job = _Job((share, aligned), share.rows, self._clock())
-        key: Hashable = ("vjp", id(job)) if batched else ("vjp", id(run))
+        key: tuple[Any, ...] = ("vjp", id(job)) if batched else ("vjp", id(run))
         with self._counted(peer):
             self._join(key, job, lambda group: len(group.jobs) >= run.live,
                        lambda jobs: self._run_vjps(jobs, batched))
@@ -343,8 +342,8 @@ class Batcher:
         else:   # recompute over these callers' own inputs
             is_input = lambda x: endpoint.leaf_type(x) is not None  # noqa: E731
             flat = [pytree.flatten(s.inputs.tree, is_input) for s in shares]
-            merged = (shares[0].inputs if len(shares) == 1 else Arguments(*pytree.unflatten(
-                flat[0][1], [endpoint.concat(parts) for parts in zip(*(f[0] for f in flat))])))
+            merged = (shares[0].inputs if len(shares) == 1 else
+                      self._side_by_side([leaves for leaves, _ in flat], flat[0][1]))
             made = endpoint.run_forward(merged, need_vjp=True)
             if made.residual is None:
                 raise invalid("no input of the call requires grad")
@@ -359,6 +358,12 @@ class Batcher:
         return [Arguments(*pytree.map_leaves(lambda g: endpoint.rows(g, lo, hi, axis),
                                              grads.tree, endpoint.is_array))
                 for lo, hi in bounds]
+
+    def _side_by_side(self, leaves: list[list[Any]], treedef: pytree.TreeDef) -> Arguments:
+        """Several calls' input leaves (each in ``treedef``'s order) joined along axis 0 into
+        one call's arguments."""
+        return Arguments(*pytree.unflatten(treedef, [self.endpoint.concat(parts)
+                                                     for parts in zip(*leaves)]))
 
     def _merge_cotangents(self, outs: list[Any], slots: list[tuple[int, list[Any] | None]],
                           batched: bool) -> list[Any]:
@@ -387,7 +392,7 @@ class Batcher:
         return merged
 
     # -- groups --------------------------------------------------------------
-    def _join(self, key: Hashable, job: _Job, full: Callable[[_Group], bool],
+    def _join(self, key: tuple[Any, ...], job: _Job, full: Callable[[_Group], bool],
               run: Callable[[list[_Job]], None]) -> None:
         """Put ``job`` in the open group of ``key`` (or start one and lead it). The leader
         waits for the group to fill or its deadline, then for the endpoint's turn (still
@@ -427,18 +432,18 @@ class Batcher:
             finally:
                 self._count(key, group, started)
 
-    def _close(self, key: Hashable, group: _Group) -> None:
+    def _close(self, key: tuple[Any, ...], group: _Group) -> None:
         if group.open:
             group.open = False
             if self._open.get(key) is group:
                 del self._open[key]
             self._cond.notify_all()
 
-    def _count(self, key: Hashable, group: _Group, started: float) -> None:
+    def _count(self, key: tuple[Any, ...], group: _Group, started: float) -> None:
         with self._cond:
             stats = self._stats
             calls = len(group.jobs)
-            if isinstance(key, tuple) and key[0] == "forward":
+            if key[0] == "forward":
                 stats.forward_runs += 1
                 stats.forward_calls += calls
                 stats.forward_rows += group.rows

@@ -37,7 +37,9 @@ class CallRecord:
 
     method: str
     peer: str
-    principal: str = ""
+    principal: str = ""   # the token's name (logged)
+    owner: str = field(default="", repr=False)   # whose ids the call may use (never logged)
+    token: Any = field(default=None, repr=False)   # the auth token the call carries
     endpoint: str = ""
     code: str = "OK"
     bytes_in: int = 0

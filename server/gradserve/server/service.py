@@ -242,46 +242,47 @@ class GradserveService(pb_grpc.GradserveServicer):
         with self._streams_lock:
             return self._streams[peer] if peer is not None else sum(self._streams.values())
 
-    def owner(self, context: grpc.ServicerContext) -> str:
-        """Whose a call's sessions and residuals are: its token's name with auth, else the
-        per-client secret its client sends (never logged; "" for a client sending none)."""
+    def _identify(self, context: grpc.ServicerContext, call: CallRecord) -> None:
+        """Who makes the call, found once for all it does: with auth, its token (the
+        principal, and the owner of its sessions and residuals); without, the per-client
+        secret its client sends (never logged; "" for a client sending none)."""
         metadata = context.invocation_metadata()
         if self.auth is not None:
-            token = self.auth.find(metadata)
-            return f"token:{token.name}" if token is not None else ""
-        return next((str(v) for k, v in metadata or () if k == CLIENT_KEY), "")
+            call.token = self.auth.find(metadata)
+            call.principal = call.token.name if call.token is not None else ""
+            call.owner = f"token:{call.principal}" if call.token is not None else ""
+        else:
+            call.owner = next((str(v) for k, v in metadata or () if k == CLIENT_KEY), "")
 
-    def _peer(self, context: grpc.ServicerContext) -> str:
+    def _counted_as(self, call: CallRecord) -> str:
         """What per-connection limits count by: the token with auth, else the connection."""
-        if self.auth is not None:
-            return self.owner(context)
-        return str(context.peer())
+        return call.owner if self.auth is not None else call.peer
 
     def _known(self, name: str) -> str:
         """``name`` if this server hosts such an endpoint, else "?": what metrics and logs
         show (a client's made-up names must not grow them)."""
         return name if name and self.registry.has(name) else ("?" if name else "")
 
-    def _allow(self, context: grpc.ServicerContext, *, endpoint: str | None = None,
+    def _allow(self, call: CallRecord, *, endpoint: str | None = None,
                parameters: bool = False, sessions: bool = False) -> None:
         """PERMISSION_DENIED unless the call's token allows what it does (no auth: all)."""
         if self.auth is not None:
-            self.auth.require(context, endpoint=endpoint, parameters=parameters,
-                              sessions=sessions)
+            Tokens.require(call.token, endpoint=endpoint, parameters=parameters,
+                           sessions=sessions)
 
     # -- discovery ---------------------------------------------------------
     def ListEndpoints(self, request: pb.ListEndpointsRequest,
                       context: grpc.ServicerContext) -> pb.ListEndpointsResponse:
-        with self._status(context, "ListEndpoints"):
-            token = self.auth.require(context) if self.auth is not None else None
+        with self._status(context, "ListEndpoints") as call:
+            token = Tokens.require(call.token) if self.auth is not None else None
             return pb.ListEndpointsResponse(endpoints=[
                 e.info() for e in self.registry.all() if token is None or token.may_call(e.name)])
         return pb.ListEndpointsResponse()
 
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.DescribeResponse:
-        with self._status(context, "Describe", request.endpoint):
-            self._allow(context, endpoint=request.endpoint)
+        with self._status(context, "Describe", request.endpoint) as call:
+            self._allow(call, endpoint=request.endpoint)
             endpoint = self.registry.get(request.endpoint)
             reply = pb.DescribeResponse(endpoint=endpoint.info(),
                                         residuals=self.residuals.stats(endpoint.name))
@@ -294,7 +295,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     def GetParameters(self, request: pb.GetParametersRequest,
                       context: grpc.ServicerContext) -> Iterator[pb.GetParametersFrame]:
         def frames(call: CallRecord) -> Iterator[pb.GetParametersFrame]:
-            self._allow(context, endpoint=request.endpoint, parameters=True)
+            self._allow(call, endpoint=request.endpoint, parameters=True)
             endpoint = self.registry.get(request.endpoint)
             writer = FrameWriter(self.limits.chunk_bytes)
             header = codec.encode(endpoint.parameters(), writer, path="parameters")
@@ -305,8 +306,8 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Signature(self, request: pb.SignatureRequest,
                   context: grpc.ServicerContext) -> pb.SignatureResponse:
-        with self._status(context, "Signature", request.call.endpoint):
-            self._allow(context, endpoint=request.call.endpoint)
+        with self._status(context, "Signature", request.call.endpoint) as record:
+            self._allow(record, endpoint=request.call.endpoint)
             endpoint = self.registry.get(request.call.endpoint)
             call = pb.ForwardRequest(endpoint=endpoint.name, args=request.call.args,
                                      kwargs=request.call.kwargs)
@@ -330,47 +331,46 @@ class GradserveService(pb_grpc.GradserveServicer):
 
     def Release(self, request: pb.ReleaseRequest,
                 context: grpc.ServicerContext) -> pb.ReleaseResponse:
-        with self._status(context, "Release"):
-            owner = self.owner(context)
-            released = self.residuals.release(list(request.residual_ids), owner)
+        with self._status(context, "Release") as call:
+            released = self.residuals.release(list(request.residual_ids), call.owner)
             if request.HasField("session"):   # frees the reported reply slots, if it is held
-                self.sessions.free(request.session, owner)
+                self.sessions.free(request.session, call.owner)
             return pb.ReleaseResponse(released=released)
         return pb.ReleaseResponse()
 
     # -- same-host sessions ------------------------------------------------
     def OpenSession(self, request: pb.OpenSessionRequest,
                     context: grpc.ServicerContext) -> pb.OpenSessionResponse:
-        with self._status(context, "OpenSession"):
-            self._allow(context, sessions=True)
-            return self.sessions.open(request, self._peer(context), self.owner(context))
+        with self._status(context, "OpenSession") as call:
+            self._allow(call, sessions=True)
+            return self.sessions.open(request, self._counted_as(call), call.owner)
         return pb.OpenSessionResponse()
 
     def ConfirmSession(self, request: pb.ConfirmSessionRequest,
                        context: grpc.ServicerContext) -> pb.ConfirmSessionResponse:
-        with self._status(context, "ConfirmSession"):
-            self._allow(context, sessions=True)
-            return self.sessions.confirm(request, self.owner(context))
+        with self._status(context, "ConfirmSession") as call:
+            self._allow(call, sessions=True)
+            return self.sessions.confirm(request, call.owner)
         return pb.ConfirmSessionResponse()
 
     def GrowSession(self, request: pb.GrowSessionRequest,
                     context: grpc.ServicerContext) -> pb.GrowSessionResponse:
-        with self._status(context, "GrowSession"):
-            self._allow(context, sessions=True)
-            return self.sessions.grow(request, self.owner(context))
+        with self._status(context, "GrowSession") as call:
+            self._allow(call, sessions=True)
+            return self.sessions.grow(request, call.owner)
         return pb.GrowSessionResponse()
 
     def KeepAlive(self, request: pb.SessionRequest,
                   context: grpc.ServicerContext) -> pb.SessionResponse:
-        with self._status(context, "KeepAlive"):
+        with self._status(context, "KeepAlive") as call:
             return pb.SessionResponse(open=self.sessions.keep_alive(request.session_id,
-                                                                    self.owner(context)))
+                                                                    call.owner))
         return pb.SessionResponse()
 
     def CloseSession(self, request: pb.SessionRequest,
                      context: grpc.ServicerContext) -> pb.SessionResponse:
-        with self._status(context, "CloseSession"):
-            self.sessions.close(request.session_id, self.owner(context))
+        with self._status(context, "CloseSession") as call:
+            self.sessions.close(request.session_id, call.owner)
             return pb.SessionResponse(open=False)
         return pb.SessionResponse()
 
@@ -404,11 +404,11 @@ class GradserveService(pb_grpc.GradserveServicer):
             yield
 
     def _forward(self, request: pb.ForwardRequest, reader: FrameReader[Any],
-                 writer: FrameWriter, context: grpc.ServicerContext
+                 writer: FrameWriter, context: grpc.ServicerContext, call: CallRecord
                  ) -> tuple[pb.ForwardResponse, Any]:
         """The body of Forward and ForwardUnary."""
-        self._allow(context, endpoint=request.endpoint)
-        owner = self.owner(context)
+        self._allow(call, endpoint=request.endpoint)
+        owner = call.owner
         if request.release:
             self.residuals.release(list(request.release), owner)
         endpoint = self.registry.get(request.endpoint)
@@ -417,7 +417,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         if batcher is not None:
             recorder = Recorder(endpoint)
             inputs = codec.decode_arguments(request, reader, recorder)
-            made = batcher.forward(inputs, recorder, request.need_vjp, context.peer())
+            made = batcher.forward(inputs, recorder, request.need_vjp, call.peer)
         else:
             inputs = self._inputs(endpoint, request, reader)
         if made is None:
@@ -437,17 +437,16 @@ class GradserveService(pb_grpc.GradserveServicer):
         return reply, made
 
     def _vjp(self, request: pb.VjpRequest, reader: FrameReader[Any], writer: FrameWriter,
-             context: grpc.ServicerContext) -> tuple[pb.VjpResponse, Any]:
+             context: grpc.ServicerContext, call: CallRecord) -> tuple[pb.VjpResponse, Any]:
         """The body of Vjp and VjpUnary."""
-        self._allow(context, endpoint=request.endpoint)
+        self._allow(call, endpoint=request.endpoint)
         endpoint = self.registry.get(request.endpoint)
         trace_call(endpoint.name, request.residual_id)
-        residual = self._residual_for(endpoint, request, reader, context)
+        residual = self._residual_for(endpoint, request, reader, context, call.owner)
         cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
         batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
         if batcher is not None:
-            grads = batcher.vjp(residual, cotangents, request.batched_cotangents,
-                                 context.peer())
+            grads = batcher.vjp(residual, cotangents, request.batched_cotangents, call.peer)
         else:
             with self._turn(context):
                 grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
@@ -482,17 +481,23 @@ class GradserveService(pb_grpc.GradserveServicer):
         """A streaming call: admitted (within ``max_streams`` and ``max_streams_per_peer``)
         while it lasts, its reply frames made by ``make`` (None: none to send), then sent
         watched, so a client that stops reading is cancelled."""
-        with self._admitted(self._peer(context)) as refusal:
+        with contextlib.ExitStack() as admission:   # held while the frames are sent
             frames = None
             with self._status(context, method, endpoint) as call:
-                if refusal:
-                    raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                self._admit(admission, call)
                 frames = make(call)
             if frames is not None:
                 with self.watch.watching(context) as touch:
                     for frame in frames:
                         touch(frame.ByteSize())
                         yield frame
+
+    def _admit(self, admission: contextlib.ExitStack, call: CallRecord) -> None:
+        """Count the call among the open streams until ``admission`` closes;
+        RESOURCE_EXHAUSTED when that would pass a limit."""
+        refusal = admission.enter_context(self._admitted(self._counted_as(call)))
+        if refusal:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
 
     @contextlib.contextmanager
     def _admitted(self, peer: str) -> Iterator[str]:
@@ -523,7 +528,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                call: CallRecord) -> Iterator[Any] | None:
         """Read a framed request (watched) and ``run`` it; its reply frames, or None when
         its client left."""
-        reader: FrameReader[ServerSession] = self._reader(context)
+        reader: FrameReader[ServerSession] = self._reader(call)
         with self.watch.watching(context) as touch:
             reader.on_frame = touch
             try:
@@ -539,11 +544,10 @@ class GradserveService(pb_grpc.GradserveServicer):
                run: Callable[..., tuple[Any, Any]]) -> Any:
         """A one-message call: admitted like a stream, run like one; its reply carries every
         tensor inline or in a slot."""
-        with self._admitted(self._peer(context)) as refusal:
+        with contextlib.ExitStack() as admission:
             with self._status(context, method) as call:
-                if refusal:
-                    raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-                reader: FrameReader[ServerSession] = self._reader(context)
+                self._admit(admission, call)
+                reader: FrameReader[ServerSession] = self._reader(call)
                 try:
                     request = reader.read_header(request)
                 except BaseException:
@@ -566,8 +570,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                     return reply
         return None
 
-    def _reader(self, context: grpc.ServicerContext) -> FrameReader[ServerSession]:
-        owner = self.owner(context)
+    def _reader(self, call: CallRecord) -> FrameReader[ServerSession]:
+        owner = call.owner
         return FrameReader(self.limits.max_request_bytes, None,
                            lambda header: self._slots_for(header, owner),
                            self.limits.max_request_values, self.inflight)
@@ -586,7 +590,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             if not context.is_active():   # its client left while it was read
                 return None
             try:
-                reply, made = run(request, reader, writer, context)
+                reply, made = run(request, reader, writer, context, call)
                 writer.flush()
             except BaseException:
                 writer.free_placed()   # no reply names them
@@ -603,9 +607,10 @@ class GradserveService(pb_grpc.GradserveServicer):
         return reply
 
     def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
-                      reader: FrameReader[Any], context: grpc.ServicerContext) -> Residual:
+                      reader: FrameReader[Any], context: grpc.ServicerContext,
+                      owner: str) -> Residual:
         if request.residual_id:
-            held = self.residuals.get(request.residual_id, self.owner(context))
+            held = self.residuals.get(request.residual_id, owner)
             if held is not None:
                 owner, residual = held
                 if owner != endpoint.name:
@@ -643,9 +648,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         on failure."""
         with self.observer.call(method, context.peer()) as call:
             call.endpoint = self._known(endpoint)
-            if self.auth is not None:
-                token = self.auth.find(context.invocation_metadata())
-                call.principal = token.name if token is not None else ""
+            self._identify(context, call)
             failure = None
             try:
                 yield call
