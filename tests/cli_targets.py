@@ -28,3 +28,10 @@ def jax_targets():
     import jax.numpy as jnp
 
     return {"jsin": jax.jit(jnp.sin), "tsq": square}
+
+
+def fleet():
+    """tests/models.py's MLP (seed 0) as "mlp": the fleet tests' replicas serve it."""
+    from models import mlp
+
+    return {"mlp": mlp()}

@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client.transports import shm
 from gradserve.v1 import gradserve_pb2 as pb
@@ -87,3 +88,20 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:
+    """A channel to ``address`` once its server says SERVING (fails the test after
+    ``deadline`` seconds)."""
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    def serving() -> bool:
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    wait_until(serving, timeout=deadline, interval=0.2, message=f"no server on {address}")
+    return channel

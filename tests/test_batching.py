@@ -70,10 +70,17 @@ def together(address: str, calls: Sequence[Callable[[gradserve.Client], Any]],
 
 
 def crowd(address: str, name: str, x: np.ndarray) -> BatchStats:
-    """Two calls at once, so the endpoint's calls wait for others from now on (a lone
-    client's never do); the endpoint's batch statistics after them."""
-    together(address, [lambda c: c.forward(name, (x,)), lambda c: c.forward(name, (x,))])
-    return stats(address, name)
+    """Calls at once until two of them met in the batcher, so the endpoint's calls wait for
+    others from now on (a lone client's never do); the endpoint's batch statistics after.
+    (Clients in one process share a connection: only calls that overlap make a crowd.)"""
+    found = stats(address, name)
+    for _ in range(20):
+        together(address, [lambda c: c.forward(name, (x,)), lambda c: c.forward(name, (x,))])
+        before, found = found, stats(address, name)
+        runs, calls = since(before, found)[:2]
+        if runs < calls:   # two of them ran as one
+            return found
+    raise AssertionError("two calls at once never met in the batcher")
 
 
 def stats(address: str, name: str) -> BatchStats:

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradserve
 from gradserve.server.cli import build_endpoints, load_target
-from helpers import free_port, wait_until
+from helpers import free_port, wait_serving, wait_until
 
 HERE = Path(__file__).resolve().parent
 TARGETS = str(HERE / "cli_targets.py")
@@ -48,21 +48,6 @@ def test_non_servable_object_is_refused() -> None:
     name, obj = load_target(f"{TARGETS}:not_servable")
     with pytest.raises(SystemExit, match="'not_servable' is a int"):
         build_endpoints(name, obj, None)
-
-
-def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:
-    channel = grpc.insecure_channel(address)
-    stub = health_pb2_grpc.HealthStub(channel)
-
-    def serving() -> bool:
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    wait_until(serving, timeout=deadline, interval=0.2, message=f"no server on {address}")
-    return channel
 
 
 def test_serve_list_health_reflection_and_sigterm() -> None:

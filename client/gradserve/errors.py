@@ -21,6 +21,8 @@ RESIDUAL_MISSING = "residual-missing"
 SESSION_MISSING = "session-missing"
 #: Reason sent when a one-message call's reply would not fit one message: send it streaming.
 REPLY_TOO_LARGE = "reply-too-large"
+#: Reason sent when a server is shutting down: the call should go to another replica.
+DRAINING = "draining"
 #: Reason sent when a session's regions cannot grow at all any more (its limit is reached).
 REGIONS_AT_LIMIT = "regions-at-limit"
 #: Reason sent when the server's memory for all sessions is spent for now (it may free up).

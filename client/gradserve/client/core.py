@@ -1,7 +1,8 @@
-"""The framework-neutral client: one connection to a gradserve server.
+"""The framework-neutral client of a gradserve server or of several replicas of one.
 
-``Client`` speaks the protocol (framing, codec, error mapping, residual
-lifetime, the same-host session). Autograd front-ends (``client.torch(...)``,
+``Client`` routes calls over its replicas (:mod:`gradserve.client.fleet`), each of
+which speaks the protocol to one server (:mod:`gradserve.client.replica`: framing,
+codec, error mapping, residual lifetime, the same-host session). Autograd front-ends (``client.torch(...)``,
 ``client.jax(...)``, found through :mod:`gradserve.frameworks`) build on its
 ``call_forward``/``call_vjp``; the low-level ``forward``/``vjp`` methods expose
 the same RPCs on numpy arrays (or any framework's arrays).
@@ -9,25 +10,23 @@ the same RPCs on numpy arrays (or any framework's arrays).
 
 from __future__ import annotations
 
-import collections
 import importlib
 import logging
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import grpc
 
 from gradserve import frameworks
-from gradserve.client.session import Session
+from gradserve.client.calls import Call, Residual
+from gradserve.client.fleet import Fleet, parse_target, split_port
+from gradserve.client.replica import UNREACHABLE, Replica, ReplicaInfo, Settings
 from gradserve.client.transports import TRANSPORTS
-from gradserve.errors import (REPLY_TOO_LARGE, DeadlineExceeded, GradserveError, RemoteError,
-                              ResidualMissing, ResourceExhausted, SessionMissing, Unavailable,
-                              from_rpc_error, rpc)
-from gradserve.security import TLSConfig, identified, tls_config, token_from
+from gradserve.errors import GradserveError, ResidualMissing, Unavailable, from_rpc_error
+from gradserve.security import TLSConfig, tls_config, token_from
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import codec, dtypes, pytree
@@ -39,47 +38,11 @@ from gradserve.wire.specs import EndpointInfo, TensorType
 
 #: ``transport=`` values: "auto", "grpc" (bytes in the gRPC stream), then each same-host one.
 TRANSPORT_NAMES = ("auto", "grpc", *TRANSPORTS)
-#: Seconds between attempts to open a same-host session with a server not reachable yet.
-RENEGOTIATE_SECONDS = 1.0
 log = logging.getLogger("gradserve.client")
 T = TypeVar("T")
 
 #: Gradients mirror a call's inputs: ``args``, ``kwargs``, ``parameters``.
 Gradients = Arguments
-
-
-@dataclass
-class Call:
-    """One invocation's inputs: what Forward sends and a recomputing Vjp re-sends.
-
-    ``requires_grad(leaf)`` flags the leaves to differentiate (None: none).
-    """
-
-    endpoint: str
-    inputs: Arguments
-    requires_grad: Callable[[Any], bool] | None = None
-
-
-class Residual:
-    """A handle to the state a Forward kept on the server for its Vjp.
-
-    Holds the call's inputs so a Vjp can recompute when the server no longer
-    has the residual (one with no id always recomputes). Dropping the handle
-    queues a Release to the server.
-    """
-
-    def __init__(self, call: Call, residual_id: str = "",
-                 release_queue: collections.deque[str] | None = None):
-        self.call = call
-        self.id = residual_id
-        self._finalizer = (weakref.finalize(self, release_queue.append, residual_id)
-                           if residual_id and release_queue is not None else None)
-
-    def detach(self) -> None:
-        """Forget the server-side id (after an explicit release)."""
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self.id = ""
 
 
 @dataclass
@@ -101,7 +64,17 @@ def _differentiable_leaf(x: Any) -> bool:
 
 
 class Client:
-    """A connection to one gradserve server.
+    """A client of one gradserve server, or of several replicas of one.
+
+    ``target`` is one address (``host:port``), a list of addresses, ``ipv4:a:p,b:p``
+    (``ipv6:[a]:p,...``), or ``dns:///name:port`` (every address the name resolves to,
+    resolved again every ``resolve_seconds`` and after failures: a Kubernetes headless
+    Service). Over several replicas each Forward goes to the less loaded of two healthy
+    ones picked at random, each Vjp to the replica holding its residual; a Forward refused
+    as unavailable (a replica gone or draining) is sent to another, and a Vjp whose replica
+    is gone is sent elsewhere with its inputs and recomputed (``recomputes`` counts them).
+    Every replica's health (``grpc.health.v1``) is watched from ``open`` to ``close``;
+    ``replicas()`` shows what the client sees.
 
     ``timeout`` (seconds) is the default deadline of every call;
     ``chunk_bytes`` is the largest gRPC message this client sends.
@@ -111,82 +84,74 @@ class Client:
     ``"cuda_ipc"`` also moves GPU tensors through CUDA IPC pools on the GPUs
     both sides see (CPU tensors of the same call use shared memory); a forced
     transport that cannot work raises when it is negotiated (``connect``, or
-    the first call). ``"auto"`` takes the best of these that works, saying why
-    it did not get a better one in ``fallback_reason``; a server not reachable
+    the first call). ``"auto"`` takes the best of these that works, for each replica,
+    saying why it did not get a better one in ``fallback_reason``; a server not reachable
     yet is asked again on later calls, so a client started before its server
     still gets shared memory. ``arena_bytes`` sizes the shared-memory regions'
     first pair and ``cuda_pool_bytes`` the CUDA IPC pools (0: the server's defaults).
-    ``channel`` replaces the channel the client would open (a test seam, or a
-    channel with interceptors); ``close`` leaves an injected channel open. A
+    ``channel`` replaces the channel the client would open to its one address (a test
+    seam, or a channel with interceptors); ``close`` leaves an injected channel open. A
     backward whose server is unavailable is re-sent (with its inputs) until its
     deadline, or for ``retry_seconds`` where it has none. ``tls`` (True: verify the
     server against the system's roots; a ``TLSConfig``: a CA, a client certificate for
-    mutual TLS, the name to verify; None: ``$GRADSERVE_TLS_CA`` and its companions if
-    set; False: plaintext) opens a TLS channel; ``token`` (default ``$GRADSERVE_TOKEN``)
-    is sent with every call as ``authorization: Bearer <token>``.
+    mutual TLS, the name to verify, which for a ``dns:`` target defaults to its name;
+    None: ``$GRADSERVE_TLS_CA`` and its companions if set; False: plaintext) opens TLS
+    channels; ``token`` (default ``$GRADSERVE_TOKEN``) is sent with every call as
+    ``authorization: Bearer <token>``.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None,
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  transport: str = "auto", arena_bytes: int = 0, cuda_pool_bytes: int = 0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
                  options: Iterable[tuple[str, Any]] = (), channel: grpc.Channel | None = None,
                  retry_seconds: float = 30.0, tls: bool | TLSConfig | None = None,
-                 token: str | None = None):
+                 token: str | None = None, resolve_seconds: float = 30.0):
         if transport not in TRANSPORT_NAMES:
             raise ValueError(f"transport must be one of {TRANSPORT_NAMES}, got {transport!r}")
-        self.address = address
+        self.target = target
+        #: the target, for messages
+        self.address = target if isinstance(target, str) else ",".join(target)
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.max_receive_bytes = max_receive_bytes
         self.requested = transport
         self.retry_seconds = retry_seconds
-        self.region_bytes = {"shm": arena_bytes, "cuda_ipc": cuda_pool_bytes}
-        self._owns_channel = channel is None
         self.tls = tls_config(tls)
-        if channel is None:
-            options = [("grpc.max_receive_message_length", -1),
-                       ("grpc.max_send_message_length", -1), *options]
-            if self.tls is not None:
-                channel = grpc.secure_channel(address, self.tls.channel_credentials(),
-                                              options=[*options, *self.tls.channel_options()])
-            else:
-                channel = grpc.insecure_channel(address, options=options)
-        self._channel = channel
-        self._stub = pb_grpc.GradserveStub(identified(channel, token_from(token)))
-        self._released: collections.deque[str] = collections.deque()
-        self.fallback_reason = ""
-        self._session: Session | None = None
-        self._session_lock = threading.Lock()
+        self._settings = Settings(transport, {"shm": arena_bytes, "cuda_ipc": cuda_pool_bytes},
+                                  chunk_bytes, max_receive_bytes)
+        self._options = [("grpc.max_receive_message_length", -1),
+                         ("grpc.max_send_message_length", -1), *options]
+        self._token = token_from(token)
+        fixed, names = parse_target(target)
+        if channel is not None and (len(fixed) != 1 or names):
+            raise ValueError("channel= stands for one server: give one address with it")
+        if self.tls is not None and names and self.tls.server_name is None:
+            # certificates name the service, not the addresses it resolves to
+            self._options.append(("grpc.ssl_target_name_override", split_port(names[0])[0]))
         self._closed = False
-        #: whether the server has one-message Forward/Vjp calls (older ones do not)
-        self._one_message = True
-        #: (call, endpoint) whose last one-message reply was large: they stream
-        self._large_replies: set[tuple[str, str]] = set()
-        #: when to (re)try opening a same-host session; None: settled
-        self._negotiate_at: float | None = None if transport == "grpc" else 0.0
+        self._count_lock = threading.Lock()
+        self._recomputes = 0
+        self._fleet = Fleet(target, _opener(self._settings, self._options, self.tls,
+                                            self._token, channel),
+                            resolve_seconds=resolve_seconds)
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> "Client":
-        """Negotiate the same-host transport now (``connect`` does): a forced transport
-        that cannot work raises here; a server not reachable yet is asked again later."""
-        with self._session_lock:
-            if self._negotiate_at is not None:
-                self._negotiate()
+        """Negotiate each replica's same-host transport now (``connect`` does; a forced
+        transport that cannot work raises here, a server not reachable yet is asked again
+        later) and start watching the replicas' health."""
+        for replica in self._fleet.replicas():
+            replica.negotiate()
+        self._fleet.start()
         return self
 
     def close(self) -> None:
-        """Release pending residuals (best effort), end the session, close the channel."""
+        """Release every residual the servers hold for this client (best effort), end the
+        sessions, stop watching, close the channels."""
         if self._closed:
             return
-        self._flush_releases(timeout=1.0)
         self._closed = True
-        with self._session_lock:
-            session, self._session = self._session, None
-            self._negotiate_at = None
-        if session is not None:
-            session.close()
-        if self._owns_channel:
-            self._channel.close()
+        self._fleet.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -194,54 +159,87 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def replicas(self) -> list[ReplicaInfo]:
+        """What the client sees of each replica: address, health, calls in flight,
+        transport, and the Forwards, Vjps and failures it sent there."""
+        return [r.info() for r in self._fleet.replicas()]
+
+    @property
+    def recomputes(self) -> int:
+        """Vjps sent again with their inputs because their residual's replica no longer
+        had it, was gone or was unavailable (the server recomputes unless it still held it)."""
+        return self._recomputes
+
+    def _primary(self) -> Replica:
+        replicas = self._fleet.replicas()
+        if not replicas:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                              f"{self.address} names no reachable replica")
+        return replicas[0]
+
     @property
     def transport(self) -> str:
-        """The transport in use: the best of the session's, or "grpc" without one."""
-        session = self._session
-        return session.transports[-1].name if session is not None else "grpc"
+        """The transport in use (of the first replica, over several): the best of the
+        session's, or "grpc" without one."""
+        return self._primary().transport
+
+    @property
+    def fallback_reason(self) -> str:
+        """Why the (first) replica's transport is not a better one ("" when it is the best)."""
+        return self._primary().fallback_reason
 
     def session_info(self) -> SessionInfo | None:
-        """The same-host session in use (regions, pending frees, copy counters), if any."""
-        session = self._session
-        return session.info() if session is not None else None
+        """The (first) replica's same-host session (regions, pending frees, copy counters)."""
+        return self._primary().session_info()
 
     @property
     def stub(self) -> pb_grpc.GradserveStub:
-        """The client's gRPC stub (its token and identity go with every call): for requests
-        no front-end makes, such as a test's hand-made ones."""
-        return self._stub
+        """The (first) replica's gRPC stub (its token and identity go with every call): for
+        requests no front-end makes, such as a test's hand-made ones."""
+        return self._primary().stub
 
     @property
     def pending_releases(self) -> int:
-        """Residuals dropped here whose release the server has not been sent yet."""
-        return len(self._released)
+        """Residuals dropped here whose release no server has been sent yet."""
+        return sum(len(r.released) for r in self._fleet.replicas())
 
     # -- discovery ---------------------------------------------------------
     def endpoints(self, *, timeout: float | None = None) -> list[EndpointInfo]:
         """Every endpoint the server hosts."""
-        reply = self._unary(self._stub.ListEndpoints, pb.ListEndpointsRequest(), timeout)
+        reply = self._any(lambda r, left: r.unary(r.stub.ListEndpoints,
+                                                  pb.ListEndpointsRequest(), left), timeout)
         return [EndpointInfo.from_pb(e) for e in reply.endpoints]
 
     def describe(self, name: str, *, timeout: float | None = None) -> EndpointInfo:
-        """One endpoint's details, the server's residual statistics and (for an endpoint
-        that batches) what batching did."""
-        reply = self._unary(self._stub.Describe, pb.DescribeRequest(endpoint=name), timeout)
+        """One endpoint's details, the server's residual statistics, each instance's load
+        and (for an endpoint that batches) what batching did (of one replica, over several)."""
+        reply = self._any(lambda r, left: r.unary(r.stub.Describe,
+                                                  pb.DescribeRequest(endpoint=name), left),
+                          timeout)
         return EndpointInfo.from_pb(reply.endpoint, reply.residuals,
-                                    reply.batches if reply.HasField("batches") else None)
+                                    reply.batches if reply.HasField("batches") else None,
+                                    reply.instances)
 
     def parameters(self, name: str, *, like: str = "numpy",
                    timeout: float | None = None) -> dict[str, Any]:
         """The endpoint's own parameter values, as arrays of framework ``like``."""
         adapter = frameworks.adapter(like)
-        self._flush_releases(timeout)
-        reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
-        frames = self._invoke(self._stub.GetParameters, pb.GetParametersRequest(endpoint=name),
-                              timeout)
-        header = self._read(reader, frames)
-        found: dict[str, Any] = codec.decode(header, reader,
-                                             lambda wire, path: adapter.from_wire(wire),
-                                             "parameters")
-        return found
+
+        def fetch(replica: Replica, left: float | None) -> dict[str, Any]:
+            replica.flush_releases(left)
+            reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
+            frames = replica.invoke(replica.stub.GetParameters,
+                                    pb.GetParametersRequest(endpoint=name), left)
+            try:
+                header = reader.read(frames)
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            found: dict[str, Any] = codec.decode(header, reader,
+                                                 lambda wire, path: adapter.from_wire(wire),
+                                                 "parameters")
+            return found
+
+        return self._any(fetch, timeout)
 
     # -- low-level differentiable calls ------------------------------------
     def forward(self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
@@ -279,29 +277,31 @@ class Client:
                                  lambda x: frameworks.adapter_for(x) is not None)
         request = pb.ForwardRequest(endpoint=name)
         codec.encode_arguments(Arguments(*tree), FrameWriter(), request)
-        reply = self._unary(self._stub.Signature, pb.SignatureRequest(call=request), timeout)
+        reply = self._any(lambda r, left: r.unary(r.stub.Signature,
+                                                  pb.SignatureRequest(call=request), left),
+                          timeout)
         reader: FrameReader[Any] = FrameReader(self.max_receive_bytes)
         outputs = reader.read_header(reply.outputs)
         return codec.decode(outputs, reader, numpy_leaf, "outputs", abstract=True)
 
     def release(self, *residuals: Residual, timeout: float | None = None) -> int:
-        """Free residuals on the server now; returns how many it still held."""
-        ids = [r.id for r in residuals if r.id]
+        """Free residuals on their servers now; returns how many they still held."""
+        by_holder: dict[Replica, list[str]] = {}
         for r in residuals:
+            if r.id and isinstance(r.holder, Replica):
+                by_holder.setdefault(r.holder, []).append(r.id)
             r.detach()
-        if not ids:
-            return 0
-        released: int = self._unary(self._stub.Release, pb.ReleaseRequest(residual_ids=ids),
-                                    timeout, flush=False).released
-        return released
+        return sum(holder.release(ids, self._deadline(timeout))
+                   for holder, ids in by_holder.items() if not holder.closed)
 
     # -- arrays in the session's request slots -----------------------------
     def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch",
               device: Any = None) -> Any:
         """An uninitialised array of framework ``like`` ("torch", "numpy", "jax") that
-        lives in a request slot of the same-host session: sending it copies nothing. A
-        ``device`` on a GPU (torch) puts it in that GPU's CUDA IPC pool. Without a
-        session (or with its regions full) it is an ordinary array."""
+        lives in a request slot of a replica's same-host session: sending it there copies
+        nothing (to another replica, it is copied like any array). A ``device`` on a GPU
+        (torch) puts it in that GPU's CUDA IPC pool. Without a session (or with its
+        regions full) it is an ordinary array."""
         adapter = frameworks.adapter(like)
         code = adapter.dtype_code(dtype)
         shape = tuple(int(d) for d in shape)
@@ -326,12 +326,13 @@ class Client:
     def _allocate(self, adapter: frameworks.ArrayAdapter, code: int, shape: tuple[int, ...],
                   device: Any) -> Data | None:
         """A request slot for an array of ``adapter``'s framework on ``device``, or None."""
+        self._check_open()
         nbytes = dtypes.nbytes(code, shape)
         gpu = adapter.gpu(device)
-        session = self._session_now()
-        if session is None or not nbytes or gpu == frameworks.NO_SLOT:
+        replica = self._fleet.pick()
+        if replica is None or not nbytes or gpu == frameworks.NO_SLOT:
             return None
-        return session.allocate(nbytes, gpu)
+        return replica.allocate(nbytes, gpu)
 
     # -- autograd front-ends -----------------------------------------------
     def torch(self, name: str, *, timeout: float | None = None) -> Any:
@@ -353,228 +354,91 @@ class Client:
     # -- the protocol, for front-ends --------------------------------------
     def call_forward(self, call: Call, make_leaf: MakeLeaf, *, need_vjp: bool,
                      timeout: float | None = None) -> tuple[Any, Residual | None]:
-        """Send a Forward; returns the decoded outputs and, with ``need_vjp``, a residual."""
-        found: tuple[Any, Residual | None] = self._in_session(
-            lambda session: self._forward_once(session, call, make_leaf, need_vjp, timeout))
+        """Send a Forward (to another replica if the one picked is unavailable); returns
+        the decoded outputs and, with ``need_vjp``, a residual."""
+        limit, until = self._budget(timeout)
+        found: tuple[Any, Residual | None] = self._routed(
+            "forward", lambda r: r.forward(call, make_leaf, need_vjp, _left(limit, until)),
+            until, persist=False)
         return found
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
                  batched: bool = False, timeout: float | None = None) -> Arguments:
-        """Send a Vjp; re-sends the inputs if the server lost the residual, and, while the
-        server is unavailable (restarting, draining), again until the call's deadline
-        (``timeout``, else the client's, else ``retry_seconds``) has passed.
+        """Send a Vjp to the replica holding the residual. Where it lost the residual, is
+        gone or unavailable (restarting, draining), the inputs go along and the Vjp goes
+        to any replica, again until the call's deadline (``timeout``, else the client's,
+        else ``retry_seconds``) has passed.
 
         With ``batched``, every cotangent has an extra leading axis and so do the gradients.
         """
-        limit = self._deadline(timeout)
-        until = time.monotonic() + (limit if limit is not None else self.retry_seconds)
-
-        def vjp(resend: bool) -> Arguments:
-            left = until - time.monotonic() if limit is not None else None
-            found: Arguments = self._in_session(lambda session: self._vjp_once(
-                session, residual, cotangents, make_leaf, resend, batched, left))
-            return found
-
-        if residual.id:
+        limit, until = self._budget(timeout)
+        holder = residual.holder
+        if (residual.id and isinstance(holder, Replica) and self._fleet.holds(holder)
+                and holder.health != UNREACHABLE):
             try:
-                return vjp(False)
+                with holder.counted("vjp"):
+                    return holder.vjp(residual, cotangents, make_leaf, False, batched,
+                                      _left(limit, until))
             except ResidualMissing:
                 residual.detach()
-            except Unavailable:   # the id goes along with the inputs: a server back may hold it
+            except Unavailable as err:   # the id goes along with the inputs: a server back
+                self._failed(holder, err)  # may hold it
                 if time.monotonic() >= until:
                     raise
+        with self._count_lock:
+            self._recomputes += 1
+        found: Arguments = self._routed(
+            "vjp", lambda r: r.vjp(residual, cotangents, make_leaf, True, batched,
+                                   _left(limit, until)), until, persist=True)
+        return found
+
+    # -- routing -----------------------------------------------------------
+    def _routed(self, kind: str, attempt: Callable[[Replica], T], until: float,
+                persist: bool) -> T:
+        """Run ``attempt`` on a replica picked for it; one refused as unavailable makes it
+        go to another not tried yet, and, with ``persist``, once all were tried, to them
+        again after a pause, until ``until``."""
+        tried: set[Replica] = set()
         pause = 0.05
+        self._fleet.flush_draining()
         while True:
+            self._check_open()
+            replica = self._fleet.pick(tried)
+            if replica is None:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                  f"{self.address} names no replica to call (none resolved)")
             try:
-                return vjp(True)
-            except Unavailable:
-                if time.monotonic() + pause >= until:
+                with replica.counted(kind):
+                    return attempt(replica)
+            except Unavailable as err:
+                self._failed(replica, err)
+                tried.add(replica)
+                if self._fleet.pick(tried, strict=True) is not None:
+                    continue
+                if not persist or time.monotonic() + pause >= until:
                     raise
-                log.info("gradserve: %s unavailable; re-sending the backward's inputs in %.2f s",
+                log.info("gradserve: %s unavailable; re-sending the call in %.2f s",
                          self.address, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
+                tried.clear()
 
-    def _forward_once(self, session: Session | None, call: Call, make_leaf: MakeLeaf,
-                      need_vjp: bool, timeout: float | None) -> tuple[Any, Residual | None]:
-        writer = FrameWriter(self.chunk_bytes, slots=session)
-        request = pb.ForwardRequest(endpoint=call.endpoint, need_vjp=need_vjp)
-        kept = False
-        try:
-            codec.encode_arguments(call.inputs, writer, request, call.requires_grad)
-            request.release.extend(self._take_releases())
-            header, outputs = self._exchange(
-                "Forward", request, writer, session, timeout,
-                lambda header, reader: codec.decode(header.outputs, reader, make_leaf, "outputs"))
-            residual = Residual(call, header.residual_id, self._released) if need_vjp else None
-            if residual is not None and residual.id and writer.placed and session is not None:
-                # the server's residual views these input slots: keep them while it lives
-                weakref.finalize(residual, session.free, writer.placed)
-                kept = True
-            return outputs, residual
-        except BaseException:
-            self._released.extend(request.release)  # releasing twice is harmless
-            raise
-        finally:
-            if not kept:
-                writer.free_placed()
+    def _any(self, attempt: Callable[[Replica, float | None], T],
+             timeout: float | None) -> T:
+        """A call any replica can answer (another if the one picked is unavailable)."""
+        limit, until = self._budget(timeout)
+        return self._routed("other", lambda r: attempt(r, _left(limit, until)), until,
+                            persist=False)
 
-    def _vjp_once(self, session: Session | None, residual: Residual, cotangents: Any,
-                  make_leaf: MakeLeaf, resend: bool, batched: bool,
-                  timeout: float | None) -> Arguments:
-        writer = FrameWriter(self.chunk_bytes, slots=session)
-        try:
-            request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
-                                    batched_cotangents=batched)
-            codec.encode_into(request.cotangents, cotangents, writer, path="cotangents")
-            if resend:
-                request.inputs.endpoint = residual.call.endpoint
-                request.inputs.need_vjp = True
-                codec.encode_arguments(residual.call.inputs, writer, request.inputs,
-                                       residual.call.requires_grad)
-            _, grads = self._exchange(
-                "Vjp", request, writer, session, timeout,
-                lambda header, reader: codec.decode_arguments(header, reader, make_leaf))
-            return grads
-        finally:
-            writer.free_placed()
+    def _failed(self, replica: Replica, err: Unavailable) -> None:
+        replica.failed(err)
+        self._fleet.failed()
+        log.info("gradserve: replica %s unavailable (%s)", replica.address, err.message)
 
-    # -- plumbing ----------------------------------------------------------
-    def _exchange(self, call: str, request: Any, writer: FrameWriter, session: Session | None,
-                  timeout: float | None,
-                  decode: Callable[[Any, FrameReader[Any]], T]) -> tuple[Any, T]:
-        """Send a Forward or Vjp (``call``); the reply header and what ``decode`` makes of
-        it. A request that fits in one message goes as one (``ForwardUnary``/``VjpUnary``)
-        unless this endpoint's last such reply was large; the rest stream. If the call
-        fails, the freed reply slots it reported are reported again, and so are the reply
-        slots it named that were never viewed."""
-        state = session.state() if session is not None else None
-        if state is not None:
-            request.session.CopyFrom(state)
-        reader: FrameReader[Session] = FrameReader(self.max_receive_bytes,
-                                                   slots_for=lambda header: session)
-        key = (call, request.endpoint)
-        try:
-            writer.flush()
-            header = None
-            if writer.one_message and self._one_message and key not in self._large_replies:
-                try:
-                    header = reader.read_header(
-                        self._invoke(getattr(self._stub, call + "Unary"), request, timeout))
-                except RemoteError as err:
-                    if err.reason == REPLY_TOO_LARGE:   # this endpoint's replies are large
-                        self._large_replies.add(key)
-                    elif err.code == grpc.StatusCode.UNIMPLEMENTED:
-                        self._one_message = False   # a server from before one-message calls
-                    else:
-                        raise
-                else:
-                    if header.ByteSize() > self.chunk_bytes:
-                        self._large_replies.add(key)
-            if header is None:
-                frame_type = getattr(pb, call + "Frame")
-                frames = self._invoke(getattr(self._stub, call),
-                                      writer.frames(frame_type, request), timeout)
-                header = self._read(reader, frames)
-                if not reader.chunked:
-                    self._large_replies.discard(key)
-            decoded = decode(header, reader)
-        except BaseException:
-            if session is not None and state is not None:
-                session.put_back([*state.freed_slots, *reader.unviewed()])
-            raise
-        if reader.spilled and session is not None:   # the reply regions were full: grow them
-            session.spilled(reader.spilled)
-        return header, decoded
-
-    def _in_session(self, attempt: Callable[[Session | None], Any]) -> Any:
-        """Run a call in the current session; if the server lost it (a restart), reopen once."""
-        session = self._session_now()
-        try:
-            return attempt(session)
-        except SessionMissing:
-            if session is None:
-                raise
-            self._reopen(session)
-            return attempt(self._session_now())
-
-    def _session_now(self) -> Session | None:
-        """The session calls go through, negotiating it first where that is due."""
-        self._check_open()
-        due = self._negotiate_at
-        forced = self.requested not in ("auto", "grpc")
-        if due is not None and time.monotonic() >= due:
-            if self._session_lock.acquire(blocking=forced):
-                try:
-                    if self._negotiate_at is not None:
-                        self._negotiate()
-                finally:
-                    self._session_lock.release()
-        session = self._session
-        if session is None and forced:
-            reason = f"the {self.requested} transport is not set up: {self.fallback_reason}"
-            if self._negotiate_at is not None:
-                raise Unavailable(grpc.StatusCode.UNAVAILABLE, reason)
-            raise GradserveError(reason)
-        return session
-
-    def _reopen(self, lost: Session) -> None:
-        """Replace a session the server no longer holds (once, whichever thread asks)."""
-        with self._session_lock:
-            if self._session is lost:
-                log.info("gradserve: same-host session lost (server restarted?); reopening")
-                lost.close(tell_server=False)
-                self._session = None
-                self._negotiate()
-
-    def _negotiate(self) -> None:
-        """Open a same-host session for the requested transport (holding the session lock)."""
-        names = list(TRANSPORTS)
-        if self.requested != "auto":
-            names = names[:names.index(self.requested) + 1]
-        transports = [TRANSPORTS[n](self.region_bytes.get(n, 0)) for n in names]
-        local = {t.name: t.unavailable() for t in transports}
-        if self.requested != "auto" and local[self.requested]:
-            self._settle_failure(local[self.requested])
-        usable = [t for t in transports if not local[t.name]]
-        reasons = {n: why for n, why in local.items() if why}
-        session = None
-        if usable:
-            try:
-                session, reasons = Session.open(self._stub, usable)
-            except (Unavailable, DeadlineExceeded) as err:   # no server there yet: ask later
-                self._negotiate_at = time.monotonic() + RENEGOTIATE_SECONDS
-                self.fallback_reason = f"the server is not reachable yet ({err.message})"
-                return
-            except ResourceExhausted as err:   # its sessions are all taken: ask later
-                self._negotiate_at = time.monotonic() + 10 * RENEGOTIATE_SECONDS
-                self.fallback_reason = f"the server has no room for a session now ({err.message})"
-                return
-            except RemoteError as err:
-                reasons = {t.name: str(err) for t in usable}
-        self._negotiate_at = None
-        in_use = [t.name for t in session.transports] if session is not None else []
-        if self.requested not in ("auto", *in_use):
-            if session is not None:
-                session.close()
-            self._settle_failure(reasons.get(self.requested, "the server refused it"))
-        if session is not None:
-            session.start()
-        self._session = session
-        rank = ["grpc", *TRANSPORTS]
-        candidates = [t.name for t in usable] or names
-        self.fallback_reason = "; ".join(
-            f"{n}: {reasons[n]}" for n in candidates
-            if rank.index(n) > rank.index(self.transport) and n in reasons)
-        if self.fallback_reason:
-            log.warning("gradserve: using the %s transport to %s (%s)", self.transport,
-                        self.address, self.fallback_reason)
-
-    def _settle_failure(self, reason: str) -> None:
-        """A forced transport cannot work: remember why, and raise it."""
-        self._negotiate_at = None
-        self.fallback_reason = reason
-        raise GradserveError(f"the {self.requested} transport cannot work here: {reason}")
+    def _budget(self, timeout: float | None) -> tuple[float | None, float]:
+        """A call's deadline in seconds (None: none) and when its retries end."""
+        limit = self._deadline(timeout)
+        return limit, time.monotonic() + (limit if limit is not None else self.retry_seconds)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -583,54 +447,33 @@ class Client:
         if self._closed:
             raise GradserveError(f"this client of {self.address} is closed")
 
-    def _invoke(self, method: Any, request: Any, timeout: float | None) -> Any:
-        """Call an RPC of this client's (its reply, or a stream's iterator)."""
-        self._check_open()
-        return rpc(method, request, self._deadline(timeout))
 
-    def _unary(self, method: Any, request: Any, timeout: float | None,
-               flush: bool = True) -> Any:
-        """A unary RPC, after sending queued releases (``flush``)."""
-        if flush:
-            self._flush_releases(timeout)
-        return self._invoke(method, request, timeout)
+def _opener(settings: Settings, options: list[tuple[str, Any]], tls: TLSConfig | None,
+            token: str | None, channel: grpc.Channel | None) -> Callable[[str], Replica]:
+    """How a client opens a replica for an address: on a new channel, or the injected one
+    (it holds nothing of the client, so a client dropped without ``close`` is freed)."""
+    def open_replica(address: str) -> Replica:
+        if channel is not None:
+            return Replica(address, channel, settings, token, owns_channel=False)
+        if tls is not None:
+            made = grpc.secure_channel(address, tls.channel_credentials(),
+                                       options=[*options, *tls.channel_options()])
+        else:
+            made = grpc.insecure_channel(address, options=options)
+        return Replica(address, made, settings, token)
+    return open_replica
 
-    @staticmethod
-    def _read(reader: FrameReader[Any], frames: Iterator[Any]) -> Any:
-        try:
-            return reader.read(frames)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
 
-    def _take_releases(self) -> list[str]:
-        ids = []
-        while self._released:
-            ids.append(self._released.popleft())
-        return ids
-
-    def _flush_releases(self, timeout: float | None = None) -> None:
-        """Send queued releases and freed reply slots; on failure keep both queued."""
-        session = self._session
-        if not self._released and not (session is not None and session.has_freed()):
-            return
-        ids = self._take_releases()
-        request = pb.ReleaseRequest(residual_ids=ids)
-        state = session.state() if session is not None else None
-        if state is not None:
-            request.session.CopyFrom(state)
-        try:
-            self._unary(self._stub.Release, request, timeout, flush=False)
-        except RemoteError:
-            self._released.extend(ids)
-            if session is not None and state is not None:
-                session.put_back(state.freed_slots)
-
+def _left(limit: float | None, until: float) -> float | None:
+    """Seconds left of a call's deadline (None: it has none)."""
+    return max(until - time.monotonic(), 0.0) if limit is not None else None
 
 def _frontend(name: str) -> ModuleType:
     return importlib.import_module(frameworks.framework(name).frontend)
 
 
-def connect(address: str, **options: Any) -> Client:
-    """Open a :class:`Client` to the gradserve server at ``host:port`` and negotiate its
-    transport (see :class:`Client` for the options)."""
-    return Client(address, **options).open()
+def connect(target: str | Sequence[str], **options: Any) -> Client:
+    """Open a :class:`Client` to the gradserve server at ``host:port`` (or to the replicas
+    a list, ``ipv4:``/``ipv6:`` list or ``dns:///name:port`` names), negotiate its
+    transports and watch its replicas (see :class:`Client` for the options)."""
+    return Client(target, **options).open()

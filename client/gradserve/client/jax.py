@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from gradserve.client.core import Call, Client, Residual, numpy_leaf
+from gradserve.client.calls import Call, Residual
+from gradserve.client.core import Client, numpy_leaf
 from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, higher_order_refusal, \
     mergeable
 from gradserve.errors import GradserveError

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from gradserve.client.core import Call, Client, Residual
+from gradserve.client.calls import Call, Residual
+from gradserve.client.core import Client
 from gradserve.wire import pytree
 from gradserve.wire.codec import Arguments, MakeLeaf
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from gradserve.client.core import Client, Residual
+from gradserve.client.calls import Residual
+from gradserve.client.core import Client
 from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, higher_order_refusal, \
     mergeable
 from gradserve.frameworks.torch import ADAPTER, is_differentiable

@@ -151,7 +151,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable", "batching")
+    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable", "batching", "devices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class EndpointInfo(_message.Message):
     ACCEPTS_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     BATCHABLE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     framework: str
     device: str
@@ -174,7 +175,8 @@ class EndpointInfo(_message.Message):
     accepts_parameters: bool
     batchable: bool
     batching: Batching
-    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("max_batch", "max_delay_seconds")
@@ -235,14 +237,30 @@ class DescribeRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("endpoint", "residuals", "batches")
+    __slots__ = ("endpoint", "residuals", "batches", "instances")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     endpoint: EndpointInfo
     residuals: ResidualStats
     batches: BatchStats
-    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ..., batches: _Optional[_Union[BatchStats, _Mapping]] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceStats]
+    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ..., batches: _Optional[_Union[BatchStats, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStats, _Mapping]]] = ...) -> None: ...
+
+class InstanceStats(_message.Message):
+    __slots__ = ("index", "device", "in_flight", "forward_calls", "vjp_calls")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    VJP_CALLS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device: str
+    in_flight: int
+    forward_calls: int
+    vjp_calls: int
+    def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., in_flight: _Optional[int] = ..., forward_calls: _Optional[int] = ..., vjp_calls: _Optional[int] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("endpoint",)

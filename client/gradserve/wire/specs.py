@@ -130,6 +130,22 @@ class BatchStats:
         return self.queue_seconds / calls if calls else 0.0
 
 
+@dataclass(frozen=True)
+class InstanceStats:
+    """One instance (device) of an endpoint and its load, as ``Describe`` reports it."""
+
+    index: int
+    device: str
+    in_flight: int
+    forward_calls: int
+    vjp_calls: int
+
+    @classmethod
+    def from_pb(cls, msg: pb.InstanceStats) -> "InstanceStats":
+        """Read the wire form."""
+        return cls(msg.index, msg.device, msg.in_flight, msg.forward_calls, msg.vjp_calls)
+
+
 def _specs(items: Iterable[pb.TensorSpec]) -> dict[str, TensorSpec]:
     return {s.name: TensorSpec.from_pb(s) for s in items}
 
@@ -155,14 +171,21 @@ class EndpointInfo:
     residuals: ResidualStats | None = None
     #: what batching did (``Describe`` of an endpoint that batches)
     batches: BatchStats | None = None
+    #: the devices it is hosted on, one instance each (``device`` is the first)
+    devices: tuple[str, ...] = ()
+    #: each instance's load (``Describe``)
+    instances: tuple[InstanceStats, ...] = ()
 
     @classmethod
     def from_pb(cls, msg: pb.EndpointInfo, residuals: pb.ResidualStats | None = None,
-                batches: pb.BatchStats | None = None) -> "EndpointInfo":
+                batches: pb.BatchStats | None = None,
+                instances: Iterable[pb.InstanceStats] = ()) -> "EndpointInfo":
         """Read the wire form (with the statistics ``Describe`` adds)."""
         return cls(msg.name, msg.framework, msg.device, msg.signature, msg.doc,
                    _specs(msg.inputs), _specs(msg.outputs), _specs(msg.parameters),
                    msg.accepts_parameters, msg.batchable, msg.batching.max_batch,
                    msg.batching.max_delay_seconds,
                    ResidualStats.from_pb(residuals) if residuals is not None else None,
-                   BatchStats.from_pb(batches) if batches is not None else None)
+                   BatchStats.from_pb(batches) if batches is not None else None,
+                   tuple(msg.devices) or (msg.device,),
+                   tuple(InstanceStats.from_pb(i) for i in instances))

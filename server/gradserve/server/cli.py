@@ -101,8 +101,16 @@ def build_endpoints(name: str, obj: Any, device: str | None) -> dict[str, Endpoi
 def serve(args: argparse.Namespace) -> int:
     """``gradserve serve``: host TARGET's endpoints until SIGTERM or SIGINT."""
     attr, obj = load_target(args.target)
-    endpoints = build_endpoints(args.name or attr, obj, args.device)
-    if not endpoints:
+    if args.devices is not None and args.device is not None:
+        raise SystemExit("gradserve: give --device or --devices, not both")
+    instances: dict[str, list[Endpoint]] = {}
+    for device in all_devices() if args.devices == ["all"] else args.devices or [args.device]:
+        for name, endpoint in build_endpoints(args.name or attr, obj, device).items():
+            if any(endpoint is other for other in instances.get(name, [])):
+                raise SystemExit(f"gradserve: --devices needs a model, function or factory "
+                                 f"to build once per device; {name!r} is one Endpoint")
+            instances.setdefault(name, []).append(endpoint)
+    if not instances:
         raise SystemExit(f"gradserve: {args.target!r} defines no endpoints")
     tls = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
@@ -115,23 +123,34 @@ def serve(args: argparse.Namespace) -> int:
                         **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
     except ValueError as err:
         raise SystemExit(f"gradserve: {err}") from None
-    for name, endpoint in endpoints.items():
-        server.add(name, endpoint)
+    for name, endpoints in instances.items():
+        server.add(name, endpoints)
     server.start()
     health = f" (health also on port {server.health_port})" if server.health_port else ""
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
-    print(f"gradserve: serving {', '.join(endpoints)} on {server.address}{health}{metrics}",
-          flush=True)
-    stopped = threading.Event()
+    placed = next(iter(instances.values()))
+    devices = (f" on devices {', '.join(str(e.device) for e in placed)}"
+               if len(placed) > 1 else "")
+    print(f"gradserve: serving {', '.join(instances)} on {server.address}{health}{metrics}"
+          f"{devices}", flush=True)
+    stopped, hurry = threading.Event(), threading.Event()
 
     def shutdown(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
-        stopped.set()
+        if stopped.is_set():
+            log.info("signal %d again: stopping now", signum)
+            hurry.set()
+        else:
+            log.info("signal %d: draining for up to %g s (again to stop now)", signum,
+                     args.grace)
+            stopped.set()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     stopped.wait()
-    server.stop(grace=args.grace)
+    emptied = server.drain(args.grace, hurry)
+    log.info("drained: %s", "nothing left to answer" if emptied else
+             "stopping with calls or residuals left")
+    server.stop(grace=0 if hurry.is_set() else 1.0)
     # Everything is released by now. Skip the interpreter's teardown: native thread pools
     # (torch, grpc) sometimes abort in their static destructors ("terminate called without
     # an active exception", SIGABRT), turning a clean stop into a failed exit status.
@@ -184,6 +203,32 @@ def list_endpoints(args: argparse.Namespace) -> int:
                 print(f"    parameters: {len(info.parameters)} tensors, {count} values"
                       f"{' (client may send its own)' if info.accepts_parameters else ''}")
     return 0
+
+
+def check_health(args: argparse.Namespace) -> int:
+    """``gradserve health``: print the server's health status; 0 if SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gradserve.security import identified, tls_config, token_from
+    options = client_options(args)
+    tls = tls_config(options["tls"])
+    channel = (grpc.secure_channel(args.address, tls.channel_credentials(),
+                                   options=tls.channel_options())
+               if tls is not None else grpc.insecure_channel(args.address))
+    with channel:
+        stub: Any = health_pb2_grpc.HealthStub(   # its type stubs lack the methods
+            identified(channel, token_from(options.get("token"))))
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
+                               timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"gradserve: {args.address}: {err.code().name}: {err.details()}",
+                  file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,6 +305,29 @@ def bench(args: argparse.Namespace) -> int:
             print(f"concurrency {lv.concurrency}: {count} x {kind}, first: "
                   f"{lv.error_messages.get(kind, '')}")
     return 0
+
+
+def _device_list(text: str) -> list[str]:
+    devices = [part.strip() for part in text.split(",") if part.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError(f"expected devices like cuda:0,cuda:1, got {text!r}")
+    if "all" in devices and devices != ["all"]:
+        raise argparse.ArgumentTypeError("'all' stands alone")
+    return devices
+
+
+def all_devices() -> list[str]:
+    """``--devices all``: every GPU torch sees, else every GPU JAX sees, else the CPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        try:
+            return [f"cuda:{i}" for i in range(len(jax.devices("gpu")))]
+        except RuntimeError:   # no GPU backend
+            pass
+    return ["cpu"]
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -397,6 +465,10 @@ def parser() -> argparse.ArgumentParser:
                    help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=50051, help="port (default: 50051)")
     s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    s.add_argument("--devices", type=_device_list, default=None,
+                   help="host each endpoint once per device, calls going to the least loaded: "
+                        "e.g. cuda:0,cuda:1, or cpu,cpu, or 'all' (every GPU torch or JAX "
+                        "sees, else the CPU)")
     s.add_argument("--name", default=None, help="endpoint name for a single model (default: attr)")
     defaults = inspect.signature(Server).parameters
     for option, kind, text in SERVER_OPTIONS:
@@ -410,7 +482,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-port", action="store_true",
                    help="share the port with servers already listening there")
     s.add_argument("--grace", type=float, default=5.0,
-                   help="seconds to finish calls on shutdown (default: 5)")
+                   help="seconds a stopping server (SIGTERM, SIGINT) drains: it answers backward "
+                        "calls of the residuals it holds and refuses new Forwards (default: "
+                        "5; a second signal stops at once)")
     s.add_argument("--debug", action="store_true", help="send tracebacks in error messages")
     s.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text or as one JSON object each (default: text)")
@@ -435,6 +509,15 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--timeout", type=float, default=10.0)
     _client_flags(ls)
     ls.set_defaults(run=list_endpoints)
+    h = sub.add_parser("health", help="exit 0 if a server reports SERVING (grpc.health.v1 "
+                                      "Check), 1 otherwise: for container health checks")
+    h.add_argument("address", nargs="?", default="127.0.0.1:50051",
+                   help="host:port, the main or the health port (default: 127.0.0.1:50051)")
+    h.add_argument("--service", default="",
+                   help="the service or endpoint to ask about (default: the whole server)")
+    h.add_argument("--timeout", type=_positive(float), default=5.0)
+    _client_flags(h)
+    h.set_defaults(run=check_health)
     b = sub.add_parser("bench", help="measure an endpoint's throughput and latency under load "
                                      "from many concurrent callers")
     b.add_argument("address", help="host:port")

@@ -33,10 +33,12 @@ from gradserve.wire.specs import TensorSpec, TensorType
 
 @dataclass
 class Residual:
-    """What a forward kept for its backward: the outputs, and the framework's own state."""
+    """What a forward kept for its backward: the outputs, the framework's own state, and
+    the instance (of the endpoint's, one per device) that made it and runs its Vjp."""
 
     outputs: Any
     state: Any
+    instance: int = 0
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Endpoint(ABC):
     output_specs: dict[str, TensorSpec]
     doc: str = ""
     device: Any = "cpu"
+    #: its index among the instances of its name (one per device; ``Instances`` sets it)
+    instance: int = 0
     batchable: bool = False
     #: dynamic batching (``Server.add`` sets them for batchable endpoints): most rows one
     #: merged run takes (0: never merge calls), longest a call waits for others (seconds)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from concurrent import futures
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,7 +17,7 @@ from gradserve.security import TLSConfig
 from gradserve.server.auth import AuthInterceptor, Tokens
 from gradserve.server.endpoint import Endpoint, build_endpoint
 from gradserve.server.health_port import HealthPort
-from gradserve.server.metrics import Observer, counter, gauge, tracing_interceptor
+from gradserve.server.metrics import Observer, counter, gauge, gauges, tracing_interceptor
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
 from gradserve.server.service import GradserveService, Limits
@@ -165,32 +166,53 @@ class Server:
 
     # -- endpoints ---------------------------------------------------------
     def add(self, name: str, endpoint: Any, *, framework: str | None = None,
-            max_batch: int | None = None, max_delay: float | None = None,
-            **options: Any) -> Endpoint:
-        """Host ``endpoint`` under ``name``: an ``Endpoint``, or a model or function that
-        ``framework`` (default: the one that claims it) serves with ``options``. A batchable
-        endpoint merges concurrent calls up to ``max_batch`` rows, a call waiting at most
-        ``max_delay`` seconds for others (default: the server's; ``max_batch=0``: never)."""
-        served = build_endpoint(endpoint, framework_name=framework, **options)
+            devices: Sequence[Any] | None = None, max_batch: int | None = None,
+            max_delay: float | None = None, **options: Any) -> Endpoint:
+        """Host ``endpoint`` under ``name``: an ``Endpoint``, a list of them (one instance
+        each, e.g. one per device), or a model or function that ``framework`` (default: the
+        one that claims it) serves with ``options``, once on each of ``devices`` if given
+        (``["cuda:0", "cuda:1"]``; ``["cpu", "cpu"]``: two instances on the CPU). A call
+        runs on the least loaded instance, a Vjp on the one holding its residual. A
+        batchable endpoint merges concurrent calls up to ``max_batch`` rows, a call waiting
+        at most ``max_delay`` seconds for others (default: the server's; ``max_batch=0``:
+        never). Returns the first instance."""
+        if devices is not None:
+            if isinstance(endpoint, Endpoint) or isinstance(endpoint, (list, tuple)):
+                raise TypeError("devices= builds one instance per device from a model or "
+                                "function; an Endpoint has its device (pass a list of them)")
+            devices = list(devices)
+            if not devices:
+                raise ValueError("devices= names no device")
+            if "device" in options:
+                raise TypeError("give devices= or device=, not both")
+            served = [build_endpoint(endpoint, framework_name=framework, device=device,
+                                     **options) for device in devices]
+        elif isinstance(endpoint, (list, tuple)):
+            served = [build_endpoint(e, framework_name=framework, **options) for e in endpoint]
+        else:
+            served = [build_endpoint(endpoint, framework_name=framework, **options)]
         max_batch = self.max_batch if max_batch is None else max_batch
         max_delay = self.max_delay if max_delay is None else max_delay
         if max_batch < 0 or max_delay < 0:
             raise ValueError(f"max_batch and max_delay must be >= 0, got {max_batch} and "
                              f"{max_delay}")
-        if served.batchable:
-            served.max_batch, served.max_delay = max_batch, max_delay
-        served.debug = served.debug or self.debug
-        self.registry.add(name, served)
+        for instance in served:
+            if instance.batchable:
+                instance.max_batch, instance.max_delay = max_batch, max_delay
+            instance.debug = instance.debug or self.debug
+        first = self.registry.add(name, served)
         if self._started:
             self._serving(name)
-        return served
+        return first
 
     def add_torch(self, name: str, fn: Callable[..., Any], **options: Any) -> Endpoint:
-        """Host a torch ``nn.Module`` or function; options as for ``TorchEndpoint``."""
+        """Host a torch ``nn.Module`` or function (``devices=``: once per device); options as
+        for ``TorchEndpoint``."""
         return self.add(name, fn, framework="torch", **options)
 
     def add_jax(self, name: str, fn: Callable[..., Any], **options: Any) -> Endpoint:
-        """Host a JAX function (``params=`` for ``fn(params, *args)``); options as for ``JaxEndpoint``."""
+        """Host a JAX function (``params=`` for ``fn(params, *args)``; ``devices=``: once per
+        device); options as for ``JaxEndpoint``."""
         return self.add(name, fn, framework="jax", **options)
 
     # -- lifecycle ---------------------------------------------------------
@@ -235,6 +257,31 @@ class Server:
         stopped: bool = self._grpc.wait_for_termination(timeout)
         return stopped
 
+    def drain(self, grace: float, interrupted: threading.Event | None = None) -> bool:
+        """Shut down gently (a replica leaving a fleet): health says NOT_SERVING at once,
+        new Forwards are refused (UNAVAILABLE, reason ``draining``: clients go to another
+        replica) and Vjps of residuals held here are answered, until none is held and no
+        call is open, ``grace`` seconds pass or ``interrupted`` is set. True if it emptied.
+        ``stop`` ends the server afterwards."""
+        self.service.drain()
+        self._health.enter_graceful_shutdown()
+        if self._health_port is not None:
+            for name in ("", SERVICE_NAME, *(e.name for e in self.registry.all())):
+                self._health_port.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        until = time.monotonic() + grace
+        wake = interrupted if interrupted is not None else threading.Event()
+        while True:
+            if not self.residuals.stats().count and not self.service.active_streams():
+                return True
+            left = until - time.monotonic()
+            if left <= 0 or wake.wait(min(left, 0.05)):
+                return False
+
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain`` was called (new Forwards are refused)."""
+        return self.service.draining
+
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, free
         residuals and sessions, and end every thread ``start`` started."""
@@ -277,7 +324,21 @@ class Server:
                     self.sessions.budget.used(pb.SHARED_MEMORY))
         yield gauge("gradserve_streams_open", "Streaming and one-message Forward/Vjp calls "
                     "open", self.service.active_streams())
-        batches = [(name, b.stats()) for name, b in self.service.batchers().items()]
+        groups = self.registry.groups()
+        where = ("endpoint", "instance", "device")
+        yield gauges("gradserve_instance_in_flight", "Forward/Vjp calls running on each "
+                    "instance (device) of an endpoint",
+                    [({"endpoint": g.primary.name, "instance": str(i.index),
+                       "device": i.device}, i.in_flight) for g in groups for i in g.stats()],
+                    where)
+        yield counter("gradserve_instance_calls", "Calls each instance (device) of an "
+                      "endpoint ran",
+                      [({"endpoint": g.primary.name, "instance": str(i.index),
+                         "device": i.device, "kind": kind}, n)
+                       for g in groups for i in g.stats()
+                       for kind, n in (("forward", i.forward_calls), ("vjp", i.vjp_calls))],
+                      (*where, "kind"))
+        batches = list(self.service.batch_stats().items())
         labels = ("endpoint", "kind")
         yield counter("gradserve_batch_runs", "Model runs of merged calls",
                       [({"endpoint": n, "kind": "forward"}, b.forward_runs) for n, b in batches]

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -176,7 +176,20 @@ def gauge(name: str, text: str, value: float, labels: dict[str, str] | None = No
 def counter(name: str, text: str, samples: Iterable[tuple[dict[str, str], float]],
             labels: tuple[str, ...]) -> CounterMetricFamily:
     """A counter family from (labels, value) samples."""
-    family = CounterMetricFamily(name, text, labels=list(labels))
+    return _filled(CounterMetricFamily(name, text, labels=list(labels)), samples, labels)
+
+
+def gauges(name: str, text: str, samples: Iterable[tuple[dict[str, str], float]],
+           labels: tuple[str, ...]) -> GaugeMetricFamily:
+    """A gauge family from (labels, value) samples."""
+    return _filled(GaugeMetricFamily(name, text, labels=list(labels)), samples, labels)
+
+
+F = TypeVar("F", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _filled(family: F, samples: Iterable[tuple[dict[str, str], float]],
+            labels: tuple[str, ...]) -> F:
     for values, value in samples:
         family.add_metric([values[k] for k in labels], value)
     return family

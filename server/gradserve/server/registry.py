@@ -1,43 +1,56 @@
-"""The endpoint registry: endpoints by name."""
+"""The endpoint registry: endpoints by name, each with its instances (one per device)."""
 
 from __future__ import annotations
 
 import threading
+from typing import Sequence
 
 import grpc
 
 from gradserve.errors import StatusError, shown
 from gradserve.server.endpoint import Endpoint
+from gradserve.server.instances import Instances
 
 
 class Registry:
     """Endpoints by name; thread-safe."""
 
     def __init__(self) -> None:
-        self._endpoints: dict[str, Endpoint] = {}
+        self._groups: dict[str, Instances] = {}
         self._lock = threading.Lock()
 
-    def add(self, name: str, endpoint: Endpoint) -> Endpoint:
-        """Register ``endpoint`` under ``name`` (each endpoint and name once)."""
+    def add(self, name: str, endpoint: Endpoint | Sequence[Endpoint]) -> Endpoint:
+        """Register ``endpoint`` under ``name`` (a list: one instance per device); each
+        endpoint and name once. Returns the first instance."""
         if not name or not isinstance(name, str):
             raise ValueError(f"endpoint name must be a non-empty string, got {name!r}")
+        group = Instances([endpoint] if isinstance(endpoint, Endpoint) else endpoint)
         with self._lock:
-            if name in self._endpoints:
+            if name in self._groups:
                 raise ValueError(f"an endpoint named {name!r} is already registered")
-            if endpoint in self._endpoints.values():
-                raise ValueError(f"this endpoint is already registered as {endpoint.name!r}; "
-                                 "create a second one to serve it under another name")
-            endpoint.name = name
-            self._endpoints[name] = endpoint
-        return endpoint
+            taken = {id(e): e.name for g in self._groups.values() for e in g.endpoints}
+            for index, instance in enumerate(group.endpoints):
+                if id(instance) in taken or any(instance is other
+                                                for other in group.endpoints[:index]):
+                    raise ValueError(f"this endpoint is already registered as "
+                                     f"{taken.get(id(instance), name)!r}; create another to "
+                                     "serve it again")
+            for instance in group.endpoints:
+                instance.name = name
+            self._groups[name] = group
+        return group.primary
 
     def get(self, name: str) -> Endpoint:
-        """The endpoint called ``name``; NOT_FOUND listing the others."""
+        """The endpoint called ``name`` (its first instance); NOT_FOUND listing the others."""
+        return self.instances(name).primary
+
+    def instances(self, name: str) -> Instances:
+        """The instances of the endpoint called ``name``; NOT_FOUND listing the others."""
         with self._lock:
-            endpoint = self._endpoints.get(name)
-            if endpoint is not None:
-                return endpoint
-            known = sorted(self._endpoints)
+            group = self._groups.get(name)
+            if group is not None:
+                return group
+            known = sorted(self._groups)
         raise StatusError(grpc.StatusCode.NOT_FOUND,
                           f"no endpoint named {shown(name)}; this server has: "
                           f"{', '.join(known) or 'none'}")
@@ -45,9 +58,14 @@ class Registry:
     def has(self, name: str) -> bool:
         """Whether an endpoint is called ``name``."""
         with self._lock:
-            return name in self._endpoints
+            return name in self._groups
 
     def all(self) -> list[Endpoint]:
-        """Every endpoint, in registration order."""
+        """Every endpoint (its first instance), in registration order."""
         with self._lock:
-            return list(self._endpoints.values())
+            return [g.primary for g in self._groups.values()]
+
+    def groups(self) -> list[Instances]:
+        """Every endpoint's instances, in registration order."""
+        with self._lock:
+            return list(self._groups.values())

@@ -22,13 +22,14 @@ import google.rpc.error_details_pb2 as error_details_pb2
 import google.rpc.status_pb2 as status_pb2
 from grpc_status import rpc_status
 
-from gradserve.errors import REASON_KEY, REPLY_TOO_LARGE, RESIDUAL_MISSING, StatusError, \
+from gradserve.errors import DRAINING, REASON_KEY, REPLY_TOO_LARGE, RESIDUAL_MISSING, StatusError, \
     clip_status, invalid, shown
 from gradserve.lru import LRU
 from gradserve.security import CLIENT_KEY
 from gradserve.server.auth import Tokens
 from gradserve.server.batching import Batcher, Recorder, is_share
 from gradserve.server.endpoint import Endpoint, Residual
+from gradserve.server.instances import Instances
 from gradserve.server.metrics import CallRecord, Observer, trace_call
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
@@ -233,9 +234,21 @@ class GradserveService(pb_grpc.GradserveServicer):
         #: request bytes all calls together hold now (bounded by ``max_inflight_bytes``)
         self.inflight = InFlight(limits.max_inflight_bytes)
         self._running = threading.BoundedSemaphore(limits.workers)
-        self._batchers: dict[str, Batcher] = {}
+        self._batchers: dict[tuple[str, int], Batcher] = {}
         self._streams: collections.Counter[str] = collections.Counter()
         self._streams_lock = threading.Lock()
+        #: set by ``drain``: new Forwards, recomputes and sessions are refused
+        self.draining = False
+
+    def drain(self) -> None:
+        """Take no new work: Forwards, Vjps that would recompute and new sessions are refused
+        (UNAVAILABLE, reason ``draining``); Vjps of residuals held here still run."""
+        self.draining = True
+
+    def _refuse_if_draining(self, what: str) -> None:
+        if self.draining:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"this server is shutting down and "
+                              f"takes no new {what}: send it to another replica", DRAINING)
 
     def active_streams(self, peer: str | None = None) -> int:
         """Forward/Vjp/GetParameters streams open now (of one peer, if named)."""
@@ -276,19 +289,21 @@ class GradserveService(pb_grpc.GradserveServicer):
         with self._status(context, "ListEndpoints") as call:
             token = Tokens.require(call.token) if self.auth is not None else None
             return pb.ListEndpointsResponse(endpoints=[
-                e.info() for e in self.registry.all() if token is None or token.may_call(e.name)])
+                g.info() for g in self.registry.groups()
+                if token is None or token.may_call(g.primary.name)])
         return pb.ListEndpointsResponse()
 
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.DescribeResponse:
         with self._status(context, "Describe", request.endpoint) as call:
             self._allow(call, endpoint=request.endpoint)
-            endpoint = self.registry.get(request.endpoint)
-            reply = pb.DescribeResponse(endpoint=endpoint.info(),
-                                        residuals=self.residuals.stats(endpoint.name))
-            batcher = self.batcher(endpoint)
-            if batcher is not None:
-                reply.batches.CopyFrom(batcher.stats())
+            group = self.registry.instances(request.endpoint)
+            name = group.primary.name
+            reply = pb.DescribeResponse(endpoint=group.info(),
+                                        residuals=self.residuals.stats(name),
+                                        instances=group.stats())
+            if self.batcher(group.primary) is not None:
+                reply.batches.CopyFrom(self.batch_stats().get(name, pb.BatchStats()))
             return reply
         return pb.DescribeResponse()
 
@@ -343,6 +358,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                     context: grpc.ServicerContext) -> pb.OpenSessionResponse:
         with self._status(context, "OpenSession") as call:
             self._allow(call, sessions=True)
+            self._refuse_if_draining("sessions")
             return self.sessions.open(request, self._counted_as(call), call.owner)
         return pb.OpenSessionResponse()
 
@@ -378,20 +394,29 @@ class GradserveService(pb_grpc.GradserveServicer):
         return self.sessions.slots(header.session, owner) if header.HasField("session") else None
 
     # -- differentiable calls ----------------------------------------------
-    def batchers(self) -> dict[str, Batcher]:
-        """The batchers made so far, by endpoint name (what metrics read)."""
+    def batch_stats(self) -> dict[str, pb.BatchStats]:
+        """What the batchers made so far did, by endpoint name (summed over its instances)."""
         with self._streams_lock:
-            return dict(self._batchers)
+            batchers = list(self._batchers.items())
+        found: dict[str, pb.BatchStats] = {}
+        for (name, _), batcher in batchers:
+            stats, total = batcher.stats(), found.setdefault(name, pb.BatchStats())
+            for field in ("forward_runs", "forward_calls", "forward_rows", "vjp_runs",
+                          "vjp_calls", "queue_seconds"):
+                setattr(total, field, getattr(total, field) + getattr(stats, field))
+            total.max_calls = max(total.max_calls, stats.max_calls)
+        return found
 
     def batcher(self, endpoint: Endpoint, merging: bool = True) -> Batcher | None:
         """The endpoint's dynamic batcher (None: it does not merge calls; ``merging=False``:
         its batcher all the same, for the Vjp of a share of a merged run)."""
         if merging and (not endpoint.batchable or endpoint.max_batch < 2):
             return None
+        key = (endpoint.name, endpoint.instance)
         with self._streams_lock:
-            batcher = self._batchers.get(endpoint.name)
+            batcher = self._batchers.get(key)
             if batcher is None or batcher.endpoint is not endpoint:
-                batcher = self._batchers[endpoint.name] = Batcher(endpoint, self._running)
+                batcher = self._batchers[key] = Batcher(endpoint, self._running)
             return batcher
 
     @contextlib.contextmanager
@@ -408,21 +433,24 @@ class GradserveService(pb_grpc.GradserveServicer):
                  ) -> tuple[pb.ForwardResponse, Any]:
         """The body of Forward and ForwardUnary."""
         self._allow(call, endpoint=request.endpoint)
+        self._refuse_if_draining("Forward calls")
         owner = call.owner
         if request.release:
             self.residuals.release(list(request.release), owner)
-        endpoint = self.registry.get(request.endpoint)
-        batcher = self.batcher(endpoint)
-        made = None
-        if batcher is not None:
-            recorder = Recorder(endpoint)
-            inputs = codec.decode_arguments(request, reader, recorder)
-            made = batcher.forward(inputs, recorder, request.need_vjp, call.peer)
-        else:
-            inputs = self._inputs(endpoint, request, reader)
-        if made is None:
-            with self._turn(context):
-                made = endpoint.forward(inputs, request.need_vjp)
+        with self.registry.instances(request.endpoint).running("forward") as endpoint:
+            batcher = self.batcher(endpoint)
+            made = None
+            if batcher is not None:
+                recorder = Recorder(endpoint)
+                inputs = codec.decode_arguments(request, reader, recorder)
+                made = batcher.forward(inputs, recorder, request.need_vjp, call.peer)
+            else:
+                inputs = self._inputs(endpoint, request, reader)
+            if made is None:
+                with self._turn(context):
+                    made = endpoint.forward(inputs, request.need_vjp)
+        if made.residual is not None:
+            made.residual.instance = endpoint.instance
         # a residual viewing session memory goes when the session does
         slots = reader.slots if reader.used_slots else None
         rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes,
@@ -440,16 +468,18 @@ class GradserveService(pb_grpc.GradserveServicer):
              context: grpc.ServicerContext, call: CallRecord) -> tuple[pb.VjpResponse, Any]:
         """The body of Vjp and VjpUnary."""
         self._allow(call, endpoint=request.endpoint)
-        endpoint = self.registry.get(request.endpoint)
-        trace_call(endpoint.name, request.residual_id)
-        residual = self._residual_for(endpoint, request, reader, context, call.owner)
-        cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf, "cotangents")
-        batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
-        if batcher is not None:
-            grads = batcher.vjp(residual, cotangents, request.batched_cotangents, call.peer)
-        else:
-            with self._turn(context):
-                grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
+        group = self.registry.instances(request.endpoint)
+        trace_call(group.primary.name, request.residual_id)
+        residual = self._residual_for(group, request, reader, context, call.owner)
+        with group.running("vjp", residual.instance) as endpoint:   # where its tensors are
+            cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf,
+                                      "cotangents")
+            batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
+            if batcher is not None:
+                grads = batcher.vjp(residual, cotangents, request.batched_cotangents, call.peer)
+            else:
+                with self._turn(context):
+                    grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
         reply = pb.VjpResponse()
         codec.encode_arguments(grads, writer, reply)
         return reply, (grads, cotangents, residual)
@@ -606,16 +636,17 @@ class GradserveService(pb_grpc.GradserveServicer):
             return None
         return reply
 
-    def _residual_for(self, endpoint: Endpoint, request: pb.VjpRequest,
+    def _residual_for(self, group: Instances, request: pb.VjpRequest,
                       reader: FrameReader[Any], context: grpc.ServicerContext,
                       owner: str) -> Residual:
+        name = group.primary.name
         if request.residual_id:
             held = self.residuals.get(request.residual_id, owner)
             if held is not None:
-                owner, residual = held
-                if owner != endpoint.name:
+                holder, residual = held
+                if holder != name:
                     raise invalid(f"residual {shown(request.residual_id)} belongs to endpoint "
-                                  f"{owner!r}, not {endpoint.name!r}")
+                                  f"{holder!r}, not {name!r}")
                 kept: Residual = residual
                 return kept
         if not request.HasField("inputs"):
@@ -623,15 +654,18 @@ class GradserveService(pb_grpc.GradserveServicer):
                               f"residual {shown(request.residual_id)} is not held by this server "
                               "(released, evicted, expired, or kept by another replica); "
                               "resend the inputs to recompute", RESIDUAL_MISSING)
-        if request.inputs.endpoint not in ("", endpoint.name):
+        self._refuse_if_draining("recomputing backward calls")
+        if request.inputs.endpoint not in ("", name):
             raise invalid(f"inputs name endpoint {shown(request.inputs.endpoint)}, "
-                          f"not {endpoint.name!r}")
-        self.observer.recomputes.labels(endpoint.name).inc()
-        inputs = self._inputs(endpoint, request.inputs, reader)
-        with self._turn(context):
-            made = endpoint.forward(inputs, need_vjp=True)
+                          f"not {name!r}")
+        self.observer.recomputes.labels(name).inc()
+        with group.running("forward") as endpoint:
+            inputs = self._inputs(endpoint, request.inputs, reader)
+            with self._turn(context):
+                made = endpoint.forward(inputs, need_vjp=True)
         if made.residual is None:
             raise invalid("no input of the re-sent call requires grad")
+        made.residual.instance = endpoint.instance
         return made.residual
 
     @staticmethod
