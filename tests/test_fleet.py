@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -19,7 +19,7 @@ import gradserve
 from gradserve.client.calls import Residual
 from gradserve.client.fleet import parse_target, resolve
 from gradserve.errors import DRAINING
-from gradserve.server import Server
+from gradserve.server import Server, TorchEndpoint
 from helpers import free_port, wait_serving, wait_until
 from models import mlp
 
@@ -50,7 +50,8 @@ def test_targets_name_replicas() -> None:
     assert resolve("127.0.0.1:7") == ["127.0.0.1:7"]
     assert resolve("127.0.0.1") == ["127.0.0.1:50051"]
     for bad, message in ((["a:1", ""], "non-empty string"), ([], "at least one"),
-                         ("dns:///", "names no host"), ("dns:///h:port", "must be a number")):
+                         ("dns:///", "names no address"), ("ipv4:,", "names no address"),
+                         ("ipv6:", "names no address"), ("dns:///h:port", "must be a number")):
         with pytest.raises(gradserve.GradserveError, match=message):
             gradserve.Client(bad)
     with pytest.raises(ValueError, match="one address"):
@@ -175,9 +176,11 @@ def test_drain_refuses_new_work_and_ends_when_nothing_is_held(serve) -> None:
     done: list[bool] = []
     drained = threading.Thread(target=lambda: done.append(server.drain(30.0)))
     drained.start()
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+    channel = grpc.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(channel)
     wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service="")).status
                == health_pb2.HealthCheckResponse.NOT_SERVING)
+    channel.close()
     with pytest.raises(gradserve.Unavailable, match="takes no new Forward calls"):
         client.forward("mlp", (x,))
     orphan = Residual(kept.residual.call)          # no id: its Vjp would recompute
@@ -192,35 +195,46 @@ def test_drain_refuses_new_work_and_ends_when_nothing_is_held(serve) -> None:
 
 
 # -- several devices in one server -----------------------------------------------
+def in_threads(threads: int, work: Callable[[int], None]) -> None:
+    """Run ``work(i)`` for i < ``threads`` at once, each in its own thread; re-raise the
+    first failure."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as err:   # reported below
+            errors.append(err)
+
+    started = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def test_two_instances_share_the_calls_of_eight_threads_and_pin_each_vjp(serve) -> None:
     server = Server("127.0.0.1", 0, workers=4)
     server.add_torch("mlp", mlp(), devices=["cpu", "cpu"])
     server.start()
     model = mlp()
-    errors: list[BaseException] = []
     try:
         with gradserve.connect(server.address, transport="grpc") as client:
             f = client.torch("mlp")
 
             def work(seed: int) -> None:
-                try:
-                    for i in range(8):
-                        g = torch.Generator().manual_seed(seed * 100 + i)
-                        x = torch.randn(5, 6, generator=g, requires_grad=True)
-                        out = f(x)
-                        (out ** 2).sum().backward()
-                        xl = x.detach().requires_grad_()
-                        (model(xl) ** 2).sum().backward()
-                        torch.testing.assert_close(x.grad, xl.grad)
-                except BaseException as err:   # reported below
-                    errors.append(err)
+                for i in range(8):
+                    g = torch.Generator().manual_seed(seed * 100 + i)
+                    x = torch.randn(5, 6, generator=g, requires_grad=True)
+                    out = f(x)
+                    (out ** 2).sum().backward()
+                    xl = x.detach().requires_grad_()
+                    (model(xl) ** 2).sum().backward()
+                    torch.testing.assert_close(x.grad, xl.grad)
 
-            threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert not errors, errors[0]
+            in_threads(8, work)
             info = client.describe("mlp")
             assert info.devices == ("cpu", "cpu")
             assert [i.device for i in info.instances] == ["cpu", "cpu"]
@@ -244,6 +258,12 @@ def test_devices_build_one_instance_per_device_and_refuse_what_cannot_be() -> No
             server.add_torch("n", mlp(), devices=[])
         with pytest.raises(TypeError, match="not both"):
             server.add_torch("n", mlp(), devices=["cpu"], device="cpu")
+        with pytest.raises(TypeError, match="a list of devices, e.g. \\['cpu'\\]"):
+            server.add_torch("n", mlp(), devices="cpu")
+        other = TorchEndpoint(mlp())
+        with pytest.raises(ValueError, match="already registered as 'm'"):
+            server.add("n", [other, first])      # refused whole: nothing of it changes
+        assert first.instance == 0 and other.instance == 0 and not server.registry.has("n")
     finally:
         server.stop(grace=0)
 
@@ -351,7 +371,7 @@ def test_fine_tuning_survives_a_killed_and_a_draining_replica() -> None:
 
 
 def watching() -> int:
-    return sum(t.name in ("gradserve-health", "gradserve-resolve") and t.is_alive()
+    return sum(t.name in ("gradserve-watch", "gradserve-resolve") and t.is_alive()
                for t in threading.enumerate())
 
 
@@ -378,3 +398,73 @@ def test_closing_a_client_releases_its_live_residuals_so_a_drain_ends_at_once(se
     client.close()                      # the handle is alive, but no Vjp can use it now
     assert server.residuals.stats().count == 0 and kept.residual.id == ""
     assert server.drain(30.0) is True   # nothing held, nothing open: no wait for the grace
+
+
+def test_instances_with_different_weights_pin_each_vjp_to_its_forward() -> None:
+    models = [mlp(0), mlp(1)]          # a Vjp on the other instance would give other gradients
+    server = Server("127.0.0.1", 0, workers=4)
+    server.add("mlp", [TorchEndpoint(m) for m in models])
+    server.start()
+    try:
+        with gradserve.connect(server.address, transport="grpc") as client:
+            f = client.torch("mlp")
+
+            def work(seed: int) -> None:
+                for i in range(6):
+                    g = torch.Generator().manual_seed(seed * 100 + i)
+                    x = torch.randn(4, 6, generator=g, requires_grad=True)
+                    out = f(x)
+                    ran = [m for m in models if torch.allclose(out, m(x).detach())]
+                    assert len(ran) == 1               # the instance that ran it
+                    (out ** 2).sum().backward()
+                    xl = x.detach().requires_grad_()
+                    (ran[0](xl) ** 2).sum().backward()
+                    torch.testing.assert_close(x.grad, xl.grad)
+
+            in_threads(6, work)
+            assert min(i.forward_calls for i in client.describe("mlp").instances) > 0
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_transient_refusal_passes_a_replica_over_only_for_a_while(replicas) -> None:
+    first, second, _ = replicas
+    with gradserve.connect([first.address, second.address], transport="grpc") as client:
+        wait_until(lambda: all(r.health == "SERVING" for r in client.replicas()))
+        first.service.drain()                    # refuses, but its health still says SERVING
+        x = np.ones((1, 6), np.float32)
+        while not client.replicas()[0].failures:
+            client.forward("mlp", (x,))
+        assert client.replicas()[0].health == "NOT_SERVING"
+        first.service.draining = False           # it was not leaving after all
+        wait_until(lambda: client.replicas()[0].health == "SERVING", timeout=5)
+        before = client.replicas()[0].forwards
+        for _ in range(10):
+            client.forward("mlp", (x,))
+        assert client.replicas()[0].forwards > before
+
+
+def test_re_resolving_adds_and_retires_replicas_and_a_retired_one_answers_its_vjps(
+        replicas) -> None:
+    a, b, c = (s.address for s in replicas)
+    answer = [a, b]
+    with gradserve.connect("dns:///fleet.test:1", transport="grpc", resolve_seconds=0.2,
+                           resolver=lambda name: list(answer)) as client:
+        assert [r.address for r in client.replicas()] == [a, b]
+        x = np.ones((2, 6), np.float32)
+        kept = []
+        while not replicas[0].residuals.stats().count:
+            kept.append(client.forward("mlp", (x,), need_vjp=True))
+        answer[:] = [b, c]                       # a leaves the name, c joins it
+        wait_until(lambda: [r.address for r in client.replicas()] == [b, c])
+        for _ in range(6):
+            client.forward("mlp", (x,))
+        assert replicas[0].residuals.stats().count >= 1   # still held there, for its Vjps
+        ct = np.ones((2, 4), np.float32)
+        grads = [client.vjp(k.residual, ct).args[0] for k in kept]
+        for g in grads[1:]:
+            np.testing.assert_allclose(g, grads[0], rtol=1e-6)
+        assert client.recomputes == 0            # each Vjp where its residual is, a's too
+        del kept, grads
+        client.forward("mlp", (x,))              # carries the releases out
+        wait_until(lambda: not replicas[0].residuals.stats().count)

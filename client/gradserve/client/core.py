@@ -22,10 +22,11 @@ import grpc
 
 from gradserve import frameworks
 from gradserve.client.calls import Call, Residual
-from gradserve.client.fleet import Fleet, parse_target, split_port
+from gradserve.client.fleet import Fleet, parse_target, resolve, split_port
 from gradserve.client.replica import UNREACHABLE, Replica, ReplicaInfo, Settings
 from gradserve.client.transports import TRANSPORTS
-from gradserve.errors import GradserveError, ResidualMissing, Unavailable, from_rpc_error
+from gradserve.errors import (GradserveError, RemoteError, ResidualMissing, Unavailable,
+                              from_rpc_error)
 from gradserve.security import TLSConfig, tls_config, token_from
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -97,7 +98,9 @@ class Client:
     mutual TLS, the name to verify, which for a ``dns:`` target defaults to its name;
     None: ``$GRADSERVE_TLS_CA`` and its companions if set; False: plaintext) opens TLS
     channels; ``token`` (default ``$GRADSERVE_TOKEN``) is sent with every call as
-    ``authorization: Bearer <token>``.
+    ``authorization: Bearer <token>``. ``resolver(name)`` replaces the DNS lookup of
+    ``dns:`` names (``host:port`` -> the ``ip:port`` addresses; a test seam, or service
+    discovery of your own).
     """
 
     def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
@@ -105,7 +108,8 @@ class Client:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_receive_bytes: int = 1 << 42,
                  options: Iterable[tuple[str, Any]] = (), channel: grpc.Channel | None = None,
                  retry_seconds: float = 30.0, tls: bool | TLSConfig | None = None,
-                 token: str | None = None, resolve_seconds: float = 30.0):
+                 token: str | None = None, resolve_seconds: float = 30.0,
+                 resolver: Callable[[str], list[str]] | None = None):
         if transport not in TRANSPORT_NAMES:
             raise ValueError(f"transport must be one of {TRANSPORT_NAMES}, got {transport!r}")
         self.target = target
@@ -125,15 +129,12 @@ class Client:
         fixed, names = parse_target(target)
         if channel is not None and (len(fixed) != 1 or names):
             raise ValueError("channel= stands for one server: give one address with it")
-        if self.tls is not None and names and self.tls.server_name is None:
-            # certificates name the service, not the addresses it resolves to
-            self._options.append(("grpc.ssl_target_name_override", split_port(names[0])[0]))
         self._closed = False
         self._count_lock = threading.Lock()
         self._recomputes = 0
         self._fleet = Fleet(target, _opener(self._settings, self._options, self.tls,
                                             self._token, channel),
-                            resolve_seconds=resolve_seconds)
+                            resolve_seconds=resolve_seconds, resolver=resolver or resolve)
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> "Client":
@@ -201,7 +202,7 @@ class Client:
     @property
     def pending_releases(self) -> int:
         """Residuals dropped here whose release no server has been sent yet."""
-        return sum(len(r.released) for r in self._fleet.replicas())
+        return sum(len(r.released) for r in [*self._fleet.replicas(), *self._fleet.retired()])
 
     # -- discovery ---------------------------------------------------------
     def endpoints(self, *, timeout: float | None = None) -> list[EndpointInfo]:
@@ -291,8 +292,18 @@ class Client:
             if r.id and isinstance(r.holder, Replica):
                 by_holder.setdefault(r.holder, []).append(r.id)
             r.detach()
-        return sum(holder.release(ids, self._deadline(timeout))
-                   for holder, ids in by_holder.items() if not holder.closed)
+        released, failure = 0, None
+        for holder, ids in by_holder.items():
+            if holder.closed:
+                continue
+            try:
+                released += holder.release(ids, self._deadline(timeout))
+            except RemoteError as err:   # sent again with that replica's next call
+                holder.released.extend(ids)
+                failure = failure or err
+        if failure is not None:
+            raise failure
+        return released
 
     # -- arrays in the session's request slots -----------------------------
     def empty(self, shape: tuple[int, ...], dtype: Any = "float32", *, like: str = "torch",
@@ -373,7 +384,7 @@ class Client:
         """
         limit, until = self._budget(timeout)
         holder = residual.holder
-        if (residual.id and isinstance(holder, Replica) and self._fleet.holds(holder)
+        if (residual.id and isinstance(holder, Replica) and not holder.closed
                 and holder.health != UNREACHABLE):
             try:
                 with holder.counted("vjp"):
@@ -385,6 +396,9 @@ class Client:
                 self._failed(holder, err)  # may hold it
                 if time.monotonic() >= until:
                     raise
+            except GradserveError:
+                if not holder.closed or self._closed:
+                    raise   # (a retired replica closed as the call began: go elsewhere)
         with self._count_lock:
             self._recomputes += 1
         found: Arguments = self._routed(
@@ -413,8 +427,8 @@ class Client:
             except Unavailable as err:
                 self._failed(replica, err)
                 tried.add(replica)
-                if self._fleet.pick(tried, strict=True) is not None:
-                    continue
+                if self._fleet.pick(tried, last_resort=False) is not None:
+                    continue   # another replica not known to be draining: at once
                 if not persist or time.monotonic() + pause >= until:
                     raise
                 log.info("gradserve: %s unavailable; re-sending the call in %.2f s",
@@ -422,6 +436,10 @@ class Client:
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
                 tried.clear()
+            except GradserveError:
+                if not replica.closed or self._closed:
+                    raise
+                tried.add(replica)   # retired and closed as the call began: another
 
     def _any(self, attempt: Callable[[Replica, float | None], T],
              timeout: float | None) -> T:
@@ -449,15 +467,19 @@ class Client:
 
 
 def _opener(settings: Settings, options: list[tuple[str, Any]], tls: TLSConfig | None,
-            token: str | None, channel: grpc.Channel | None) -> Callable[[str], Replica]:
-    """How a client opens a replica for an address: on a new channel, or the injected one
-    (it holds nothing of the client, so a client dropped without ``close`` is freed)."""
-    def open_replica(address: str) -> Replica:
+            token: str | None, channel: grpc.Channel | None) -> Callable[[str, str], Replica]:
+    """How a client opens a replica for an address (found under the ``dns:`` name ``name``,
+    or "") on a new channel, or the injected one (it holds nothing of the client, so a
+    client dropped without ``close`` is freed)."""
+    def open_replica(address: str, name: str) -> Replica:
         if channel is not None:
             return Replica(address, channel, settings, token, owns_channel=False)
         if tls is not None:
+            named = []
+            if name and tls.server_name is None:   # certificates name the service, not its
+                named = [("grpc.ssl_target_name_override", split_port(name)[0])]   # addresses
             made = grpc.secure_channel(address, tls.channel_credentials(),
-                                       options=[*options, *tls.channel_options()])
+                                       options=[*options, *tls.channel_options(), *named])
         else:
             made = grpc.insecure_channel(address, options=options)
         return Replica(address, made, settings, token)

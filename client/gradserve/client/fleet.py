@@ -41,6 +41,8 @@ def parse_target(target: str | Sequence[str]) -> tuple[list[str], list[str]]:
             raise GradserveError(f"a replica address must be a non-empty string, got {entry!r}")
         entry = entry.strip()
         scheme, _, rest = entry.partition(":")
+        if scheme in ("dns", "ipv4", "ipv6") and not rest.strip(" ,/"):
+            raise GradserveError(f"{entry!r} names no address")
         if scheme == "dns" and rest:
             # dns:///host:port or dns://authority/host:port (the authority is not used)
             name = rest[2:].partition("/")[2] if rest.startswith("//") else rest
@@ -82,12 +84,15 @@ def split_port(name: str) -> tuple[str, int]:
 class Fleet:
     """The replicas of one target and the choice among them.
 
-    ``make(address)`` opens a replica; ``start`` follows every replica's health and
-    (for ``dns:`` names) resolves them again periodically on a thread; ``close`` stops
-    that and closes every replica.
+    ``make(address, name)`` opens a replica (``name``: the ``dns:`` name it was found
+    under, "" for a fixed address); ``start`` follows every replica's health and (for
+    ``dns:`` names) resolves them again periodically on a thread; ``close`` stops that and
+    closes every replica. A replica whose address is no longer resolved is retired: no new
+    call goes there, but the Vjps of residuals it holds still do until they are gone (or
+    it is), then it is closed.
     """
 
-    def __init__(self, target: str | Sequence[str], make: Callable[[str], Replica], *,
+    def __init__(self, target: str | Sequence[str], make: Callable[[str, str], Replica], *,
                  resolve_seconds: float = 30.0,
                  resolver: Callable[[str], list[str]] = resolve):
         self.target = target
@@ -103,7 +108,10 @@ class Fleet:
         self._thread: threading.Thread | None = None
         self._watching = False
         self._resolved_at = 0.0
-        self._update(self._addresses(initial=True))
+        found = self._addresses(initial=True)
+        if not found:
+            raise GradserveError(f"{target!r} names no replica")
+        self._update(found)
 
     @property
     def dynamic(self) -> bool:
@@ -111,9 +119,14 @@ class Fleet:
         return bool(self._names)
 
     def replicas(self) -> list[Replica]:
-        """The replicas calls may go to now."""
+        """The replicas new calls may go to."""
         with self._lock:
             return list(self._replicas)
+
+    def retired(self) -> list[Replica]:
+        """Replicas no longer resolved, kept for the Vjps of the residuals they hold."""
+        with self._lock:
+            return list(self._retired)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -137,28 +150,27 @@ class Fleet:
 
     def close(self) -> None:
         """Stop resolving and close every replica (they stay listed, closed)."""
-        self._stopped.set()
+        with self._lock:
+            self._stopped.set()
+            replicas = self._replicas + self._retired
+            self._retired = []
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        with self._lock:
-            replicas = self._replicas + self._retired
-            self._retired = []
         for replica in replicas:
             replica.close()
 
     # -- choosing ----------------------------------------------------------
     def pick(self, avoid: set[Replica] | frozenset[Replica] = frozenset(),
-             strict: bool = False) -> Replica | None:
+             last_resort: bool = True) -> Replica | None:
         """A replica for a new call, not one of ``avoid``: the less loaded of two usable ones
-        drawn at random (fewer calls in flight, then fewer sent). Without usable ones, one not known to be draining, then any
-        (None if there is none, or, with ``strict``, none usable)."""
+        drawn at random (fewer calls in flight, then fewer sent). Without usable ones, one
+        not known to be draining; then (``last_resort``) any. None if there is none."""
         with self._lock:
-            replicas = [r for r in self._replicas if r not in avoid]
-        now = time.monotonic()
-        choices = [r for r in replicas if r.usable(now)]
-        if not choices and not strict:
-            choices = [r for r in replicas if not r.draining] or replicas
+            replicas = [r for r in self._replicas if r not in avoid and not r.closed]
+        choices = ([r for r in replicas if r.usable()]
+                   or [r for r in replicas if not r.draining]
+                   or (replicas if last_resort else []))
         if not choices:
             return None
         if len(choices) == 1:
@@ -167,16 +179,13 @@ class Fleet:
         return a if (a.in_flight, a.forwards + a.vjps) <= (b.in_flight, b.forwards + b.vjps) \
             else b
 
-    def holds(self, replica: Replica) -> bool:
-        """Whether ``replica`` is still one of this fleet's (not retired or closed)."""
-        with self._lock:
-            return replica in self._replicas
-
     def flush_draining(self) -> None:
-        """Send the releases queued for draining replicas now: no new call goes there to
-        carry them, and a draining server exits as soon as it holds no residual."""
-        for replica in self.replicas():
-            if replica.draining and replica.released:
+        """Send the releases queued for draining and retired replicas now: no new call goes
+        there to carry them, and a draining server exits as soon as it holds no residual."""
+        with self._lock:
+            leaving = [r for r in self._replicas if r.draining] + self._retired
+        for replica in leaving:
+            if replica.released and not replica.closed and replica.health != "UNREACHABLE":
                 replica.flush_releases(timeout=1.0)
 
     def failed(self) -> None:
@@ -196,54 +205,67 @@ class Fleet:
                 fleet.failed()
         return changed
 
-    def _addresses(self, initial: bool = False) -> list[str]:
-        addresses = list(self._fixed)
+    def _addresses(self, initial: bool = False) -> list[tuple[str, str]]:
+        """Every address the target names now, with the ``dns:`` name it came from."""
+        found = [(address, "") for address in self._fixed]
         for name in self._names:
             try:
-                addresses.extend(self._resolver(name))
+                found.extend((address, name) for address in self._resolver(name))
             except (OSError, GradserveError) as err:
-                if initial and not self._fixed and len(self._names) == 1:
+                if initial:
                     raise GradserveError(f"cannot resolve {name!r}: {err}") from None
                 log.warning("gradserve: cannot resolve %r (%s); keeping its replicas", name, err)
                 with self._lock:
-                    addresses.extend(r.address for r in self._replicas
-                                     if r.address not in self._fixed)
+                    found.extend((r.address, name) for r in self._replicas
+                                 if r.address not in self._fixed)
         self._resolved_at = time.monotonic()
-        return list(dict.fromkeys(addresses))
+        return list(dict(found).items())
 
-    def _update(self, addresses: list[str]) -> None:
-        """Open replicas for new addresses; retire those gone (closed once idle)."""
+    def _update(self, addresses: list[tuple[str, str]]) -> None:
+        """Open replicas for new addresses; retire those gone; close retired ones nobody
+        needs any more (no call in flight, and no live residual, or unreachable)."""
+        wanted = dict(addresses)
         with self._lock:
             known = {r.address: r for r in self._replicas}
-            kept = [known[a] for a in addresses if a in known]
-            gone = [r for r in self._replicas if r.address not in addresses]
-        added = [self._make(a) for a in addresses if a not in known]
-        if added or gone:
-            log.info("gradserve: replicas of %s: %s", self.target,
-                     ", ".join(r.address for r in [*kept, *added]) or "none")
+            back = {r.address: r for r in self._retired if r.address in wanted}
+        added = [back.get(a) or self._make(a, name) for a, name in addresses if a not in known]
         with self._lock:
-            self._replicas = [*kept, *added]
-            self._retired.extend(gone)
+            if self._stopped.is_set():   # closed meanwhile: what was made here goes too
+                done = [r for r in added if r.address not in back]
+                added = []
+            else:
+                gone = [r for r in self._replicas if r.address not in wanted]
+                self._replicas = [*(known[a] for a in wanted if a in known), *added]
+                self._retired = [r for r in self._retired if r.address not in back] + gone
+                done = [r for r in self._retired if not r.in_flight
+                        and (not r.holds_residuals or r.health == "UNREACHABLE")]
+                self._retired = [r for r in self._retired if r not in done]
+                if added or gone:
+                    log.info("gradserve: replicas of %s: %s", self.target,
+                             ", ".join(r.address for r in self._replicas) or "none")
             watching = self._watching
-            idle = [r for r in self._retired if not r.in_flight]
-            self._retired = [r for r in self._retired if r.in_flight]
         if watching:
             for replica in added:
                 replica.watch(self._told())
-        for replica in idle:
+        for replica in done:
             replica.close()
 
     def _tick(self) -> None:
         """Resolve again now if prompted by a failure (at most once a second), or if
-        ``resolve_seconds`` passed."""
+        ``resolve_seconds`` passed; close retired replicas no longer needed."""
         if self._wake.is_set():
             self._wake.clear()
             wait = self._resolved_at + MIN_RESOLVE_SECONDS - time.monotonic()
             if wait > 0 and self._stopped.wait(wait):
                 return
         elif time.monotonic() < self._resolved_at + self.resolve_seconds:
+            with self._lock:
+                current = [(r.address, "") for r in self._replicas]
+            if self._retired and not self._stopped.is_set():
+                self._update(current)
             return
-        self._update(self._addresses())
+        if not self._stopped.is_set():
+            self._update(self._addresses())
 
 
 def _resolving(ref: "weakref.ref[Fleet]", stopped: threading.Event) -> None:

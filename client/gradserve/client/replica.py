@@ -38,7 +38,8 @@ from gradserve.wire.slots import SessionInfo
 
 #: Seconds between attempts to open a same-host session with a server not reachable yet.
 RENEGOTIATE_SECONDS = 1.0
-#: Seconds a replica that failed a call is passed over (unless its health says otherwise).
+#: Seconds a replica that failed a call is passed over (unless it answers, or its health
+#: watch says SERVING anew, first).
 DOWN_SECONDS = 1.0
 #: A replica's health as its client sees it: what ``grpc.health.v1`` said, or UNREACHABLE
 #: (its channel or a call failed), or UNKNOWN (not heard yet, or no health service).
@@ -89,11 +90,13 @@ class Replica:
         #: residuals this server holds for handles still alive (released at ``close``)
         self._live: weakref.WeakSet[Residual] = weakref.WeakSet()
         self.fallback_reason = ""
-        self.health = UNKNOWN
+        #: what the health watch last said (UNKNOWN before it did, or without one)
+        self.watched = UNKNOWN
+        #: what a failed call said (UNREACHABLE or NOT_SERVING), and until when it holds
+        self._marked, self._marked_until = UNKNOWN, 0.0
         self.in_flight = 0
         self.forwards = self.vjps = self.failures = 0
         self._count_lock = threading.Lock()
-        self._down_until = 0.0
         self._session: Session | None = None
         self._session_lock = threading.Lock()
         self._closed = False
@@ -121,7 +124,7 @@ class Replica:
         if self._watcher is not None or self._closed:
             return
         self._watcher = threading.Thread(target=self._watch, args=(weakref.ref(self), on_change),
-                                         name="gradserve-health", daemon=True)
+                                         name="gradserve-watch", daemon=True)
         self._watcher.start()
 
     def close(self) -> None:
@@ -172,9 +175,22 @@ class Replica:
                            self.forwards, self.vjps, self.failures)
 
     # -- routing state -------------------------------------------------------
-    def usable(self, now: float) -> bool:
-        """Whether new calls may go here: serving (or not known not to) and not failed lately."""
-        return self.health in (SERVING, UNKNOWN) and now >= self._down_until and not self._closed
+    @property
+    def health(self) -> str:
+        """SERVING, NOT_SERVING (draining), UNREACHABLE or UNKNOWN: what a call that failed
+        lately said, else what the health watch last said."""
+        if time.monotonic() < self._marked_until:
+            return self._marked
+        return self.watched
+
+    def usable(self) -> bool:
+        """Whether new calls may go here: serving (or not known not to), not failed lately."""
+        return self.health in (SERVING, UNKNOWN) and not self._closed
+
+    @property
+    def holds_residuals(self) -> bool:
+        """Whether the server holds residuals for handles of this client still alive."""
+        return any(r.id and r.holder is self for r in list(self._live))
 
     @property
     def draining(self) -> bool:
@@ -182,12 +198,12 @@ class Replica:
         return self.health == NOT_SERVING
 
     def failed(self, err: RemoteError) -> None:
-        """A call here was refused as unavailable: passed over for a while (until its health
-        says SERVING again), as draining if it said so."""
+        """A call here was refused as unavailable: passed over for ``DOWN_SECONDS`` (as
+        draining if it said so), unless it answers or its health watch says SERVING anew."""
         with self._count_lock:
             self.failures += 1
-            self._down_until = time.monotonic() + DOWN_SECONDS
-        self.health = NOT_SERVING if err.reason == DRAINING else UNREACHABLE
+            self._marked = NOT_SERVING if err.reason == DRAINING else UNREACHABLE
+            self._marked_until = time.monotonic() + DOWN_SECONDS
 
     @contextlib.contextmanager
     def counted(self, kind: str) -> Iterator[None]:
@@ -203,8 +219,8 @@ class Replica:
         finally:
             with self._count_lock:
                 self.in_flight -= 1
-        if self.health == UNREACHABLE:   # it answered: back until its health says otherwise
-            self.health = UNKNOWN
+        if kind == "forward" or self._marked == UNREACHABLE:   # it answered: usable again
+            self._marked_until = 0.0
 
     # -- calls -------------------------------------------------------------
     def forward(self, call: Call, make_leaf: MakeLeaf, need_vjp: bool,
@@ -468,11 +484,11 @@ class Replica:
     # -- health ------------------------------------------------------------
     def _heard(self, health: str, on_change: Callable[["Replica"], None]) -> None:
         """The health watch learned ``health``: record it, and say so if it changed."""
-        if self.health == health:
+        if self.watched == health:
             return
-        self.health = health
-        if health == SERVING:
-            self._down_until = 0.0
+        self.watched = health
+        if health == SERVING:   # news newer than any failed call's
+            self._marked_until = 0.0
         log.info("gradserve: replica %s is %s", self.address, health)
         on_change(self)
 
@@ -488,13 +504,17 @@ class Replica:
             stream = stub.Watch(health_pb2.HealthCheckRequest(service=""))
             replica._watch_call = stream
             stopping = replica._stopping
+            if stopping.is_set():   # close() came between the check above and now
+                stream.cancel()
+                return
             # a replica dropped without close() ends its watch: the stream holds only the channel
             ended = weakref.finalize(replica, stream.cancel)
             del replica
             try:
                 for reply in stream:
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                    _tell(ref, SERVING if status == SERVING else NOT_SERVING, on_change)
+                    _tell(ref, status if status in (SERVING, NOT_SERVING) else UNKNOWN,
+                          on_change)
                     pause = 0.1
                 code = None
             except grpc.RpcError as err:

@@ -176,6 +176,9 @@ class Server:
         batchable endpoint merges concurrent calls up to ``max_batch`` rows, a call waiting
         at most ``max_delay`` seconds for others (default: the server's; ``max_batch=0``:
         never). Returns the first instance."""
+        if isinstance(devices, str):
+            raise TypeError(f"devices= is a list of devices, e.g. {devices.split(',')!r}; "
+                            f"got the string {devices!r}")
         if devices is not None:
             if isinstance(endpoint, Endpoint) or isinstance(endpoint, (list, tuple)):
                 raise TypeError("devices= builds one instance per device from a model or "

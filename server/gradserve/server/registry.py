@@ -24,17 +24,18 @@ class Registry:
         endpoint and name once. Returns the first instance."""
         if not name or not isinstance(name, str):
             raise ValueError(f"endpoint name must be a non-empty string, got {name!r}")
-        group = Instances([endpoint] if isinstance(endpoint, Endpoint) else endpoint)
+        endpoints = [endpoint] if isinstance(endpoint, Endpoint) else list(endpoint)
         with self._lock:
             if name in self._groups:
                 raise ValueError(f"an endpoint named {name!r} is already registered")
             taken = {id(e): e.name for g in self._groups.values() for e in g.endpoints}
-            for index, instance in enumerate(group.endpoints):
+            for index, instance in enumerate(endpoints):
                 if id(instance) in taken or any(instance is other
-                                                for other in group.endpoints[:index]):
+                                                for other in endpoints[:index]):
                     raise ValueError(f"this endpoint is already registered as "
                                      f"{taken.get(id(instance), name)!r}; create another to "
                                      "serve it again")
+            group = Instances(endpoints)   # numbers its instances: only once they are checked
             for instance in group.endpoints:
                 instance.name = name
             self._groups[name] = group

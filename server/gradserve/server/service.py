@@ -433,10 +433,10 @@ class GradserveService(pb_grpc.GradserveServicer):
                  ) -> tuple[pb.ForwardResponse, Any]:
         """The body of Forward and ForwardUnary."""
         self._allow(call, endpoint=request.endpoint)
-        self._refuse_if_draining("Forward calls")
         owner = call.owner
         if request.release:
             self.residuals.release(list(request.release), owner)
+        self._refuse_if_draining("Forward calls")
         with self.registry.instances(request.endpoint).running("forward") as endpoint:
             batcher = self.batcher(endpoint)
             made = None
