@@ -520,7 +520,8 @@ def parser() -> argparse.ArgumentParser:
     h.set_defaults(run=check_health)
     b = sub.add_parser("bench", help="measure an endpoint's throughput and latency under load "
                                      "from many concurrent callers")
-    b.add_argument("address", help="host:port")
+    b.add_argument("address", help="host:port, or replicas: ipv4:HOST:PORT,HOST:PORT or "
+                                   "dns:///NAME:PORT (calls spread over them)")
     b.add_argument("endpoint")
     b.add_argument("--shape", type=_shape, default=None,
                    help="send one argument of this shape, e.g. 16,256 (default: the "
