@@ -25,6 +25,7 @@ from gradserve.client.calls import Call, Residual
 from gradserve.client.fleet import Fleet, parse_target, resolve, split_port
 from gradserve.client.replica import UNREACHABLE, Replica, ReplicaInfo, Settings
 from gradserve.client.transports import TRANSPORTS
+from gradserve.frameworks import Statics
 from gradserve.errors import (GradserveError, RemoteError, ResidualMissing, Unavailable,
                               from_rpc_error)
 from gradserve.security import TLSConfig, tls_config, token_from
@@ -364,17 +365,20 @@ class Client:
 
     # -- the protocol, for front-ends --------------------------------------
     def call_forward(self, call: Call, make_leaf: MakeLeaf, *, need_vjp: bool,
-                     timeout: float | None = None) -> tuple[Any, Residual | None]:
+                     timeout: float | None = None,
+                     statics: Statics | None = None) -> tuple[Any, Residual | None]:
         """Send a Forward (to another replica if the one picked is unavailable); returns
-        the decoded outputs and, with ``need_vjp``, a residual."""
+        the decoded outputs (``statics``: the framework whose dtypes, devices and named
+        tuples they hold; default numpy's) and, with ``need_vjp``, a residual."""
         limit, until = self._budget(timeout)
         found: tuple[Any, Residual | None] = self._routed(
-            "forward", lambda r: r.forward(call, make_leaf, need_vjp, _left(limit, until)),
-            until, persist=False)
+            "forward", lambda r: r.forward(call, make_leaf, need_vjp, _left(limit, until),
+                                           statics), until, persist=False)
         return found
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
-                 batched: bool = False, timeout: float | None = None) -> Arguments:
+                 batched: bool = False, timeout: float | None = None,
+                 statics: Statics | None = None) -> Arguments:
         """Send a Vjp to the replica holding the residual. Where it lost the residual, is
         gone or unavailable (restarting, draining), the inputs go along and the Vjp goes
         to any replica, again until the call's deadline (``timeout``, else the client's,
@@ -389,7 +393,7 @@ class Client:
             try:
                 with holder.counted("vjp"):
                     return holder.vjp(residual, cotangents, make_leaf, False, batched,
-                                      _left(limit, until))
+                                      _left(limit, until), statics)
             except ResidualMissing:
                 residual.detach()
             except Unavailable as err:   # the id goes along with the inputs: a server back
@@ -403,7 +407,7 @@ class Client:
             self._recomputes += 1
         found: Arguments = self._routed(
             "vjp", lambda r: r.vjp(residual, cotangents, make_leaf, True, batched,
-                                   _left(limit, until)), until, persist=True)
+                                   _left(limit, until), statics), until, persist=True)
         return found
 
     # -- routing -----------------------------------------------------------

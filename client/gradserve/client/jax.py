@@ -105,6 +105,8 @@ class RemoteJaxFunction(RemoteEndpoint):
     ``residuals_kept`` bounds the forwards whose residual awaits a backward.
     """
 
+    framework = "jax"
+
     def __init__(self, client: Client, name: str, *, timeout: float | None = None,
                  residuals_kept: int = RESIDUALS_KEPT):
         super().__init__(client, name, timeout=timeout)

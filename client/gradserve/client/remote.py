@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from gradserve import frameworks
 from gradserve.client.calls import Call, Residual
 from gradserve.client.core import Client
 from gradserve.wire import pytree
@@ -56,7 +57,10 @@ def higher_order_refusal(name: str) -> str:
 
 
 class RemoteEndpoint:
-    """One endpoint of a client, as the front-ends call it."""
+    """One endpoint of a client, as the front-ends call it (``framework``: whose dtypes,
+    devices and named tuples the replies' static leaves become)."""
+
+    framework = "numpy"
 
     def __init__(self, client: Client, name: str, *, timeout: float | None = None):
         self.client = client
@@ -82,10 +86,12 @@ class RemoteEndpoint:
     def forward(self, call: Call, make_leaf: MakeLeaf, *,
                 need_vjp: bool) -> tuple[Any, Residual | None]:
         """Send a Forward for ``call``."""
-        return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout)
+        return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout,
+                                        statics=frameworks.adapter(self.framework))
 
     def vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
             batched: bool = False) -> Arguments:
         """Send a Vjp for a residual (recomputing if the server lost it)."""
         return self.client.call_vjp(residual, cotangents, make_leaf, batched=batched,
-                                    timeout=self.timeout)
+                                    timeout=self.timeout,
+                                    statics=frameworks.adapter(self.framework))

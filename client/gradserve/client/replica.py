@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradserve.client.calls import Call, Residual
 from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
+from gradserve.frameworks import Statics
 from gradserve.errors import (DRAINING, REPLY_TOO_LARGE, DeadlineExceeded, GradserveError,
                               RemoteError, ResourceExhausted, SessionMissing, Unavailable,
                               from_rpc_error, rpc)
@@ -224,16 +225,18 @@ class Replica:
 
     # -- calls -------------------------------------------------------------
     def forward(self, call: Call, make_leaf: MakeLeaf, need_vjp: bool,
-                timeout: float | None) -> tuple[Any, Residual | None]:
+                timeout: float | None, statics: Statics | None = None
+                ) -> tuple[Any, Residual | None]:
         """One Forward here: its decoded outputs and, with ``need_vjp``, the residual."""
         return self.in_session(lambda session: self._forward_once(
-            session, call, make_leaf, need_vjp, timeout))
+            session, call, make_leaf, need_vjp, timeout, statics))
 
     def vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, resend: bool,
-            batched: bool, timeout: float | None) -> Arguments:
+            batched: bool, timeout: float | None, statics: Statics | None = None
+            ) -> Arguments:
         """One Vjp here, re-sending the call's inputs with ``resend``."""
         found: Arguments = self.in_session(lambda session: self._vjp_once(
-            session, residual, cotangents, make_leaf, resend, batched, timeout))
+            session, residual, cotangents, make_leaf, resend, batched, timeout, statics))
         return found
 
     def release(self, ids: list[str], timeout: float | None) -> int:
@@ -248,7 +251,8 @@ class Replica:
         return session.allocate(nbytes, gpu) if session is not None else None
 
     def _forward_once(self, session: Session | None, call: Call, make_leaf: MakeLeaf,
-                      need_vjp: bool, timeout: float | None) -> tuple[Any, Residual | None]:
+                      need_vjp: bool, timeout: float | None,
+                      statics: Statics | None) -> tuple[Any, Residual | None]:
         writer = FrameWriter(self.settings.chunk_bytes, slots=session)
         request = pb.ForwardRequest(endpoint=call.endpoint, need_vjp=need_vjp)
         kept = False
@@ -257,7 +261,8 @@ class Replica:
             request.release.extend(self._take_releases())
             header, outputs = self._exchange(
                 "Forward", request, writer, session, timeout,
-                lambda header, reader: codec.decode(header.outputs, reader, make_leaf, "outputs"))
+                lambda header, reader: codec.decode(header.outputs, reader, make_leaf, "outputs",
+                                                    statics=statics))
             residual = (Residual(call, header.residual_id, self.released, self)
                         if need_vjp else None)
             if residual is not None and residual.id:
@@ -276,7 +281,7 @@ class Replica:
 
     def _vjp_once(self, session: Session | None, residual: Residual, cotangents: Any,
                   make_leaf: MakeLeaf, resend: bool, batched: bool,
-                  timeout: float | None) -> Arguments:
+                  timeout: float | None, statics: Statics | None) -> Arguments:
         writer = FrameWriter(self.settings.chunk_bytes, slots=session)
         try:
             request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
@@ -289,7 +294,8 @@ class Replica:
                                        residual.call.requires_grad)
             _, grads = self._exchange(
                 "Vjp", request, writer, session, timeout,
-                lambda header, reader: codec.decode_arguments(header, reader, make_leaf))
+                lambda header, reader: codec.decode_arguments(header, reader, make_leaf,
+                                                              statics=statics))
             return grads
         finally:
             writer.free_placed()

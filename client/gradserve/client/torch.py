@@ -199,6 +199,8 @@ class RemoteFunction(RemoteEndpoint):
     values); keyword arguments may be tensors and are differentiable too.
     """
 
+    framework = "torch"
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(args, kwargs)
 

@@ -10,6 +10,7 @@ an array can be sent never depends on what happened to be imported before.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 from dataclasses import dataclass
@@ -51,6 +52,29 @@ class ArrayAdapter(Protocol):
     def gpu(self, device: Any) -> int | None:
         """Where an array on ``device`` can lie in a session's slot: the local GPU index
         (None: host memory), or ``NO_SLOT`` where no region can hold it."""
+
+    def constant_of(self, x: Any) -> tuple[str, str] | None:
+        """``(kind, name)`` when ``x`` is one of this framework's objects that name
+        something (a dtype, device, memory format, layout: a wire ``Constant``), else None.
+        TypeError for one that has no wire name."""
+
+    def constant(self, kind: str, name: str) -> Any:
+        """This framework's object for a received ``Constant`` (ValueError or TypeError
+        naming what is wrong when it has none)."""
+
+    def named(self, type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+        """A received named tuple as this framework has it."""
+
+
+class Statics(Protocol):
+    """How a receiver rebuilds the static leaves that belong to a framework: constants and
+    named tuples (an ``ArrayAdapter``, or a server ``Endpoint``, is one)."""
+
+    def constant(self, kind: str, name: str) -> Any:
+        """The object a received ``Constant`` stands for."""
+
+    def named(self, type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+        """The tuple a received ``NamedSequence`` stands for."""
 
 
 #: ``ArrayAdapter.gpu`` for devices whose arrays cannot be views of a session's slot.
@@ -113,3 +137,26 @@ def adapter_for(x: Any) -> ArrayAdapter | None:
                 break
     _by_type[kind] = found
     return found
+
+
+def constant_of(x: Any) -> tuple[str, str] | None:
+    """``(kind, name)`` if ``x`` is a framework's dtype, device, memory format or layout (a
+    type such as ``np.float32`` too), found by the module it comes from; else None."""
+    module = x.__module__ if isinstance(x, type) else type(x).__module__
+    fw = _BY_ROOT.get(str(module).partition(".")[0])
+    return adapter(fw.name).constant_of(x) if fw is not None else None
+
+
+@functools.lru_cache(maxsize=256)
+def _tuple_type(type_name: str, fields: tuple[str, ...]) -> type:
+    short = type_name.rpartition(".")[2]
+    try:
+        return collections.namedtuple(short if short.isidentifier() else "Named", fields)
+    except ValueError as err:   # field names a namedtuple cannot have
+        raise ValueError(f"named tuple {type_name!r}: {err}") from None
+
+
+def named_tuple(type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+    """A namedtuple with ``type_name``'s last part as its name, ``fields`` and ``items``
+    (what a receiver that does not know the sender's type makes of it)."""
+    return _tuple_type(type_name, fields)(*items)

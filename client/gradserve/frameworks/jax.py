@@ -76,5 +76,17 @@ class JaxAdapter:
         platform = device.platform if device is not None else jax.default_backend()
         return None if platform == "cpu" else NO_SLOT
 
+    def constant_of(self, x: Any) -> tuple[str, str] | None:
+        dtype = getattr(x, "dtype", None)   # jnp.float32 and its kin: scalar types
+        if isinstance(dtype, np.dtype) and not self.is_array(x):
+            return "dtype", dtypes.name_of(NUMPY.dtype_code(dtype))
+        return None
+
+    def constant(self, kind: str, name: str) -> Any:
+        return NUMPY.constant(kind, name)
+
+    def named(self, type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+        return NUMPY.named(type_name, fields, items)
+
 
 ADAPTER = JaxAdapter()

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from gradserve.frameworks import named_tuple
 from gradserve.wire import dtypes
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import WireTensor, host_bytes
@@ -51,6 +52,19 @@ class NumpyAdapter:
         if device not in (None, "cpu"):
             raise ValueError(f"numpy arrays live in host memory, not on {device!r}")
         return None
+
+    def constant_of(self, x: Any) -> tuple[str, str] | None:
+        if isinstance(x, np.dtype) or (isinstance(x, type) and issubclass(x, np.generic)):
+            return "dtype", dtypes.name_of(self.dtype_code(x))
+        return None
+
+    def constant(self, kind: str, name: str) -> Any:
+        if kind == "dtype":
+            return dtypes.numpy_dtype(dtypes.code_of(name))
+        raise ValueError(f"a {kind} ({name!r}) has no numpy equivalent")
+
+    def named(self, type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+        return named_tuple(type_name, fields, items)
 
 
 ADAPTER = NumpyAdapter()

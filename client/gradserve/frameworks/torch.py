@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gradserve.frameworks import named_tuple
 from gradserve.wire import dtypes
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import DeviceBytes, WireTensor, cupy_or_none
@@ -52,6 +53,14 @@ class TorchAdapter:
         return wire_dtype(dtype) if isinstance(dtype, torch.dtype) else dtypes.code_of(str(dtype))
 
     def to_wire(self, x: Any) -> WireTensor:
+        if x.layout != torch.strided:
+            raise TypeError(f"a {str(x.layout).removeprefix('torch.')} tensor cannot be sent: "
+                            "only dense (strided) tensors travel; send x.to_dense()")
+        if x.is_quantized:
+            raise TypeError("a quantized tensor cannot be sent; send x.dequantize()")
+        if x.is_nested or x.device.type == "meta":
+            raise TypeError(f"a {'nested' if x.is_nested else 'meta'} tensor cannot be sent: "
+                            "only tensors holding their values travel")
         code = wire_dtype(x.dtype)
         t = x.detach()
         if t._is_zerotensor():   # autograd's symbolic zeros have no storage to send
@@ -92,6 +101,42 @@ class TorchAdapter:
         if place.type != "cuda":
             return None
         return place.index if place.index is not None else torch.cuda.current_device()
+
+    def constant_of(self, x: Any) -> tuple[str, str] | None:
+        if isinstance(x, torch.dtype):
+            return "dtype", dtypes.name_of(wire_dtype(x))
+        if isinstance(x, torch.device):
+            return "device", str(x)
+        for kind, cls in CONSTANT_TYPES.items():
+            if isinstance(x, cls):
+                return kind, str(x).removeprefix("torch.")
+        return None
+
+    def constant(self, kind: str, name: str) -> Any:
+        if kind == "dtype":
+            return FROM_CODE[dtypes.code_of(name)]
+        if kind == "device":
+            try:
+                return torch.device(name)
+            except RuntimeError:
+                raise ValueError(f"{name!r} is not a torch device") from None
+        cls = CONSTANT_TYPES.get(kind)
+        found = getattr(torch, name, None) if cls is not None and name.isidentifier() else None
+        if cls is None or not isinstance(found, cls):
+            raise ValueError(f"torch has no {kind} called {name!r}")
+        return found
+
+    def named(self, type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+        module, _, short = type_name.rpartition(".")
+        cls = getattr(torch.return_types, short, None) if module == "torch.return_types" else None
+        if cls is not None and getattr(cls, "__match_args__", None) == fields:
+            return cls(items)
+        return named_tuple(type_name, fields, items)
+
+
+#: torch's other objects that name something, by their wire ``Constant`` kind.
+CONSTANT_TYPES: dict[str, type] = {"memory_format": torch.memory_format,
+                                   "layout": torch.layout}
 
 
 ADAPTER = TorchAdapter()

@@ -109,7 +109,7 @@ class Mapping(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "none", "bool_value", "int_value", "float_value", "str_value", "list_value", "tuple_value", "dict_value", "abstract")
+    __slots__ = ("tensor", "none", "bool_value", "int_value", "float_value", "str_value", "list_value", "tuple_value", "dict_value", "abstract", "slice_value", "ellipsis", "complex_value", "constant", "named_value")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     NONE_FIELD_NUMBER: _ClassVar[int]
     BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,11 @@ class Value(_message.Message):
     TUPLE_VALUE_FIELD_NUMBER: _ClassVar[int]
     DICT_VALUE_FIELD_NUMBER: _ClassVar[int]
     ABSTRACT_FIELD_NUMBER: _ClassVar[int]
+    SLICE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ELLIPSIS_FIELD_NUMBER: _ClassVar[int]
+    COMPLEX_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
+    NAMED_VALUE_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     none: NoneValue
     bool_value: bool
@@ -130,7 +135,52 @@ class Value(_message.Message):
     tuple_value: Sequence
     dict_value: Mapping
     abstract: TensorSpec
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., str_value: _Optional[str] = ..., list_value: _Optional[_Union[Sequence, _Mapping]] = ..., tuple_value: _Optional[_Union[Sequence, _Mapping]] = ..., dict_value: _Optional[_Union[Mapping, _Mapping]] = ..., abstract: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    slice_value: Slice
+    ellipsis: EllipsisValue
+    complex_value: Complex
+    constant: Constant
+    named_value: NamedSequence
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., str_value: _Optional[str] = ..., list_value: _Optional[_Union[Sequence, _Mapping]] = ..., tuple_value: _Optional[_Union[Sequence, _Mapping]] = ..., dict_value: _Optional[_Union[Mapping, _Mapping]] = ..., abstract: _Optional[_Union[TensorSpec, _Mapping]] = ..., slice_value: _Optional[_Union[Slice, _Mapping]] = ..., ellipsis: _Optional[_Union[EllipsisValue, _Mapping]] = ..., complex_value: _Optional[_Union[Complex, _Mapping]] = ..., constant: _Optional[_Union[Constant, _Mapping]] = ..., named_value: _Optional[_Union[NamedSequence, _Mapping]] = ...) -> None: ...
+
+class Slice(_message.Message):
+    __slots__ = ("start", "stop", "step")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    start: Value
+    stop: Value
+    step: Value
+    def __init__(self, start: _Optional[_Union[Value, _Mapping]] = ..., stop: _Optional[_Union[Value, _Mapping]] = ..., step: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class EllipsisValue(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Complex(_message.Message):
+    __slots__ = ("real", "imag")
+    REAL_FIELD_NUMBER: _ClassVar[int]
+    IMAG_FIELD_NUMBER: _ClassVar[int]
+    real: float
+    imag: float
+    def __init__(self, real: _Optional[float] = ..., imag: _Optional[float] = ...) -> None: ...
+
+class Constant(_message.Message):
+    __slots__ = ("kind", "name")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class NamedSequence(_message.Message):
+    __slots__ = ("type_name", "fields", "items")
+    TYPE_NAME_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    type_name: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    items: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, type_name: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("id", "data")

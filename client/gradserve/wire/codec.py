@@ -15,7 +15,9 @@ from typing import Any, Callable, Protocol
 
 from gradserve import frameworks
 from gradserve.errors import invalid
+from gradserve.frameworks import Statics
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import pytree
 from gradserve.wire.memory import Data, WireTensor
 from gradserve.wire.specs import TensorSpec, TensorType
 
@@ -73,7 +75,10 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
                  requires_grad: Callable[[Any], bool] | None, path: str) -> None:
     adapter = frameworks.adapter_for(node)
     if adapter is not None:
-        wire = adapter.to_wire(node)
+        try:
+            wire = adapter.to_wire(node)
+        except TypeError as err:
+            raise TypeError(f"{path or 'value'}: {err}") from None
         msg = value.tensor
         msg.dtype = wire.dtype
         msg.shape.extend(wire.shape)
@@ -95,8 +100,18 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
         value.int_value = node
     elif isinstance(node, float):
         value.float_value = node
+    elif isinstance(node, complex):
+        value.complex_value.real, value.complex_value.imag = node.real, node.imag
     elif isinstance(node, str):
         value.str_value = node
+    elif node is Ellipsis:
+        value.ellipsis.SetInParent()
+    elif isinstance(node, slice):
+        value.slice_value.SetInParent()
+        for part in ("start", "stop", "step"):
+            if getattr(node, part) is not None:
+                _encode_into(getattr(value.slice_value, part), getattr(node, part), writer,
+                             requires_grad, f"{path}.{part}")
     elif isinstance(node, dict):
         mapping = value.dict_value
         mapping.SetInParent()
@@ -106,19 +121,35 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
             mapping.keys.append(key)
             _encode_into(mapping.values.add(), item, writer, requires_grad, f"{path}[{key!r}]")
     elif isinstance(node, (tuple, list)):
-        seq = value.list_value if type(node) is list else value.tuple_value
-        seq.SetInParent()
+        fields = pytree.named_fields(type(node)) if type(node) not in (tuple, list) else None
+        if fields is not None:
+            named = value.named_value
+            named.type_name = f"{type(node).__module__}.{type(node).__qualname__}"
+            named.fields.extend(fields)
+            items = named.items
+        else:
+            seq = value.list_value if type(node) is list else value.tuple_value
+            seq.SetInParent()
+            items = seq.items
         for i, item in enumerate(node):
-            _encode_into(seq.items.add(), item, writer, requires_grad, f"{path}[{i}]")
+            _encode_into(items.add(), item, writer, requires_grad, f"{path}[{i}]")
     else:
-        raise TypeError(f"{path or 'value'}: cannot send a {type(node).__module__}."
-                        f"{type(node).__qualname__}; pytree leaves must be tensors, "
-                        "None, bool, int, float or str")
+        try:
+            constant = frameworks.constant_of(node)
+        except TypeError as err:
+            raise TypeError(f"{path or 'value'}: {err}") from None
+        if constant is None:
+            raise TypeError(f"{path or 'value'}: cannot send a {type(node).__module__}."
+                            f"{type(node).__qualname__}; pytree leaves must be tensors, "
+                            "None, bool, int, float, complex, str, slice, Ellipsis or a "
+                            "framework's dtype, device, memory format or layout")
+        value.constant.kind, value.constant.name = constant
 
 
 def decode(value: pb.Value, reader: PayloadReader, make_leaf: MakeLeaf, path: str = "",
-           abstract: bool = False) -> Any:
-    """Decode a ``Value``; ``make_leaf(tensor, path)`` turns each wire tensor into an array.
+           abstract: bool = False, statics: Statics | None = None) -> Any:
+    """Decode a ``Value``; ``make_leaf(tensor, path)`` turns each wire tensor into an array,
+    ``statics`` (default: numpy's) each constant and named tuple into its framework's.
 
     Abstract tensors decode to :class:`TensorType` where ``abstract`` allows them.
     """
@@ -136,14 +167,39 @@ def decode(value: pb.Value, reader: PayloadReader, make_leaf: MakeLeaf, path: st
         return None
     if kind in ("bool_value", "int_value", "float_value", "str_value"):
         return getattr(value, kind)
+    if kind == "complex_value":
+        return complex(value.complex_value.real, value.complex_value.imag)
+    if kind == "ellipsis":
+        return Ellipsis
+    if kind == "slice_value":
+        s = value.slice_value
+        return slice(*(decode(getattr(s, part), reader, make_leaf, f"{path}.{part}", abstract,
+                              statics) if s.HasField(part) else None
+                       for part in ("start", "stop", "step")))
+    found = statics if statics is not None else frameworks.adapter("numpy")
+    if kind == "constant":
+        try:
+            return found.constant(value.constant.kind, value.constant.name)
+        except (TypeError, ValueError) as err:
+            raise invalid(f"{path or 'value'}: {err}") from None
     if kind == "dict_value":
         m = value.dict_value
         if len(m.keys) != len(m.values):
             raise invalid(f"{path or 'value'}: dict has {len(m.keys)} keys but {len(m.values)} values")
-        return {k: decode(v, reader, make_leaf, f"{path}[{k!r}]", abstract)
+        return {k: decode(v, reader, make_leaf, f"{path}[{k!r}]", abstract, statics)
                 for k, v in zip(m.keys, m.values)}
-    items = [decode(item, reader, make_leaf, f"{path}[{i}]", abstract)
-             for i, item in enumerate(getattr(value, kind).items)]
+    seq = value.named_value if kind == "named_value" else getattr(value, kind)
+    items = [decode(item, reader, make_leaf, f"{path}[{i}]", abstract, statics)
+             for i, item in enumerate(seq.items)]
+    if kind == "named_value":
+        fields = tuple(value.named_value.fields)
+        if len(fields) != len(items):
+            raise invalid(f"{path or 'value'}: named tuple has {len(fields)} fields but "
+                          f"{len(items)} items")
+        try:
+            return found.named(value.named_value.type_name, fields, items)
+        except (TypeError, ValueError) as err:
+            raise invalid(f"{path or 'value'}: {err}") from None
     return items if kind == "list_value" else tuple(items)
 
 
@@ -158,15 +214,15 @@ def encode_arguments(parts: Arguments, writer: PayloadWriter, target: Any,
 
 
 def decode_arguments(source: Any, reader: PayloadReader, make_leaf: MakeLeaf,
-                     abstract: bool = False) -> Arguments:
+                     abstract: bool = False, statics: Statics | None = None) -> Arguments:
     """Decode ``source``'s ``args``, ``kwargs`` and ``parameters`` fields (a request's
     inputs, or gradients); INVALID_ARGUMENT unless args is a tuple and kwargs a dict."""
-    args = decode(source.args, reader, make_leaf, "args", abstract)
-    kwargs = decode(source.kwargs, reader, make_leaf, "kwargs", abstract)
+    args = decode(source.args, reader, make_leaf, "args", abstract, statics)
+    kwargs = decode(source.kwargs, reader, make_leaf, "kwargs", abstract, statics)
     args = () if args is None else args
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise invalid("args must be a tuple and kwargs a dict")
-    parameters = (decode(source.parameters, reader, make_leaf, "parameters", abstract)
+    parameters = (decode(source.parameters, reader, make_leaf, "parameters", abstract, statics)
                   if source.HasField("parameters") else None)
     return Arguments(args, kwargs, parameters)

@@ -20,10 +20,10 @@ class TreeDef:
     differ, so do ``0.0`` and ``-0.0``): tree definitions are cache keys.
     """
 
-    kind: str                       # "leaf", "static", "tuple", "list", "dict"
+    kind: str                       # "leaf", "static", "tuple", "named", "list", "dict"
     children: tuple["TreeDef", ...] = ()
     keys: tuple[str, ...] = ()
-    value: Any = field(default=None, compare=False)   # the static leaf's value
+    value: Any = field(default=None, compare=False)   # the static leaf, or the named type
     static_key: tuple[str, str] = ("", "")
 
     @property
@@ -35,6 +35,22 @@ class TreeDef:
 
 
 _LEAF = TreeDef("leaf")
+
+
+def named_fields(cls: type) -> tuple[str, ...] | None:
+    """The field names of a named tuple type (a ``namedtuple``, or a struct sequence such
+    as ``torch.return_types.max`` with no hidden fields), else None."""
+    if not issubclass(cls, tuple) or cls is tuple:
+        return None
+    fields = getattr(cls, "_fields", None)
+    if fields is None and getattr(cls, "n_fields", -1) == getattr(cls, "n_sequence_fields", -2):
+        fields = getattr(cls, "__match_args__", None)
+    return tuple(fields) if fields is not None else None
+
+
+def make_named(cls: type, items: list[Any]) -> Any:
+    """An instance of named tuple type ``cls`` holding ``items``."""
+    return cls._make(items) if hasattr(cls, "_make") else cls(items)
 
 
 def _static(value: Any) -> TreeDef:
@@ -54,8 +70,13 @@ def _walk(node: Any, is_leaf: Callable[[Any], bool], leaves: list[Any]) -> TreeD
         keys = tuple(node)
         return TreeDef("dict", tuple(_walk(node[k], is_leaf, leaves) for k in keys), keys)
     if isinstance(node, (tuple, list)):
-        kind = "list" if type(node) is list else "tuple"
-        return TreeDef(kind, tuple(_walk(item, is_leaf, leaves) for item in node))
+        children = tuple(_walk(item, is_leaf, leaves) for item in node)
+        fields = named_fields(type(node)) if type(node) not in (tuple, list) else None
+        if fields is not None:
+            cls = type(node)
+            return TreeDef("named", children, fields, cls,
+                           (f"{cls.__module__}.{cls.__qualname__}", ""))
+        return TreeDef("list" if type(node) is list else "tuple", children)
     return _static(node)
 
 
@@ -74,6 +95,8 @@ def _build(td: TreeDef, it: Iterator[Any]) -> Any:
     items = [_build(child, it) for child in td.children]
     if td.kind == "dict":
         return dict(zip(td.keys, items))
+    if td.kind == "named":
+        return make_named(td.value, items)
     return tuple(items) if td.kind == "tuple" else items
 
 

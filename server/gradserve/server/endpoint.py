@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import grpc
 
 from gradserve.errors import StatusError, invalid
-from gradserve.frameworks import FRAMEWORKS, framework
+from gradserve.frameworks import FRAMEWORKS, adapter, framework
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import dtypes, pytree
 from gradserve.wire.codec import Arguments
@@ -187,6 +187,15 @@ class Endpoint(ABC):
         """Output types for inputs whose tensors may be ``TensorType`` leaves."""
         self.check_arguments(inputs)
         return self.run_signature(inputs)
+
+    def constant(self, kind: str, name: str) -> Any:
+        """A received dtype, device, memory format or layout as this framework's object
+        (codec's ``Statics``)."""
+        return adapter(self.framework).constant(kind, name)
+
+    def named(self, type_name: str, fields: tuple[str, ...], items: list[Any]) -> Any:
+        """A received named tuple as this framework has it (codec's ``Statics``)."""
+        return adapter(self.framework).named(type_name, fields, items)
 
     def make_leaf(self, wire: WireTensor, path: str) -> Any:
         """A received input tensor as this framework's array (``codec`` calls it)."""

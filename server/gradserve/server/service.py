@@ -335,7 +335,8 @@ class GradserveService(pb_grpc.GradserveServicer):
                 reader: FrameReader[Any] = FrameReader(self.limits.max_request_bytes,
                                                        max_values=self.limits.max_request_values)
                 call = reader.read_header(call)
-                inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True)
+                inputs = codec.decode_arguments(call, reader, endpoint.make_leaf, abstract=True,
+                                                statics=endpoint)
                 with self._running:   # a fake-tensor trace, a compile, or a dry run
                     types = endpoint.signature(inputs)
                 outputs = codec.encode(types, FrameWriter(inline_bytes=UNLIMITED), path="outputs")
@@ -442,7 +443,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             made = None
             if batcher is not None:
                 recorder = Recorder(endpoint)
-                inputs = codec.decode_arguments(request, reader, recorder)
+                inputs = codec.decode_arguments(request, reader, recorder, statics=endpoint)
                 made = batcher.forward(inputs, recorder, request.need_vjp, call.peer)
             else:
                 inputs = self._inputs(endpoint, request, reader)
@@ -473,7 +474,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         residual = self._residual_for(group, request, reader, context, call.owner)
         with group.running("vjp", residual.instance) as endpoint:   # where its tensors are
             cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf,
-                                      "cotangents")
+                                      "cotangents", statics=endpoint)
             batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
             if batcher is not None:
                 grads = batcher.vjp(residual, cotangents, request.batched_cotangents, call.peer)
@@ -671,7 +672,7 @@ class GradserveService(pb_grpc.GradserveServicer):
     @staticmethod
     def _inputs(endpoint: Endpoint, request: pb.ForwardRequest,
                 reader: FrameReader[Any]) -> Arguments:
-        return codec.decode_arguments(request, reader, endpoint.make_leaf)
+        return codec.decode_arguments(request, reader, endpoint.make_leaf, statics=endpoint)
 
     # -- errors ------------------------------------------------------------
     @contextlib.contextmanager

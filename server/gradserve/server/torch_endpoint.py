@@ -134,6 +134,12 @@ class TorchEndpoint(Endpoint):
             return TensorType(tuple(x.shape), TO_NAME[x.dtype])
         return x if isinstance(x, TensorType) else None
 
+    def constant(self, kind: str, name: str) -> Any:
+        """As ``Endpoint.constant``; a device names where the call runs: this endpoint's
+        (the caller's device means nothing here)."""
+        found = super().constant(kind, name)
+        return self.device if kind == "device" else found
+
     # -- array operations --------------------------------------------------
     def to_array(self, wire: WireTensor) -> torch.Tensor:
         t = ADAPTER.from_wire(wire).to(self.device)
