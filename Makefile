@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 PROTO_OUT ?= client
 
-.PHONY: install serve test bench proto clean
+.PHONY: install serve test bench conformance proto clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ serve: install
 test: install
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# Every sample of every OpInfo op through a remote endpoint (make test checks 3 of each).
+conformance: install
+	GRADSERVE_CONFORMANCE=all $(PY) -m pytest -q -s tests/test_conformance.py
 
 bench: install
 	$(PY) benchmarks/bench.py

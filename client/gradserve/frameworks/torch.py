@@ -52,15 +52,24 @@ class TorchAdapter:
     def dtype_code(self, dtype: Any) -> pb.DType:
         return wire_dtype(dtype) if isinstance(dtype, torch.dtype) else dtypes.code_of(str(dtype))
 
-    def to_wire(self, x: Any) -> WireTensor:
+    def refusal(self, x: torch.Tensor) -> str:
+        """Why tensor ``x`` cannot travel ("" when it can)."""
         if x.layout != torch.strided:
-            raise TypeError(f"a {str(x.layout).removeprefix('torch.')} tensor cannot be sent: "
-                            "only dense (strided) tensors travel; send x.to_dense()")
+            return (f"a {str(x.layout).removeprefix('torch.')} tensor cannot be sent: only "
+                    "dense (strided) tensors travel; send x.to_dense()")
         if x.is_quantized:
-            raise TypeError("a quantized tensor cannot be sent; send x.dequantize()")
+            return "a quantized tensor cannot be sent; send x.dequantize()"
         if x.is_nested or x.device.type == "meta":
-            raise TypeError(f"a {'nested' if x.is_nested else 'meta'} tensor cannot be sent: "
-                            "only tensors holding their values travel")
+            return (f"a {'nested' if x.is_nested else 'meta'} tensor cannot be sent: only "
+                    "tensors holding their values travel")
+        if x.dtype not in TO_NAME:
+            return f"torch dtype {x.dtype} cannot be sent; supported: {', '.join(TO_NAME.values())}"
+        return ""
+
+    def to_wire(self, x: Any) -> WireTensor:
+        problem = self.refusal(x)
+        if problem:
+            raise TypeError(problem)
         code = wire_dtype(x.dtype)
         t = x.detach()
         if t._is_zerotensor():   # autograd's symbolic zeros have no storage to send

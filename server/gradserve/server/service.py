@@ -462,7 +462,14 @@ class GradserveService(pb_grpc.GradserveServicer):
             rid = ""
         trace_call(endpoint.name, rid)
         reply = pb.ForwardResponse(residual_id=rid)
-        codec.encode_into(reply.outputs, made.outputs, writer, path="outputs")
+        try:
+            codec.encode_into(reply.outputs, made.outputs, writer, path="outputs")
+        except TypeError as err:   # what the function returned has no wire form
+            if rid:
+                self.residuals.release([rid], owner)
+            raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                              f"endpoint {endpoint.name!r} returned what cannot be sent: "
+                              f"{err}") from None
         return reply, made
 
     def _vjp(self, request: pb.VjpRequest, reader: FrameReader[Any], writer: FrameWriter,

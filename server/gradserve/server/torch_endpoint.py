@@ -152,6 +152,11 @@ class TorchEndpoint(Endpoint):
         with torch.enable_grad() if need_vjp else torch.no_grad(), \
                 saved.hooks() if need_vjp else contextlib.nullcontext():
             outputs = self.run(lambda: self._call(inputs))
+        for path, t in pytree.flatten_with_paths(outputs, _is_tensor, "outputs"):
+            problem = ADAPTER.refusal(t)
+            if problem:
+                raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                                  f"endpoint {self.name!r} returned {path}: {problem}")
         if not need_vjp:
             return Forwarded(outputs)
         for t in (*leaves, *pytree.flatten(outputs, _is_tensor)[0]):

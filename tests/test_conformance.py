@@ -1,0 +1,29 @@
+"""PyTorch's OpInfo database through a remote endpoint (tests/conformance.py): forward
+values and first-order gradients equal local autograd for every float64 sample that can
+travel by value; the rest are refused with the error EXCLUDED lists.
+
+``make test`` checks 3 samples of each op; ``make conformance`` every sample.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("expecttest")   # torch's OpInfo database imports it
+
+import conformance  # noqa: E402
+
+
+@pytest.mark.filterwarnings("ignore")   # the ops' own deprecation and experimental warnings
+def test_opinfo_ops_through_a_remote_endpoint_equal_local_autograd() -> None:
+    every = os.environ.get("GRADSERVE_CONFORMANCE") == "all"
+    results = list(conformance.sweep(conformance.op_db(), samples=0 if every else 3))
+    print("\n" + conformance.report(results))
+    ops = {r.op for r in results}
+    assert len(ops) >= 500 and len(results) >= 1400          # the database, not a corner
+    assert not conformance.failures(results), conformance.report(results)
+    refused = {r.op for r in results if r.problem.startswith(conformance.REFUSED)}
+    listed = {op for op, (_, told) in conformance.EXCLUDED.items() if told}
+    assert refused == listed                                   # each exclusion still applies
