@@ -467,7 +467,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         except TypeError as err:   # what the function returned has no wire form
             if rid:
                 self.residuals.release([rid], owner)
-            raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+            raise StatusError(grpc.StatusCode.INTERNAL,
                               f"endpoint {endpoint.name!r} returned what cannot be sent: "
                               f"{err}") from None
         return reply, made

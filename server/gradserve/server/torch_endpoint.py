@@ -155,7 +155,7 @@ class TorchEndpoint(Endpoint):
         for path, t in pytree.flatten_with_paths(outputs, _is_tensor, "outputs"):
             problem = ADAPTER.refusal(t)
             if problem:
-                raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                raise StatusError(grpc.StatusCode.INTERNAL,
                                   f"endpoint {self.name!r} returned {path}: {problem}")
         if not need_vjp:
             return Forwarded(outputs)
