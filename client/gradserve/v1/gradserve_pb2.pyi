@@ -201,7 +201,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable", "batching", "devices")
+    __slots__ = ("name", "framework", "device", "signature", "doc", "inputs", "outputs", "parameters", "accepts_parameters", "batchable", "batching", "devices", "derivatives")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class EndpointInfo(_message.Message):
     BATCHABLE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DERIVATIVES_FIELD_NUMBER: _ClassVar[int]
     name: str
     framework: str
     device: str
@@ -226,7 +227,16 @@ class EndpointInfo(_message.Message):
     batchable: bool
     batching: Batching
     devices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+    derivatives: Derivatives
+    def __init__(self, name: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepts_parameters: _Optional[bool] = ..., batchable: _Optional[bool] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., derivatives: _Optional[_Union[Derivatives, _Mapping]] = ...) -> None: ...
+
+class Derivatives(_message.Message):
+    __slots__ = ("reverse_order", "forward")
+    REVERSE_ORDER_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    reverse_order: int
+    forward: bool
+    def __init__(self, reverse_order: _Optional[int] = ..., forward: _Optional[bool] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("max_batch", "max_delay_seconds")

@@ -175,6 +175,10 @@ class EndpointInfo:
     devices: tuple[str, ...] = ()
     #: each instance's load (``Describe``)
     instances: tuple[InstanceStats, ...] = ()
+    #: highest order of reverse mode a call gets (1: gradients, not gradients of them)
+    reverse_order: int = 1
+    #: whether forward mode (Jvp) is served
+    forward_mode: bool = False
 
     @classmethod
     def from_pb(cls, msg: pb.EndpointInfo, residuals: pb.ResidualStats | None = None,
@@ -188,4 +192,6 @@ class EndpointInfo:
                    ResidualStats.from_pb(residuals) if residuals is not None else None,
                    BatchStats.from_pb(batches) if batches is not None else None,
                    tuple(msg.devices) or (msg.device,),
-                   tuple(InstanceStats.from_pb(i) for i in instances))
+                   tuple(InstanceStats.from_pb(i) for i in instances),
+                   msg.derivatives.reverse_order if msg.HasField("derivatives") else 1,
+                   msg.derivatives.forward)

@@ -216,7 +216,8 @@ class Endpoint(ABC):
             outputs=[spec.to_pb(name) for name, spec in self.output_specs.items()],
             parameters=[t.to_pb(name) for name, t in self.parameter_types().items()],
             accepts_parameters=self.accepts_parameters(), batchable=self.batchable,
-            batching=pb.Batching(max_batch=self.max_batch, max_delay_seconds=self.max_delay))
+            batching=pb.Batching(max_batch=self.max_batch, max_delay_seconds=self.max_delay),
+            derivatives=pb.Derivatives(reverse_order=1, forward=False))
 
     def parameter_types(self) -> dict[str, TensorType]:
         """Types of the endpoint's own parameters, by name (a flat dict's keys, else paths)."""
