@@ -18,7 +18,7 @@ import time
 import weakref
 from typing import Callable, Sequence
 
-from gradserve.client.replica import Replica
+from gradserve.client.replica import SERVING, UNKNOWN, UNREACHABLE, Replica
 from gradserve.errors import GradserveError
 
 #: Port of a ``dns:///name`` target that names none.
@@ -182,10 +182,12 @@ class Fleet:
     def flush_draining(self) -> None:
         """Send the releases queued for draining and retired replicas now: no new call goes
         there to carry them, and a draining server exits as soon as it holds no residual."""
+        if len(self._replicas) < 2 and not self._retired:   # a lone replica gets every call
+            return
         with self._lock:
             leaving = [r for r in self._replicas if r.draining] + self._retired
         for replica in leaving:
-            if replica.released and not replica.closed and replica.health != "UNREACHABLE":
+            if replica.released and not replica.closed and replica.health != UNREACHABLE:
                 replica.flush_releases(timeout=1.0)
 
     def failed(self) -> None:
@@ -201,7 +203,7 @@ class Fleet:
 
         def changed(replica: Replica) -> None:
             fleet = ref()
-            if fleet is not None and replica.health not in ("SERVING", "UNKNOWN"):
+            if fleet is not None and replica.health not in (SERVING, UNKNOWN):
                 fleet.failed()
         return changed
 
@@ -222,8 +224,7 @@ class Fleet:
         return list(dict(found).items())
 
     def _update(self, addresses: list[tuple[str, str]]) -> None:
-        """Open replicas for new addresses; retire those gone; close retired ones nobody
-        needs any more (no call in flight, and no live residual, or unreachable)."""
+        """Open replicas for new addresses and retire those gone."""
         wanted = dict(addresses)
         with self._lock:
             known = {r.address: r for r in self._replicas}
@@ -231,22 +232,28 @@ class Fleet:
         added = [back.get(a) or self._make(a, name) for a, name in addresses if a not in known]
         with self._lock:
             if self._stopped.is_set():   # closed meanwhile: what was made here goes too
-                done = [r for r in added if r.address not in back]
-                added = []
-            else:
-                gone = [r for r in self._replicas if r.address not in wanted]
-                self._replicas = [*(known[a] for a in wanted if a in known), *added]
-                self._retired = [r for r in self._retired if r.address not in back] + gone
-                done = [r for r in self._retired if not r.in_flight
-                        and (not r.holds_residuals or r.health == "UNREACHABLE")]
-                self._retired = [r for r in self._retired if r not in done]
-                if added or gone:
-                    log.info("gradserve: replicas of %s: %s", self.target,
-                             ", ".join(r.address for r in self._replicas) or "none")
+                for replica in added:
+                    if replica.address not in back:
+                        replica.close()
+                return
+            gone = [r for r in self._replicas if r.address not in wanted]
+            self._replicas = [*(known[a] for a in wanted if a in known), *added]
+            self._retired = [r for r in self._retired if r.address not in back] + gone
+            if added or gone:
+                log.info("gradserve: replicas of %s: %s", self.target,
+                         ", ".join(r.address for r in self._replicas) or "none")
             watching = self._watching
         if watching:
             for replica in added:
                 replica.watch(self._told())
+
+    def _close_idle(self) -> None:
+        """Close the retired replicas nobody needs any more: no call in flight, and no live
+        residual there (or it is unreachable)."""
+        with self._lock:
+            done = [r for r in self._retired if not r.in_flight
+                    and (not r.holds_residuals or r.health == UNREACHABLE)]
+            self._retired = [r for r in self._retired if r not in done]
         for replica in done:
             replica.close()
 
@@ -258,14 +265,10 @@ class Fleet:
             wait = self._resolved_at + MIN_RESOLVE_SECONDS - time.monotonic()
             if wait > 0 and self._stopped.wait(wait):
                 return
-        elif time.monotonic() < self._resolved_at + self.resolve_seconds:
-            with self._lock:
-                current = [(r.address, "") for r in self._replicas]
-            if self._retired and not self._stopped.is_set():
-                self._update(current)
-            return
-        if not self._stopped.is_set():
             self._update(self._addresses())
+        elif time.monotonic() >= self._resolved_at + self.resolve_seconds:
+            self._update(self._addresses())
+        self._close_idle()
 
 
 def _resolving(ref: "weakref.ref[Fleet]", stopped: threading.Event) -> None:
