@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import urllib.request
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -105,3 +106,20 @@ def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:
 
     wait_until(serving, timeout=deadline, interval=0.2, message=f"no server on {address}")
     return channel
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The metrics page as {series: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            found[series] = float(value)
+    return found
+
+
+def series(name: str, **labels: str) -> str:
+    """A series key as Prometheus prints it (labels sorted by name)."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}" if labels else name

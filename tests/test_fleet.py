@@ -20,7 +20,7 @@ from gradserve.client.calls import Residual
 from gradserve.client.fleet import parse_target, resolve
 from gradserve.errors import DRAINING
 from gradserve.server import Server, TorchEndpoint
-from helpers import free_port, wait_serving, wait_until
+from helpers import free_port, needs_shm, scrape, series, wait_serving, wait_until
 from models import mlp
 
 TARGETS = str(Path(__file__).resolve().parent / "cli_targets.py")
@@ -215,26 +215,29 @@ def in_threads(threads: int, work: Callable[[int], None]) -> None:
         raise errors[0]
 
 
+def steps_match(f: Any, models: list[torch.nn.Module], seed: int, steps: int) -> None:
+    """``steps`` Forward+Vjp through remote ``f``: each step's output is one of ``models``'
+    (the instance that ran it) and its input gradient that model's, by local autograd."""
+    for i in range(steps):
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        x = torch.randn(4, 6, generator=g, requires_grad=True)
+        out = f(x)
+        ran = [m for m in models if torch.allclose(out, m(x).detach())]
+        assert len(ran) == 1
+        (out ** 2).sum().backward()
+        xl = x.detach().requires_grad_()
+        (ran[0](xl) ** 2).sum().backward()
+        torch.testing.assert_close(x.grad, xl.grad)
+
+
 def test_two_instances_share_the_calls_of_eight_threads_and_pin_each_vjp(serve) -> None:
-    server = Server("127.0.0.1", 0, workers=4)
+    server = Server("127.0.0.1", 0, workers=4, metrics_port=0)
     server.add_torch("mlp", mlp(), devices=["cpu", "cpu"])
     server.start()
-    model = mlp()
     try:
         with gradserve.connect(server.address, transport="grpc") as client:
-            f = client.torch("mlp")
-
-            def work(seed: int) -> None:
-                for i in range(8):
-                    g = torch.Generator().manual_seed(seed * 100 + i)
-                    x = torch.randn(5, 6, generator=g, requires_grad=True)
-                    out = f(x)
-                    (out ** 2).sum().backward()
-                    xl = x.detach().requires_grad_()
-                    (model(xl) ** 2).sum().backward()
-                    torch.testing.assert_close(x.grad, xl.grad)
-
-            in_threads(8, work)
+            f, model = client.torch("mlp"), mlp()
+            in_threads(8, lambda seed: steps_match(f, [model], seed, 8))
             info = client.describe("mlp")
             assert info.devices == ("cpu", "cpu")
             assert [i.device for i in info.instances] == ["cpu", "cpu"]
@@ -242,6 +245,13 @@ def test_two_instances_share_the_calls_of_eight_threads_and_pin_each_vjp(serve) 
             assert sum(calls) == 64 and min(calls) > 0
             assert [i.vjp_calls for i in info.instances] == calls   # each Vjp where it began
             assert [i.in_flight for i in info.instances] == [0, 0]
+            found = scrape(server.metrics_port)
+            for i, n in enumerate(calls):
+                where = {"endpoint": "mlp", "instance": str(i), "device": "cpu"}
+                assert found[series("gradserve_instance_calls_total", kind="forward",
+                                    **where)] == n
+                assert found[series("gradserve_instance_calls_total", kind="vjp", **where)] == n
+                assert found[series("gradserve_instance_in_flight", **where)] == 0
     finally:
         server.stop(grace=0)
 
@@ -408,20 +418,7 @@ def test_instances_with_different_weights_pin_each_vjp_to_its_forward() -> None:
     try:
         with gradserve.connect(server.address, transport="grpc") as client:
             f = client.torch("mlp")
-
-            def work(seed: int) -> None:
-                for i in range(6):
-                    g = torch.Generator().manual_seed(seed * 100 + i)
-                    x = torch.randn(4, 6, generator=g, requires_grad=True)
-                    out = f(x)
-                    ran = [m for m in models if torch.allclose(out, m(x).detach())]
-                    assert len(ran) == 1               # the instance that ran it
-                    (out ** 2).sum().backward()
-                    xl = x.detach().requires_grad_()
-                    (ran[0](xl) ** 2).sum().backward()
-                    torch.testing.assert_close(x.grad, xl.grad)
-
-            in_threads(6, work)
+            in_threads(6, lambda seed: steps_match(f, models, seed, 6))
             assert min(i.forward_calls for i in client.describe("mlp").instances) > 0
     finally:
         server.stop(grace=0)
@@ -468,3 +465,41 @@ def test_re_resolving_adds_and_retires_replicas_and_a_retired_one_answers_its_vj
         del kept, grads
         client.forward("mlp", (x,))              # carries the releases out
         wait_until(lambda: not replicas[0].residuals.stats().count)
+
+
+@needs_shm
+def test_same_host_replicas_each_get_their_own_session(replicas) -> None:
+    first, second, _ = replicas
+    with gradserve.connect([first.address, second.address], transport="auto") as client:
+        assert [r.transport for r in client.replicas()] == ["shm", "shm"]
+        assert first.sessions.count() == second.sessions.count() == 1
+        big = np.ones((8192, 6), np.float32)        # 192 KiB: through a request slot
+        for _ in range(4):
+            out = client.forward("mlp", (big,)).outputs
+            assert out.shape == (8192, 4)
+        assert all(r.forwards for r in client.replicas())
+    assert first.sessions.count() == second.sessions.count() == 0
+
+
+def test_a_failure_prompts_a_resolution_before_its_period(replicas) -> None:
+    a, b, c = (s.address for s in replicas)
+    answer = [a, b]
+    with gradserve.connect("dns:///fleet.test:1", transport="grpc", resolve_seconds=300,
+                           resolver=lambda name: list(answer)) as client:
+        wait_until(lambda: all(r.health == "SERVING" for r in client.replicas()))
+        answer[:] = [b, c]
+        replicas[0].stop(grace=0)                   # a fails: the name is asked again now
+        wait_until(lambda: [r.address for r in client.replicas()] == [b, c], timeout=10)
+        client.forward("mlp", (np.ones((1, 6), np.float32),))
+
+
+def test_devices_all_without_a_gpu_is_the_cpu() -> None:
+    from gradserve.server.cli import all_devices, parser
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert all_devices() == ["cpu"]
+    args = parser().parse_args(["serve", "m:x", "--devices", "all"])
+    assert args.devices == ["all"]
+    for bad in ("all,cpu", ","):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["serve", "m:x", "--devices", bad])

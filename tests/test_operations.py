@@ -13,23 +13,7 @@ import torch
 
 import gradserve
 from gradserve.server import Server
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The metrics page as {series: value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    found = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            found[series] = float(value)
-    return found
-
-
-def series(name: str, **labels: str) -> str:
-    """A series key as Prometheus prints it (labels sorted by name)."""
-    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return f"{name}{{{inner}}}" if labels else name
+from helpers import scrape, series
 
 
 def raises(x: torch.Tensor) -> torch.Tensor:
