@@ -41,7 +41,10 @@ import contextlib
 import copy
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import tempfile
 import sys
 import time
 from concurrent import futures
@@ -139,16 +142,52 @@ def _served(module: torch.nn.Module, transport: str = "grpc",
     server.add_torch("layer", module)
     server.start()
     try:
-        client = gradserve.connect(server.address, transport=transport, **options)
-        try:
-            if client.transport != transport:
-                raise RuntimeError(f"bench: asked for the {transport} transport, got "
-                                   f"{client.transport} ({client.fallback_reason})")
+        with _client(server.address, transport, **options) as client:
             yield client
-        finally:
-            client.close()
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def _served_elsewhere(target: str, transport: str) -> Iterator[gradserve.Client]:
+    """As ``_served``, the server being another process (``gradserve serve`` of ``target``
+    in this file): torch cannot run a CUDA backward that calls a server in its own process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
+                             f"{os.path.abspath(__file__)}:{target}", "--port",
+                             address.rsplit(":", 1)[1], "--workers", "4"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            ready = grpc.channel_ready_future(channel)
+            deadline = time.monotonic() + 120
+            while not ready.done():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"bench: no server on {address}:\n{log.read()}")
+                time.sleep(0.1)
+        with _client(address, transport) as client:
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@contextlib.contextmanager
+def _client(address: str, transport: str, **options: Any) -> Iterator[gradserve.Client]:
+    """A client of ``address`` that fails unless it got ``transport``."""
+    client = gradserve.connect(address, transport=transport, **options)
+    try:
+        if client.transport != transport:
+            raise RuntimeError(f"bench: asked for the {transport} transport, got "
+                               f"{client.transport} ({client.fallback_reason})")
+        yield client
+    finally:
+        client.close()
 
 
 @contextlib.contextmanager
@@ -221,7 +260,7 @@ def local_cuda_path(module: torch.nn.Module) -> Iterator[MakeStep]:
 def cuda_ipc_path(module: torch.nn.Module) -> Iterator[MakeStep]:
     """``client.torch(...)`` over CUDA IPC to a server with the layer on the GPU; x and ct
     are allocated in the request pool (``client.as_shared``)."""
-    with _served(copy.deepcopy(module).cuda(), transport="cuda_ipc") as client:
+    with _served_elsewhere("cuda_layer", "cuda_ipc") as client:
         f = client.torch("layer")
 
         def make(work: Workload) -> Step:
@@ -230,6 +269,11 @@ def cuda_ipc_path(module: torch.nn.Module) -> Iterator[MakeStep]:
                               client.as_shared(gpu.ct))
             return _gpu_step(autograd_step(f, shared))
         yield make
+
+
+def cuda_layer() -> dict[str, torch.nn.Module]:
+    """The default ``Layer`` on the GPU, as ``gradserve serve bench.py:cuda_layer`` serves it."""
+    return {"layer": Layer().cuda()}
 
 
 @contextlib.contextmanager
@@ -284,7 +328,9 @@ def local_jax_path(module: torch.nn.Module) -> Iterator[MakeStep]:
     """In-process JAX, jitted: ``jnp.tanh(x @ W)`` with the module's ``W``, the JAX baseline."""
     import jax.numpy as jnp
     weight = jnp.asarray(module.weight.detach().numpy())
-    yield lambda work: _jitted_vjp_step(lambda x: jnp.tanh(x @ weight), work)
+    # full float32 products: JAX on a GPU multiplies float32 in TF32 by default
+    yield lambda work: _jitted_vjp_step(
+        lambda x: jnp.tanh(jnp.matmul(x, weight, precision="highest")), work)
 
 
 @contextlib.contextmanager

@@ -35,3 +35,11 @@ def fleet():
     from models import mlp
 
     return {"mlp": mlp()}
+
+
+def cuda():
+    """tests/models.py's MLP (seed 0) on the GPU as "mlp", with "double": the GPU tests'
+    server in another process (torch cannot run a CUDA backward calling its own process)."""
+    from models import mlp
+
+    return {"mlp": mlp().cuda(), "double": lambda x: 2 * x}

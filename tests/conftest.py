@@ -1,14 +1,16 @@
-"""Shared fixtures: a server started on a free loopback port, and a client to it; clients
-whose calls go through a fault-injecting channel. Plain helpers are in helpers.py."""
+"""Shared fixtures: a server started on a free loopback port, and a client to it; a server
+in another process; clients whose calls go through a fault-injecting channel. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any, Callable, Iterator
 
 import pytest
 
 import gradserve
 from gradserve.server import Server
+from helpers import free_port, serve_process, wait_serving
 
 
 @pytest.fixture
@@ -37,6 +39,28 @@ def serve() -> Iterator[Callable[..., tuple[Server, gradserve.Client]]]:
     for server, client in started:
         client.close()
         server.stop(grace=0)
+
+
+@pytest.fixture
+def serve_elsewhere() -> Iterator[Callable[..., tuple[str, subprocess.Popen[str]]]]:
+    """``serve_elsewhere(target, *flags, port=None)`` -> (address, process) of ``gradserve
+    serve tests/cli_targets.py:<target>`` in another process, once it is SERVING; every
+    process started is killed at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(target: str, *flags: str, port: int | None = None
+              ) -> tuple[str, subprocess.Popen[str]]:
+        port = port or free_port()
+        proc = serve_process(target, port, *flags)
+        started.append(proc)
+        address = f"127.0.0.1:{port}"
+        wait_serving(address).close()
+        return address, proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.communicate(timeout=30)
 
 
 @pytest.fixture

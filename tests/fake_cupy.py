@@ -2,7 +2,8 @@
 
 It implements only the runtime calls gradserve makes (allocation, IPC handles,
 copies, synchronisation, device properties), in one process: an IPC handle is
-the allocation's address. The real thing runs in the ``gpu``-marked tests.
+the allocation's address. With ``same_process=True`` it refuses to open a handle, as CUDA
+does in the process that exported it; by default it opens them, as another process would. The real thing runs in the ``gpu``-marked tests.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class Device:
 class Runtime:
     memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
 
-    def __init__(self, uuids: list[str]):
+    def __init__(self, uuids: list[str], same_process: bool):
         self.uuids = uuids
+        self.same_process = same_process
         self.synchronized = 0
         self.opened: list[int] = []
         self.closed: list[int] = []
@@ -87,6 +89,8 @@ class Runtime:
         return ptr.to_bytes(HANDLE_BYTES, "little")
 
     def ipcOpenMemHandle(self, handle: bytes) -> int:
+        if self.same_process:
+            raise RuntimeError("cudaErrorDeviceUninitialized: invalid device context")
         ptr = int.from_bytes(handle, "little")
         self.opened.append(ptr)
         return ptr
@@ -104,9 +108,9 @@ class Runtime:
         self.synchronized += 1
 
 
-def fake_cupy(uuids: list[str]) -> SimpleNamespace:
+def fake_cupy(uuids: list[str], same_process: bool = False) -> SimpleNamespace:
     """A CuPy stand-in seeing GPUs with these UUIDs (hex)."""
-    runtime = Runtime(uuids)
+    runtime = Runtime(uuids, same_process)
     cuda = SimpleNamespace(runtime=runtime, Device=Device, Memory=Memory,
                            UnownedMemory=UnownedMemory, MemoryPointer=MemoryPointer,
                            get_current_stream=lambda: SimpleNamespace(ptr=0))

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -89,6 +92,16 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+TARGETS = str(Path(__file__).resolve().parent / "cli_targets.py")
+
+
+def serve_process(target: str, port: int, *flags: str) -> subprocess.Popen[str]:
+    """``gradserve serve tests/cli_targets.py:<target>`` on ``port``, as another process."""
+    return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
+                             f"{TARGETS}:{target}", "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:

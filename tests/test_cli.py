@@ -15,10 +15,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradserve
 from gradserve.server.cli import build_endpoints, load_target
-from helpers import free_port, wait_serving, wait_until
+from helpers import TARGETS, free_port, serve_process, wait_serving, wait_until
 
 HERE = Path(__file__).resolve().parent
-TARGETS = str(HERE / "cli_targets.py")
 
 
 def test_module_function_dict_and_factory_targets() -> None:
@@ -53,9 +52,7 @@ def test_non_servable_object_is_refused() -> None:
 def test_serve_list_health_reflection_and_sigterm() -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
-                             f"{TARGETS}:table", "--port", str(port), "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = serve_process("table", port, "--workers", "2")
     try:
         channel = wait_serving(address)
         health = health_pb2_grpc.HealthStub(channel)
@@ -90,6 +87,7 @@ def test_serve_list_health_reflection_and_sigterm() -> None:
         assert "parameters: 2 tensors, 8 values (client may send its own)" in listing.stdout
 
         with gradserve.connect(address) as client:
+            assert not client.describe("square").same_process
             x = torch.randn(4, requires_grad=True)
             client.torch("square")(x).sum().backward()
             torch.testing.assert_close(x.grad, 2 * x.detach())

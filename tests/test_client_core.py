@@ -23,6 +23,11 @@ NO_TORCH = textwrap.dedent("""
 """)
 
 
+def test_describe_tells_a_server_in_this_process(serve) -> None:
+    _, client = serve({"mlp": mlp()})
+    assert client.describe("mlp").same_process    # in another: test_cli's serve test
+
+
 def test_client_works_without_torch(serve) -> None:
     server, client = serve({"mlp": mlp()})
     out = subprocess.run([sys.executable, "-c", NO_TORCH, server.address],

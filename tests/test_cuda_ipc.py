@@ -108,21 +108,40 @@ def pool(info, direction: str):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_tensors_go_through_ipc_pools(serve) -> None:
+def test_cuda_tensors_go_through_ipc_pools(serve_elsewhere) -> None:
+    address, _ = serve_elsewhere("cuda")          # the model on the GPU, in another process
     model = mlp().cuda()
-    server, client = serve({"mlp": model})
-    assert client.transport == "cuda_ipc" and client.fallback_reason == ""
-    f = client.torch("mlp")
-    x = torch.randn(4096, 6, device="cuda", requires_grad=True)
-    ct = torch.randn(4096, 4, device="cuda")
-    y = f(x)
-    assert y.is_cuda and y.device == x.device
-    reply = pool(client.session_info(), "reply")
-    assert reply.address <= y.data_ptr() < reply.address + reply.size   # a view of the pool
-    assert client.session_info().transports == ("shm", "cuda_ipc")
-    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
-    y.backward(ct)
-    torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-5, atol=1e-5)
+    with gradserve.connect(address) as client:
+        assert client.transport == "cuda_ipc" and client.fallback_reason == ""
+        assert client.describe("mlp").devices == ("cuda:0",)
+        f = client.torch("mlp")
+        x = torch.randn(4096, 6, device="cuda", requires_grad=True)
+        ct = torch.randn(4096, 4, device="cuda")
+        y = f(x)
+        assert y.is_cuda and y.device == x.device
+        info = client.session_info()
+        reply = pool(info, "reply")
+        assert reply.address <= y.data_ptr() < reply.address + reply.size   # a view of the pool
+        assert info.transports == ("shm", "cuda_ipc") and (info.copied, info.in_place) == (1, 0)
+        torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+        y.backward(ct)
+        torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_cuda_backward_calling_its_own_process_is_refused_not_hung(serve) -> None:
+    _, client = serve({"mlp": mlp().cuda()})
+    assert client.transport == "cuda_ipc"          # the pools are mapped, not opened
+    info = client.describe("mlp")
+    assert info.same_process and info.devices == ("cuda:0",)
+    x = torch.randn(64, 6, device="cuda", requires_grad=True)
+    y = client.torch("mlp")(x)
+    with pytest.raises(gradserve.GradserveError, match="its server runs in this process"):
+        y.sum().backward()
+    xc = x.detach().cpu().requires_grad_(True)      # CPU tensors backpropagate on this thread
+    client.torch("mlp")(xc).sum().backward()
+    assert xc.grad is not None and xc.grad.shape == (64, 6)
 
 
 @pytest.mark.gpu
@@ -184,9 +203,21 @@ def test_cuda_reply_slots_are_not_reused_while_viewed(serve) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_server_restart_reopens_the_cuda_session() -> None:
-    from test_shm import check_restart_reopens_the_session
-    check_restart_reopens_the_session("cuda", "cuda_ipc", 1e-5)
+def test_server_restart_reopens_the_cuda_session(serve_elsewhere) -> None:
+    address, first = serve_elsewhere("cuda")
+    model = mlp().cuda()
+    with gradserve.connect(address, transport="cuda_ipc") as client:
+        old = client.session_info().id
+        x = torch.randn(4096, 6, device="cuda", requires_grad=True)   # 96 KiB: not inline
+        ct = torch.randn(4096, 4, device="cuda")
+        client.torch("mlp")(x).backward(ct)
+        first.kill()
+        first.communicate(timeout=30)
+        serve_elsewhere("cuda", port=int(address.rsplit(":", 1)[1]))
+        x.grad = None
+        client.torch("mlp")(x).backward(ct)
+        assert client.transport == "cuda_ipc" and client.session_info().id != old
+        torch.testing.assert_close(x.grad, local_input_grad(model, x, ct), rtol=1e-5, atol=1e-5)
 
 
 # JAX GPU arrays through a torch endpoint: test_shm.py::test_jax_client_through_a_torch_linear
@@ -205,6 +236,23 @@ def fake_gpu(monkeypatch):
     cp = fake_cupy([UUID])
     monkeypatch.setattr(memory, "cupy_or_none", lambda: cp)
     return cp
+
+
+def test_a_client_in_the_servers_process_maps_its_pools_without_opening_them(
+        monkeypatch, serve) -> None:
+    from fake_cupy import fake_cupy
+    from gradserve.wire import memory
+
+    cp = fake_cupy([UUID], same_process=True)      # CUDA will not open these handles here
+    monkeypatch.setattr(memory, "cupy_or_none", lambda: cp)
+    server, client = serve({"double": double}, cuda_pool_bytes=1 << 20)
+    assert client.transport == "cuda_ipc" and client.fallback_reason == ""
+    assert cp.cuda.runtime.opened == []
+    pools = [(r.direction, r.size, r.ready) for r in client.session_info().regions
+             if r.kind == "CUDA IPC"]
+    assert pools == [("request", 1 << 20, True), ("reply", 1 << 20, True)]
+    np.testing.assert_array_equal(client.forward("double", (np.arange(4.0),)).outputs,
+                                  2 * np.arange(4.0))
 
 
 def test_cuda_ipc_session_places_views_and_frees_through_the_pools(fake_gpu, serve) -> None:
@@ -317,14 +365,21 @@ def test_a_pool_whose_nonce_does_not_come_back_ends_the_session(fake_gpu, serve,
 
 
 def test_a_pool_the_client_cannot_open_is_dropped_not_fatal(fake_gpu, serve, monkeypatch) -> None:
+    from gradserve.server.transports import cuda_ipc as server_cuda
+
     runtime = fake_gpu.cuda.runtime
     opens = runtime.ipcOpenMemHandle
+
+    def export_elsewhere(size, gpu):   # as a server in another process: nothing to map here
+        memory = fake_gpu.cuda.Memory(size)
+        return memory, runtime.ipcGetMemHandle(memory.ptr)
 
     def refuse_pools(handle):
         if runtime.opened:   # the probe opened: the pools do not
             raise RuntimeError("cudaErrorInvalidDevice: peer access is not supported")
         return opens(handle)
 
+    monkeypatch.setattr(server_cuda, "export", export_elsewhere)
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
     monkeypatch.setattr(runtime, "ipcOpenMemHandle", refuse_pools)
     with gradserve.connect(server.address) as client:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -20,10 +19,10 @@ from gradserve.client.calls import Residual
 from gradserve.client.fleet import parse_target, resolve
 from gradserve.errors import DRAINING
 from gradserve.server import Server, TorchEndpoint
-from helpers import free_port, needs_shm, scrape, series, wait_serving, wait_until
+from helpers import TARGETS, free_port, needs_shm, scrape, serve_process, series, wait_serving, \
+    wait_until
 from models import mlp
 
-TARGETS = str(Path(__file__).resolve().parent / "cli_targets.py")
 
 
 def local_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
@@ -298,10 +297,7 @@ def test_jax_instances_on_two_devices(serve) -> None:
 
 # -- the fleet, as processes -----------------------------------------------------
 def start_replica(port: int, grace: float, *flags: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
-                             f"{TARGETS}:fleet", "--port", str(port), "--workers", "2",
-                             "--grace", str(grace), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return serve_process("fleet", port, "--workers", "2", "--grace", str(grace), *flags)
 
 
 def health(address: str) -> tuple[int, str]:

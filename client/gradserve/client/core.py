@@ -220,7 +220,7 @@ class Client:
                           timeout)
         return EndpointInfo.from_pb(reply.endpoint, reply.residuals,
                                     reply.batches if reply.HasField("batches") else None,
-                                    reply.instances)
+                                    reply.instances, reply.process)
 
     def parameters(self, name: str, *, like: str = "numpy",
                    timeout: float | None = None) -> dict[str, Any]:

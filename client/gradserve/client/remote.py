@@ -15,6 +15,7 @@ from gradserve.client.calls import Call, Residual
 from gradserve.client.core import Client
 from gradserve.wire import pytree
 from gradserve.wire.codec import Arguments, MakeLeaf
+from gradserve.wire.specs import EndpointInfo
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,19 @@ class RemoteEndpoint:
         self.client = client
         self.name = name
         self.timeout = timeout
-        self._batchable: bool | None = None
+        self._info: EndpointInfo | None = None
+
+    @property
+    def info(self) -> EndpointInfo:
+        """The endpoint's ``Describe``, asked once."""
+        if self._info is None:
+            self._info = self.client.describe(self.name, timeout=self.timeout)
+        return self._info
 
     @property
     def batchable(self) -> bool:
         """Whether the endpoint maps over axis 0 (then a vmap sends one merged call)."""
-        if self._batchable is None:
-            self._batchable = self.client.describe(self.name, timeout=self.timeout).batchable
-        return self._batchable
+        return self.info.batchable
 
     def make_call(self, call_def: CallDef, leaves: Sequence[Any],
              flagged: Sequence[bool] | None = None) -> Call:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gradserve.client.calls import Residual
+from gradserve.errors import GradserveError
 from gradserve.client.core import Client
 from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, higher_order_refusal, \
     mergeable
@@ -23,6 +24,7 @@ from gradserve.frameworks.torch import ADAPTER, is_differentiable
 from gradserve.wire import pytree
 from gradserve.wire.codec import Arguments, MakeLeaf
 from gradserve.wire.memory import WireTensor
+from gradserve.wire.specs import EndpointInfo
 
 
 def _is_tensor(x: Any) -> bool:
@@ -181,11 +183,24 @@ class _RemoteBackward(_Function):
         return tuple(out), tuple(None if g is None else 0 for g in out)
 
 
+def _waits_on_itself(info: EndpointInfo) -> bool:
+    """Whether a CUDA backward calling this endpoint would deadlock: a torch endpoint on a
+    GPU whose server shares this process (torch's engine runs both on one device thread)."""
+    return (info.same_process and info.framework == "torch"
+            and any(d.startswith("cuda") for d in info.devices))
+
+
 def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
          batched: bool) -> tuple[torch.Tensor | None, ...]:
     """Send the Vjp of a plain forward; gradients on the inputs' devices and dtypes."""
     if all(g is None for g in grads) or state.residual is None or state.out_def is None:
         return tuple(None for _ in devices)
+    if any(g is not None and g.is_cuda for g in grads) and _waits_on_itself(state.fn.info):
+        raise GradserveError(
+            f"the Vjp of remote endpoint {state.fn.name!r} cannot run here: its server runs "
+            "in this process, and torch runs this CUDA backward on the device thread that the "
+            "server's own backward needs (it would wait forever); serve the model from another "
+            "process (gradserve serve), or send CPU tensors")
     cotangents = pytree.unflatten(state.out_def, grads)
     result = state.fn.vjp(state.residual, cotangents, _torch_leaf, batched=batched)
     return tuple(None if g is None else g.to(device=dev, dtype=dt)

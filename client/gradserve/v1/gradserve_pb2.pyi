@@ -297,16 +297,18 @@ class DescribeRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("endpoint", "residuals", "batches", "instances")
+    __slots__ = ("endpoint", "residuals", "batches", "instances", "process")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
     endpoint: EndpointInfo
     residuals: ResidualStats
     batches: BatchStats
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStats]
-    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ..., batches: _Optional[_Union[BatchStats, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStats, _Mapping]]] = ...) -> None: ...
+    process: str
+    def __init__(self, endpoint: _Optional[_Union[EndpointInfo, _Mapping]] = ..., residuals: _Optional[_Union[ResidualStats, _Mapping]] = ..., batches: _Optional[_Union[BatchStats, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[InstanceStats, _Mapping]]] = ..., process: _Optional[str] = ...) -> None: ...
 
 class InstanceStats(_message.Message):
     __slots__ = ("index", "device", "in_flight", "forward_calls", "vjp_calls")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -150,6 +151,10 @@ def _specs(items: Iterable[pb.TensorSpec]) -> dict[str, TensorSpec]:
     return {s.name: TensorSpec.from_pb(s) for s in items}
 
 
+#: A token naming this process, sent in ``DescribeResponse.process``.
+PROCESS = secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class EndpointInfo:
     """An endpoint as ``ListEndpoints``/``Describe`` report it."""
@@ -179,11 +184,14 @@ class EndpointInfo:
     reverse_order: int = 1
     #: whether forward mode (Jvp) is served
     forward_mode: bool = False
+    #: whether the server runs in this very process (``Describe``)
+    same_process: bool = False
 
     @classmethod
     def from_pb(cls, msg: pb.EndpointInfo, residuals: pb.ResidualStats | None = None,
                 batches: pb.BatchStats | None = None,
-                instances: Iterable[pb.InstanceStats] = ()) -> "EndpointInfo":
+                instances: Iterable[pb.InstanceStats] = (),
+                process: str = "") -> "EndpointInfo":
         """Read the wire form (with the statistics ``Describe`` adds)."""
         return cls(msg.name, msg.framework, msg.device, msg.signature, msg.doc,
                    _specs(msg.inputs), _specs(msg.outputs), _specs(msg.parameters),
@@ -194,4 +202,4 @@ class EndpointInfo:
                    tuple(msg.devices) or (msg.device,),
                    tuple(InstanceStats.from_pb(i) for i in instances),
                    msg.derivatives.reverse_order if msg.HasField("derivatives") else 1,
-                   msg.derivatives.forward)
+                   msg.derivatives.forward, process == PROCESS)

@@ -464,7 +464,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=50051, help="port (default: 50051)")
-    s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where a "
+                   "module's weights are; cpu for a function)")
     s.add_argument("--devices", type=_device_list, default=None,
                    help="host each endpoint once per device, calls going to the least loaded: "
                         "e.g. cuda:0,cuda:1, or cpu,cpu, or 'all' (every GPU torch or JAX "

@@ -39,6 +39,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import codec
 from gradserve.wire.codec import Arguments
 from gradserve.wire.framing import FrameReader, FrameWriter
+from gradserve.wire.specs import PROCESS
 
 log = logging.getLogger("gradserve.server")
 
@@ -301,7 +302,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             name = group.primary.name
             reply = pb.DescribeResponse(endpoint=group.info(),
                                         residuals=self.residuals.stats(name),
-                                        instances=group.stats())
+                                        instances=group.stats(), process=PROCESS)
             if self.batcher(group.primary) is not None:
                 reply.batches.CopyFrom(self.batch_stats().get(name, pb.BatchStats()))
             return reply

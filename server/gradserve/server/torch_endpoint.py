@@ -79,7 +79,8 @@ class TorchEndpoint(Endpoint):
     and buffer storage (so in-place weight updates show through) but never
     changes the caller's module: the replica is in eval mode unless
     ``train=True``, its parameters do not require grad, and it lives on
-    ``device`` (a copy only if the module is elsewhere). Clients may send some
+    ``device`` (a copy only if the module is elsewhere; by default where the module's
+    weights are, the CPU for a function). Clients may send some
     or all of its parameters by name. ``Signature`` traces it with fake tensors;
     where that fails it runs it once on zeros, if their bytes stay within
     ``max_dry_run_bytes`` (else RESOURCE_EXHAUSTED).
@@ -96,7 +97,7 @@ class TorchEndpoint(Endpoint):
         if not callable(fn):
             raise TypeError(f"a torch endpoint needs a module or callable, got {type(fn).__name__}")
         self.max_dry_run_bytes = max_dry_run_bytes
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else _home(fn)
         self.module = _frozen_replica(fn) if isinstance(fn, torch.nn.Module) else None
         if self.module is not None:
             self.module.to(self.device)
@@ -251,6 +252,15 @@ def _frozen_replica(module: torch.nn.Module) -> torch.nn.Module:
     frozen = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
               for p in module.parameters()}
     return _shared_replica(module, frozen)
+
+
+def _home(fn: Any) -> torch.device:
+    """Where a module's first parameter or buffer lies (the CPU for a function or a module
+    without either)."""
+    if isinstance(fn, torch.nn.Module):
+        for t in (*fn.parameters(), *fn.buffers()):
+            return t.device
+    return torch.device("cpu")
 
 
 def claims(obj: Any) -> int:

@@ -5,7 +5,9 @@ For each GPU that client and server both see (matched by UUID, so differing
 pool and a reply pool with plain ``cudaMalloc`` (not blocks of a framework's
 caching allocator, which would expose whole segments and tie their lifetime
 to that cache) and exports them as CUDA IPC handles. This side opens each
-handle once per session (the server never opens a handle a client sends) and
+handle once per session (the server never opens a handle a client sends; CUDA
+will not open one in the process that exported it, so a client in the server's
+own process maps that pool directly) and
 reads back the nonce at the pool's start through it: a pool whose nonce does
 not come back is never used. Pools are made only after a one-page probe on
 the same GPU was proved the same way. The handle is closed once the session and every
@@ -58,6 +60,30 @@ def _uuid(properties: dict[str, Any]) -> str:
     return raw.hex() if isinstance(raw, bytes) else str(raw)
 
 
+class _Exported:
+    """A pool this process allocated and exported; it is freed when nothing holds this."""
+
+    def __init__(self, memory: Any):
+        self.memory = memory
+        self.ptr = int(memory.ptr)
+
+
+#: The pools this process exported, by IPC handle. CUDA refuses to open a handle in the
+#: process that made it, so a client sharing the server's process maps these directly.
+_exported: weakref.WeakValueDictionary[bytes, _Exported] = weakref.WeakValueDictionary()
+
+
+def export(size: int, gpu: int) -> tuple[Any, bytes]:
+    """A new pool of ``size`` bytes on local GPU ``gpu`` (plain ``cudaMalloc``) and its IPC
+    handle."""
+    cp = cupy()
+    with cp.cuda.Device(gpu):
+        pool = _Exported(cp.cuda.Memory(size))
+        handle = bytes(cp.cuda.runtime.ipcGetMemHandle(pool.ptr))
+    _exported[handle] = pool
+    return cp.cuda.UnownedMemory(pool.ptr, size, pool, gpu), handle
+
+
 class _Opened:
     """An IPC handle opened in this process, closed when nothing uses it any more."""
 
@@ -66,6 +92,17 @@ class _Opened:
         with cp.cuda.Device(device):
             self.ptr = int(cp.cuda.runtime.ipcOpenMemHandle(handle))
         weakref.finalize(self, _close_handle, cp, self.ptr, device)
+
+
+def _map(handle: bytes, device: int) -> _Opened | _Exported:
+    """The pool behind ``handle`` (its ``ptr``), mapped into this process."""
+    try:
+        return _Opened(handle, device)
+    except Exception:
+        own = _exported.get(handle)
+        if own is None:
+            raise
+        return own
 
 
 def _close_handle(cp: Any, ptr: int, device: int) -> None:
@@ -107,7 +144,7 @@ class CudaIpcTransport(ClientTransport):
         gpu = self._local.get(msg.device)
         if gpu is None:
             raise ValueError(f"GPU {msg.device} is not visible here")
-        opened = _Opened(msg.handle, gpu)
+        opened = _map(msg.handle, gpu)
         nonce = read_nonce(opened.ptr, gpu)
         if msg.direction == pb.PROBE:
             return None, gpu, nonce        # the handle closes with `opened`

@@ -14,9 +14,8 @@ take their bytes from the server's budget.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-from gradserve.client.transports.cuda_ipc import CUDA_ALIGN, local_devices, unavailable
+from gradserve.client.transports.cuda_ipc import CUDA_ALIGN, export, local_devices, unavailable
 from gradserve.server.transports.base import PROBE_BYTES, Budget, NewRegion, NextIndex, Refusal, \
     ServerTransport, SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
@@ -67,12 +66,6 @@ class CudaIpcTransport(ServerTransport):
     def _pool(self, next_index: NextIndex, direction: pb.Direction, size: int, uuid: str,
               gpu: int) -> NewRegion:
         """One pool of ``size`` bytes on local GPU ``gpu``, exported."""
-        cp = cupy()
-
-        def make() -> tuple[Any, bytes]:
-            memory = cp.cuda.Memory(size)
-            return memory, bytes(cp.cuda.runtime.ipcGetMemHandle(memory.ptr))
-
-        with cp.cuda.Device(gpu):
-            return self.new_region(next_index, direction, size, make, device=uuid, gpu=gpu,
-                                   align=CUDA_ALIGN)
+        with cupy().cuda.Device(gpu):
+            return self.new_region(next_index, direction, size, lambda: export(size, gpu),
+                                   device=uuid, gpu=gpu, align=CUDA_ALIGN)
