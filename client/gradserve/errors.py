@@ -27,6 +27,8 @@ DRAINING = "draining"
 REGIONS_AT_LIMIT = "regions-at-limit"
 #: Reason sent when the server's memory for all sessions is spent for now (it may free up).
 BUDGET_SPENT = "budget-spent"
+#: Reason sent when an endpoint does not serve a derivative asked for (an order, a mode).
+DERIVATIVE_UNSUPPORTED = "derivative-unsupported"
 
 
 class GradserveError(Exception):

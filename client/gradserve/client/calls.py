@@ -1,5 +1,6 @@
-"""What a client keeps of one call: its inputs (:class:`Call`) and, after a Forward that
-kept state for a backward, the handle to that state (:class:`Residual`)."""
+"""What a client keeps of one call: its inputs (:class:`Call`), the cotangents of the
+kept Vjps above it (:class:`Level`) and, after a Forward (or kept Vjp) that kept state for
+a backward, the handle to that state (:class:`Residual`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ class Call:
     requires_grad: Callable[[Any], bool] | None = None
 
 
+@dataclass(frozen=True)
+class Level:
+    """The cotangents of one kept Vjp (higher-order reverse mode): what a recompute
+    replays, with the leaves ``requires_grad`` flags differentiated."""
+
+    cotangents: Any
+    batched: bool = False
+    requires_grad: Callable[[Any], bool] | None = None
+
+
 class Residual:
     """A handle to the state a Forward kept on a server for its Vjp.
 
@@ -33,8 +44,11 @@ class Residual:
     """
 
     def __init__(self, call: Call, residual_id: str = "",
-                 release_queue: collections.deque[str] | None = None, holder: Any = None):
+                 release_queue: collections.deque[str] | None = None, holder: Any = None,
+                 levels: tuple[Level, ...] = ()):
         self.call = call
+        #: the kept Vjps from the forward to this residual, lowest first (none: a Forward's)
+        self.levels = levels
         self.id = residual_id
         #: the replica (``gradserve.client.replica.Replica``) holding it; None: none does
         self.holder = holder if residual_id else None

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import grpc
 
 from gradserve import frameworks
-from gradserve.client.calls import Call, Residual
+from gradserve.client.calls import Call, Level, Residual
 from gradserve.client.fleet import Fleet, parse_target, resolve, split_port
 from gradserve.client.replica import UNREACHABLE, Replica, ReplicaInfo, Settings
 from gradserve.client.transports import TRANSPORTS
@@ -386,13 +386,34 @@ class Client:
 
         With ``batched``, every cotangent has an extra leading axis and so do the gradients.
         """
+        grads, _ = self._vjp(residual, Level(cotangents, batched), make_leaf, False, timeout,
+                             statics)
+        return grads
+
+    def call_vjp_kept(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
+                      requires_grad: Callable[[Any], bool] | None = None,
+                      batched: bool = False, timeout: float | None = None,
+                      statics: Statics | None = None) -> tuple[Arguments, Residual]:
+        """As ``call_vjp``, keeping the graph (higher-order reverse mode): the gradients and
+        the residual of the call that made them, whose inputs are ``((args, kwargs,
+        parameters, cotangents), {}, {})`` of this one (``requires_grad`` flags the
+        cotangents to differentiate too) and whose outputs are the gradients' tuple
+        ``(args, kwargs, parameters)``. Its Vjp recomputes every level if it must."""
+        grads, kept = self._vjp(residual, Level(cotangents, batched, requires_grad), make_leaf,
+                                True, timeout, statics)
+        assert kept is not None
+        return grads, kept
+
+    def _vjp(self, residual: Residual, level: Level, make_leaf: MakeLeaf, keep: bool,
+             timeout: float | None, statics: Statics | None
+             ) -> tuple[Arguments, Residual | None]:
         limit, until = self._budget(timeout)
         holder = residual.holder
         if (residual.id and isinstance(holder, Replica) and not holder.closed
                 and holder.health != UNREACHABLE):
             try:
                 with holder.counted("vjp"):
-                    return holder.vjp(residual, cotangents, make_leaf, False, batched,
+                    return holder.vjp(residual, level, make_leaf, False, keep,
                                       _left(limit, until), statics)
             except ResidualMissing:
                 residual.detach()
@@ -405,10 +426,9 @@ class Client:
                     raise   # (a retired replica closed as the call began: go elsewhere)
         with self._count_lock:
             self._recomputes += 1
-        found: Arguments = self._routed(
-            "vjp", lambda r: r.vjp(residual, cotangents, make_leaf, True, batched,
-                                   _left(limit, until), statics), until, persist=True)
-        return found
+        return self._routed(
+            "vjp", lambda r: r.vjp(residual, level, make_leaf, True, keep, _left(limit, until),
+                                   statics), until, persist=True)
 
     # -- routing -----------------------------------------------------------
     def _routed(self, kind: str, attempt: Callable[[Replica], T], until: float,

@@ -165,7 +165,7 @@ class RemoteJaxFunction(RemoteEndpoint):
     def _build(self, sig: _Signature) -> Any:
         out_shapes = tuple(_shape_dtype(t) for t in sig.out_types)
         grad_shapes = tuple(_shape_dtype(t) for t in sig.in_types if _differentiable(t))
-        refusal = higher_order_refusal(self.name)
+        refusal = higher_order_refusal(self.name, "the JAX client serves reverse mode once")
 
         @functools.lru_cache(maxsize=None)
         def forward(mask: tuple[bool, ...] | None) -> Any:

@@ -51,10 +51,10 @@ def mergeable(batchable: bool, input_ranks: Sequence[int], params_batched: bool,
             and not params_batched and not params_flagged)
 
 
-def higher_order_refusal(name: str) -> str:
-    """The error for differentiating a gradient through endpoint ``name``."""
-    return (f"gradserve: differentiating the gradient of remote endpoint {name!r} (double "
-            "backward, grad of grad, hessian) is not supported; reverse mode works once")
+def higher_order_refusal(name: str, why: str) -> str:
+    """The error for differentiating a gradient through endpoint ``name``, and ``why``."""
+    return (f"gradserve: the gradient of remote endpoint {name!r} cannot be differentiated "
+            f"(double backward, grad of grad, hessian): {why}")
 
 
 class RemoteEndpoint:
@@ -94,6 +94,15 @@ class RemoteEndpoint:
         """Send a Forward for ``call``."""
         return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout,
                                         statics=frameworks.adapter(self.framework))
+
+    def vjp_kept(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
+                 requires_grad: Callable[[Any], bool] | None = None,
+                 batched: bool = False) -> tuple[Arguments, Residual]:
+        """Send a Vjp that keeps its graph: the gradients and their residual."""
+        return self.client.call_vjp_kept(residual, cotangents, make_leaf,
+                                         requires_grad=requires_grad, batched=batched,
+                                         timeout=self.timeout,
+                                         statics=frameworks.adapter(self.framework))
 
     def vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
             batched: bool = False) -> Arguments:

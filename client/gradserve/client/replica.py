@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradserve.client.calls import Call, Residual
+from gradserve.client.calls import Call, Level, Residual
 from gradserve.client.session import Session
 from gradserve.client.transports import TRANSPORTS
 from gradserve.frameworks import Statics
@@ -231,12 +231,14 @@ class Replica:
         return self.in_session(lambda session: self._forward_once(
             session, call, make_leaf, need_vjp, timeout, statics))
 
-    def vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, resend: bool,
-            batched: bool, timeout: float | None, statics: Statics | None = None
-            ) -> Arguments:
-        """One Vjp here, re-sending the call's inputs with ``resend``."""
-        found: Arguments = self.in_session(lambda session: self._vjp_once(
-            session, residual, cotangents, make_leaf, resend, batched, timeout, statics))
+    def vjp(self, residual: Residual, level: Level, make_leaf: MakeLeaf, resend: bool,
+            keep: bool, timeout: float | None, statics: Statics | None = None
+            ) -> tuple[Arguments, Residual | None]:
+        """One Vjp here of ``level``'s cotangents, re-sending the call's inputs (and the
+        levels below) with ``resend``; with ``keep``, the residual of its gradients too."""
+        found: tuple[Arguments, Residual | None] = self.in_session(
+            lambda session: self._vjp_once(session, residual, level, make_leaf, resend, keep,
+                                           timeout, statics))
         return found
 
     def release(self, ids: list[str], timeout: float | None) -> int:
@@ -279,24 +281,40 @@ class Replica:
             if not kept:
                 writer.free_placed()
 
-    def _vjp_once(self, session: Session | None, residual: Residual, cotangents: Any,
-                  make_leaf: MakeLeaf, resend: bool, batched: bool,
-                  timeout: float | None, statics: Statics | None) -> Arguments:
+    def _vjp_once(self, session: Session | None, residual: Residual, level: Level,
+                  make_leaf: MakeLeaf, resend: bool, keep: bool,
+                  timeout: float | None, statics: Statics | None
+                  ) -> tuple[Arguments, Residual | None]:
         writer = FrameWriter(self.settings.chunk_bytes, slots=session)
+        kept = None
         try:
             request = pb.VjpRequest(endpoint=residual.call.endpoint, residual_id=residual.id,
-                                    batched_cotangents=batched)
-            codec.encode_into(request.cotangents, cotangents, writer, path="cotangents")
+                                    batched_cotangents=level.batched, keep_graph=keep)
+            codec.encode_into(request.cotangents, level.cotangents, writer,
+                              level.requires_grad if keep else None, "cotangents")
             if resend:
                 request.inputs.endpoint = residual.call.endpoint
                 request.inputs.need_vjp = True
                 codec.encode_arguments(residual.call.inputs, writer, request.inputs,
                                        residual.call.requires_grad)
-            _, grads = self._exchange(
+                for i, below in enumerate(residual.levels):
+                    msg = request.below.add(batched_cotangents=below.batched)
+                    codec.encode_into(msg.cotangents, below.cotangents, writer,
+                                      below.requires_grad, f"below[{i}].cotangents")
+            header, grads = self._exchange(
                 "Vjp", request, writer, session, timeout,
                 lambda header, reader: codec.decode_arguments(header, reader, make_leaf,
                                                               statics=statics))
-            return grads
+            if keep:
+                kept = Residual(residual.call, header.residual_id, self.released, self,
+                                (*residual.levels, level))
+                if kept.id:
+                    self._live.add(kept)
+                    if writer.placed and session is not None:
+                        # the server's residual views these slots: keep them while it lives
+                        weakref.finalize(kept, session.free, writer.placed)
+                        writer.placed = []
+            return grads, kept
         finally:
             writer.free_placed()
 
@@ -325,7 +343,7 @@ class Replica:
                 except RemoteError as err:
                     if err.reason == REPLY_TOO_LARGE:   # this endpoint's replies are large
                         self._large_replies.add(key)
-                    elif err.code == grpc.StatusCode.UNIMPLEMENTED:
+                    elif err.code == grpc.StatusCode.UNIMPLEMENTED and not err.reason:
                         self._one_message = False   # a server from before one-message calls
                     else:
                         raise

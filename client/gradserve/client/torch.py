@@ -3,10 +3,11 @@
 ``RemoteFunction`` calls an endpoint on torch tensors; when any input requires
 grad, the call is recorded as one autograd node (``_RemoteForward``) whose
 backward sends a Vjp. The backward is itself an autograd function
-(``_RemoteBackward``) that takes the forward's inputs too, so that autograd
-sees the gradient depend on them: differentiating it (double backward,
-``create_graph=True``, ``hessian``, grad of grad) then fails with a clear
-message instead of silently returning zeros.
+(``_RemoteBackward``) that takes the forward's inputs and the cotangents, so that
+autograd sees the gradient depend on both. Under ``create_graph=True`` (double
+backward, ``hessian``, Hessian-vector products) the Vjp keeps its graph on the
+server, and the node's own backward is the Vjp of that Vjp: the same function one
+level up, to any order.
 """
 
 from __future__ import annotations
@@ -65,9 +66,24 @@ class _State:
         self.residual: Residual | None = None
         self.batched: list["_State"] = []
         self.merged = False
+        #: (device, dtype) of each input leaf (set for the calls kept Vjps make)
+        self.devices: list[tuple[torch.device, torch.dtype]] = []
 
     def child(self) -> "_State":
         return _State(self.fn, self.call_def, self.make_leaf, self.mask)
+
+    def level(self, residual: Residual, leaves: list[Any], cotangents: Any,
+              grads: list[torch.Tensor | None]) -> "_State":
+        """The call a kept Vjp of this one made: its inputs are this call's ``leaves`` and
+        the cotangents (``grads``, None where absent), its outputs one gradient per leaf."""
+        inputs = self.call_def.unflatten(leaves)
+        tree: Any = ((inputs.args, inputs.kwargs, inputs.parameters, cotangents), {}, {})
+        new_leaves, treedef = pytree.flatten(tree, _is_tensor)
+        up = _State(self.fn, CallDef(treedef, 0), self.make_leaf,
+                    tuple(t.requires_grad for t in new_leaves))
+        up.residual, up.out_def = residual, self.call_def.treedef
+        up.devices = [(t.device, t.dtype) for t in new_leaves]
+        return up
 
     @property
     def n_inputs(self) -> int:
@@ -109,7 +125,9 @@ class _RemoteForward(_Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         leaves = ctx.saved_tensors   # raises if an input was modified in place
-        return (None, *_RemoteBackward.apply(ctx.state, ctx.devices, len(grads), *grads, *leaves))
+        return (None, *_RemoteBackward.apply(ctx.state, _Kept.wanted(ctx.state.fn), ctx.devices,
+                                             len(grads),
+                                             *grads, *leaves))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State,
@@ -139,31 +157,66 @@ class _RemoteForward(_Function):
         return outs, tuple(0 for _ in outs)
 
 
-class _RemoteBackward(_Function):
-    """The Vjp as an autograd node of its own: under torch.func the backward sees
-    wrapped tensors, and differentiating it must fail loudly. Its inputs are the
-    cotangents and then the forward's inputs (unused: the residual holds them)."""
+class _Kept:
+    """Where a kept Vjp (``create_graph=True``) leaves the state of the call it made."""
+
+    def __init__(self) -> None:
+        self.state: _State | None = None
 
     @staticmethod
-    def forward(state: _State, devices: list[Any], n_grads: int,
+    def wanted(fn: "RemoteFunction") -> "_Kept | None":
+        """A new one when the backward running now builds a graph (``create_graph``, or
+        any backward under ``torch.func``) and ``fn``'s server can keep it (else None:
+        the gradients then refuse to be differentiated)."""
+        return _Kept() if torch.is_grad_enabled() and fn.info.reverse_order != 1 else None
+
+
+class _RemoteBackward(_Function):
+    """The Vjp of a remote call as an autograd node of its own. Its inputs are the
+    cotangents (``n_grads``, None where an output has none) and then the call's inputs;
+    its outputs are the gradients for those inputs. With ``kept`` (a backward under
+    ``create_graph=True``) the server keeps the Vjp's graph, and this node's backward is
+    the Vjp of that call, whose inputs are the call's inputs and the cotangents."""
+
+    @staticmethod
+    def forward(state: _State, kept: _Kept | None, devices: list[Any], n_grads: int,
                 *grads_and_leaves: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        return _vjp(state, devices, list(grads_and_leaves[:n_grads]), batched=False)
+        grads = list(grads_and_leaves[:n_grads])
+        return _vjp(state, devices, grads, batched=False, kept=kept,
+                    leaves=list(grads_and_leaves[n_grads:]))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.endpoint = inputs[0].fn.name
+        state, kept, devices, n_grads, *grads_and_leaves = inputs
+        ctx.endpoint, ctx.kept, ctx.n_grads = state.fn.name, kept, n_grads
+        ctx.present = [g is not None for g in grads_and_leaves[:n_grads]]
+        ctx.set_materialize_grads(False)
+        if kept is not None:
+            ctx.save_for_backward(*grads_and_leaves)
 
     @staticmethod
-    def backward(ctx: Any, *_: Any) -> None:
-        raise RuntimeError(higher_order_refusal(ctx.endpoint))
+    def backward(ctx: Any, *ggrads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        state = ctx.kept.state if ctx.kept is not None else None
+        if state is None:
+            raise RuntimeError(higher_order_refusal(
+                ctx.endpoint, "its endpoint serves first-order reverse mode only"))
+        saved = ctx.saved_tensors
+        grads, leaves = saved[:ctx.n_grads], saved[ctx.n_grads:]
+        inputs = [*leaves, *(g for g in grads if g is not None)]   # the kept call's leaves
+        out = _RemoteBackward.apply(state, _Kept.wanted(state.fn), state.devices, len(ggrads),
+                                    *ggrads, *inputs)
+        for_leaves, for_grads = iter(out[:len(leaves)]), iter(out[len(leaves):])
+        return (None, None, None, None,
+                *(next(for_grads) if present else None for present in ctx.present),
+                *for_leaves)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, devices: list[Any],
-             n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
+    def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, kept: _Kept | None,
+             devices: list[Any], n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
         size = info.batch_size
         grads = [g if g is None or d is None else g.movedim(d, 0)
-                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[3:])]
-        batched = [d is not None for d in in_dims[3:3 + n_grads]]
+                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[4:])]
+        batched = [d is not None for d in in_dims[4:4 + n_grads]]
         full = [g if g is None or b else g.expand(size, *g.shape) for g, b in zip(grads, batched)]
         out: list[torch.Tensor | None]
         if not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
@@ -174,9 +227,10 @@ class _RemoteBackward(_Function):
             flat = [None if g is None else g.reshape(-1, *g.shape[2:]) if g.dim() > 1 else g[0]
                     for g in full]
             out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n else g
-                   for i, g in enumerate(_RemoteBackward.apply(sub, devices, len(flat), *flat))]
+                   for i, g in enumerate(_RemoteBackward.apply(sub, None, devices, len(flat),
+                                                               *flat))]
         else:
-            per = [_RemoteBackward.apply(sub, devices, n_grads,
+            per = [_RemoteBackward.apply(sub, None, devices, n_grads,
                                          *[None if g is None else g[i] for g in full])
                    for i, sub in enumerate(state.batched)]
             out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
@@ -191,8 +245,11 @@ def _waits_on_itself(info: EndpointInfo) -> bool:
 
 
 def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
-         batched: bool) -> tuple[torch.Tensor | None, ...]:
-    """Send the Vjp of a plain forward; gradients on the inputs' devices and dtypes."""
+         batched: bool, kept: _Kept | None = None,
+         leaves: list[Any] | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Send the Vjp of a call; gradients on the inputs' devices and dtypes. With ``kept``
+    (and the call's input ``leaves``), the server keeps its graph and ``kept.state``
+    becomes the call it made."""
     if all(g is None for g in grads) or state.residual is None or state.out_def is None:
         return tuple(None for _ in devices)
     if any(g is not None and g.is_cuda for g in grads) and _waits_on_itself(state.fn.info):
@@ -202,7 +259,14 @@ def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
             "server's own backward needs (it would wait forever); serve the model from another "
             "process (gradserve serve), or send CPU tensors")
     cotangents = pytree.unflatten(state.out_def, grads)
-    result = state.fn.vjp(state.residual, cotangents, _torch_leaf, batched=batched)
+    if kept is None or leaves is None:
+        result = state.fn.vjp(state.residual, cotangents, _torch_leaf, batched=batched)
+    else:
+        flagged = {id(g) for g in grads if g is not None and g.requires_grad}
+        result, residual = state.fn.vjp_kept(state.residual, cotangents, _torch_leaf,
+                                             requires_grad=lambda x: id(x) in flagged,
+                                             batched=batched)
+        kept.state = state.level(residual, leaves, cotangents, grads)
     return tuple(None if g is None else g.to(device=dev, dtype=dt)
                  for g, (dev, dt) in zip(state.call_def.grads(result), devices))
 

@@ -389,30 +389,44 @@ class ForwardReplyFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class VjpRequest(_message.Message):
-    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs", "batched_cotangents", "session")
+    __slots__ = ("endpoint", "residual_id", "cotangents", "inputs", "batched_cotangents", "session", "keep_graph", "below")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    BELOW_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     residual_id: str
     cotangents: Value
     inputs: ForwardRequest
     batched_cotangents: bool
     session: SessionState
-    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
+    keep_graph: bool
+    below: _containers.RepeatedCompositeFieldContainer[VjpLevel]
+    def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ..., keep_graph: _Optional[bool] = ..., below: _Optional[_Iterable[_Union[VjpLevel, _Mapping]]] = ...) -> None: ...
+
+class VjpLevel(_message.Message):
+    __slots__ = ("cotangents", "batched_cotangents")
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    cotangents: Value
+    batched_cotangents: bool
+    def __init__(self, cotangents: _Optional[_Union[Value, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ...) -> None: ...
 
 class VjpResponse(_message.Message):
-    __slots__ = ("args", "kwargs", "parameters")
+    __slots__ = ("args", "kwargs", "parameters", "residual_id")
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
     args: Value
     kwargs: Value
     parameters: Value
-    def __init__(self, args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    residual_id: str
+    def __init__(self, args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., residual_id: _Optional[str] = ...) -> None: ...
 
 class VjpFrame(_message.Message):
     __slots__ = ("header", "chunk")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 
-from gradserve.errors import StatusError, invalid
+from gradserve.errors import DERIVATIVE_UNSUPPORTED, StatusError, invalid
 from gradserve.frameworks import FRAMEWORKS, adapter, framework
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import dtypes, pytree
@@ -114,6 +114,8 @@ class Endpoint(ABC):
     pad_batches: bool = False
     #: whether a client may send some of the parameters (by name) rather than all
     partial_parameters: bool = False
+    #: highest order of reverse mode it serves (0: any; ``run_vjp_kept`` makes order 2+)
+    reverse_order: int = 1
 
     # -- framework math: what a subclass implements ------------------------
     @abstractmethod
@@ -141,6 +143,16 @@ class Endpoint(ABC):
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
         """Gradients for the inputs flagged at forward; ``cotangents`` are checked and
         aligned with the output arrays (None where none was given)."""
+
+    def run_vjp_kept(self, residual: Residual, cotangents: list[Any], tree: Any,
+                     batched: bool) -> Forwarded:
+        """As ``run_vjp``, keeping the graph: the gradients (a tuple ``(args, kwargs,
+        parameters)``) as outputs, and the residual of the call ``kept_inputs(residual,
+        tree)`` that made them (``tree``: the cotangents as received)."""
+        raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                          f"endpoint {self.name!r} ({self.framework}) serves first-order "
+                          "reverse mode only: its gradients cannot be differentiated again",
+                          DERIVATIVE_UNSUPPORTED)
 
     @abstractmethod
     def run_signature(self, inputs: Arguments) -> Any:
@@ -183,6 +195,15 @@ class Endpoint(ABC):
         return self.run_vjp(residual, self.check_cotangents(residual.outputs, cotangents, batched),
                             batched)
 
+    def vjp_kept(self, residual: Residual, cotangents: Any, batched: bool = False) -> Forwarded:
+        """A Vjp whose gradients are differentiable again: them, and the residual for them."""
+        made = self.run_vjp_kept(residual,
+                                 self.check_cotangents(residual.outputs, cotangents, batched),
+                                 cotangents, batched)
+        if made.residual is not None:
+            made.residual.instance = residual.instance
+        return made
+
     def signature(self, inputs: Arguments) -> Any:
         """Output types for inputs whose tensors may be ``TensorType`` leaves."""
         self.check_arguments(inputs)
@@ -217,7 +238,7 @@ class Endpoint(ABC):
             parameters=[t.to_pb(name) for name, t in self.parameter_types().items()],
             accepts_parameters=self.accepts_parameters(), batchable=self.batchable,
             batching=pb.Batching(max_batch=self.max_batch, max_delay_seconds=self.max_delay),
-            derivatives=pb.Derivatives(reverse_order=1, forward=False))
+            derivatives=pb.Derivatives(reverse_order=self.reverse_order, forward=False))
 
     def parameter_types(self) -> dict[str, TensorType]:
         """Types of the endpoint's own parameters, by name (a flat dict's keys, else paths)."""
@@ -315,6 +336,13 @@ class Endpoint(ABC):
             differentiable = dtypes.code_of(want.dtype) in dtypes.DIFFERENTIABLE
             aligned.append(cot if differentiable else None)
         return aligned
+
+    @staticmethod
+    def kept_inputs(state: Any, cotangents: Any) -> Any:
+        """The inputs tree of a kept Vjp of a call whose inputs tree is ``state``:
+        ``((args, kwargs, parameters, cotangents), {}, {})``."""
+        args, kwargs, parameters = state
+        return (args, kwargs, parameters, cotangents), {}, {}
 
     @staticmethod
     def mirror(treedef: pytree.TreeDef, flags: Sequence[bool], grads: Iterable[Any]) -> Arguments:

@@ -480,18 +480,29 @@ class GradserveService(pb_grpc.GradserveServicer):
         group = self.registry.instances(request.endpoint)
         trace_call(group.primary.name, request.residual_id)
         residual = self._residual_for(group, request, reader, context, call.owner)
+        kept: Residual | None = None
+        kept_bytes = 0
         with group.running("vjp", residual.instance) as endpoint:   # where its tensors are
             cotangents = codec.decode(request.cotangents, reader, endpoint.make_leaf,
                                       "cotangents", statics=endpoint)
             batcher = self.batcher(endpoint, merging=False) if is_share(residual) else None
-            if batcher is not None:
+            if request.keep_graph:
+                with self._turn(context):
+                    made = endpoint.vjp_kept(residual, cotangents, request.batched_cotangents)
+                grads, kept, kept_bytes = Arguments(*made.outputs), made.residual, made.nbytes
+            elif batcher is not None:
                 grads = batcher.vjp(residual, cotangents, request.batched_cotangents, call.peer)
             else:
                 with self._turn(context):
                     grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
         reply = pb.VjpResponse()
+        if kept is not None:
+            slots = reader.slots if reader.used_slots else None
+            reply.residual_id = self.residuals.put(endpoint.name, kept, kept_bytes,
+                                                   slots.id if slots is not None else "",
+                                                   call.owner)
         codec.encode_arguments(grads, writer, reply)
-        return reply, (grads, cotangents, residual)
+        return reply, (grads, cotangents, residual, kept)
 
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame],
                 context: grpc.ServicerContext) -> Iterator[pb.ForwardReplyFrame]:
@@ -649,6 +660,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                       reader: FrameReader[Any], context: grpc.ServicerContext,
                       owner: str) -> Residual:
         name = group.primary.name
+        held = None
         if request.residual_id:
             held = self.residuals.get(request.residual_id, owner)
             if held is not None:
@@ -657,12 +669,15 @@ class GradserveService(pb_grpc.GradserveServicer):
                     raise invalid(f"residual {shown(request.residual_id)} belongs to endpoint "
                                   f"{holder!r}, not {name!r}")
                 kept: Residual = residual
-                return kept
+                if not (request.keep_graph and is_share(kept)):
+                    return kept
         if not request.HasField("inputs"):
+            why = ("is a share of a merged run, which keeps no graph of its own"
+                   if held is not None else "is not held by this server (released, evicted, "
+                   "expired, or kept by another replica)")
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"residual {shown(request.residual_id)} is not held by this server "
-                              "(released, evicted, expired, or kept by another replica); "
-                              "resend the inputs to recompute", RESIDUAL_MISSING)
+                              f"residual {shown(request.residual_id)} {why}; resend the inputs "
+                              "to recompute", RESIDUAL_MISSING)
         self._refuse_if_draining("recomputing backward calls")
         if request.inputs.endpoint not in ("", name):
             raise invalid(f"inputs name endpoint {shown(request.inputs.endpoint)}, "
@@ -672,9 +687,15 @@ class GradserveService(pb_grpc.GradserveServicer):
             inputs = self._inputs(endpoint, request.inputs, reader)
             with self._turn(context):
                 made = endpoint.forward(inputs, need_vjp=True)
-        if made.residual is None:
-            raise invalid("no input of the re-sent call requires grad")
-        made.residual.instance = endpoint.instance
+                if made.residual is None:
+                    raise invalid("no input of the re-sent call requires grad")
+                made.residual.instance = endpoint.instance
+                for i, level in enumerate(request.below):   # the kept Vjps it was made by
+                    cotangents = codec.decode(level.cotangents, reader, endpoint.make_leaf,
+                                              f"below[{i}].cotangents", statics=endpoint)
+                    made = endpoint.vjp_kept(made.residual, cotangents, level.batched_cotangents)
+                    assert made.residual is not None
+        assert made.residual is not None
         return made.residual
 
     @staticmethod

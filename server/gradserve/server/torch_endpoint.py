@@ -88,6 +88,7 @@ class TorchEndpoint(Endpoint):
 
     framework = "torch"
     partial_parameters = True
+    reverse_order = 0
 
     def __init__(self, fn: Callable[..., Any], *, device: str | torch.device | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
@@ -165,6 +166,21 @@ class TorchEndpoint(Endpoint):
         return Forwarded(outputs, Residual(outputs, inputs.tree), saved.total)
 
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
+        return self._grads(residual, cotangents, batched, keep=False)
+
+    def run_vjp_kept(self, residual: Residual, cotangents: list[Any], tree: Any,
+                     batched: bool) -> Forwarded:
+        saved = _SavedBytes(self._shared)
+        with torch.enable_grad(), saved.hooks():
+            grads = self._grads(residual, cotangents, batched, keep=True)
+        state = self.kept_inputs(residual.state, tree)
+        for t in (*pytree.flatten(state, _is_tensor)[0], *pytree.flatten(grads.tree, _is_tensor)[0]):
+            saved.add(t)
+        return Forwarded(grads.tree, Residual(grads.tree, state), saved.total)
+
+    def _grads(self, residual: Residual, cotangents: list[Any], batched: bool,
+               keep: bool) -> Arguments:
+        """Gradients for the residual's flagged inputs; with ``keep``, differentiable."""
         out_leaves = pytree.flatten(residual.outputs, _is_tensor)[0]
         pairs = [(out, cot) for out, cot in zip(out_leaves, cotangents)
                  if cot is not None and out.requires_grad]
@@ -174,7 +190,8 @@ class TorchEndpoint(Endpoint):
         if pairs and wrt:
             outs, cots = zip(*pairs)
             grads = list(self.run(lambda: torch.autograd.grad(
-                outs, wrt, cots, retain_graph=True, allow_unused=True, is_grads_batched=batched)))
+                outs, wrt, cots, retain_graph=True, create_graph=keep, allow_unused=True,
+                is_grads_batched=batched)))
         return self.mirror(in_def, [t.requires_grad for t in in_leaves], grads)
 
     def concat(self, parts: Sequence[Any], axis: int = 0) -> torch.Tensor:

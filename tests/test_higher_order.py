@@ -1,0 +1,174 @@
+"""Higher-order reverse mode through a remote torch endpoint: a Vjp under
+``create_graph=True`` keeps its graph on the server, and its gradients are differentiated
+by a Vjp of that Vjp, to any order, recomputing every level a server lost."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+import gradserve
+from gradserve.server import Server
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import codec
+from gradserve.wire.framing import FrameWriter
+from helpers import raw
+from models import mlp
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def cube(x):
+    return (x ** 3).sum()
+
+
+def local_and_remote(serve, fn):
+    _, client = serve({"f": fn})
+    return client, client.torch("f")
+
+
+def test_hessian_and_hessian_vector_products_equal_local(serve) -> None:
+    model = mlp(dtype=torch.float64)
+    client, f = local_and_remote(serve, model)
+
+    def energy(g):
+        return lambda x: torch.tanh(g(x)).pow(2).sum()
+
+    x = torch.randn(3, 6, dtype=torch.float64)
+    v = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.functional.hessian(energy(f), x),
+                               torch.autograd.functional.hessian(energy(model), x), **TOL)
+    _, hvp = torch.autograd.functional.hvp(energy(f), x, v)
+    _, want = torch.autograd.functional.hvp(energy(model), x, v)
+    torch.testing.assert_close(hvp, want, **TOL)
+    assert client.describe("f").reverse_order == 0          # any order
+    assert client.recomputes == 0
+
+
+def test_third_order_and_gradients_with_respect_to_the_cotangents(serve) -> None:
+    _, f = local_and_remote(serve, lambda x: x ** 3)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(x), x, grad_outputs=v, create_graph=True)   # 3 x^2 v
+    torch.testing.assert_close(g, 3 * x.detach() ** 2 * v.detach(), **TOL)
+    gx, gv = torch.autograd.grad(g.sum(), (x, v), create_graph=True)
+    torch.testing.assert_close(gx, 6 * x.detach() * v.detach(), **TOL)
+    torch.testing.assert_close(gv, 3 * x.detach() ** 2, **TOL)
+    (third,) = torch.autograd.grad(gx.sum(), x)
+    torch.testing.assert_close(third, 6 * v.detach(), **TOL)
+
+
+def test_keyword_arguments_and_parameters_are_differentiated_twice(serve) -> None:
+    def scaled(x, *, w):
+        return (w * x ** 2).sum()
+
+    _, f = local_and_remote(serve, scaled)
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(f(x, w=w), x, create_graph=True)        # 2 w x
+    hx, hw = torch.autograd.grad(gx.sum(), (x, w))
+    torch.testing.assert_close(hx, 2 * w.detach(), **TOL)
+    torch.testing.assert_close(hw, 2 * x.detach(), **TOL)
+
+
+def test_every_lost_level_is_recomputed(serve) -> None:
+    server, client = serve({"f": lambda x: torch.sin(x).prod()})
+    f = client.torch("f")
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    server.residuals.clear()                                # the forward's is gone
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    assert client.recomputes == 1
+    server.residuals.clear()                                # and the kept Vjp's
+    (h,) = torch.autograd.grad(g.sum(), x)
+    assert client.recomputes == 2
+    xl = x.detach().requires_grad_(True)
+    (gl,) = torch.autograd.grad(torch.sin(xl).prod(), xl, create_graph=True)
+    (hl,) = torch.autograd.grad(gl.sum(), xl)
+    torch.testing.assert_close(g, gl, **TOL)
+    torch.testing.assert_close(h, hl, **TOL)
+
+
+def test_kept_residuals_are_released_with_their_graph(serve) -> None:
+    server, client = serve({"f": cube})
+    f = client.torch("f")
+    x = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    assert server.residuals.stats("f").count == 2           # the forward's, the Vjp's
+    del y, g
+    client.describe("f")                                    # carries the queued releases
+    assert server.residuals.stats("f").count == 0
+
+
+def test_a_jax_endpoint_refuses_a_kept_vjp_by_name(serve) -> None:
+    jax = pytest.importorskip("jax")
+    server = Server("127.0.0.1", 0)
+    server.add_jax("jsin", jax.numpy.sin)
+    server.start()
+    try:
+        with gradserve.connect(server.address) as client:
+            assert client.describe("jsin").reverse_order == 1
+            x = torch.randn(3, requires_grad=True)
+            (g,) = torch.autograd.grad(client.torch("jsin")(x).sum(), x, create_graph=True)
+            torch.testing.assert_close(g, torch.cos(x.detach()))     # first order: fine
+            with pytest.raises(RuntimeError, match="the gradient of remote endpoint 'jsin' "
+                               "cannot be differentiated .*: its endpoint serves first-order "
+                               "reverse mode only"):
+                torch.autograd.grad(g.sum(), x)
+            stub = raw(server)                    # and a kept Vjp asked for all the same:
+            reply = stub.ForwardUnary(pb.ForwardRequest(
+                endpoint="jsin", need_vjp=True, args=codec.encode((np.ones(2, np.float32),),
+                                                                  FrameWriter(), lambda _: True)))
+            with pytest.raises(grpc.RpcError) as info:
+                stub.VjpUnary(pb.VjpRequest(endpoint="jsin", residual_id=reply.residual_id,
+                                            keep_graph=True,
+                                            cotangents=codec.encode(np.ones(2, np.float32),
+                                                                    FrameWriter())))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert info.value.details() == ("endpoint 'jsin' (jax) serves first-order reverse "
+                                            "mode only: its gradients cannot be differentiated "
+                                            "again")
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_share_of_a_merged_run_is_recomputed_alone_for_a_kept_vjp() -> None:
+    from test_batching import crowd, since, stats
+
+    server = Server("127.0.0.1", 0)
+    server.add_torch("f", lambda x: x ** 3, batchable=True, max_batch=8, max_delay=1.0)
+    server.start()
+    try:
+        before = crowd(server.address, "f", np.ones((1, 2)))
+        results: list = [None, None]
+        gate = threading.Barrier(2)
+
+        def run(i: int) -> None:
+            with gradserve.connect(server.address, transport="grpc") as client:
+                x = torch.full((1, 2), float(i + 1), dtype=torch.float64, requires_grad=True)
+                gate.wait()
+                y = client.torch("f")(x)
+                (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+                (h,) = torch.autograd.grad(g.sum(), x)
+                results[i] = (g.detach(), h, client.recomputes)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, (g, h, recomputes) in enumerate(results):
+            torch.testing.assert_close(g, torch.full((1, 2), 3.0 * (i + 1) ** 2,
+                                                     dtype=torch.float64))
+            torch.testing.assert_close(h, torch.full((1, 2), 6.0 * (i + 1), dtype=torch.float64))
+            assert recomputes == 1      # its forward was a share of a merged run
+        runs, calls = since(before, stats(server.address, "f"))[:2]
+        assert (runs, calls) == (1, 2)
+    finally:
+        server.stop(grace=0)
