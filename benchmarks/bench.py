@@ -118,6 +118,18 @@ def autograd_step(fn: Callable[[torch.Tensor], torch.Tensor], work: Workload) ->
     return step
 
 
+def hvp_step(fn: Callable[[torch.Tensor], torch.Tensor], work: Workload) -> Step:
+    """A step computing the Hessian-vector product ``H v`` of ``sum(fn(x) * ct)`` in ``x``
+    at ``v = ct`` by double backward (the first gradient kept with ``create_graph``)."""
+    x = work.x.detach().clone().requires_grad_(True)
+
+    def step() -> torch.Tensor:
+        (g,) = torch.autograd.grad((fn(x) * work.ct).sum(), x, create_graph=True)
+        (hv,) = torch.autograd.grad((g * work.ct).sum(), x)
+        return hv
+    return step
+
+
 # -- paths ------------------------------------------------------------------
 MakeStep = Callable[[Workload], Step]
 Path = Callable[[torch.nn.Module], ContextManager[MakeStep]]
@@ -196,6 +208,36 @@ def gradserve_path(module: torch.nn.Module) -> Iterator[MakeStep]:
     with _served(module, transport="grpc") as client:
         f = client.torch("layer")
         yield lambda work: autograd_step(f, work)
+
+
+@contextlib.contextmanager
+def local_hvp_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """In-process torch: a Hessian-vector product (the HVP table's baseline)."""
+    yield lambda work: _unchecked(hvp_step(module, work))
+
+
+@contextlib.contextmanager
+def hvp_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """The same Hessian-vector product through ``client.torch(...)`` (bytes in the gRPC
+    stream): a Forward, a kept Vjp and the Vjp of that Vjp per step, checked against
+    local torch once per row."""
+    with _served(module, transport="grpc") as client:
+        f = client.torch("layer")
+
+        def make(work: Workload) -> Step:
+            remote, local = hvp_step(f, work)(), hvp_step(module, work)()
+            err = (remote - local).abs().max().item() / max(1.0, local.abs().max().item())
+            if not err <= TOLERANCE:
+                sys.exit(f"bench: hvp differs from local at rows={work.rows}: {err:.3g}")
+            return _unchecked(hvp_step(f, work))
+        yield make
+
+
+def _unchecked(step: Step) -> Step:
+    """``step``, its result dropped: ``check`` compares (y, grad) pairs, not HVPs."""
+    def run() -> None:
+        step()
+    return run
 
 
 @contextlib.contextmanager
@@ -449,6 +491,8 @@ PATHS: dict[str, Path] = {
     "jax_jit": jax_jit_path,
     "callback": _callback_path(jit=False),
     "callback_jit": _callback_path(jit=True),
+    "local_hvp": local_hvp_path,
+    "hvp": hvp_path,
 }
 CUDA = _cuda_ipc_usable()
 if CUDA:
@@ -668,6 +712,17 @@ SHM_COLUMNS: list[Column] = [
 ]
 SHM_PATHS = ("local", "gradserve", "shm", "shm_arena", "memcpy")
 
+#: A Hessian-vector product by double backward: local torch against the torch client.
+HVP_COLUMNS: list[Column] = [
+    ROWS,
+    _ms("local_hvp"),
+    _ms("hvp"),
+    _ratio("hvp", "local_hvp"),
+    _minus("hvp", "local_hvp"),
+    Column("hvp/gradserve", lambda r: f"{r.ratio('hvp', 'gradserve'):.2f}x"),
+]
+HVP_PATHS = ("local", "gradserve", "local_hvp", "hvp")
+
 CUDA_COLUMNS: list[Column] = [
     ROWS,
     Column("MiB per tensor", lambda r: f"{r.work.tensor_bytes / MiB:.3g}"),
@@ -714,6 +769,11 @@ TABLES: list[Table] = [
            "np.copyto of the 4 tensors a step moves (x, ct up; y, grad down) into warm "
            "buffers, one thread:"),
           SHM_COLUMNS, SHM_PATHS, shm_rows=True),
+    Table(("Hessian-vector product of sum(y * ct) in x at v = ct, by double backward "
+           "(create_graph): local torch against the torch client over bytes (a Forward, a "
+           "kept Vjp and a Vjp of that Vjp per step); hvp/gradserve = over one forward + vjp "
+           "step:"),
+          HVP_COLUMNS, HVP_PATHS),
     Table(("Torch client over CUDA IPC (x and ct allocated in the request pool), layer on the "
            "GPU; overhead = cuda_ipc - local_cuda; memcpy_cuda = device-to-device copies of "
            "the 4 tensors a step moves:"),
