@@ -1,5 +1,6 @@
 """PyTorch's OpInfo database through a remote endpoint: forward values and first-order
-gradients of every op with float64 autograd support, compared with local autograd.
+gradients of every op with float64 autograd support, and Hessian-vector products (double
+backward) of every op that supports them, compared with local autograd.
 
 ``python tests/conformance.py [--ops N] [--samples K]`` runs the sweep and prints the
 pass rate by category and every failure; tests/test_conformance.py runs it under pytest
@@ -40,6 +41,15 @@ EXCLUDED: dict[str, tuple[str, str]] = {
         "as_strided reads the storage behind a view: only the view's own values travel, so "
         "the server's copy has no storage around them (offsets past it fail, others read "
         "other values)", ""),
+}
+
+#: Ops whose Hessian-vector products are not compared, and why.
+SECOND_EXCLUDED: dict[str, str] = {
+    "linalg.eig": (
+        "eigenvectors are defined up to a phase: OpInfo's wrapper fixes it on the client, so "
+        "the server differentiates the eigenvectors' second-order cotangent without the "
+        "wrapper's share of it, and linalg_eig_backward's gauge check refuses that part (the "
+        "whole, summed on the client, is gauge-invariant; locally one graph sums it first)"),
 }
 
 TOLERANCE = dict(rtol=1e-7, atol=1e-7, equal_nan=True)
@@ -165,6 +175,66 @@ def check(f: Any, op: Any, sample: Any) -> str:
     return ""
 
 
+#: The report's row for second-order (Hessian-vector product) results.
+SECOND = "2nd-order"
+
+
+def check_second(f: Any, op: Any, sample: Any) -> str:
+    """Why the remote op's Hessian-vector product (the first gradient kept with
+    ``create_graph``, then differentiated along random directions) differs from the local
+    one on ``sample`` ("" when it does not)."""
+    args = (sample.input, *sample.args)
+    wrap, keep = op.gradcheck_wrapper, sample.output_process_fn_grad
+    inputs = [t for t in _tensors((args, sample.kwargs)) if t.requires_grad]
+
+    differentiated: list[bool] = []   # which outputs the local op differentiates
+
+    def hvp(fn: Any) -> tuple[torch.Tensor | None, ...] | None:
+        torch.manual_seed(0)
+        out = _tensors(keep(wrap(fn, *args, **sample.kwargs)))
+        if not differentiated:
+            differentiated.extend(t.requires_grad and (t.is_floating_point() or t.is_complex())
+                                  for t in out)
+        outs = [t for t, d in zip(out, differentiated) if d]
+        if not inputs or not outs:
+            return None
+        gen = torch.Generator().manual_seed(1)
+        cts = [torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in outs]
+        grads = torch.autograd.grad(outs, inputs, cts, allow_unused=True, create_graph=True)
+        dirs = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in inputs]
+        terms = [(g.conj() * u).real.sum() if g.is_complex() else (g * u).sum()
+                 for g, u in zip(grads, dirs) if g is not None and g.requires_grad]
+        if not terms:
+            return None       # the gradient does not depend on the inputs: no second order
+        return torch.autograd.grad(sum(terms), inputs, allow_unused=True)
+
+    try:
+        want = hvp(lambda *a, **k: op(*a, **k))
+    except Exception as err:
+        return f"{SKIP} local double backward raised {type(err).__name__}"
+    try:
+        got = hvp(lambda *a, **k: f(key(op), *a, **k))
+    except Exception as err:
+        return f"double backward raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if want is None or got is None:   # no second order on one side: none on the other
+        other = got if want is None else want
+        if other is None or all(t is None or not t.any() for t in other):
+            return ""
+        return f"second order: {'none' if got is None else 'some'} != " \
+               f"{'none' if want is None else 'some'}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        if (w is None) != (g is None):
+            if w is not None and not w.any() or g is not None and not g.any():
+                continue   # a zero second derivative against none
+            return f"hvp {i}: {'none' if g is None else 'some'} != {'none' if w is None else 'some'}"
+        if w is not None and g is not None:
+            try:
+                torch.testing.assert_close(g, w, **TOLERANCE)
+            except AssertionError as err:
+                return f"hvp {i}: {str(err).splitlines()[0]}"
+    return ""
+
+
 def verdict(op: Any, problem: str) -> str:
     """A sample's problem judged against EXCLUDED: an excluded op refused as listed passes
     (its category reports it as refused); one that is not refused so is a failure."""
@@ -178,8 +248,10 @@ def verdict(op: Any, problem: str) -> str:
     return f"expected a refusal saying {told!r} ({why}), got: {problem or 'a pass'}"
 
 
-def sweep(ops: list[Any], samples: int = 3) -> Iterator[Result]:
-    """Check up to ``samples`` float64 samples of each op (0: all of them)."""
+def sweep(ops: list[Any], samples: int = 3, second: int = 1) -> Iterator[Result]:
+    """Check up to ``samples`` float64 samples of each op (0: all of them), and the
+    Hessian-vector products of the first ``second`` of them (0: all) where the op supports
+    double backward (reported in the ``SECOND`` row)."""
     server, client = serve(ops)
     try:
         f = client.torch("op")
@@ -188,7 +260,12 @@ def sweep(ops: list[Any], samples: int = 3) -> Iterator[Result]:
             for i, sample in enumerate(made):
                 if samples and i >= samples:
                     break
-                yield Result(key(op), category(op), i, verdict(op, check(f, op, sample)))
+                problem = verdict(op, check(f, op, sample))
+                yield Result(key(op), category(op), i, problem)
+                if op.supports_gradgrad and (not second or i < second) and not problem:
+                    excluded = SECOND_EXCLUDED.get(key(op))
+                    yield Result(key(op), SECOND, i, f"{SKIP} excluded: {excluded}" if excluded
+                                 else check_second(f, op, sample))
     finally:
         client.close()
         server.stop(grace=0)
@@ -224,11 +301,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", type=int, default=0, help="only the first N ops (0: all)")
     p.add_argument("--samples", type=int, default=3, help="samples per op (0: all)")
+    p.add_argument("--second", type=int, default=1,
+                   help="samples per op whose Hessian-vector products are checked (0: all)")
     args = p.parse_args()
     ops = op_db()
     ops = ops[:args.ops] if args.ops else ops
     start = time.monotonic()
-    results = list(sweep(ops, args.samples))
+    results = list(sweep(ops, args.samples, args.second))
     print(report(results))
     print(f"{len(ops)} ops, {time.monotonic() - start:.0f} s")
     return 0

@@ -46,6 +46,8 @@ class _SavedBytes:
         self.storages: dict[int, int] = {}
 
     def add(self, t: torch.Tensor) -> None:
+        if t._is_zerotensor():   # autograd's symbolic zeros hold no storage
+            return
         storage = t.untyped_storage()
         if storage.data_ptr() not in self.shared:
             self.storages[storage.data_ptr()] = storage.nbytes()
