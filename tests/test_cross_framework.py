@@ -10,7 +10,8 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
-from frameworks_impl import MODEL_PARAMS, ModelTorch, endpoints, model_jax, multi_jax, multi_torch
+from frameworks_impl import MODEL_PARAMS, ModelTorch, endpoints, model_jax, multi_jax, multi_torch, \
+    wave_torch
 
 ENDPOINTS = ["torch", "jax"]
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -80,6 +81,34 @@ def test_torch_client_float64_gradcheck(remote, x64) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(client.torch("wave"), (x, y), fast_mode=True)
+
+
+def test_torch_client_higher_order(remote, x64) -> None:
+    """Hessians, Hessian-vector products and a third derivative through either framework's
+    endpoint equal local torch at 1e-8 (float64)."""
+    _, _, client = remote
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(3, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    f = client.torch("wave")
+    assert client.describe("wave").reverse_order == 0
+    tight = dict(rtol=1e-8, atol=1e-8)
+
+    def remote_f(a, b):
+        return f(a, b).sum()
+
+    def local(a, b):
+        return wave_torch(a, b).sum()
+
+    torch.testing.assert_close(torch.autograd.functional.hessian(remote_f, (x, y)),
+                               torch.autograd.functional.hessian(local, (x, y)), **tight)
+    v = tuple(torch.randn(3, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    torch.testing.assert_close(torch.autograd.functional.hvp(remote_f, (x, y), v)[1],
+                               torch.autograd.functional.hvp(local, (x, y), v)[1], **tight)
+    xr = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(f(xr, y).sum(), xr, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), xr, create_graph=True)
+    (g3,) = torch.autograd.grad(g2.sum(), xr)
+    torch.testing.assert_close(g3, -torch.cos(x) * y.cos(), **tight)   # d3/dx3 sin(x) cos(y)
 
 
 def test_torch_func_transforms(remote) -> None:

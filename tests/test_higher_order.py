@@ -106,36 +106,83 @@ def test_kept_residuals_are_released_with_their_graph(serve) -> None:
     assert server.residuals.stats("f").count == 0
 
 
-def test_a_jax_endpoint_refuses_a_kept_vjp_by_name(serve) -> None:
+def test_a_jax_endpoint_keeps_its_vjp_and_recomputes_every_level(serve) -> None:
+    jax = pytest.importorskip("jax")
+    w = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    server = Server("127.0.0.1", 0)
+    server.add("p", gradserve.server.JaxEndpoint(
+        lambda p, x: jax.numpy.tanh(jax.numpy.matmul(x, p, precision="highest")),
+        params=jax.numpy.asarray(w)))
+    server.start()
+    try:
+        with gradserve.connect(server.address) as client:
+            assert client.describe("p").reverse_order == 0
+            f = client.torch("p")
+            x = torch.randn(2, 6, requires_grad=True)
+            y = f(x)
+            (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+            server.residuals.clear()                      # every level is recomputed:
+            (h,) = torch.autograd.grad(g.pow(2).sum(), x)
+            assert client.recomputes == 2   # the kept Vjp's, then (through its cotangent
+            #                                 2y) the forward's
+            xl = x.detach().requires_grad_(True)
+            yl = torch.tanh(xl @ torch.from_numpy(w))
+            (gl,) = torch.autograd.grad(yl.pow(2).sum(), xl, create_graph=True)
+            (hl,) = torch.autograd.grad(gl.pow(2).sum(), xl)
+            torch.testing.assert_close(g, gl, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h, hl, rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_kept_vjp_of_a_batch_of_cotangents_is_refused_by_name_at_a_jax_endpoint(serve) -> None:
     jax = pytest.importorskip("jax")
     server = Server("127.0.0.1", 0)
     server.add_jax("jsin", jax.numpy.sin)
     server.start()
     try:
-        with gradserve.connect(server.address) as client:
-            assert client.describe("jsin").reverse_order == 1
-            x = torch.randn(3, requires_grad=True)
-            (g,) = torch.autograd.grad(client.torch("jsin")(x).sum(), x, create_graph=True)
-            torch.testing.assert_close(g, torch.cos(x.detach()))     # first order: fine
-            with pytest.raises(RuntimeError, match="the gradient of remote endpoint 'jsin' "
-                               "cannot be differentiated .*: its endpoint serves first-order "
-                               "reverse mode only"):
-                torch.autograd.grad(g.sum(), x)
-            stub = raw(server)                    # and a kept Vjp asked for all the same:
-            reply = stub.ForwardUnary(pb.ForwardRequest(
-                endpoint="jsin", need_vjp=True, args=codec.encode((np.ones(2, np.float32),),
-                                                                  FrameWriter(), lambda _: True)))
-            with pytest.raises(grpc.RpcError) as info:
-                stub.VjpUnary(pb.VjpRequest(endpoint="jsin", residual_id=reply.residual_id,
-                                            keep_graph=True,
-                                            cotangents=codec.encode(np.ones(2, np.float32),
-                                                                    FrameWriter())))
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert info.value.details() == ("endpoint 'jsin' (jax) serves first-order reverse "
-                                            "mode only: its gradients cannot be differentiated "
-                                            "again")
+        stub = raw(server)
+        reply = stub.ForwardUnary(pb.ForwardRequest(
+            endpoint="jsin", need_vjp=True,
+            args=codec.encode((np.ones(2, np.float32),), FrameWriter(), lambda _: True)))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.VjpUnary(pb.VjpRequest(endpoint="jsin", residual_id=reply.residual_id,
+                                        keep_graph=True, batched_cotangents=True,
+                                        cotangents=codec.encode(np.ones((3, 2), np.float32),
+                                                                FrameWriter())))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert info.value.details() == ("endpoint 'jsin' (jax) keeps the graph of a Vjp with "
+                                        "one set of cotangents, not a batch of them")
+        assert server.residuals.stats().count == 1       # the forward's, still usable
     finally:
         server.stop(grace=0)
+
+
+def test_an_endpoint_without_higher_order_refuses_a_kept_vjp_and_its_gradients_say_so(
+        serve) -> None:
+    class FirstOrder(gradserve.server.TorchEndpoint):
+        reverse_order = 1
+        run_vjp_kept = gradserve.server.Endpoint.run_vjp_kept
+
+    server, client = serve({"f": FirstOrder(lambda x: x ** 3)})
+    assert client.describe("f").reverse_order == 1
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(client.torch("f")(x).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, 3 * x.detach() ** 2, **TOL)       # first order: fine
+    with pytest.raises(RuntimeError, match="the gradient of remote endpoint 'f' cannot be "
+                       "differentiated .*: its endpoint serves first-order reverse mode only"):
+        torch.autograd.grad(g.sum(), x)
+    stub = raw(server)                        # and a kept Vjp asked for all the same:
+    reply = stub.ForwardUnary(pb.ForwardRequest(
+        endpoint="f", need_vjp=True,
+        args=codec.encode((np.ones(2),), FrameWriter(), lambda _: True)))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.VjpUnary(pb.VjpRequest(endpoint="f", residual_id=reply.residual_id,
+                                    keep_graph=True,
+                                    cotangents=codec.encode(np.ones(2), FrameWriter())))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.details() == ("endpoint 'f' (torch) serves first-order reverse mode "
+                                    "only: its gradients cannot be differentiated again")
 
 
 def test_a_share_of_a_merged_run_is_recomputed_alone_for_a_kept_vjp() -> None:

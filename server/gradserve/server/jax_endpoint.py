@@ -14,10 +14,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradserve.errors import DERIVATIVE_UNSUPPORTED, StatusError
 from gradserve.frameworks.numpy import ADAPTER as NUMPY
 from gradserve.lru import LRU
 from gradserve.server.endpoint import CERTAINLY, NO, PLAUSIBLY, Endpoint, Forwarded, Residual, \
@@ -65,13 +67,19 @@ class _Compiled:
 
 @dataclass
 class _State:
-    """A forward's vjp closure, and the call structure and jitted functions it came from
-    (held here: the cache may have let them go by the time the backward comes)."""
+    """A forward's (or kept Vjp's) vjp closure, the call structure it came from, and the
+    jitted functions (held here: the cache may have let them go by the time the backward
+    comes; None for a kept Vjp's, which run eagerly). ``fn`` is the call as a function of
+    its differentiated leaves ``diff``, and ``tree`` its inputs as received: a kept Vjp
+    differentiates ``fn`` again."""
 
     vjp_fn: Any
     in_def: pytree.TreeDef
     mask: tuple[bool, ...]
-    compiled: _Compiled
+    compiled: _Compiled | None
+    fn: Callable[[list[Any]], Any]
+    diff: list[Any]
+    tree: Any
 
 
 class JaxEndpoint(Endpoint):
@@ -89,6 +97,7 @@ class JaxEndpoint(Endpoint):
     """
 
     framework = "jax"
+    reverse_order = 0
     pad_batches = True
 
     def __init__(self, fn: Callable[..., Any], *, params: Any = None, device: str | None = None,
@@ -161,20 +170,64 @@ class JaxEndpoint(Endpoint):
         if not (need_vjp and diff):
             return Forwarded(self.run(lambda: compiled.forward(diff, rest)))
         outputs, vjp_fn = self.run(lambda: compiled.forward_vjp(diff, rest))
-        return Forwarded(outputs, Residual(outputs, _State(vjp_fn, in_def, mask, compiled)),
+        state = _State(vjp_fn, in_def, mask, compiled, lambda d: compiled.forward(d, rest),
+                       diff, inputs.tree)
+        return Forwarded(outputs, Residual(outputs, state),
                          self._residual_bytes((vjp_fn, outputs, arrays)))
 
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
         state: _State = residual.state
-        out_leaves, out_def = pytree.flatten(residual.outputs, _is_array)
-        given = [c.value for c in cotangents if c is not None]
-        size = given[0].shape[0] if batched and given else 1
-        cts = [self._cotangent(out, cot, size if batched else None)
-               for out, cot in zip(out_leaves, cotangents)]
-        ct_tree = pytree.unflatten(out_def, jax.device_put(cts, self.device))
-        apply = state.compiled.backward_batched if batched else state.compiled.backward
+        ct_tree = self._cotangent_tree(residual.outputs, cotangents, batched)
+        if state.compiled is not None:
+            apply = state.compiled.backward_batched if batched else state.compiled.backward
+        else:
+            apply = _backward_batched if batched else _backward
         (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
         return self.mirror(state.in_def, state.mask, grads)
+
+    def run_vjp_kept(self, residual: Residual, cotangents: list[Any], tree: Any,
+                     batched: bool) -> Forwarded:
+        if batched:
+            raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                              f"endpoint {self.name!r} (jax) keeps the graph of a Vjp with one "
+                              "set of cotangents, not a batch of them", DERIVATIVE_UNSUPPORTED)
+        state: _State = residual.state
+        out_def = pytree.flatten(residual.outputs, _is_array)[1]
+        fixed = jax.device_put(self._cotangent_values(residual.outputs, cotangents, None),
+                               self.device)
+        flagged = [c is not None and c.requires_grad for c in cotangents]
+        n, sent = len(state.diff), state.tree[2] is not None
+
+        def grads_of(primal: list[Any]) -> Any:
+            it = iter(primal[n:])
+            cts = [next(it) if f else c for c, f in zip(fixed, flagged)]
+            _, pull = jax.vjp(state.fn, primal[:n])
+            (grads,) = _backward(pull, pytree.unflatten(out_def, cts))
+            args, kwargs, params = self.mirror(state.in_def, state.mask, grads).tree
+            return args, kwargs, params if sent else None
+
+        primal = [*state.diff, *(c for c, f in zip(fixed, flagged) if f)]
+        outputs, vjp_fn = self.run(lambda: jax.vjp(grads_of, primal))
+        kept_tree = self.kept_inputs(state.tree, tree)
+        leaves, in_def = pytree.flatten(kept_tree, _is_input_leaf)
+        mask = tuple(isinstance(leaf, _Leaf) and leaf.requires_grad for leaf in leaves)
+        kept = _State(vjp_fn, in_def, mask, None, grads_of, primal, kept_tree)
+        return Forwarded(outputs, Residual(outputs, kept),
+                         self._residual_bytes((vjp_fn, outputs, primal)))
+
+    def _cotangent_tree(self, outputs: Any, cotangents: list[Any], batched: bool) -> Any:
+        """The cotangents as JAX wants them: one per output array (zeros where none was
+        given, float0 for integer outputs), in the outputs' structure, on the device."""
+        out_def = pytree.flatten(outputs, _is_array)[1]
+        given = [c.value for c in cotangents if c is not None]
+        size = given[0].shape[0] if batched and given else None
+        cts = self._cotangent_values(outputs, cotangents, size)
+        return pytree.unflatten(out_def, jax.device_put(cts, self.device))
+
+    def _cotangent_values(self, outputs: Any, cotangents: list[Any],
+                          batch: int | None) -> list[Any]:
+        return [self._cotangent(out, cot, batch)
+                for out, cot in zip(pytree.flatten(outputs, _is_array)[0], cotangents)]
 
     def concat(self, parts: Sequence[Any], axis: int = 0) -> _Leaf:
         values = [p.value if isinstance(p, _Leaf) else np.asarray(p) for p in parts]
@@ -243,8 +296,7 @@ class JaxEndpoint(Endpoint):
         compiled = _Compiled(
             forward=jax.jit(call),
             forward_vjp=jax.jit(lambda diff, rest: jax.vjp(lambda d: call(d, rest), diff)),
-            backward=jax.jit(lambda vjp_fn, ct: _torch_convention(vjp_fn)(ct)),
-            backward_batched=jax.jit(lambda vjp_fn, cts: jax.vmap(_torch_convention(vjp_fn))(cts)))
+            backward=jax.jit(_backward), backward_batched=jax.jit(_backward_batched))
         self._compiled.put(key, compiled)
         return compiled
 
@@ -271,6 +323,16 @@ def _conj(tree: Any) -> Any:
 def _torch_convention(vjp_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The wire's complex convention is torch's (conjugate Wirtinger): conj . vjp . conj."""
     return lambda ct: _conj(vjp_fn(_conj(ct)))
+
+
+def _backward(vjp_fn: Callable[[Any], Any], ct: Any) -> Any:
+    """A vjp closure applied to cotangents, in the wire's convention."""
+    return _torch_convention(vjp_fn)(ct)
+
+
+def _backward_batched(vjp_fn: Callable[[Any], Any], cts: Any) -> Any:
+    """A vjp closure applied to each of a batch of cotangents, in the wire's convention."""
+    return jax.vmap(_torch_convention(vjp_fn))(cts)
 
 
 def _buffer(x: Any) -> Any:
