@@ -19,6 +19,7 @@ import conformance  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore")   # the ops' own deprecation and experimental warnings
+@pytest.mark.timeout(1800)              # every sample (make conformance) takes minutes
 def test_opinfo_ops_through_a_remote_endpoint_equal_local_autograd() -> None:
     every = os.environ.get("GRADSERVE_CONFORMANCE") == "all"
     results = list(conformance.sweep(conformance.op_db(), samples=0 if every else 3,

@@ -203,5 +203,5 @@ def test_jax_clients_and_endpoints_take_dtypes_and_named_tuples(serve) -> None:
 def test_describe_says_which_derivatives_an_endpoint_gives(ops) -> None:
     _, client = ops
     info = client.describe("max")
-    assert (info.reverse_order, info.forward_mode) == (0, False)     # torch: any order
-    assert {(e.reverse_order, e.forward_mode) for e in client.endpoints()} == {(0, False)}
+    assert (info.reverse_order, info.forward_mode) == (0, True)      # torch: any order, Jvp
+    assert {(e.reverse_order, e.forward_mode) for e in client.endpoints()} == {(0, True)}

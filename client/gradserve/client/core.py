@@ -266,6 +266,20 @@ class Client:
         """
         return self.call_vjp(residual, cotangents, numpy_leaf, batched=batched, timeout=timeout)
 
+    def jvp(self, name: str, args: tuple[Any, ...], tangents: tuple[Any, ...],
+            kwargs: dict[str, Any] | None = None, kwarg_tangents: dict[str, Any] | None = None,
+            *, batched: bool = False, timeout: float | None = None) -> tuple[Any, Any]:
+        """Forward mode on numpy arrays: the outputs and their tangents (mirroring them,
+        None where an output has none) for ``tangents`` mirroring ``args`` (and
+        ``kwarg_tangents`` mirroring ``kwargs``; None where an input has none).
+
+        With ``batched``, tangents carry an extra leading axis of B vectors and so do the
+        output tangents: B Jacobian-vector products in one call.
+        """
+        call = Call(name, Arguments(tuple(args), dict(kwargs or {})))
+        given = Arguments(tuple(tangents), dict(kwarg_tangents or {}))
+        return self.call_jvp(call, given, numpy_leaf, batched=batched, timeout=timeout)
+
     def signature(self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
                   parameters: Any = None, *, timeout: float | None = None) -> Any:
         """Output types of a call whose tensors are given as :class:`TensorType` leaves, or
@@ -374,6 +388,19 @@ class Client:
         found: tuple[Any, Residual | None] = self._routed(
             "forward", lambda r: r.forward(call, make_leaf, need_vjp, _left(limit, until),
                                            statics), until, persist=False)
+        return found
+
+    def call_jvp(self, call: Call, tangents: Arguments, make_leaf: MakeLeaf, *,
+                 batched: bool = False, timeout: float | None = None,
+                 statics: Statics | None = None) -> tuple[Any, Any]:
+        """Send a Jvp (forward mode; to another replica if the one picked is unavailable):
+        the decoded outputs and their tangents, for ``tangents`` mirroring the call's
+        inputs (None where an input has none). With ``batched``, every tangent has an extra
+        leading axis and so do the output tangents."""
+        limit, until = self._budget(timeout)
+        found: tuple[Any, Any] = self._routed(
+            "forward", lambda r: r.jvp(call, tangents, make_leaf, batched, _left(limit, until),
+                                       statics), until, persist=False)
         return found
 
     def call_vjp(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,

@@ -95,6 +95,13 @@ class RemoteEndpoint:
         return self.client.call_forward(call, make_leaf, need_vjp=need_vjp, timeout=self.timeout,
                                         statics=frameworks.adapter(self.framework))
 
+    def jvp(self, call: Call, tangents: Arguments, make_leaf: MakeLeaf, *,
+            batched: bool = False) -> tuple[Any, Any]:
+        """Send a Jvp for ``call``: its outputs and their tangents."""
+        return self.client.call_jvp(call, tangents, make_leaf, batched=batched,
+                                    timeout=self.timeout,
+                                    statics=frameworks.adapter(self.framework))
+
     def vjp_kept(self, residual: Residual, cotangents: Any, make_leaf: MakeLeaf, *,
                  requires_grad: Callable[[Any], bool] | None = None,
                  batched: bool = False) -> tuple[Arguments, Residual]:

@@ -231,6 +231,13 @@ class Replica:
         return self.in_session(lambda session: self._forward_once(
             session, call, make_leaf, need_vjp, timeout, statics))
 
+    def jvp(self, call: Call, tangents: Arguments, make_leaf: MakeLeaf, batched: bool,
+            timeout: float | None, statics: Statics | None = None) -> tuple[Any, Any]:
+        """One Jvp here: the decoded outputs and their tangents."""
+        found: tuple[Any, Any] = self.in_session(lambda session: self._jvp_once(
+            session, call, tangents, make_leaf, batched, timeout, statics))
+        return found
+
     def vjp(self, residual: Residual, level: Level, make_leaf: MakeLeaf, resend: bool,
             keep: bool, timeout: float | None, statics: Statics | None = None
             ) -> tuple[Arguments, Residual | None]:
@@ -280,6 +287,24 @@ class Replica:
         finally:
             if not kept:
                 writer.free_placed()
+
+    def _jvp_once(self, session: Session | None, call: Call, tangents: Arguments,
+                  make_leaf: MakeLeaf, batched: bool, timeout: float | None,
+                  statics: Statics | None) -> tuple[Any, Any]:
+        writer = FrameWriter(self.settings.chunk_bytes, slots=session)
+        try:
+            request = pb.JvpRequest(endpoint=call.endpoint, batched_tangents=batched)
+            codec.encode_arguments(call.inputs, writer, request)
+            codec.encode_arguments(tangents, writer, request.tangents)
+            _, found = self._exchange(
+                "Jvp", request, writer, session, timeout,
+                lambda header, reader: (
+                    codec.decode(header.outputs, reader, make_leaf, "outputs", statics=statics),
+                    codec.decode(header.tangents, reader, make_leaf, "tangents",
+                                 statics=statics)))
+            return found
+        finally:
+            writer.free_placed()
 
     def _vjp_once(self, session: Session | None, residual: Residual, level: Level,
                   make_leaf: MakeLeaf, resend: bool, keep: bool,

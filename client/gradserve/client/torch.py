@@ -36,6 +36,21 @@ def _is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def _plain(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``t`` without torch.func's wrappers (its values), and the levels of the vmaps it
+    was batched by (their batch axes moved to the front)."""
+    functorch = torch._C._functorch
+    levels: list[int] = []
+    while _is_functorch_wrapped(t):
+        if functorch.is_batchedtensor(t):
+            bdim, level = functorch.maybe_get_bdim(t), functorch.maybe_get_level(t)
+            t = functorch.get_unwrapped(t).movedim(bdim, 0)
+            levels.append(level)
+        else:
+            t = functorch.get_unwrapped(t)
+    return t, tuple(levels)
+
+
 def _torch_leaf(wire: WireTensor, path: str) -> torch.Tensor:
     return ADAPTER.from_wire(wire)
 
@@ -119,6 +134,7 @@ class _RemoteForward(_Function):
         ctx.state = state
         ctx.devices = [(leaf.device, leaf.dtype) for leaf in leaves]
         ctx.save_for_backward(*leaves)
+        ctx.save_for_forward(*leaves)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*[o for o in output if not is_differentiable(o)])
 
@@ -128,6 +144,45 @@ class _RemoteForward(_Function):
         return (None, *_RemoteBackward.apply(ctx.state, _Kept.wanted(ctx.state.fn), ctx.devices,
                                              len(grads),
                                              *grads, *leaves))
+
+    @staticmethod
+    def jvp(ctx: Any, _: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Forward mode: a Jvp of the call with the inputs' tangents (the server runs the
+        call again, in forward mode)."""
+        state: _State = ctx.state
+        primals = [_plain(t) for t in ctx.saved_tensors]
+        if any(levels for _, levels in primals):
+            raise NotImplementedError(
+                f"gradserve: forward mode through remote endpoint {state.fn.name!r} with "
+                "inputs batched by vmap (vmap of jvp) is not supported; jacfwd is")
+        leaves = [t for t, _ in primals]
+        unwrapped = [None if t is None else _plain(t) for t in tangents]
+        vmapped = {layer for u in unwrapped if u is not None for layer in u[1]}
+        if len(vmapped) > 1:
+            raise NotImplementedError(
+                f"gradserve: forward mode through remote endpoint {state.fn.name!r} under "
+                "more than one vmap (jacfwd of jacfwd) is not supported")
+        level = next(iter(vmapped), None)
+        size = next((u[0].shape[0] for u in unwrapped if u is not None and u[1]), 0)
+        plain = [None if u is None or not is_differentiable(x)
+                 else u[0] if u[1] or level is None else u[0].expand(size, *u[0].shape)
+                 for x, u in zip(leaves, unwrapped)]
+        call = state.fn.make_call(state.call_def, leaves)
+        with torch._C._DisableFuncTorch():   # the values travel, not torch.func's wrappers
+            outputs, out_tangents = state.fn.jvp(call, state.call_def.unflatten(plain),
+                                                 state.make_leaf, batched=level is not None)
+        outs, out_def = pytree.flatten(outputs, _is_tensor)
+        found = pytree.flatten_up_to(out_def, out_tangents)
+        result: list[torch.Tensor | None] = []
+        for o, t in zip(outs, found):
+            if not is_differentiable(o):
+                result.append(None)
+                continue
+            if t is None:
+                t = torch.zeros((size, *o.shape) if level is not None else o.shape,
+                                dtype=o.dtype, device=o.device)
+            result.append(t if level is None else torch._C._functorch._add_batch_dim(t, 0, level))
+        return tuple(result)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State,
@@ -211,6 +266,14 @@ class _RemoteBackward(_Function):
                 *for_leaves)
 
     @staticmethod
+    def jvp(ctx: Any, *_: Any) -> None:
+        raise NotImplementedError(
+            f"gradserve: forward mode over a gradient of remote endpoint {ctx.endpoint!r} "
+            "(torch.func.hessian, jacfwd of jacrev) is not supported yet; "
+            "torch.autograd.functional.hessian (reverse over reverse) and jacrev of jacrev "
+            "are")
+
+    @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, kept: _Kept | None,
              devices: list[Any], n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
         size = info.batch_size
@@ -252,6 +315,11 @@ def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
     becomes the call it made."""
     if all(g is None for g in grads) or state.residual is None or state.out_def is None:
         return tuple(None for _ in devices)
+    if any(g is not None and _is_functorch_wrapped(g) for g in grads):
+        raise NotImplementedError(
+            f"gradserve: the Vjp of remote endpoint {state.fn.name!r} under nested torch.func "
+            "transforms (torch.func.hessian, jacfwd or jacrev of jacrev) is not supported yet; "
+            "torch.autograd.functional.hessian and grad of grad are")
     if any(g is not None and g.is_cuda for g in grads) and _waits_on_itself(state.fn.info):
         raise GradserveError(
             f"the Vjp of remote endpoint {state.fn.name!r} cannot run here: its server runs "

@@ -408,6 +408,58 @@ class VjpRequest(_message.Message):
     below: _containers.RepeatedCompositeFieldContainer[VjpLevel]
     def __init__(self, endpoint: _Optional[str] = ..., residual_id: _Optional[str] = ..., cotangents: _Optional[_Union[Value, _Mapping]] = ..., inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., batched_cotangents: _Optional[bool] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ..., keep_graph: _Optional[bool] = ..., below: _Optional[_Iterable[_Union[VjpLevel, _Mapping]]] = ...) -> None: ...
 
+class JvpRequest(_message.Message):
+    __slots__ = ("endpoint", "args", "kwargs", "parameters", "tangents", "batched_tangents", "session")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    args: Value
+    kwargs: Value
+    parameters: Value
+    tangents: Tangents
+    batched_tangents: bool
+    session: SessionState
+    def __init__(self, endpoint: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ..., tangents: _Optional[_Union[Tangents, _Mapping]] = ..., batched_tangents: _Optional[bool] = ..., session: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
+
+class Tangents(_message.Message):
+    __slots__ = ("args", "kwargs", "parameters")
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    args: Value
+    kwargs: Value
+    parameters: Value
+    def __init__(self, args: _Optional[_Union[Value, _Mapping]] = ..., kwargs: _Optional[_Union[Value, _Mapping]] = ..., parameters: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class JvpResponse(_message.Message):
+    __slots__ = ("outputs", "tangents")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: Value
+    tangents: Value
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., tangents: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class JvpFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: JvpRequest
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[JvpRequest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class JvpReplyFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: JvpResponse
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[JvpResponse, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
 class VjpLevel(_message.Message):
     __slots__ = ("cotangents", "batched_cotangents")
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,16 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpResponse.FromString,
                 _registered_method=True)
+        self.Jvp = channel.stream_stream(
+                '/gradserve.v1.Gradserve/Jvp',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.JvpFrame.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.JvpReplyFrame.FromString,
+                _registered_method=True)
+        self.JvpUnary = channel.unary_unary(
+                '/gradserve.v1.Gradserve/JvpUnary',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.JvpRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.JvpResponse.FromString,
+                _registered_method=True)
         self.Signature = channel.unary_unary(
                 '/gradserve.v1.Gradserve/Signature',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SignatureRequest.SerializeToString,
@@ -167,6 +177,21 @@ class GradserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Jvp(self, request_iterator, context):
+        """Forward mode: the outputs and their tangents (Jacobian-vector products)
+        for tangents of the inputs; nothing is kept. Streamed and one-message,
+        like Forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JvpUnary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Signature(self, request, context):
         """Output shapes and dtypes for given input shapes and dtypes, without
         running the model (tensors on both sides are `abstract` leaves).
@@ -259,6 +284,16 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.VjpUnary,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.VjpRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.VjpResponse.SerializeToString,
+            ),
+            'Jvp': grpc.stream_stream_rpc_method_handler(
+                    servicer.Jvp,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.JvpFrame.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.JvpReplyFrame.SerializeToString,
+            ),
+            'JvpUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.JvpUnary,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.JvpRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.JvpResponse.SerializeToString,
             ),
             'Signature': grpc.unary_unary_rpc_method_handler(
                     servicer.Signature,
@@ -485,6 +520,60 @@ class Gradserve:
             '/gradserve.v1.Gradserve/VjpUnary',
             gradserve_dot_v1_dot_gradserve__pb2.VjpRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.VjpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Jvp(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradserve.v1.Gradserve/Jvp',
+            gradserve_dot_v1_dot_gradserve__pb2.JvpFrame.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.JvpReplyFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JvpUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/JvpUnary',
+            gradserve_dot_v1_dot_gradserve__pb2.JvpRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.JvpResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -116,6 +116,8 @@ class Endpoint(ABC):
     partial_parameters: bool = False
     #: highest order of reverse mode it serves (0: any; ``run_vjp_kept`` makes order 2+)
     reverse_order: int = 1
+    #: whether it serves forward mode (``run_jvp``)
+    forward_mode: bool = False
 
     # -- framework math: what a subclass implements ------------------------
     @abstractmethod
@@ -143,6 +145,13 @@ class Endpoint(ABC):
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
         """Gradients for the inputs flagged at forward; ``cotangents`` are checked and
         aligned with the output arrays (None where none was given)."""
+
+    def run_jvp(self, inputs: Arguments, tangents: list[Any], batched: bool) -> tuple[Any, Any]:
+        """The outputs and their tangents (mirroring them, None where an output has none)
+        for checked ``tangents`` aligned with the input arrays (None where none)."""
+        raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                          f"endpoint {self.name!r} ({self.framework}) serves no forward mode "
+                          "(Jvp)", DERIVATIVE_UNSUPPORTED)
 
     def run_vjp_kept(self, residual: Residual, cotangents: list[Any], tree: Any,
                      batched: bool) -> Forwarded:
@@ -195,6 +204,14 @@ class Endpoint(ABC):
         return self.run_vjp(residual, self.check_cotangents(residual.outputs, cotangents, batched),
                             batched)
 
+    def jvp(self, inputs: Arguments, tangents: Arguments, batched: bool = False
+            ) -> tuple[Any, Any]:
+        """Check a call and its tangents and run it in forward mode: the outputs and their
+        tangents. With ``batched`` every tangent (and output tangent) has an extra leading
+        axis."""
+        self.check_arguments(inputs)
+        return self.run_jvp(inputs, self.check_tangents(inputs, tangents, batched), batched)
+
     def vjp_kept(self, residual: Residual, cotangents: Any, batched: bool = False) -> Forwarded:
         """A Vjp whose gradients are differentiable again: them, and the residual for them."""
         made = self.run_vjp_kept(residual,
@@ -238,7 +255,8 @@ class Endpoint(ABC):
             parameters=[t.to_pb(name) for name, t in self.parameter_types().items()],
             accepts_parameters=self.accepts_parameters(), batchable=self.batchable,
             batching=pb.Batching(max_batch=self.max_batch, max_delay_seconds=self.max_delay),
-            derivatives=pb.Derivatives(reverse_order=self.reverse_order, forward=False))
+            derivatives=pb.Derivatives(reverse_order=self.reverse_order,
+                                       forward=self.forward_mode))
 
     def parameter_types(self) -> dict[str, TensorType]:
         """Types of the endpoint's own parameters, by name (a flat dict's keys, else paths)."""
@@ -310,31 +328,55 @@ class Endpoint(ABC):
             given = pytree.flatten_up_to(out_def, cotangents, "cotangents")
         except ValueError as err:
             raise invalid(f"{err} (cotangents must mirror the outputs)") from None
+        return self._aligned("cotangent", "output", out_leaves, given, batched, strict=False)
+
+    def check_tangents(self, inputs: Arguments, tangents: Arguments, batched: bool) -> list[Any]:
+        """Tangents aligned with the input arrays of ``inputs`` (None where none was
+        given); INVALID_ARGUMENT naming the first that does not fit or belongs to an input
+        without derivatives (an integer tensor)."""
+        in_leaves, in_def = pytree.flatten(inputs.tree, self._is_input)
+        try:
+            given = pytree.flatten_up_to(in_def, tangents.tree, "tangents")
+        except ValueError as err:
+            raise invalid(f"{err} (tangents must mirror the inputs)") from None
+        return self._aligned("tangent", "input", in_leaves, given, batched, strict=True)
+
+    def _is_input(self, x: Any) -> bool:
+        return self.leaf_type(x) is not None
+
+    def _aligned(self, kind: str, of: str, leaves: list[Any], given: list[Any], batched: bool,
+                 strict: bool) -> list[Any]:
+        """``given`` (cotangents or tangents) checked against ``leaves`` (the outputs or
+        inputs they belong to): None kept; one for a non-differentiable array refused with
+        ``strict``, else dropped."""
         batch = None
         aligned: list[Any] = []
-        for i, (out, cot) in enumerate(zip(out_leaves, given)):
-            if cot is None:
+        for i, (leaf, value) in enumerate(zip(leaves, given)):
+            if value is None:
                 aligned.append(None)
                 continue
-            want, got = self.leaf_type(out), self.leaf_type(cot)
+            want, got = self.leaf_type(leaf), self.leaf_type(value)
             assert want is not None
             if got is None:
-                raise invalid(f"cotangent for output tensor #{i} must be a tensor or None, "
-                              f"got {type(cot).__name__}")
+                raise invalid(f"{kind} for {of} tensor #{i} must be a tensor or None, "
+                              f"got {type(value).__name__}")
             shape = got.shape[1:] if batched else got.shape
             if shape != want.shape or got.dtype != want.dtype or (batched and not got.shape):
                 dims = [*(["B"] if batched else []), *want.shape]
-                raise invalid(f"cotangent for output tensor #{i}: expected {want.dtype}{dims}, "
+                raise invalid(f"{kind} for {of} tensor #{i}: expected {want.dtype}{dims}, "
                               f"got {got}")
             if batched:
                 if got.shape[0] == 0:
-                    raise invalid("batched cotangents need a batch of at least one")
+                    raise invalid(f"batched {kind}s need a batch of at least one")
                 if batch is not None and got.shape[0] != batch:
-                    raise invalid(f"batched cotangents disagree on the batch size ({batch} "
+                    raise invalid(f"batched {kind}s disagree on the batch size ({batch} "
                                   f"and {got.shape[0]})")
                 batch = got.shape[0]
             differentiable = dtypes.code_of(want.dtype) in dtypes.DIFFERENTIABLE
-            aligned.append(cot if differentiable else None)
+            if strict and not differentiable:
+                raise invalid(f"{kind} for {of} tensor #{i}: a {want.dtype} {of} has no "
+                              f"{kind}s (only floating and complex tensors do)")
+            aligned.append(value if differentiable else None)
         return aligned
 
     @staticmethod

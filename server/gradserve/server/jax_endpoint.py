@@ -98,6 +98,7 @@ class JaxEndpoint(Endpoint):
 
     framework = "jax"
     reverse_order = 0
+    forward_mode = True
     pad_batches = True
 
     def __init__(self, fn: Callable[..., Any], *, params: Any = None, device: str | None = None,
@@ -184,6 +185,27 @@ class JaxEndpoint(Endpoint):
             apply = _backward_batched if batched else _backward
         (grads,) = self.run(lambda: apply(state.vjp_fn, ct_tree))
         return self.mirror(state.in_def, state.mask, grads)
+
+    def run_jvp(self, inputs: Arguments, tangents: list[Any], batched: bool) -> tuple[Any, Any]:
+        leaves, in_def, _ = self._flatten(inputs)   # the endpoint's own params come last
+        mask = tuple(i < len(tangents) and tangents[i] is not None for i in range(len(leaves)))
+        call = self._call(in_def, mask)
+        values = [leaf.value if isinstance(leaf, _Leaf) else leaf for leaf in leaves]
+        diff = jax.device_put([v for v, m in zip(values, mask) if m], self.device)
+        rest = jax.device_put([v for v, m in zip(values, mask) if not m], self.device)
+        given = jax.device_put([t.value for t in tangents if t is not None], self.device)
+
+        def f(d: list[Any]) -> Any:
+            return call(d, rest)
+
+        if batched:
+            outputs = self.run(lambda: f(diff))
+            out_tangents = self.run(lambda: jax.vmap(lambda t: jax.jvp(f, (diff,), (t,))[1])(
+                given))
+        else:
+            outputs, out_tangents = self.run(lambda: jax.jvp(f, (diff,), (given,)))
+        return outputs, pytree.map_leaves(
+            lambda t: None if t.dtype == jax.dtypes.float0 else t, out_tangents, _is_array)
 
     def run_vjp_kept(self, residual: Residual, cotangents: list[Any], tree: Any,
                      batched: bool) -> Forwarded:

@@ -504,6 +504,37 @@ class GradserveService(pb_grpc.GradserveServicer):
         codec.encode_arguments(grads, writer, reply)
         return reply, (grads, cotangents, residual, kept)
 
+    def _jvp(self, request: pb.JvpRequest, reader: FrameReader[Any], writer: FrameWriter,
+             context: grpc.ServicerContext, call: CallRecord) -> tuple[pb.JvpResponse, Any]:
+        """The body of Jvp and JvpUnary."""
+        self._allow(call, endpoint=request.endpoint)
+        self._refuse_if_draining("Jvp calls")
+        with self.registry.instances(request.endpoint).running("forward") as endpoint:
+            inputs = self._inputs(endpoint, request, reader)
+            tangents = codec.decode_arguments(request.tangents, reader, endpoint.make_leaf,
+                                              statics=endpoint)
+            with self._turn(context):
+                outputs, out_tangents = endpoint.jvp(inputs, tangents, request.batched_tangents)
+        reply = pb.JvpResponse()
+        try:
+            codec.encode_into(reply.outputs, outputs, writer, path="outputs")
+            codec.encode_into(reply.tangents, out_tangents, writer, path="tangents")
+        except TypeError as err:   # what the function returned has no wire form
+            raise StatusError(grpc.StatusCode.INTERNAL,
+                              f"endpoint {endpoint.name!r} returned what cannot be sent: "
+                              f"{err}") from None
+        return reply, (outputs, out_tangents)
+
+    def Jvp(self, request_iterator: Iterator[pb.JvpFrame],
+            context: grpc.ServicerContext) -> Iterator[pb.JvpReplyFrame]:
+        yield from self._streamed(context, "Jvp", lambda call: self._reply(
+            request_iterator, context, pb.JvpReplyFrame, self._jvp, call))
+
+    def JvpUnary(self, request: pb.JvpRequest, context: grpc.ServicerContext) -> pb.JvpResponse:
+        found: pb.JvpResponse = (self._unary(request, context, "JvpUnary", self._jvp)
+                                 or pb.JvpResponse())
+        return found
+
     def Forward(self, request_iterator: Iterator[pb.ForwardFrame],
                 context: grpc.ServicerContext) -> Iterator[pb.ForwardReplyFrame]:
         yield from self._streamed(context, "Forward", lambda call: self._reply(
@@ -699,7 +730,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         return made.residual
 
     @staticmethod
-    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest,
+    def _inputs(endpoint: Endpoint, request: pb.ForwardRequest | pb.JvpRequest,
                 reader: FrameReader[Any]) -> Arguments:
         return codec.decode_arguments(request, reader, endpoint.make_leaf, statics=endpoint)
 

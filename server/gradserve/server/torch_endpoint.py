@@ -91,6 +91,7 @@ class TorchEndpoint(Endpoint):
     framework = "torch"
     partial_parameters = True
     reverse_order = 0
+    forward_mode = True
 
     def __init__(self, fn: Callable[..., Any], *, device: str | torch.device | None = None,
                  inputs: dict[str, TensorSpec] | None = None,
@@ -169,6 +170,50 @@ class TorchEndpoint(Endpoint):
 
     def run_vjp(self, residual: Residual, cotangents: list[Any], batched: bool) -> Arguments:
         return self._grads(residual, cotangents, batched, keep=False)
+
+    def run_jvp(self, inputs: Arguments, tangents: list[Any], batched: bool) -> tuple[Any, Any]:
+        leaves, in_def = pytree.flatten(inputs.tree, _is_tensor)
+        where = [i for i, t in enumerate(tangents) if t is not None]
+        out_def: list[pytree.TreeDef] = []
+
+        def outputs_of(*diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            values = list(leaves)
+            for i, d in zip(where, diff):
+                values[i] = d
+            out, treedef = pytree.flatten(self._call(Arguments(*pytree.unflatten(in_def, values))),
+                                          _is_tensor)
+            out_def[:] = [treedef]
+            return tuple(out)
+
+        primals = tuple(leaves[i].detach() for i in where)
+        given = tuple(tangents[i] for i in where)
+
+        def forward_ad() -> tuple[Any, Any]:
+            with torch.no_grad():
+                if not batched:
+                    outs, out_tangents = torch.func.jvp(outputs_of, primals, given)[:2]
+                    return outs, out_tangents
+                return outputs_of(*primals), torch.func.vmap(
+                    lambda *t: torch.func.jvp(outputs_of, primals, t)[1])(*given)
+
+        try:
+            outs, out_tangents = forward_ad()
+        except Exception as err:
+            if not (isinstance(err, (RuntimeError, NotImplementedError))
+                    and any(word in str(err).lower() for word in ("forward", "vmap"))):
+                def again() -> tuple[Any, Any]:
+                    raise err
+                outs, out_tangents = self.run(again)   # the model's own error, reported
+            else:   # an op without forward AD or a vmap rule (or a dual level already
+                #     open in this process): reverse mode twice
+                log.debug("endpoint %r: forward AD failed (%s); a Jvp by double vjp", self.name,
+                          err)
+                outs, out_tangents = self.run(
+                    lambda: _jvp_by_double_vjp(outputs_of, primals, given, batched))
+        tangent_leaves = [t if o.is_floating_point() or o.is_complex() else None
+                          for o, t in zip(outs, out_tangents)]
+        return (pytree.unflatten(out_def[0], list(outs)),
+                pytree.unflatten(out_def[0], tangent_leaves))
 
     def run_vjp_kept(self, residual: Residual, cotangents: list[Any], tree: Any,
                      batched: bool) -> Forwarded:
@@ -271,6 +316,34 @@ def _frozen_replica(module: torch.nn.Module) -> torch.nn.Module:
     frozen = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
               for p in module.parameters()}
     return _shared_replica(module, frozen)
+
+
+def _jvp_by_double_vjp(fn: Callable[..., tuple[torch.Tensor, ...]],
+                       primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...],
+                       batched: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """``fn``'s outputs and Jacobian-vector products by reverse mode only: the vjp
+    ``u -> J^T u`` is linear in ``u``, and its vjp at ``tangents`` is ``J tangents``."""
+    with torch.enable_grad():
+        xs = [p.detach().requires_grad_(True) for p in primals]
+        outs = fn(*xs)
+        wrt = [o for o in outs if o.requires_grad and (o.is_floating_point() or o.is_complex())]
+        dummies = [torch.zeros_like(o, requires_grad=True) for o in wrt]
+        pulled = torch.autograd.grad(wrt, xs, dummies, create_graph=True, allow_unused=True)
+        pairs = [(g, t) for g, t in zip(pulled, tangents) if g is not None and g.requires_grad]
+        found: Sequence[torch.Tensor | None] = [None] * len(dummies)
+        if pairs:
+            found = torch.autograd.grad([g for g, _ in pairs], dummies, [t for _, t in pairs],
+                                        allow_unused=True, is_grads_batched=batched)
+    it = iter(found)
+    size = tangents[0].shape[0] if batched and tangents else None
+    out_tangents = []
+    for o in outs:
+        t = next(it) if any(o is w for w in wrt) else None
+        if t is None:
+            t = torch.zeros(((size,) if size is not None else ()) + tuple(o.shape),
+                            dtype=o.dtype, device=o.device)
+        out_tangents.append(t.detach())
+    return tuple(o.detach() for o in outs), out_tangents
 
 
 def _home(fn: Any) -> torch.device:

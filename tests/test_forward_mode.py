@@ -1,0 +1,123 @@
+"""Forward mode through a remote endpoint: the Jvp RPC (outputs and their tangents for
+tangents of the inputs), under torch.func.jvp, jacfwd and torch.autograd.forward_ad, for
+torch and JAX endpoints, with every bad tangent refused by name."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+
+import gradserve
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import codec
+from gradserve.wire.framing import FrameWriter
+from helpers import raw
+from models import mlp
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_jvp_and_jacfwd_equal_local(serve) -> None:
+    model = mlp(dtype=torch.float64)
+    _, client = serve({"mlp": model})
+    assert client.describe("mlp").forward_mode
+    f = client.torch("mlp")
+    x, t = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    out, tangent = torch.func.jvp(f, (x,), (t,))
+    want_out, want = torch.func.jvp(model, (x,), (t,))
+    torch.testing.assert_close(out, want_out, **TOL)
+    torch.testing.assert_close(tangent, want, **TOL)
+    torch.testing.assert_close(torch.func.jacfwd(f)(x[:2]), torch.func.jacfwd(model)(x[:2]),
+                               **TOL)
+
+
+def test_dual_tensors_of_forward_ad(serve) -> None:
+    _, client = serve({"w": lambda x, y: torch.sin(x) * y.cos() + x * y})
+    f = client.torch("w")
+    x, y, t = (torch.randn(4, dtype=torch.float64) for _ in range(3))
+    with fwad.dual_level():
+        _, tangent = fwad.unpack_dual(f(fwad.make_dual(x, t), y))   # y has no tangent
+    torch.testing.assert_close(tangent, (torch.cos(x) * y.cos() + y) * t, **TOL)
+
+
+def test_an_op_without_forward_ad_is_differentiated_by_double_vjp(serve) -> None:
+    class Cube(torch.autograd.Function):   # a backward, no jvp: no forward AD
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * g
+
+    _, client = serve({"cube": Cube.apply})
+    x, t = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    _, tangent = torch.func.jvp(client.torch("cube"), (x,), (t,))
+    torch.testing.assert_close(tangent, 3 * x ** 2 * t, **TOL)
+    jac = torch.func.jacfwd(client.torch("cube"))(x)                 # batched tangents too
+    torch.testing.assert_close(jac, torch.diag(3 * x ** 2), **TOL)
+
+
+def test_a_jax_endpoint_serves_forward_mode(serve, x64) -> None:
+    jax = pytest.importorskip("jax")
+    server, client = serve({})
+    server.add_jax("wave", lambda x, y: jax.numpy.sin(x) * jax.numpy.cos(y) + x * y)
+    assert client.describe("wave").forward_mode
+    f = client.torch("wave")
+    x, y, tx, ty = (torch.randn(3, dtype=torch.float64) for _ in range(4))
+    _, tangent = torch.func.jvp(f, (x, y), (tx, ty))
+    want = (torch.cos(x) * y.cos() + y) * tx + (-torch.sin(x) * y.sin() + x) * ty
+    torch.testing.assert_close(tangent, want, **TOL)
+    torch.testing.assert_close(torch.func.jacfwd(f)(x, y), torch.diag(torch.cos(x) * y.cos() + y),
+                               **TOL)
+
+
+def test_the_low_level_jvp_mirrors_outputs_and_batches(serve) -> None:
+    _, client = serve({"split": lambda x, n: {"sq": x ** 2, "n": n, "idx": x.argmax()}})
+    x = np.arange(1.0, 4.0)
+    outputs, tangents = client.jvp("split", (x, 7), (np.ones(3), None))
+    assert outputs["n"] == 7 and tangents["n"] == 7 and tangents["idx"] is None
+    np.testing.assert_allclose(tangents["sq"], 2 * x)
+    _, batched = client.jvp("split", (x, 7), (np.eye(3), None), batched=True)
+    np.testing.assert_allclose(batched["sq"], np.diag(2 * x))
+
+
+@pytest.mark.parametrize("tangents, message", [
+    ((np.ones(4),), "tangent for input tensor #0: expected float64[3], got float64[4]"),
+    ((np.ones(3, np.float32),), "tangent for input tensor #0: expected float64[3], got "
+                                "float32[3]"),
+    ((np.ones(3), np.ones(2)), "tangents"),
+    (("x",), "tangent for input tensor #0 must be a tensor or None, got str"),
+])
+def test_bad_tangents_are_refused_by_name(serve, tangents, message) -> None:
+    server, client = serve({"sq": lambda x: x ** 2})
+    with pytest.raises(gradserve.InvalidArgument, match=message.replace("[", r"\[")):
+        client.jvp("sq", (np.ones(3),), tangents)
+
+
+def test_a_tangent_for_an_integer_input_is_refused(serve) -> None:
+    server, _ = serve({"shift": lambda x, k: x + k})
+    request = pb.JvpRequest(endpoint="shift")
+    writer = FrameWriter()
+    request.args.CopyFrom(codec.encode((np.ones(2), np.arange(2)), writer))
+    request.tangents.args.CopyFrom(codec.encode((None, np.ones(2, np.int64)), writer))
+    with pytest.raises(grpc.RpcError) as info:
+        raw(server).JvpUnary(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("tangent for input tensor #1: a int64 input has no "
+                                    "tangents (only floating and complex tensors do)")
+
+
+def test_forward_mode_over_a_gradient_says_what_works(serve) -> None:
+    _, client = serve({"mlp": mlp(dtype=torch.float64)})
+    f = client.torch("mlp")
+    with pytest.raises(NotImplementedError, match="torch.autograd.functional.hessian"):
+        torch.func.hessian(lambda v: f(v).sum())(torch.randn(1, 6, dtype=torch.float64))
