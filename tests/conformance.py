@@ -1,6 +1,7 @@
 """PyTorch's OpInfo database through a remote endpoint: forward values and first-order
-gradients of every op with float64 autograd support, and Hessian-vector products (double
-backward) of every op that supports them, compared with local autograd.
+gradients of every op with float64 autograd support, Hessian-vector products (double
+backward) and Jacobian-vector products (forward mode) of every op that supports them,
+compared with local autograd.
 
 ``python tests/conformance.py [--ops N] [--samples K]`` runs the sweep and prints the
 pass rate by category and every failure; tests/test_conformance.py runs it under pytest
@@ -235,6 +236,55 @@ def check_second(f: Any, op: Any, sample: Any) -> str:
     return ""
 
 
+#: The report's row for forward-mode (Jacobian-vector product) results.
+FORWARD = "forward"
+
+
+def check_forward(f: Any, op: Any, sample: Any) -> str:
+    """Why the remote op's Jacobian-vector product (``torch.func.jvp`` along random tangents
+    of its differentiable inputs) differs from the local one on ``sample`` ("" when it
+    does not)."""
+    tree = ((sample.input, *sample.args), sample.kwargs)
+    is_tensor = lambda x: isinstance(x, torch.Tensor)   # noqa: E731
+    leaves, treedef = pytree.flatten(tree, is_tensor)
+    where = [i for i, t in enumerate(leaves) if t.requires_grad]
+    if not where:
+        return ""
+    gen = torch.Generator().manual_seed(2)
+    primals = tuple(leaves[i].detach() for i in where)
+    tangents = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+    wrap, keep = op.gradcheck_wrapper, sample.output_process_fn_grad
+
+    def outputs_of(fn: Any) -> Any:
+        def run(*diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            values = list(leaves)
+            for i, d in zip(where, diff):
+                values[i] = d
+            args, kwargs = pytree.unflatten(treedef, values)
+            torch.manual_seed(0)
+            return tuple(t for t in _tensors(keep(wrap(fn, *args, **kwargs)))
+                         if t.is_floating_point() or t.is_complex())
+        return run
+
+    try:
+        _, want = torch.func.jvp(outputs_of(op), primals, tangents)
+    except Exception as err:
+        return f"{SKIP} local jvp raised {type(err).__name__}"
+    try:
+        _, got = torch.func.jvp(outputs_of(lambda *a, **k: f(key(op), *a, **k)), primals,
+                                tangents)
+    except Exception as err:
+        return f"jvp raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if len(want) != len(got):
+        return f"jvp: {len(got)} output tangents != {len(want)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        try:
+            torch.testing.assert_close(g, w, **TOLERANCE)
+        except AssertionError as err:
+            return f"jvp {i}: {str(err).splitlines()[0]}"
+    return ""
+
+
 def verdict(op: Any, problem: str) -> str:
     """A sample's problem judged against EXCLUDED: an excluded op refused as listed passes
     (its category reports it as refused); one that is not refused so is a failure."""
@@ -266,6 +316,8 @@ def sweep(ops: list[Any], samples: int = 3, second: int = 1) -> Iterator[Result]
                     excluded = SECOND_EXCLUDED.get(key(op))
                     yield Result(key(op), SECOND, i, f"{SKIP} excluded: {excluded}" if excluded
                                  else check_second(f, op, sample))
+                if op.supports_forward_ad and (not second or i < second) and not problem:
+                    yield Result(key(op), FORWARD, i, check_forward(f, op, sample))
     finally:
         client.close()
         server.stop(grace=0)

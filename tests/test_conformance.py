@@ -1,10 +1,11 @@
 """PyTorch's OpInfo database through a remote endpoint (tests/conformance.py): forward
 values and first-order gradients equal local autograd for every float64 sample that can
-travel by value, and so do Hessian-vector products (double backward) for every op that
-has them; the rest are refused with the error EXCLUDED lists.
+travel by value, and so do Hessian-vector products (double backward) and Jacobian-vector
+products (forward mode) for every op that has them; the rest are refused with the error
+EXCLUDED lists.
 
-``make test`` checks 3 samples of each op (the first of them to second order);
-``make conformance`` every sample, each to second order.
+``make test`` checks 3 samples of each op (the first of them to second order and in
+forward mode); ``make conformance`` every sample, each to second order and forward.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def test_opinfo_ops_through_a_remote_endpoint_equal_local_autograd() -> None:
     assert len(ops) >= 500 and len(results) >= 1400          # the database, not a corner
     second = {r.op for r in results if r.category == conformance.SECOND and not r.problem}
     assert len(second) >= 500                                 # Hessian-vector products too
+    forward = {r.op for r in results if r.category == conformance.FORWARD and not r.problem}
+    assert len(forward) >= 480                                # and Jacobian-vector products
     assert not conformance.failures(results), conformance.report(results)
     refused = {r.op for r in results if r.problem.startswith(conformance.REFUSED)}
     listed = {op for op, (_, told) in conformance.EXCLUDED.items() if told}

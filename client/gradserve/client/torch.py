@@ -36,6 +36,12 @@ def _is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def _grad_transform_active() -> bool:
+    """Whether torch.func.grad (or vjp, jacrev) is among the transforms running now."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return any(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
+
+
 def _plain(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``t`` without torch.func's wrappers (its values), and the levels of the vmaps it
     was batched by (their batch axes moved to the front)."""
@@ -358,7 +364,9 @@ class RemoteFunction(RemoteEndpoint):
                                         _is_tensor)
         grad = torch.is_grad_enabled()
         if any(_is_functorch_wrapped(t) for t in leaves):
-            # under torch.func the tracking level is invisible here: flag what could need grad
+            # under torch.func the tracking level is invisible here: flag what could need
+            # grad, when a grad transform is on the stack (jvp and vmap alone track none)
+            grad = grad and _grad_transform_active()
             mask = tuple(grad and is_differentiable(t) for t in leaves)
         else:
             mask = tuple(grad and t.requires_grad and is_differentiable(t) for t in leaves)
