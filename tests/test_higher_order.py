@@ -76,6 +76,19 @@ def test_keyword_arguments_and_parameters_are_differentiated_twice(serve) -> Non
     torch.testing.assert_close(hw, 2 * x.detach(), **TOL)
 
 
+def test_torch_func_grad_keeps_a_vjp_only_when_it_is_differentiated_again(serve) -> None:
+    server, client = serve({"f": cube})
+    f = client.torch("f")
+    x = torch.randn(4, dtype=torch.float64)
+    g = torch.func.grad(f)(x)                                  # one level: nothing kept
+    torch.testing.assert_close(g, 3 * x ** 2, **TOL)
+    assert server.residuals.stats("f").count == 1           # the forward's (release queued)
+    h = torch.func.grad(lambda v: torch.func.grad(f)(v).sum())(x)   # two: the inner kept
+    torch.testing.assert_close(h, 6 * x, **TOL)
+    client.describe("f")                                    # carries the queued releases
+    assert server.residuals.stats("f").count == 0
+
+
 def test_every_lost_level_is_recomputed(serve) -> None:
     server, client = serve({"f": lambda x: torch.sin(x).prod()})
     f = client.torch("f")

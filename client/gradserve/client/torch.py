@@ -226,10 +226,17 @@ class _Kept:
 
     @staticmethod
     def wanted(fn: "RemoteFunction") -> "_Kept | None":
-        """A new one when the backward running now builds a graph (``create_graph``, or
-        any backward under ``torch.func``) and ``fn``'s server can keep it (else None:
-        the gradients then refuse to be differentiated)."""
-        return _Kept() if torch.is_grad_enabled() and fn.info.reverse_order != 1 else None
+        """A new one when the backward running now builds a graph that will be
+        differentiated (``create_graph``; under ``torch.func``, a grad transform inside
+        another) and ``fn``'s server can keep it (else None: the gradients then refuse to
+        be differentiated)."""
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        if stack:   # torch.func runs every backward with grad mode on: count its levels
+            grad = torch._C._functorch.TransformType.Grad
+            building = sum(i.key() == grad for i in stack) >= 2
+        else:
+            building = torch.is_grad_enabled()
+        return _Kept() if building and fn.info.reverse_order != 1 else None
 
 
 class _RemoteBackward(_Function):
