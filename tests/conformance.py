@@ -15,7 +15,7 @@ import collections
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -141,7 +141,7 @@ def check(f: Any, op: Any, sample: Any) -> str:
     try:
         got = keep(wrap(remote, *args, **sample.kwargs))
     except Exception as err:   # reported as the sample's problem
-        return f"forward raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return _raised("forward", err)
     want_leaves, want_def = pytree.flatten(want, lambda x: isinstance(x, torch.Tensor))
     got_leaves, got_def = pytree.flatten(got, lambda x: isinstance(x, torch.Tensor))
     if want_def != got_def:
@@ -168,19 +168,33 @@ def check(f: Any, op: Any, sample: Any) -> str:
     try:
         got_grads = torch.autograd.grad([g for _, g in outs], inputs, cts, allow_unused=True)
     except Exception as err:   # reported as the sample's problem
-        return f"backward raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    for i, (w, g) in enumerate(zip(want_grads, got_grads)):
+        return _raised("backward", err)
+    return _compare("gradient", want_grads, got_grads)
+
+
+def _compare(kind: str, want: Sequence[torch.Tensor | None],
+             got: Sequence[torch.Tensor | None]) -> str:
+    """Where ``got`` differs from ``want`` ("" nowhere): values within ``TOLERANCE``, and a
+    zero against none is no difference."""
+    if len(want) != len(got):
+        return f"{kind}: {len(got)} tensors != {len(want)}"
+    for i, (w, g) in enumerate(zip(want, got)):
         if (w is None) != (g is None):
             if w is not None and not w.any() or g is not None and not g.any():
-                continue   # a zero gradient against none
-            return f"gradient {i}: {'none' if g is None else 'some'} != " \
+                continue
+            return f"{kind} {i}: {'none' if g is None else 'some'} != " \
                    f"{'none' if w is None else 'some'}"
         if w is not None and g is not None:
             try:
                 torch.testing.assert_close(g, w, **TOLERANCE)
             except AssertionError as err:
-                return f"gradient {i}: {str(err).splitlines()[0]}"
+                return f"{kind} {i}: {str(err).splitlines()[0]}"
     return ""
+
+
+def _raised(what: str, err: Exception) -> str:
+    """A remote step's failure, as a sample's problem."""
+    return f"{what} raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
 def check_second(f: Any, op: Any, sample: Any) -> str:
@@ -219,24 +233,14 @@ def check_second(f: Any, op: Any, sample: Any) -> str:
     try:
         got = hvp(lambda *a, **k: f(key(op), *a, **k))
     except Exception as err:
-        return f"double backward raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return _raised("double backward", err)
     if want is None or got is None:   # no second order on one side: none on the other
         other = got if want is None else want
         if other is None or all(t is None or not t.any() for t in other):
             return ""
         return f"second order: {'none' if got is None else 'some'} != " \
                f"{'none' if want is None else 'some'}"
-    for i, (w, g) in enumerate(zip(want, got)):
-        if (w is None) != (g is None):
-            if w is not None and not w.any() or g is not None and not g.any():
-                continue   # a zero second derivative against none
-            return f"hvp {i}: {'none' if g is None else 'some'} != {'none' if w is None else 'some'}"
-        if w is not None and g is not None:
-            try:
-                torch.testing.assert_close(g, w, **TOLERANCE)
-            except AssertionError as err:
-                return f"hvp {i}: {str(err).splitlines()[0]}"
-    return ""
+    return _compare("hvp", want, got)
 
 
 def check_forward(f: Any, op: Any, sample: Any) -> str:
@@ -273,15 +277,8 @@ def check_forward(f: Any, op: Any, sample: Any) -> str:
         _, got = torch.func.jvp(outputs_of(lambda *a, **k: f(key(op), *a, **k)), primals,
                                 tangents)
     except Exception as err:
-        return f"jvp raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    if len(want) != len(got):
-        return f"jvp: {len(got)} output tangents != {len(want)}"
-    for i, (w, g) in enumerate(zip(want, got)):
-        try:
-            torch.testing.assert_close(g, w, **TOLERANCE)
-        except AssertionError as err:
-            return f"jvp {i}: {str(err).splitlines()[0]}"
-    return ""
+        return _raised("jvp", err)
+    return _compare("jvp", want, got)
 
 
 def verdict(op: Any, problem: str) -> str:

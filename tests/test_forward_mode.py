@@ -121,3 +121,11 @@ def test_forward_mode_over_a_gradient_says_what_works(serve) -> None:
     f = client.torch("mlp")
     with pytest.raises(NotImplementedError, match="torch.autograd.functional.hessian"):
         torch.func.hessian(lambda v: f(v).sum())(torch.randn(1, 6, dtype=torch.float64))
+
+
+def test_a_jvp_too_large_for_one_message_streams(serve) -> None:
+    _, client = serve({"w": lambda x: torch.sin(x) * x}, client_options={"transport": "grpc"})
+    x, t = (torch.randn(1 << 20, dtype=torch.float64) for _ in range(2))   # 8 MiB each
+    out, tangent = torch.func.jvp(client.torch("w"), (x,), (t,))
+    torch.testing.assert_close(out, torch.sin(x) * x, **TOL)
+    torch.testing.assert_close(tangent, (torch.cos(x) * x + torch.sin(x)) * t, **TOL)

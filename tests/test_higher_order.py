@@ -89,6 +89,23 @@ def test_torch_func_grad_keeps_a_vjp_only_when_it_is_differentiated_again(serve)
     assert server.residuals.stats("f").count == 0
 
 
+def test_kept_vjps_whose_cotangents_lie_in_session_slots(serve) -> None:
+    server, client = serve({"f": lambda x: torch.sin(x) * x})
+    assert client.transport == "shm"
+    f = client.torch("f")
+    x = torch.randn(1 << 15, dtype=torch.float64, requires_grad=True)   # 256 KiB: in slots
+    v = torch.randn(1 << 15, dtype=torch.float64)
+    (g,) = torch.autograd.grad(f(x), x, grad_outputs=v, create_graph=True)
+    assert client.session_info().copied >= 2     # x, then v, went through request slots
+    for _ in range(3):                            # slots the kept Vjp views are not reused
+        client.forward("f", (np.full(1 << 15, 7.0),))
+    u = torch.randn(1 << 15, dtype=torch.float64)
+    (h,) = torch.autograd.grad(g, x, grad_outputs=u)
+    xd = x.detach()
+    torch.testing.assert_close(g, (torch.cos(xd) * xd + torch.sin(xd)) * v, **TOL)
+    torch.testing.assert_close(h, (2 * torch.cos(xd) - xd * torch.sin(xd)) * v * u, **TOL)
+
+
 def test_every_lost_level_is_recomputed(serve) -> None:
     server, client = serve({"f": lambda x: torch.sin(x).prod()})
     f = client.torch("f")

@@ -45,10 +45,13 @@ class Residual:
 
     def __init__(self, call: Call, residual_id: str = "",
                  release_queue: collections.deque[str] | None = None, holder: Any = None,
-                 levels: tuple[Level, ...] = ()):
+                 levels: tuple[Level, ...] = (), below: "Residual | None" = None):
         self.call = call
         #: the kept Vjps from the forward to this residual, lowest first (none: a Forward's)
         self.levels = levels
+        #: the residual a kept Vjp made this from: held, since the server's state of this one
+        #: views the request slots that one (and those below it) holds
+        self.below = below
         self.id = residual_id
         #: the replica (``gradserve.client.replica.Replica``) holding it; None: none does
         self.holder = holder if residual_id else None

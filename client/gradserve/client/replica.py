@@ -264,7 +264,6 @@ class Replica:
                       statics: Statics | None) -> tuple[Any, Residual | None]:
         writer = FrameWriter(self.settings.chunk_bytes, slots=session)
         request = pb.ForwardRequest(endpoint=call.endpoint, need_vjp=need_vjp)
-        kept = False
         try:
             codec.encode_arguments(call.inputs, writer, request, call.requires_grad)
             request.release.extend(self._take_releases())
@@ -274,19 +273,24 @@ class Replica:
                                                     statics=statics))
             residual = (Residual(call, header.residual_id, self.released, self)
                         if need_vjp else None)
-            if residual is not None and residual.id:
-                self._live.add(residual)
-            if residual is not None and residual.id and writer.placed and session is not None:
-                # the server's residual views these input slots: keep them while it lives
-                weakref.finalize(residual, session.free, writer.placed)
-                kept = True
+            if residual is not None:
+                self._hold(residual, writer, session)
             return outputs, residual
         except BaseException:
             self.released.extend(request.release)  # releasing twice is harmless
             raise
         finally:
-            if not kept:
-                writer.free_placed()
+            writer.free_placed()
+
+    def _hold(self, residual: Residual, writer: FrameWriter, session: Session | None) -> None:
+        """Track a residual the server kept, with the request slots it views: they stay
+        allocated while the residual lives (``writer`` then frees none of them)."""
+        if not residual.id:
+            return
+        self._live.add(residual)
+        if writer.placed and session is not None:
+            weakref.finalize(residual, session.free, writer.placed)
+            writer.placed = []
 
     def _jvp_once(self, session: Session | None, call: Call, tangents: Arguments,
                   make_leaf: MakeLeaf, batched: bool, timeout: float | None,
@@ -332,13 +336,8 @@ class Replica:
                                                               statics=statics))
             if keep:
                 kept = Residual(residual.call, header.residual_id, self.released, self,
-                                (*residual.levels, level))
-                if kept.id:
-                    self._live.add(kept)
-                    if writer.placed and session is not None:
-                        # the server's residual views these slots: keep them while it lives
-                        weakref.finalize(kept, session.free, writer.placed)
-                        writer.placed = []
+                                (*residual.levels, level), residual)
+                self._hold(kept, writer, session)
             return grads, kept
         finally:
             writer.free_placed()

@@ -36,10 +36,13 @@ def _is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def _grad_transform_active() -> bool:
-    """Whether torch.func.grad (or vjp, jacrev) is among the transforms running now."""
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    return any(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
+def _grad_levels() -> int | None:
+    """How many torch.func grad transforms (grad, vjp, jacrev) are running now; None
+    outside torch.func."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    if not stack:
+        return None
+    return sum(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
 
 
 def _plain(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -87,16 +90,15 @@ class _State:
         self.residual: Residual | None = None
         self.batched: list["_State"] = []
         self.merged = False
-        #: (device, dtype) of each input leaf (set for the calls kept Vjps make)
+        #: (device, dtype) of each input leaf: where its gradient goes (set when it runs)
         self.devices: list[tuple[torch.device, torch.dtype]] = []
 
     def child(self) -> "_State":
         return _State(self.fn, self.call_def, self.make_leaf, self.mask)
 
-    def level(self, residual: Residual, leaves: list[Any], cotangents: Any,
-              grads: list[torch.Tensor | None]) -> "_State":
+    def level(self, residual: Residual, leaves: list[Any], cotangents: Any) -> "_State":
         """The call a kept Vjp of this one made: its inputs are this call's ``leaves`` and
-        the cotangents (``grads``, None where absent), its outputs one gradient per leaf."""
+        ``cotangents``, its outputs one gradient per leaf."""
         inputs = self.call_def.unflatten(leaves)
         tree: Any = ((inputs.args, inputs.kwargs, inputs.parameters, cotangents), {}, {})
         new_leaves, treedef = pytree.flatten(tree, _is_tensor)
@@ -138,7 +140,7 @@ class _RemoteForward(_Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         state, *leaves = inputs
         ctx.state = state
-        ctx.devices = [(leaf.device, leaf.dtype) for leaf in leaves]
+        state.devices = [(leaf.device, leaf.dtype) for leaf in leaves]
         ctx.save_for_backward(*leaves)
         ctx.save_for_forward(*leaves)
         ctx.set_materialize_grads(False)
@@ -147,8 +149,7 @@ class _RemoteForward(_Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         leaves = ctx.saved_tensors   # raises if an input was modified in place
-        return (None, *_RemoteBackward.apply(ctx.state, _Kept.wanted(ctx.state.fn), ctx.devices,
-                                             len(grads),
+        return (None, *_RemoteBackward.apply(ctx.state, _Kept.wanted(ctx.state.fn), len(grads),
                                              *grads, *leaves))
 
     @staticmethod
@@ -230,12 +231,8 @@ class _Kept:
         differentiated (``create_graph``; under ``torch.func``, a grad transform inside
         another) and ``fn``'s server can keep it (else None: the gradients then refuse to
         be differentiated)."""
-        stack = torch._C._functorch.get_interpreter_stack() or []
-        if stack:   # torch.func runs every backward with grad mode on: count its levels
-            grad = torch._C._functorch.TransformType.Grad
-            building = sum(i.key() == grad for i in stack) >= 2
-        else:
-            building = torch.is_grad_enabled()
+        levels = _grad_levels()   # torch.func runs every backward with grad mode on
+        building = torch.is_grad_enabled() if levels is None else levels >= 2
         return _Kept() if building and fn.info.reverse_order != 1 else None
 
 
@@ -247,15 +244,14 @@ class _RemoteBackward(_Function):
     the Vjp of that call, whose inputs are the call's inputs and the cotangents."""
 
     @staticmethod
-    def forward(state: _State, kept: _Kept | None, devices: list[Any], n_grads: int,
+    def forward(state: _State, kept: _Kept | None, n_grads: int,
                 *grads_and_leaves: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        grads = list(grads_and_leaves[:n_grads])
-        return _vjp(state, devices, grads, batched=False, kept=kept,
+        return _vjp(state, list(grads_and_leaves[:n_grads]), batched=False, kept=kept,
                     leaves=list(grads_and_leaves[n_grads:]))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        state, kept, devices, n_grads, *grads_and_leaves = inputs
+        state, kept, n_grads, *grads_and_leaves = inputs
         ctx.endpoint, ctx.kept, ctx.n_grads = state.fn.name, kept, n_grads
         ctx.present = [g is not None for g in grads_and_leaves[:n_grads]]
         ctx.set_materialize_grads(False)
@@ -271,10 +267,9 @@ class _RemoteBackward(_Function):
         saved = ctx.saved_tensors
         grads, leaves = saved[:ctx.n_grads], saved[ctx.n_grads:]
         inputs = [*leaves, *(g for g in grads if g is not None)]   # the kept call's leaves
-        out = _RemoteBackward.apply(state, _Kept.wanted(state.fn), state.devices, len(ggrads),
-                                    *ggrads, *inputs)
+        out = _RemoteBackward.apply(state, _Kept.wanted(state.fn), len(ggrads), *ggrads, *inputs)
         for_leaves, for_grads = iter(out[:len(leaves)]), iter(out[len(leaves):])
-        return (None, None, None, None,
+        return (None, None, None,
                 *(next(for_grads) if present else None for present in ctx.present),
                 *for_leaves)
 
@@ -288,25 +283,24 @@ class _RemoteBackward(_Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, kept: _Kept | None,
-             devices: list[Any], n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
+             n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
         size = info.batch_size
         grads = [g if g is None or d is None else g.movedim(d, 0)
-                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[4:])]
-        batched = [d is not None for d in in_dims[4:4 + n_grads]]
+                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[3:])]
+        batched = [d is not None for d in in_dims[3:3 + n_grads]]
         full = [g if g is None or b else g.expand(size, *g.shape) for g, b in zip(grads, batched)]
         out: list[torch.Tensor | None]
         if not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
-            out = list(_vjp(state, devices, full, batched=True))
+            out = list(_vjp(state, full, batched=True))
         elif state.merged:
             sub = state.batched[0]
             n = state.n_inputs
             flat = [None if g is None else g.reshape(-1, *g.shape[2:]) if g.dim() > 1 else g[0]
                     for g in full]
             out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n else g
-                   for i, g in enumerate(_RemoteBackward.apply(sub, None, devices, len(flat),
-                                                               *flat))]
+                   for i, g in enumerate(_RemoteBackward.apply(sub, None, len(flat), *flat))]
         else:
-            per = [_RemoteBackward.apply(sub, None, devices, n_grads,
+            per = [_RemoteBackward.apply(sub, None, n_grads,
                                          *[None if g is None else g[i] for g in full])
                    for i, sub in enumerate(state.batched)]
             out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
@@ -320,14 +314,14 @@ def _waits_on_itself(info: EndpointInfo) -> bool:
             and any(d.startswith("cuda") for d in info.devices))
 
 
-def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
+def _vjp(state: _State, grads: list[torch.Tensor | None], *,
          batched: bool, kept: _Kept | None = None,
          leaves: list[Any] | None = None) -> tuple[torch.Tensor | None, ...]:
     """Send the Vjp of a call; gradients on the inputs' devices and dtypes. With ``kept``
     (and the call's input ``leaves``), the server keeps its graph and ``kept.state``
     becomes the call it made."""
     if all(g is None for g in grads) or state.residual is None or state.out_def is None:
-        return tuple(None for _ in devices)
+        return tuple(None for _ in state.devices)
     if any(g is not None and _is_functorch_wrapped(g) for g in grads):
         raise NotImplementedError(
             f"gradserve: the Vjp of remote endpoint {state.fn.name!r} under nested torch.func "
@@ -347,9 +341,9 @@ def _vjp(state: _State, devices: list[Any], grads: list[torch.Tensor | None], *,
         result, residual = state.fn.vjp_kept(state.residual, cotangents, _torch_leaf,
                                              requires_grad=lambda x: id(x) in flagged,
                                              batched=batched)
-        kept.state = state.level(residual, leaves, cotangents, grads)
+        kept.state = state.level(residual, leaves, cotangents)
     return tuple(None if g is None else g.to(device=dev, dtype=dt)
-                 for g, (dev, dt) in zip(state.call_def.grads(result), devices))
+                 for g, (dev, dt) in zip(state.call_def.grads(result), state.devices))
 
 
 class RemoteFunction(RemoteEndpoint):
@@ -373,7 +367,7 @@ class RemoteFunction(RemoteEndpoint):
         if any(_is_functorch_wrapped(t) for t in leaves):
             # under torch.func the tracking level is invisible here: flag what could need
             # grad, when a grad transform is on the stack (jvp and vmap alone track none)
-            grad = grad and _grad_transform_active()
+            grad = grad and bool(_grad_levels())
             mask = tuple(grad and is_differentiable(t) for t in leaves)
         else:
             mask = tuple(grad and t.requires_grad and is_differentiable(t) for t in leaves)

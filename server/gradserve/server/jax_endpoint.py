@@ -198,12 +198,13 @@ class JaxEndpoint(Endpoint):
         def f(d: list[Any]) -> Any:
             return call(d, rest)
 
-        if batched:
-            outputs = self.run(lambda: f(diff))
-            out_tangents = self.run(lambda: jax.vmap(lambda t: jax.jvp(f, (diff,), (t,))[1])(
-                given))
-        else:
-            outputs, out_tangents = self.run(lambda: jax.jvp(f, (diff,), (given,)))
+        def jvp(t: list[Any]) -> tuple[Any, Any]:
+            out, out_t = jax.jvp(f, (diff,), (t,))
+            return out, out_t
+
+        # a batch of tangents: the outputs are computed once
+        outputs, out_tangents = self.run(
+            lambda: jax.vmap(jvp, out_axes=(None, 0))(given) if batched else jvp(given))
         return outputs, pytree.map_leaves(
             lambda t: None if t.dtype == jax.dtypes.float0 else t, out_tangents, _is_array)
 

@@ -453,25 +453,39 @@ class GradserveService(pb_grpc.GradserveServicer):
                     made = endpoint.forward(inputs, request.need_vjp)
         if made.residual is not None:
             made.residual.instance = endpoint.instance
-        # a residual viewing session memory goes when the session does
-        slots = reader.slots if reader.used_slots else None
-        rid = (self.residuals.put(endpoint.name, made.residual, made.nbytes,
-                                  slots.id if slots is not None else "", owner)
+        rid = (self._store(endpoint.name, made.residual, made.nbytes, reader, owner)
                if made.residual is not None else "")
-        if rid and slots is not None and slots.closed:   # it ended while this ran
-            self.residuals.release([rid], owner)
-            rid = ""
         trace_call(endpoint.name, rid)
         reply = pb.ForwardResponse(residual_id=rid)
         try:
-            codec.encode_into(reply.outputs, made.outputs, writer, path="outputs")
-        except TypeError as err:   # what the function returned has no wire form
+            self._send(reply.outputs, made.outputs, writer, endpoint.name, "outputs")
+        except StatusError:
             if rid:
                 self.residuals.release([rid], owner)
-            raise StatusError(grpc.StatusCode.INTERNAL,
-                              f"endpoint {endpoint.name!r} returned what cannot be sent: "
-                              f"{err}") from None
+            raise
         return reply, made
+
+    def _store(self, name: str, residual: Residual, nbytes: int, reader: FrameReader[Any],
+               owner: str) -> str:
+        """Keep a residual of endpoint ``name`` for a later Vjp: its id ("" when the session
+        whose memory it views ended while it was made; it then goes with the session)."""
+        slots = reader.slots if reader.used_slots else None
+        rid = self.residuals.put(name, residual, nbytes, slots.id if slots is not None else "",
+                                 owner)
+        if slots is not None and slots.closed:   # it ended while this ran
+            self.residuals.release([rid], owner)
+            return ""
+        return rid
+
+    @staticmethod
+    def _send(target: pb.Value, tree: Any, writer: FrameWriter, name: str, path: str) -> None:
+        """Encode what endpoint ``name`` returned into ``target``; INTERNAL naming the part
+        that has no wire form (the endpoint's fault)."""
+        try:
+            codec.encode_into(target, tree, writer, path=path)
+        except TypeError as err:
+            raise StatusError(grpc.StatusCode.INTERNAL,
+                              f"endpoint {name!r} returned what cannot be sent: {err}") from None
 
     def _vjp(self, request: pb.VjpRequest, reader: FrameReader[Any], writer: FrameWriter,
              context: grpc.ServicerContext, call: CallRecord) -> tuple[pb.VjpResponse, Any]:
@@ -497,10 +511,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                     grads = endpoint.vjp(residual, cotangents, request.batched_cotangents)
         reply = pb.VjpResponse()
         if kept is not None:
-            slots = reader.slots if reader.used_slots else None
-            reply.residual_id = self.residuals.put(endpoint.name, kept, kept_bytes,
-                                                   slots.id if slots is not None else "",
-                                                   call.owner)
+            reply.residual_id = self._store(endpoint.name, kept, kept_bytes, reader, call.owner)
         codec.encode_arguments(grads, writer, reply)
         return reply, (grads, cotangents, residual, kept)
 
@@ -516,13 +527,8 @@ class GradserveService(pb_grpc.GradserveServicer):
             with self._turn(context):
                 outputs, out_tangents = endpoint.jvp(inputs, tangents, request.batched_tangents)
         reply = pb.JvpResponse()
-        try:
-            codec.encode_into(reply.outputs, outputs, writer, path="outputs")
-            codec.encode_into(reply.tangents, out_tangents, writer, path="tangents")
-        except TypeError as err:   # what the function returned has no wire form
-            raise StatusError(grpc.StatusCode.INTERNAL,
-                              f"endpoint {endpoint.name!r} returned what cannot be sent: "
-                              f"{err}") from None
+        self._send(reply.outputs, outputs, writer, endpoint.name, "outputs")
+        self._send(reply.tangents, out_tangents, writer, endpoint.name, "tangents")
         return reply, (outputs, out_tangents)
 
     def Jvp(self, request_iterator: Iterator[pb.JvpFrame],

@@ -189,12 +189,16 @@ class TorchEndpoint(Endpoint):
         given = tuple(tangents[i] for i in where)
 
         def forward_ad() -> tuple[Any, Any]:
+            def jvp(*t: torch.Tensor) -> tuple[Any, Any]:
+                outs, out_tangents = torch.func.jvp(outputs_of, primals, t)[:2]
+                return outs, out_tangents
+
             with torch.no_grad():
                 if not batched:
-                    outs, out_tangents = torch.func.jvp(outputs_of, primals, given)[:2]
-                    return outs, out_tangents
-                return outputs_of(*primals), torch.func.vmap(
-                    lambda *t: torch.func.jvp(outputs_of, primals, t)[1])(*given)
+                    return jvp(*given)
+                # a batch of tangents: the outputs computed once (torch's stub omits None)
+                once = torch.func.vmap(jvp, out_dims=(None, 0))  # type: ignore[arg-type]
+                return once(*given)
 
         try:
             outs, out_tangents = forward_ad()
