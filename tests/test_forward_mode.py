@@ -116,11 +116,16 @@ def test_a_tangent_for_an_integer_input_is_refused(serve) -> None:
                                     "tangents (only floating and complex tensors do)")
 
 
-def test_forward_mode_over_a_gradient_says_what_works(serve) -> None:
-    _, client = serve({"mlp": mlp(dtype=torch.float64)})
+def test_torch_func_hessian_equals_local_and_vmap_of_it_says_what_works(serve) -> None:
+    model = mlp(dtype=torch.float64)
+    _, client = serve({"mlp": model})
     f = client.torch("mlp")
-    with pytest.raises(NotImplementedError, match="torch.autograd.functional.hessian"):
-        torch.func.hessian(lambda v: f(v).sum())(torch.randn(1, 6, dtype=torch.float64))
+    x = torch.randn(1, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.hessian(lambda v: torch.sin(f(v)).sum())(x),
+                               torch.func.hessian(lambda v: torch.sin(model(v)).sum())(x), **TOL)
+    with pytest.raises(NotImplementedError, match="vmap of jvp"):
+        torch.func.vmap(torch.func.hessian(lambda v: f(v).sum()))(torch.randn(2, 1, 6,
+                                                                              dtype=torch.float64))
 
 
 def test_a_jvp_too_large_for_one_message_streams(serve) -> None:

@@ -1,99 +1,94 @@
-"""Remote endpoints as JAX functions: ``jax.custom_vjp`` around host callbacks.
+"""Remote endpoints as JAX functions, differentiable to second order in any mode.
 
-``RemoteJaxFunction`` works under ``jax.grad``/``vjp``/``value_and_grad``,
-``jax.jit`` and ``jax.vmap``. Output shapes come from the server's
-``Signature`` RPC (cached per input signature). The forward callback sends a
-Forward and returns the outputs plus a *token* naming the residual it kept;
-the backward callback sends a Vjp for that token. JAX may elide or duplicate
-callbacks under ``jit(grad(...))``, so the token is only an optimisation: a
-backward whose token is unknown re-sends the inputs and the server recomputes.
+``RemoteJaxFunction`` binds the primitives of :mod:`gradserve.client.jax_primitives`
+(call, Jvp, Vjp, and the Vjp of a kept Vjp), so it works under ``jax.grad``/``vjp``,
+``jvp``, ``linearize``, ``jacfwd``/``jacrev``, ``hessian``, grad of grad, ``jit`` and
+``vmap``. This module runs them on the host. Output shapes come from the server's
+``Signature`` RPC (cached per input signature).
 
-Under ``vmap`` the callbacks see every argument with the batch axes in front
-(``vmap_method="expand_dims"``). A ``batchable`` endpoint then gets one call
-with the batch merged into its own axis 0; others get one call per element.
-A backward whose cotangents are batched but whose forward was not (``jacrev``,
-``vmap`` of a vjp) becomes one Vjp with batched cotangents.
+A Forward that a derivative will follow returns, besides the outputs, a *token*
+naming the residual it kept; the Vjp sends a Vjp of that residual, and a Vjp kept for a
+second derivative returns the token of its own residual (a *level*). JAX may elide or
+duplicate host calls under ``jit``, so a token is only an optimisation: one that is
+unknown re-sends the inputs and the server recomputes.
 
-Where the forward or backward runs eagerly (no argument is a tracer, as under
-eager ``jax.grad``/``vjp``), it skips the callback and calls the host directly:
-its results become ``jax.Array``s through DLPack, which on CPU alias a
-64-byte-aligned array without a copy. Over the shared-memory transport the
-outputs and gradients then live in the reply regions, whose slot stays in use
-as long as the ``jax.Array`` does. Traced calls (``jit``, ``vmap``, grad of
-grad) keep the callback, which copies.
+Under ``vmap`` every operand of a host call has the batch axes in front (size one where
+it is not batched). A ``batchable`` endpoint's forward then goes as one call with the
+batch merged into its own axis 0; others go one call per element. A Vjp (or Jvp) whose
+cotangents (tangents) are batched where the forward's inputs are not becomes one call
+with a batch of cotangents (``jacrev``, ``jacfwd``, ``hessian``).
+
+Eager calls (no argument is a tracer) skip the callback: results become ``jax.Array``s
+through DLPack, which on CPU alias a 64-byte-aligned array without a copy. Over the
+shared-memory transport the outputs and gradients then live in the reply regions, whose
+slot stays in use as long as the ``jax.Array`` does. Traced calls copy.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from gradserve.client import jax_primitives as prims
 from gradserve.client.calls import Call, Residual
 from gradserve.client.core import Client, numpy_leaf
-from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, higher_order_refusal, \
-    mergeable
+from gradserve.client.jax_primitives import Params, Signature, batch_of, jax_dtype, numpy_dtype
+from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, mergeable
 from gradserve.errors import GradserveError
-from gradserve.frameworks.jax import as_jax
 from gradserve.lru import LRU
-from gradserve.wire import dtypes, pytree
+from gradserve.wire import pytree
 from gradserve.wire.codec import Arguments
 from gradserve.wire.specs import TensorType
 
-#: Forward residuals awaiting their backward (older ones are released; each backward
-#: consumes its own, and a second backward of the same forward recomputes).
+#: Residuals (of forwards and kept Vjps) awaiting their Vjp (older ones are released;
+#: each Vjp consumes its own, and a second Vjp of the same one recomputes).
 RESIDUALS_KEPT = 256
-#: Input signatures whose output structure and custom_vjp function are kept.
+#: Input signatures whose output structure is kept.
 SIGNATURES_KEPT = 256
-TOKEN = jax.ShapeDtypeStruct((), np.int32)
+Index = tuple[int, ...]
 
 
 def _is_leaf(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def _numpy_dtype(t: TensorType) -> np.dtype[Any]:
-    return dtypes.numpy_dtype(dtypes.code_of(t.dtype))
-
-
-def _shape_dtype(t: TensorType) -> jax.ShapeDtypeStruct:
-    """The JAX view of a type: 64-bit types narrow to 32 bits unless x64 is on, as in JAX."""
-    return jax.ShapeDtypeStruct(t.shape, jax.dtypes.canonicalize_dtype(_numpy_dtype(t)))
-
-
-def _differentiable(t: TensorType) -> bool:
-    return dtypes.code_of(t.dtype) in dtypes.DIFFERENTIABLE
-
-
-@dataclass
-class _Signature:
-    """One input signature's output structure and the custom_vjp function for it."""
-
-    in_def: CallDef
-    in_types: tuple[TensorType, ...]
-    out_def: pytree.TreeDef
-    out_types: tuple[TensorType, ...]
-    function: Any = None
-
-
 @dataclass
 class _Record:
-    """What one forward callback sends: the batch shape, and the calls that make it up
-    (one, or one per batch element), with their residuals once sent."""
+    """The remote calls one host call made, laid out over its batch: one call (``batch``
+    ()), one merged call, or one per element (row-major); and their residuals once kept
+    (a level's record holds only residuals)."""
 
     batch: tuple[int, ...]
     merged: bool
     calls: list[Call]
     residuals: list[Residual] = field(default_factory=list)
 
-    def pending(self) -> list[Residual]:
-        """Residuals to differentiate: those kept, else id-less ones that recompute."""
-        return self.residuals or [Residual(call) for call in self.calls]
+    def residual(self, i: int) -> Residual:
+        """The residual of call ``i``: the one kept, else an id-less one that recomputes."""
+        return self.residuals[i] if self.residuals else Residual(self.calls[i])
+
+    def index(self, idx: Index) -> int:
+        """Which call serves batch element ``idx`` of a host call whose batch axes end in
+        this record's (axes of size one broadcast)."""
+        if not self.batch or self.merged:
+            return 0
+        tail = idx[len(idx) - len(self.batch):]
+        return int(np.ravel_multi_index(tuple(i if s > 1 else 0 for i, s in zip(tail, self.batch)),
+                                        self.batch))
+
+    def fits(self, keyed: Sequence[Any], k: int) -> bool:
+        """Whether operands ``keyed`` (with ``k`` batch axes) are laid out as this record
+        was made: its axes last, any new ones of size one."""
+        kr = len(self.batch)
+        return kr <= k and all(
+            all(s == 1 for s in a.shape[:k - kr])
+            and all(s in (1, r) for s, r in zip(a.shape[k - kr:k], self.batch)) for a in keyed)
 
 
 class RemoteJaxFunction(RemoteEndpoint):
@@ -102,7 +97,7 @@ class RemoteJaxFunction(RemoteEndpoint):
     ``f(*args, **kwargs)`` uses the server's parameters; ``f.apply(params,
     *args, **kwargs)`` sends the caller's own (``client.jax_params(name)``
     gives the server's as a starting point) and differentiates them too.
-    ``residuals_kept`` bounds the forwards whose residual awaits a backward.
+    ``residuals_kept`` bounds the residuals awaiting a Vjp.
     """
 
     framework = "jax"
@@ -110,7 +105,7 @@ class RemoteJaxFunction(RemoteEndpoint):
     def __init__(self, client: Client, name: str, *, timeout: float | None = None,
                  residuals_kept: int = RESIDUALS_KEPT):
         super().__init__(client, name, timeout=timeout)
-        self._signatures: LRU[tuple[Any, ...], _Signature] = LRU(SIGNATURES_KEPT)
+        self._signatures: LRU[tuple[Any, ...], Signature] = LRU(SIGNATURES_KEPT)
         self._records: LRU[int, _Record] = LRU(residuals_kept)
         self._tokens = itertools.count(1)
         self._failure = threading.local()
@@ -124,12 +119,13 @@ class RemoteJaxFunction(RemoteEndpoint):
 
     def _call(self, inputs: Arguments) -> Any:
         leaves, call_def = flatten_call(inputs, _is_leaf)
+        leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
         in_types = tuple(TensorType(tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype).name)
                          for x in leaves)
         sig = self._signature(call_def, in_types)
         self._failure.error = None
         try:
-            out_leaves = sig.function(*leaves)
+            out_leaves = prims.call(self, sig, leaves)
         except Exception as err:
             # JAX reports a failed callback as its own error type; where the call ran
             # eagerly, give back the gradserve error (under jit its text is in JAX's message;
@@ -138,18 +134,9 @@ class RemoteJaxFunction(RemoteEndpoint):
             if failure is not None and failure is not err:
                 raise failure from err
             raise
-        return pytree.unflatten(sig.out_def, list(out_leaves))
+        return pytree.unflatten(sig.out_def, out_leaves)
 
-    def _host(self, body: Callable[..., Any], *args: Any) -> Any:
-        """Run a host callback body, remembering a gradserve failure for ``_call``."""
-        try:
-            return body(*args)
-        except GradserveError as err:
-            self._failure.error = err
-            raise
-
-    # -- trace-time: signatures and the custom_vjp function ----------------
-    def _signature(self, call_def: CallDef, in_types: tuple[TensorType, ...]) -> _Signature:
+    def _signature(self, call_def: CallDef, in_types: tuple[TensorType, ...]) -> Signature:
         key = (call_def.treedef, in_types)
         sig = self._signatures.get(key)
         if sig is None:
@@ -157,109 +144,173 @@ class RemoteJaxFunction(RemoteEndpoint):
             outputs = self.client.signature(self.name, parts.args, parts.kwargs, parts.parameters,
                                             timeout=self.timeout)
             out_types, out_def = pytree.flatten(outputs, lambda x: isinstance(x, TensorType))
-            sig = _Signature(call_def, in_types, out_def, tuple(out_types))
-            sig.function = self._build(sig)
+            sig = Signature(call_def, in_types, out_def, tuple(out_types))
             self._signatures.put(key, sig)
         return sig
 
-    def _build(self, sig: _Signature) -> Any:
-        out_shapes = tuple(_shape_dtype(t) for t in sig.out_types)
-        grad_shapes = tuple(_shape_dtype(t) for t in sig.in_types if _differentiable(t))
-        refusal = higher_order_refusal(self.name, "the JAX client serves reverse mode once")
+    # -- the host side of the primitives -----------------------------------
+    def host(self, kind: str, params: Params, arrays: list[Any]) -> Sequence[Any]:
+        """Run primitive ``kind`` on numpy operands (batch axes in front); its results."""
+        run: Callable[[Params, list[Any]], Sequence[Any]] = getattr(self, f"_host_{kind}")
+        try:
+            results = run(params, arrays)
+        except GradserveError as err:
+            self._failure.error = err
+            raise
+        batch = batch_of(arrays, params.operand_types(kind))
+        return [np.asarray(r).astype(jax_dtype(t), copy=False).reshape(batch + t.shape)
+                for r, t in zip(results, params.result_types(kind))]
 
-        @functools.lru_cache(maxsize=None)
-        def forward(mask: tuple[bool, ...] | None) -> Any:
-            shapes = out_shapes if mask is None else (*out_shapes, TOKEN)
-            return _callback(functools.partial(self._host, self._host_forward, sig, mask), shapes,
-                             refusal)
-
-        @functools.lru_cache(maxsize=None)
-        def backward(ct_mask: tuple[bool, ...]) -> Any:
-            return _callback(functools.partial(self._host, self._host_backward, sig, ct_mask),
-                             grad_shapes, refusal)
-
-        @jax.custom_vjp
-        def remote(*leaves: Any) -> tuple[Any, ...]:
-            return tuple(forward(None)(*leaves))
-
-        def remote_fwd(*primals: Any) -> tuple[Any, ...]:
-            mask = tuple(bool(p.perturbed) for p in primals)
-            leaves = tuple(p.value for p in primals)
-            *outs, token = forward(mask)(*leaves)
-            return tuple(outs), (leaves, token)
-
-        def remote_bwd(residual: tuple[Any, ...], cts: tuple[Any, ...]) -> tuple[Any, ...]:
-            leaves, token = residual
-            ct_mask = tuple(_differentiable(t) and not _is_symbolic_zero(ct)
-                            for t, ct in zip(sig.out_types, cts))
-            grads = iter(backward(ct_mask)(token, leaves, [ct for ct, m in zip(cts, ct_mask) if m]))
-            return tuple(next(grads) if _differentiable(t) else None for t in sig.in_types)
-
-        remote.defvjp(remote_fwd, remote_bwd, symbolic_zeros=True)
-        return remote
-
-    # -- run-time: the host callbacks --------------------------------------
-    def _host_forward(self, sig: _Signature, mask: tuple[bool, ...] | None,
-                      *arrays: Any) -> tuple[Any, ...]:
-        arrays_np = [np.asarray(a) for a in arrays]
-        batch = _batch_shape(arrays_np, sig.in_types)
-        need_vjp = mask is not None and any(mask)
-        record = self._plan(sig, arrays_np, batch, mask if need_vjp else None)
+    def _host_call(self, p: Params, xs: list[Any]) -> list[Any]:
+        sig = p.sig
+        batch = batch_of(xs, sig.in_types)
+        need_vjp = p.keep and any(p.mask)
+        record = self._plan(sig, xs, batch, p.mask if need_vjp else None, merge=True)
         results = [self.forward(call, numpy_leaf, need_vjp=need_vjp) for call in record.calls]
-        outs = [o.astype(_shape_dtype(t).dtype, copy=False)
-                for o, t in zip(_unbatch_outputs(sig, [r[0] for r in results], batch, record),
-                                sig.out_types)]
-        if mask is None:
-            return tuple(outs)
-        token = np.int32(0)
+        outs = _unbatch_outputs(sig, [r[0] for r in results], batch, record)
+        token = 0
         if need_vjp:
             record.residuals = [r[1] for r in results if r[1] is not None]
-            token = np.int32(next(self._tokens) % (2**31 - 1) + 1)
-            self._records.put(int(token), record)   # the oldest beyond the bound are released
-        return (*outs, np.broadcast_to(token, batch))
+            token = self._keep(record)
+        return [*outs, np.broadcast_to(np.int32(token), batch)]
 
-    def _host_backward(self, sig: _Signature, ct_mask: tuple[bool, ...], token: Any,
-                       leaves: tuple[Any, ...], cts: list[Any]) -> tuple[Any, ...]:
-        it = iter(cts)
-        # in the server's dtype and the wire's complex convention (torch's: conj of JAX's)
-        full_cts = [_conj(np.asarray(next(it), _numpy_dtype(t))) if m else None
-                    for m, t in zip(ct_mask, sig.out_types)]
-        given = [(c, t) for c, t in zip(full_cts, sig.out_types) if c is not None]
-        batch = _batch_shape([*leaves, *(c for c, _ in given)],
-                             [*sig.in_types, *(t for _, t in given)])
-        # consumed: its residuals are released once this backward is done
-        record = self._records.pop(int(np.asarray(token).reshape(-1)[0]))
-        if record is None:  # forward elided, duplicated or forgotten: recompute from the inputs
-            arrays = [np.asarray(a) for a in leaves]   # only now: a copy for large inputs
-            record = self._plan(sig, arrays, _batch_shape(arrays, sig.in_types), None)
-        pending = record.pending()
-        if not record.batch:  # one forward: plain, or batched cotangents (jacrev, vmap of vjp)
-            n = int(np.prod(batch))
-            lead = (n,) if n > 1 else ()
+    def _host_jvp(self, p: Params, arrays: list[Any]) -> list[Any]:
+        sig = p.sig
+        n = len(sig.in_types)
+        xs, tangents = arrays[:n], _spread(arrays[n + 1:], p.t_mask)
+        self._take(arrays[n], xs, 0)   # forward mode needs no residual: release it now
+        batch = batch_of(arrays, p.operand_types("jvp"))
+        x_batch = batch_of(xs, sig.in_types) if xs else batch
+
+        def run(idxs: list[Index]) -> list[Any]:
+            call = self.make_call(sig.in_def, [_at(x, idxs[0]) for x in xs], p.mask)
+            given = sig.in_def.unflatten([None if t is None else _gather(t, idxs, batch, ty)
+                                          for t, ty in zip(tangents, sig.in_types)])
+            _, out_tangents = self.jvp(call, given, numpy_leaf, batched=len(idxs) > 1)
+            found = pytree.flatten_up_to(sig.out_def, out_tangents)
+            return [f for f, d in zip(found, sig.diff_out) if d]
+
+        return _grouped(batch, lambda idx: _key(idx, x_batch), run,
+                        prims._pick(sig.out_types, sig.diff_out))
+
+    def _host_vjp(self, p: Params, arrays: list[Any]) -> list[Any]:
+        sig = p.sig
+        n = len(sig.in_types)
+        xs, token = arrays[:n], arrays[n]
+        cts = [None if c is None else _conj(np.asarray(c, numpy_dtype(t)))
+               for c, t in zip(_spread(arrays[n + 1:], p.ct_mask), sig.out_types)]
+        batch = batch_of(arrays, p.operand_types("vjp"))
+        record = self._take(token, xs, len(batch))
+        if record is None or (record.merged and (p.keep or len(record.batch) != len(batch))):
+            record = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
+        if p.keep:
+            grads, levels = self._kept(p, record, cts, batch)
+            return [*_conj_all(grads), np.broadcast_to(np.int32(self._keep(levels)), batch)]
+        if record.merged:
+            return _conj_all(self._vjp_merged(p, record, cts))
+        g_types = prims._pick(sig.in_types, p.g_mask)
+
+        def run(idxs: list[Index]) -> list[Any]:
             cotangents = pytree.unflatten(sig.out_def, [
-                None if c is None else np.broadcast_to(c, batch + t.shape).reshape(lead + t.shape)
-                for c, t in zip(full_cts, sig.out_types)])
-            grads = self.vjp(pending[0], cotangents, numpy_leaf, batched=n > 1)
-            return _unbatch_grads(sig, [sig.in_def.grads(grads)], batch, merged=True)
-        per_call = _batch_cotangents(sig, full_cts, record)
-        flats = [sig.in_def.grads(self.vjp(res, ct, numpy_leaf))
-                 for res, ct in zip(pending, per_call)]
-        return _unbatch_grads(sig, flats, record.batch, record.merged)
+                None if c is None else _gather(c, idxs, batch, t)
+                for c, t in zip(cts, sig.out_types)])
+            grads = self.vjp(record.residual(record.index(idxs[0])), cotangents, numpy_leaf,
+                             batched=len(idxs) > 1)
+            return prims._pick(sig.in_def.grads(grads), p.g_mask)
 
-    def _plan(self, sig: _Signature, arrays: list[Any], batch: tuple[int, ...],
-              mask: tuple[bool, ...] | None) -> _Record:
-        """The remote calls for one forward, not yet sent."""
+        return _conj_all(_grouped(batch, record.index, run, g_types))
+
+    def _host_hvp(self, p: Params, arrays: list[Any]) -> list[Any]:
+        sig = p.sig
+        n, n_ct = len(sig.in_types), sum(p.ct_mask)
+        xs, token, level = arrays[:n], arrays[n], arrays[n + 1]
+        cts = [None if c is None else np.asarray(c, numpy_dtype(t))
+               for c, t in zip(_spread(arrays[n + 2:n + 2 + n_ct], p.ct_mask), sig.out_types)]
+        dxs = _spread(arrays[n + 2 + n_ct:], p.dx_mask)
+        batch = batch_of(arrays, p.operand_types("hvp"))
+        keyed = [*xs, *(c for c in cts if c is not None)]
+        levels = self._take(level, keyed, len(batch))
+        if levels is None:   # recompute each level from the inputs and cotangents
+            forward = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
+            _, levels = self._kept(p, forward, cts, batch_of(keyed, [
+                *sig.in_types, *prims._pick(sig.out_types, p.ct_mask)]))
+
+        def run(idxs: list[Index]) -> list[Any]:
+            directions = sig.in_def.unflatten([None if d is None else _gather(d, idxs, batch, t)
+                                               for d, t in zip(dxs, sig.in_types)])
+            grads = self.vjp(levels.residual(levels.index(idxs[0])), directions.tree,
+                             numpy_leaf, batched=len(idxs) > 1)
+            return prims._pick(sig.in_def.grads(Arguments(*grads.args[:3])), p.g_mask)
+
+        return _grouped(batch, levels.index, run, prims._pick(sig.in_types, p.g_mask))
+
+    # -- records -------------------------------------------------------------
+    def _keep(self, record: _Record) -> int:
+        """A new token for ``record`` (the oldest beyond the bound are released)."""
+        token = next(self._tokens) % (2**31 - 1) + 1
+        self._records.put(token, record)
+        return token
+
+    def _take(self, token: Any, keyed: Sequence[Any], k: int) -> _Record | None:
+        """The record under ``token`` (consumed: released once used), if it is laid out
+        for operands ``keyed`` with ``k`` batch axes."""
+        values = np.unique(np.asarray(token))
+        if values.size != 1:
+            return None
+        record = self._records.pop(int(values[0]))
+        return record if record is not None and record.fits(keyed, k) else None
+
+    def _kept(self, p: Params, record: _Record, cts: list[Any],
+              batch: tuple[int, ...]) -> tuple[list[Any], _Record]:
+        """One Vjp that keeps its graph per batch element: the gradients, and the record of
+        the levels they made."""
+        sig = p.sig
+        per_element: list[list[Any]] = []
+        levels: list[Residual] = []
+        for idx in np.ndindex(*batch):
+            cotangents = pytree.unflatten(sig.out_def, [None if c is None else _at(c, idx)
+                                                        for c in cts])
+            found, level = self.vjp_kept(record.residual(record.index(idx)), cotangents,
+                                         numpy_leaf)
+            per_element.append(prims._pick(sig.in_def.grads(found), p.g_mask))
+            levels.append(level)
+        g_types = prims._pick(sig.in_types, p.g_mask)
+        out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in g_types]
+        for idx, grads in zip(np.ndindex(*batch), per_element):
+            for o, g in zip(out, grads):
+                if g is not None:
+                    o[idx] = g
+        return out, _Record(batch, False, [], levels)
+
+    def _vjp_merged(self, p: Params, record: _Record, cts: list[Any]) -> list[Any]:
+        """The Vjp of one merged call: cotangents merged into axis 0, gradients split."""
+        sig = p.sig
+        batch = record.batch
+        n = int(np.prod(batch))
+        cotangents = pytree.unflatten(sig.out_def, [
+            None if c is None else np.broadcast_to(c, batch + t.shape).reshape(
+                (n * t.shape[0], *t.shape[1:]))
+            for c, t in zip(cts, sig.out_types)])
+        grads = sig.in_def.grads(self.vjp(record.residual(0), cotangents, numpy_leaf))
+        return [None if g is None else np.asarray(g).reshape(batch + t.shape)
+                for g, t in zip(prims._pick(grads, p.g_mask), prims._pick(sig.in_types, p.g_mask))]
+
+    def _plan(self, sig: Signature, arrays: list[Any], batch: tuple[int, ...],
+              mask: tuple[bool, ...] | None, *, merge: bool) -> _Record:
+        """The remote calls for one forward (``merge``: a batch may go as one call), not
+        yet sent; ``mask`` flags the leaves to differentiate."""
         n_inputs = len(arrays) - sig.in_def.n_params
         k = len(batch)
         if int(np.prod(batch)) == 1:   # no vmap, or a batch of one: one plain call
             arrays = [a.reshape(t.shape) for a, t in zip(arrays, sig.in_types)]
             batch, merged = (), False
         else:
-            merged = mergeable(self.batchable, [len(t.shape) for t in sig.in_types[:n_inputs]],
-                               any(any(d != 1 for d in a.shape[:k]) for a in arrays[n_inputs:]),
-                               bool(mask and any(mask[n_inputs:])))
+            merged = merge and mergeable(
+                self.batchable, [len(t.shape) for t in sig.in_types[:n_inputs]],
+                any(any(d != 1 for d in a.shape[:k]) for a in arrays[n_inputs:]),
+                bool(mask and any(mask[n_inputs:])))
         flags = mask if mask is not None else tuple(
-            _differentiable(t) and not (merged and i >= n_inputs)
+            prims.differentiable(t) and not (merged and i >= n_inputs)
             for i, t in enumerate(sig.in_types))
 
         def call(leaves: Sequence[Any]) -> Call:
@@ -274,32 +325,52 @@ class RemoteJaxFunction(RemoteEndpoint):
                       + [a.reshape(a.shape[k:]) for a in arrays[n_inputs:]])
             return _Record(batch, True, [call(leaves)])
         return _Record(batch, False, [call([np.ascontiguousarray(a[idx]) for a in full])
-                                      for idx in np.ndindex(batch)])
+                                      for idx in np.ndindex(*batch)])
 
 
-def _callback(host: Callable[..., Any], shapes: Any, refusal: str) -> Callable[..., Any]:
-    """A host call: direct on concrete arrays, else a host callback (one call per vmap
-    batch) that refuses to be differentiated itself."""
-    @jax.custom_jvp
-    def traced(*args: Any) -> Any:
-        return jax.pure_callback(host, shapes, *args, vmap_method="expand_dims")
+def _spread(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
+    found = iter(items)
+    return [next(found) if m else None for m in mask]
 
-    @traced.defjvp
-    def _refuse(primals: Any, tangents: Any) -> Any:
-        raise NotImplementedError(refusal)
 
-    def run(*args: Any) -> Any:
-        leaves = jax.tree_util.tree_leaves(args)
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
-            return traced(*args)
-        devices = {d for x in leaves if isinstance(x, jax.Array) and x.committed
-                   for d in x.devices()}
-        if len(devices) > 1:   # where the results belong is for JAX to say
-            return traced(*args)
-        device = devices.pop() if devices else None
-        return tuple(as_jax(np.asarray(out), device) for out in host(*args))
+def _key(idx: Index, shape: tuple[int, ...]) -> Index:
+    return tuple(i if s > 1 else 0 for i, s in zip(idx, shape))
 
-    return run
+
+def _at(a: Any, idx: Index) -> Any:
+    """Element ``idx`` of ``a``'s leading batch axes (those of size one broadcast)."""
+    return a[tuple(i if s > 1 else 0 for i, s in zip(idx, a.shape))]
+
+
+def _gather(a: Any, idxs: list[Index], batch: tuple[int, ...], t: TensorType) -> Any:
+    """The elements ``idxs`` of ``a``: stacked along a new axis 0, or alone if one."""
+    if len(idxs) == 1:
+        return np.asarray(_at(a, idxs[0]))
+    if len(idxs) == int(np.prod(batch)):
+        return np.broadcast_to(a, batch + t.shape).reshape((len(idxs), *t.shape))
+    return np.stack([_at(a, idx) for idx in idxs])
+
+
+def _grouped(batch: tuple[int, ...], key: Callable[[Index], Hashable],
+             run: Callable[[list[Index]], list[Any]], types: list[TensorType]) -> list[Any]:
+    """Run ``run`` once per group of batch elements sharing ``key``: it returns, per result,
+    the group's values stacked along axis 0 (alone if one; None for zeros). The results,
+    with the batch axes in front."""
+    groups: dict[Hashable, list[Index]] = {}
+    for idx in np.ndindex(*batch):
+        groups.setdefault(key(idx), []).append(idx)
+    if len(groups) == 1:   # in row-major order: a reshape puts every element in place
+        found = run(next(iter(groups.values())))
+        return [np.zeros(batch + t.shape, numpy_dtype(t)) if f is None
+                else np.asarray(f).reshape(batch + t.shape) for f, t in zip(found, types)]
+    out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in types]
+    for idxs in groups.values():
+        for o, f in zip(out, run(idxs)):
+            if f is not None:
+                values = np.asarray(f)
+                for j, idx in enumerate(idxs):
+                    o[idx] = values if len(idxs) == 1 else values[j]
+    return out
 
 
 def _conj(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -307,58 +378,14 @@ def _conj(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.conj(a) if np.iscomplexobj(a) else a
 
 
-def _is_symbolic_zero(x: Any) -> bool:
-    return type(x).__name__ == "SymbolicZero"
+def _conj_all(arrays: list[Any]) -> list[Any]:
+    return [None if a is None else _conj(np.asarray(a)) for a in arrays]
 
 
-def _batch_shape(arrays: Sequence[Any], types: Sequence[TensorType]) -> tuple[int, ...]:
-    """The vmap batch axes in front of every array (``expand_dims`` puts them there)."""
-    if not arrays:
-        return ()
-    k = arrays[0].ndim - len(types[0].shape)
-    if k <= 0:
-        return ()
-    return tuple(np.broadcast_shapes(*(a.shape[:k] for a in arrays)))
-
-
-def _unbatch_outputs(sig: _Signature, results: list[Any], batch: tuple[int, ...],
+def _unbatch_outputs(sig: Signature, results: list[Any], batch: tuple[int, ...],
                      record: _Record) -> list[Any]:
     flats = [pytree.flatten_up_to(sig.out_def, r) for r in results]
     if not record.batch or record.merged:
         return [np.asarray(o).reshape(batch + t.shape) for o, t in zip(flats[0], sig.out_types)]
     return [np.stack([np.asarray(f[i]) for f in flats]).reshape(batch + t.shape)
             for i, t in enumerate(sig.out_types)]
-
-
-def _batch_cotangents(sig: _Signature, cts: list[Any], record: _Record) -> list[Any]:
-    """Cotangent trees, one per remote call of a batched ``record``."""
-    batch = record.batch
-    full = [None if c is None else np.broadcast_to(c, batch + t.shape)
-            for c, t in zip(cts, sig.out_types)]
-    if record.merged:
-        n = int(np.prod(batch))
-        return [pytree.unflatten(sig.out_def, [
-            None if c is None else c.reshape((n * t.shape[0], *t.shape[1:]))
-            for c, t in zip(full, sig.out_types)])]
-    return [pytree.unflatten(sig.out_def, [None if c is None else np.ascontiguousarray(c[idx])
-                                           for c in full])
-            for idx in np.ndindex(batch)]
-
-
-def _unbatch_grads(sig: _Signature, flats: list[list[Any]], batch: tuple[int, ...],
-                   merged: bool) -> tuple[Any, ...]:
-    """Gradients of the differentiable inputs with the batch axes in front (zeros for None)."""
-    out = []
-    for i, t in enumerate(sig.in_types):
-        if not _differentiable(t):
-            continue
-        dtype = _numpy_dtype(t)
-        parts = [f[i] for f in flats]
-        if any(p is None for p in parts):
-            out.append(np.zeros(batch + t.shape, dtype))
-        elif merged:
-            out.append(_conj(np.asarray(parts[0], dtype)).reshape(batch + t.shape))
-        else:
-            out.append(_conj(np.stack([np.asarray(p, dtype) for p in parts]))
-                       .reshape(batch + t.shape))
-    return tuple(out)

@@ -12,7 +12,7 @@ level up, to any order.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -43,6 +43,21 @@ def _grad_levels() -> int | None:
     if not stack:
         return None
     return sum(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
+
+
+def _tracked(t: torch.Tensor) -> bool:
+    """Whether ``t``, an input a torch.func node saved, is tracked by a grad transform that
+    is running now other than the node's own (its outermost wrapper): a gradient computed
+    from it will be differentiated again (grad of grad, jacrev of jacrev)."""
+    functorch = torch._C._functorch
+    running = {i.level() for i in functorch.get_interpreter_stack() or []
+               if i.key() == functorch.TransformType.Grad}
+    own = True
+    while _is_functorch_wrapped(t):
+        if not own and functorch.maybe_get_level(t) in running:
+            return True
+        own, t = False, functorch.get_unwrapped(t)
+    return False
 
 
 def _plain(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -96,14 +111,15 @@ class _State:
     def child(self) -> "_State":
         return _State(self.fn, self.call_def, self.make_leaf, self.mask)
 
-    def level(self, residual: Residual, leaves: list[Any], cotangents: Any) -> "_State":
+    def level(self, residual: Residual, leaves: list[Any], cotangents: Any,
+              flag: Callable[[torch.Tensor], bool]) -> "_State":
         """The call a kept Vjp of this one made: its inputs are this call's ``leaves`` and
         ``cotangents``, its outputs one gradient per leaf."""
         inputs = self.call_def.unflatten(leaves)
         tree: Any = ((inputs.args, inputs.kwargs, inputs.parameters, cotangents), {}, {})
         new_leaves, treedef = pytree.flatten(tree, _is_tensor)
         up = _State(self.fn, CallDef(treedef, 0), self.make_leaf,
-                    tuple(t.requires_grad for t in new_leaves))
+                    tuple(flag(t) for t in new_leaves))
         up.residual, up.out_def = residual, self.call_def.treedef
         up.devices = [(t.device, t.dtype) for t in new_leaves]
         return up
@@ -149,8 +165,8 @@ class _RemoteForward(_Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         leaves = ctx.saved_tensors   # raises if an input was modified in place
-        return (None, *_RemoteBackward.apply(ctx.state, _Kept.wanted(ctx.state.fn), len(grads),
-                                             *grads, *leaves))
+        return (None, *_RemoteBackward.apply(ctx.state, _Kept.wanted(ctx.state.fn, leaves),
+                                             len(grads), False, *grads, *leaves))
 
     @staticmethod
     def jvp(ctx: Any, _: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -222,18 +238,28 @@ class _RemoteForward(_Function):
 class _Kept:
     """Where a kept Vjp (``create_graph=True``) leaves the state of the call it made."""
 
-    def __init__(self) -> None:
+    def __init__(self, func: bool) -> None:
         self.state: _State | None = None
+        #: made under torch.func, whose nodes' forwards see their inputs unwrapped (so
+        #: whether they are tracked is invisible there): differentiate all that could be
+        self.func = func
+
+    def flags(self, t: torch.Tensor) -> bool:
+        """Whether the kept Vjp differentiates ``t`` (an input or a cotangent)."""
+        return t.requires_grad or (self.func and is_differentiable(t))
 
     @staticmethod
-    def wanted(fn: "RemoteFunction") -> "_Kept | None":
+    def wanted(fn: "RemoteFunction", leaves: Any) -> "_Kept | None":
         """A new one when the backward running now builds a graph that will be
-        differentiated (``create_graph``; under ``torch.func``, a grad transform inside
-        another) and ``fn``'s server can keep it (else None: the gradients then refuse to
-        be differentiated)."""
-        levels = _grad_levels()   # torch.func runs every backward with grad mode on
-        building = torch.is_grad_enabled() if levels is None else levels >= 2
-        return _Kept() if building and fn.info.reverse_order != 1 else None
+        differentiated (``create_graph``; under ``torch.func``, the call's inputs ``leaves``
+        are tracked by a grad transform still running) and ``fn``'s server can keep it
+        (else None: the gradients then refuse to be differentiated)."""
+        if _grad_levels() is None:
+            building = torch.is_grad_enabled()
+        else:   # torch.func runs every backward with grad mode on
+            building = any(_tracked(t) for t in leaves if t is not None)
+        return _Kept(_grad_levels() is not None) if building and fn.info.reverse_order != 1 \
+            else None
 
 
 class _RemoteBackward(_Function):
@@ -244,67 +270,87 @@ class _RemoteBackward(_Function):
     the Vjp of that call, whose inputs are the call's inputs and the cotangents."""
 
     @staticmethod
-    def forward(state: _State, kept: _Kept | None, n_grads: int,
+    def forward(state: _State, kept: _Kept | None, n_grads: int, batched: bool,
                 *grads_and_leaves: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        return _vjp(state, list(grads_and_leaves[:n_grads]), batched=False, kept=kept,
+        return _vjp(state, list(grads_and_leaves[:n_grads]), batched=batched, kept=kept,
                     leaves=list(grads_and_leaves[n_grads:]))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        state, kept, n_grads, *grads_and_leaves = inputs
-        ctx.endpoint, ctx.kept, ctx.n_grads = state.fn.name, kept, n_grads
-        ctx.present = [g is not None for g in grads_and_leaves[:n_grads]]
+        state, kept, n_grads, batched, *grads_and_leaves = inputs
+        ctx.state, ctx.endpoint, ctx.kept, ctx.n_grads = state, state.fn.name, kept, n_grads
+        ctx.batched = batched
+        ctx.present = [g is not None for g in grads_and_leaves]
         ctx.set_materialize_grads(False)
         if kept is not None:
             ctx.save_for_backward(*grads_and_leaves)
+        ctx.save_for_forward(*(t for t in grads_and_leaves if t is not None))
 
     @staticmethod
     def backward(ctx: Any, *ggrads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         state = ctx.kept.state if ctx.kept is not None else None
+        if state is None and _grad_levels() is not None:
+            raise NotImplementedError(_NESTED.format(name=ctx.endpoint))
         if state is None:
             raise RuntimeError(higher_order_refusal(
                 ctx.endpoint, "its endpoint serves first-order reverse mode only"))
         saved = ctx.saved_tensors
         grads, leaves = saved[:ctx.n_grads], saved[ctx.n_grads:]
         inputs = [*leaves, *(g for g in grads if g is not None)]   # the kept call's leaves
-        out = _RemoteBackward.apply(state, _Kept.wanted(state.fn), len(ggrads), *ggrads, *inputs)
+        out = _RemoteBackward.apply(state, _Kept.wanted(state.fn, inputs), len(ggrads), False,
+                                    *ggrads, *inputs)
         for_leaves, for_grads = iter(out[:len(leaves)]), iter(out[len(leaves):])
-        return (None, None, None,
-                *(next(for_grads) if present else None for present in ctx.present),
+        return (None, None, None, None,
+                *(next(for_grads) if present else None
+                  for present in ctx.present[:ctx.n_grads]),
                 *for_leaves)
 
     @staticmethod
-    def jvp(ctx: Any, *_: Any) -> None:
-        raise NotImplementedError(
-            f"gradserve: forward mode over a gradient of remote endpoint {ctx.endpoint!r} "
-            "(torch.func.hessian, jacfwd of jacrev) is not supported yet; "
-            "torch.autograd.functional.hessian (reverse over reverse) and jacrev of jacrev "
-            "are")
+    def jvp(ctx: Any, *tangents: Any) -> tuple[torch.Tensor | None, ...]:
+        """Forward mode over the Vjp (torch.func.hessian, jacfwd of jacrev): the tangent of
+        ``J(x)ᵀ ct`` is ``J(x)ᵀ dct + ∂ₓ[J(x)ᵀ ct] dx``, the second a Vjp of a kept Vjp (that
+        matrix is the Hessian of ``ct·f``, so it is its own transpose)."""
+        return _vjp_tangents(ctx, list(tangents[4:]))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, kept: _Kept | None,
-             n_grads: int, *grads_and_leaves: Any) -> tuple[Any, ...]:
+             n_grads: int, batched_cts: bool, *grads_and_leaves: Any) -> tuple[Any, ...]:
         size = info.batch_size
         grads = [g if g is None or d is None else g.movedim(d, 0)
-                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[3:])]
-        batched = [d is not None for d in in_dims[3:3 + n_grads]]
+                 for g, d in zip(grads_and_leaves[:n_grads], in_dims[4:])]
+        batched = [d is not None for d in in_dims[4:4 + n_grads]]
         full = [g if g is None or b else g.expand(size, *g.shape) for g, b in zip(grads, batched)]
         out: list[torch.Tensor | None]
-        if not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
-            out = list(_vjp(state, full, batched=True))
+        if batched_cts:
+            raise NotImplementedError(_NESTED.format(name=state.fn.name))
+        if not state.batched and kept is not None:   # jacrev of jacrev: a kept Vjp each
+            leaves = grads_and_leaves[n_grads:]
+            per = [_RemoteBackward.apply(state, _Kept(kept.func), n_grads, False,
+                                         *[None if g is None else g[i] for g in full], *leaves)
+                   for i in range(size)]
+            out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
+        elif not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
+            out = list(_RemoteBackward.apply(state, kept, n_grads, True, *full,
+                                             *grads_and_leaves[n_grads:]))
         elif state.merged:
             sub = state.batched[0]
             n = state.n_inputs
             flat = [None if g is None else g.reshape(-1, *g.shape[2:]) if g.dim() > 1 else g[0]
                     for g in full]
             out = [None if g is None else g.reshape(size, -1, *g.shape[1:]) if i < n else g
-                   for i, g in enumerate(_RemoteBackward.apply(sub, None, len(flat), *flat))]
+                   for i, g in enumerate(_RemoteBackward.apply(sub, None, len(flat), False,
+                                                               *flat))]
         else:
-            per = [_RemoteBackward.apply(sub, None, n_grads,
+            per = [_RemoteBackward.apply(sub, None, n_grads, False,
                                          *[None if g is None else g[i] for g in full])
                    for i, sub in enumerate(state.batched)]
             out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
         return tuple(out), tuple(None if g is None else 0 for g in out)
+
+
+_NESTED = ("gradserve: the Vjp of remote endpoint {name!r} under this nesting of torch.func "
+           "transforms is not supported yet; torch.func.hessian, jacrev of jacrev, grad of "
+           "grad, jvp of grad and torch.autograd.functional.hessian are")
 
 
 def _waits_on_itself(info: EndpointInfo) -> bool:
@@ -312,6 +358,67 @@ def _waits_on_itself(info: EndpointInfo) -> bool:
     GPU whose server shares this process (torch's engine runs both on one device thread)."""
     return (info.same_process and info.framework == "torch"
             and any(d.startswith("cuda") for d in info.devices))
+
+
+def _vjp_tangents(ctx: Any, tangents: list[Any]) -> tuple[torch.Tensor | None, ...]:
+    """The tangents of a Vjp's gradients (``_RemoteBackward.jvp``): a Vjp of the call for
+    the cotangents' tangents, and a Vjp of a kept Vjp for the inputs' (per cotangent of a
+    batch of them); under jacfwd, each is one Vjp with a batch of directions."""
+    state: _State = ctx.state
+    saved = iter(ctx.saved_tensors)
+    values = [_plain(next(saved))[0] if p else None for p in ctx.present]
+    grads, n = values[:ctx.n_grads], ctx.n_grads
+    found = [None if t is None else _plain(t) for t in tangents]
+    vmapped = {layer for u in found if u is not None for layer in u[1]}
+    if len(vmapped) > 1 or state.residual is None or state.out_def is None:
+        raise NotImplementedError(
+            f"gradserve: forward mode over a gradient of remote endpoint {state.fn.name!r} "
+            "under more than one vmap is not supported")
+    if any(v is not None and v.is_complex() for v in values):
+        raise NotImplementedError(
+            f"gradserve: forward mode over a gradient of remote endpoint {state.fn.name!r} "
+            "with complex inputs or outputs is not supported")
+    level = next(iter(vmapped), None)
+    size = next((u[0].shape[0] for u in found if u is not None and u[1]), 0)
+    axis = 0 if level is None else 1     # the cotangents' own batch (jacrev), after jacfwd's
+    per_ct = range(grads[0].shape[0] if ctx.batched and grads[0] is not None else 1)
+
+    def at(t: torch.Tensor | None, b: int, dim: int) -> torch.Tensor | None:
+        return t if t is None or not ctx.batched else t.select(dim, b)
+
+    result: list[torch.Tensor | None] = []
+    with torch._C._DisableFuncTorch():   # plain values: what travels, and what is built
+        directions = [None if u is None else u[0] if u[1] or level is None
+                      else u[0].expand(size, *u[0].shape) for u in found]
+        d_cts, d_xs = directions[:n], directions[n:]
+        sums: list[list[torch.Tensor | None]] = []
+        for b in per_ct:
+            terms: list[torch.Tensor | None] = [None] * len(state.devices)
+            if any(d is not None for d in d_xs):
+                cts = pytree.unflatten(state.out_def, [at(g, b, 0) for g in grads])
+                _, level_residual = state.fn.vjp_kept(state.residual, cts, _torch_leaf)
+                found_x = state.fn.vjp(level_residual, state.call_def.unflatten(d_xs).tree,
+                                       _torch_leaf, batched=level is not None)
+                terms = _summed(terms, state.call_def.grads(Arguments(*found_x.args[:3])))
+            if any(d is not None for d in d_cts):
+                d_ct = pytree.unflatten(state.out_def, [at(d, b, axis) for d in d_cts])
+                terms = _summed(terms, state.call_def.grads(
+                    state.fn.vjp(state.residual, d_ct, _torch_leaf, batched=level is not None)))
+            sums.append(terms)
+        for i, (device, dtype) in enumerate(state.devices):
+            parts = [terms[i] for terms in sums]
+            if any(p is None for p in parts):
+                result.append(None)
+                continue
+            t = torch.stack(parts, axis) if ctx.batched else parts[0]  # type: ignore[arg-type]
+            assert t is not None
+            result.append(t.to(device=device, dtype=dtype))
+    return tuple(t if t is None or level is None
+                 else torch._C._functorch._add_batch_dim(t, 0, level) for t in result)
+
+
+def _summed(terms: list[torch.Tensor | None], more: list[Any]) -> list[torch.Tensor | None]:
+    return [m if t is None else t if m is None else t + m for t, m in zip(terms, more)]
 
 
 def _vjp(state: _State, grads: list[torch.Tensor | None], *,
@@ -323,10 +430,7 @@ def _vjp(state: _State, grads: list[torch.Tensor | None], *,
     if all(g is None for g in grads) or state.residual is None or state.out_def is None:
         return tuple(None for _ in state.devices)
     if any(g is not None and _is_functorch_wrapped(g) for g in grads):
-        raise NotImplementedError(
-            f"gradserve: the Vjp of remote endpoint {state.fn.name!r} under nested torch.func "
-            "transforms (torch.func.hessian, jacfwd or jacrev of jacrev) is not supported yet; "
-            "torch.autograd.functional.hessian and grad of grad are")
+        raise NotImplementedError(_NESTED.format(name=state.fn.name))
     if any(g is not None and g.is_cuda for g in grads) and _waits_on_itself(state.fn.info):
         raise GradserveError(
             f"the Vjp of remote endpoint {state.fn.name!r} cannot run here: its server runs "
@@ -337,11 +441,11 @@ def _vjp(state: _State, grads: list[torch.Tensor | None], *,
     if kept is None or leaves is None:
         result = state.fn.vjp(state.residual, cotangents, _torch_leaf, batched=batched)
     else:
-        flagged = {id(g) for g in grads if g is not None and g.requires_grad}
+        flagged = {id(g) for g in grads if g is not None and kept.flags(g)}
         result, residual = state.fn.vjp_kept(state.residual, cotangents, _torch_leaf,
                                              requires_grad=lambda x: id(x) in flagged,
                                              batched=batched)
-        kept.state = state.level(residual, leaves, cotangents)
+        kept.state = state.level(residual, leaves, cotangents, kept.flags)
     return tuple(None if g is None else g.to(device=dev, dtype=dt)
                  for g, (dev, dt) in zip(state.call_def.grads(result), state.devices))
 

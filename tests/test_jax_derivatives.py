@@ -1,0 +1,137 @@
+"""The JAX client to second order in any mode: jvp, jacfwd, linearize, hessian, grad of
+grad, jacrev of jacrev, under jit and vmap, through torch and JAX endpoints, equal to
+local JAX at 1e-8 (float64); and what it refuses, by name."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+
+from gradserve.server.jax_endpoint import JaxEndpoint
+from gradserve.server.torch_endpoint import TorchEndpoint
+
+TIGHT = dict(rtol=1e-8, atol=1e-8)
+W = np.random.default_rng(7).standard_normal((4, 3))
+
+
+def mix_torch(x, y, *, p):
+    h = torch.tanh(x @ torch.as_tensor(W, dtype=x.dtype) + p)
+    return {"h": h * y.sum(), "n": h.argmax(-1)}
+
+
+def mix_jax(x, y, *, p):
+    h = jnp.tanh(x @ W + p)
+    return {"h": h * y.sum(), "n": jnp.argmax(h, -1)}
+
+
+@pytest.fixture(params=["torch", "jax"])
+def mix(request, serve, x64):
+    """(server, client) serving ``mix`` from a torch or a JAX endpoint."""
+    endpoint = TorchEndpoint(mix_torch) if request.param == "torch" else JaxEndpoint(mix_jax)
+    return serve({"mix": endpoint})
+
+
+def data(seed: int = 0) -> tuple[jax.Array, ...]:
+    g = np.random.default_rng(seed)
+    return tuple(jnp.asarray(g.standard_normal(s)) for s in ((2, 4), (5,), (3,)))
+
+
+def loss(f):
+    return lambda x, y, p: jnp.sum(jnp.sin(f(x, y, p=p)["h"]))
+
+
+def assert_trees_close(got, want) -> None:
+    leaves_g, leaves_w = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(leaves_g) == len(leaves_w)
+    for a, b in zip(leaves_g, leaves_w):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TIGHT)
+
+
+def test_forward_mode(mix) -> None:
+    _, client = mix
+    f = client.jax("mix")
+    x, y, p = data()
+    tx, ty, tp = data(1)
+    h = lambda g: lambda a, b, c: g(a, b, p=c)["h"]  # noqa: E731
+    assert_trees_close(jax.jvp(h(f), (x, y, p), (tx, ty, tp)),
+                       jax.jvp(h(mix_jax), (x, y, p), (tx, ty, tp)))
+    assert_trees_close(jax.jit(lambda a: jax.jvp(h(f), (a, y, p), (tx, ty, tp)))(x),
+                       jax.jvp(h(mix_jax), (x, y, p), (tx, ty, tp)))
+    assert_trees_close(jax.jacfwd(h(f), argnums=(0, 1, 2))(x, y, p),
+                       jax.jacfwd(h(mix_jax), argnums=(0, 1, 2))(x, y, p))
+    _, lin = jax.linearize(lambda a: h(f)(a, y, p), x)
+    _, lin_l = jax.linearize(lambda a: h(mix_jax)(a, y, p), x)
+    assert_trees_close(lin(tx), lin_l(tx))
+    assert_trees_close(jax.vmap(lambda t: jax.jvp(h(f), (x, y, p), (t, ty, tp))[1])(jnp.stack([tx, x])),
+                       jax.vmap(lambda t: jax.jvp(h(mix_jax), (x, y, p), (t, ty, tp))[1])(
+                           jnp.stack([tx, x])))
+    out, tangents = jax.jvp(lambda a: f(a, y, p=p), (x,), (tx,))
+    assert jnp.issubdtype(out["n"].dtype, jnp.integer) and tangents["n"].dtype == jax.dtypes.float0
+
+
+def test_jacfwd_is_one_jvp_with_a_batch_of_tangents(mix) -> None:
+    server, client = mix
+    f = client.jax("mix")
+    x, y, p = data()
+    endpoint = server.registry.get("mix")
+    batches, original = [], endpoint.run_jvp
+
+    def counting(inputs, tangents, batched):
+        batches.append(batched)
+        return original(inputs, tangents, batched)
+
+    endpoint.run_jvp = counting
+    jax.jacfwd(lambda a: f(a, y, p=p)["h"])(x)
+    assert batches == [True]
+
+
+def test_second_order(mix) -> None:
+    _, client = mix
+    f = client.jax("mix")
+    x, y, p = data()
+    assert_trees_close(jax.hessian(loss(f), argnums=(0, 1, 2))(x, y, p),
+                       jax.hessian(loss(mix_jax), argnums=(0, 1, 2))(x, y, p))
+    assert_trees_close(jax.jit(jax.hessian(loss(f)))(x, y, p),
+                       jax.hessian(loss(mix_jax))(x, y, p))
+    grad_norm = lambda g: lambda a: jnp.sum(jax.grad(loss(g), argnums=(0, 2))(a, y, p)[1] ** 2)  # noqa: E731
+    assert_trees_close(jax.grad(grad_norm(f))(x), jax.grad(grad_norm(mix_jax))(x))
+    h = lambda g: lambda a: g(a, y, p=p)["h"]  # noqa: E731
+    assert_trees_close(jax.jacrev(jax.jacrev(h(f)))(x), jax.jacrev(jax.jacrev(h(mix_jax)))(x))
+    v = data(2)[0]
+    hvp = lambda g: jax.jvp(jax.grad(lambda a: loss(g)(a, y, p)), (x,), (v,))[1]  # noqa: E731
+    assert_trees_close(hvp(f), hvp(mix_jax))
+    xs = jnp.stack([x, 2 * x])
+    assert_trees_close(jax.vmap(jax.hessian(lambda a: loss(f)(a, y, p)))(xs),
+                       jax.vmap(jax.hessian(lambda a: loss(mix_jax)(a, y, p)))(xs))
+    check_grads(lambda a, c: f(a, y, p=c)["h"], (x, p), order=2, modes=["rev"])
+    check_grads(lambda a, c: f(a, y, p=c)["h"], (x, p), order=1, modes=["fwd"])
+
+
+def test_lost_residuals_are_recomputed(serve, x64) -> None:
+    _, client = serve({"mix": TorchEndpoint(mix_torch)})
+    f = client.jax("mix", residuals_kept=0)   # every token is forgotten at once
+    x, y, p = data()
+    before = client.recomputes
+    assert_trees_close(jax.hessian(loss(f))(x, y, p), jax.hessian(loss(mix_jax))(x, y, p))
+    assert_trees_close(jax.grad(loss(f))(x, y, p), jax.grad(loss(mix_jax))(x, y, p))
+    assert client.recomputes > before
+
+
+def test_what_the_jax_client_refuses(serve, x64) -> None:
+    _, client = serve({"mix": TorchEndpoint(mix_torch),
+                       "cplx": JaxEndpoint(lambda z: jnp.sin(z) * z)})
+    f = client.jax("mix")
+    x, y, p = data()
+    h = lambda a: f(a, y, p=p)["h"]  # noqa: E731
+    with pytest.raises(NotImplementedError, match=r"jacfwd of jacfwd.* remote endpoint 'mix'"):
+        jax.jacfwd(jax.jacfwd(h))(x)
+    with pytest.raises(NotImplementedError, match="remote endpoint 'mix'"):
+        jax.grad(lambda a: jnp.sum(jax.hessian(lambda b: loss(f)(b, y, p))(a)))(x)
+    z = jnp.asarray([1 + 2j, 0.5 - 1j])
+    c = client.jax("cplx")
+    with pytest.raises(NotImplementedError, match="complex inputs or outputs"):
+        jax.jvp(jax.grad(lambda u: jnp.sum(jnp.abs(c(u)) ** 2)), (z,), (z,))
