@@ -244,6 +244,40 @@ class RemoteJaxFunction(RemoteEndpoint):
 
         return _grouped(batch, levels.index, run, prims._pick(sig.in_types, p.g_mask))
 
+    def _host_jvp2(self, p: Params, arrays: list[Any]) -> list[Any]:
+        """``∂ₓ[J(x) t] dx`` per batch element: with ``C`` cotangents (zeros), a kept Vjp
+        ``G(x, C) = JᵀC`` differentiating ``C`` too, a kept Vjp of ``G`` along ``t``
+        (``(H(C) t, J t)``), and a Vjp of that along ``dx``, whose ``C`` part is
+        ``[dxᵀ ∇²f_k t]_k``."""
+        sig = p.sig
+        n, n_t = len(sig.in_types), sum(p.t_mask)
+        xs, token = arrays[:n], arrays[n]
+        ts = _spread(arrays[n + 1:n + 1 + n_t], p.t_mask)
+        dxs = _spread(arrays[n + 1 + n_t:], p.dx_mask)
+        batch = batch_of(arrays, p.operand_types("jvp2"))
+        record = self._take(token, xs, len(batch))
+        if record is None or record.merged:
+            record = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
+        y_types = prims._pick(sig.out_types, sig.diff_out)
+        out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in y_types]
+        for idx in np.ndindex(*batch):
+            zeros = [np.zeros(t.shape, numpy_dtype(t)) if d else None
+                     for t, d in zip(sig.out_types, sig.diff_out)]
+            ids = {id(z) for z in zeros if z is not None}
+            _, first = self.vjp_kept(record.residual(record.index(idx)),
+                                     pytree.unflatten(sig.out_def, zeros), numpy_leaf,
+                                     requires_grad=lambda a: id(a) in ids)
+            along = sig.in_def.unflatten([None if t is None else _at(t, idx) for t in ts]).tree
+            _, second = self.vjp_kept(first, along, numpy_leaf)
+            direction = sig.in_def.unflatten([None if d is None else _at(d, idx) for d in dxs])
+            nothing = pytree.unflatten(sig.out_def, [None] * len(sig.out_types))
+            found = self.vjp(second, ((*direction.tree, nothing), {}, {}), numpy_leaf)
+            by_output = pytree.flatten_up_to(sig.out_def, found.args[0][3])
+            for o, f in zip(out, (f for f, d in zip(by_output, sig.diff_out) if d)):
+                if f is not None:
+                    o[idx] = f
+        return out
+
     # -- records -------------------------------------------------------------
     def _keep(self, record: _Record) -> int:
         """A new token for ``record`` (the oldest beyond the bound are released)."""

@@ -1,4 +1,4 @@
-"""The four JAX primitives a remote call becomes, and the rules JAX transforms them by.
+"""The JAX primitives a remote call becomes, and the rules JAX transforms them by.
 
 With ``x`` the call's array leaves and ``f`` the endpoint:
 
@@ -8,11 +8,13 @@ With ``x`` the call's array leaves and ``f`` the endpoint:
   ``ct``; its transpose is ``remote_jvp``, and its derivative in ``x`` is
 - ``remote_hvp(x, token, level, ct, dx)``: ``∂ₓ[J(x)ᵀ ct] dx``, a Vjp of the ``level``
   residual the kept Vjp made. That matrix is the Hessian of ``ct·f``, which is
-  symmetric, so the primitive is its own transpose in ``dx``.
+  symmetric, so the primitive is its own transpose in ``dx``;
+- ``remote_jvp2(x, token, t, dx)``: ``∂ₓ[J(x) t] dx``, the derivative of the JVP in ``x``
+  (forward over forward), linear in ``t`` and ``dx``, whose transposes are ``remote_hvp``.
 
 So ``grad``, ``jit``, ``vmap``, ``jvp``, ``linearize``, ``jacfwd``, ``jacrev``,
-``hessian`` (forward over reverse), ``grad`` of ``grad`` and ``jacrev`` of ``jacrev``
-compose as they do on a local function. Each primitive runs on the host: directly on
+``hessian`` (forward over reverse), ``grad`` of ``grad``, ``jacrev`` of ``jacrev`` and
+``jacfwd`` of ``jacfwd`` compose as they do on a local function. Each primitive runs on the host: directly on
 concrete arrays, else through ``jax.pure_callback``. Under ``vmap`` every operand gets
 the new batch axis in front (size one where it is not batched), so a host call sees all
 its operands with the same leading batch axes and decides how to send them.
@@ -96,7 +98,8 @@ class Params:
         return {"call": x,
                 "jvp": [*x, TOKEN, *_pick(x, self.t_mask)],
                 "vjp": [*x, TOKEN, *_pick(y, self.ct_mask)],
-                "hvp": [*x, TOKEN, TOKEN, *_pick(y, self.ct_mask), *_pick(x, self.dx_mask)]}[kind]
+                "hvp": [*x, TOKEN, TOKEN, *_pick(y, self.ct_mask), *_pick(x, self.dx_mask)],
+                "jvp2": [*x, TOKEN, *_pick(x, self.t_mask), *_pick(x, self.dx_mask)]}[kind]
 
     def result_types(self, kind: str) -> list[TensorType]:
         """The base types of a primitive's results."""
@@ -104,7 +107,8 @@ class Params:
         return {"call": [*y, TOKEN],
                 "jvp": _pick(y, self.sig.diff_out),
                 "vjp": [*_pick(x, self.g_mask), *([TOKEN] if self.keep else [])],
-                "hvp": _pick(x, self.g_mask)}[kind]
+                "hvp": _pick(x, self.g_mask),
+                "jvp2": _pick(y, self.sig.diff_out)}[kind]
 
 
 def _pick(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
@@ -169,7 +173,8 @@ def _make(kind: str) -> Primitive:
     return prim
 
 
-call_p, jvp_p, vjp_p, hvp_p = (_make(kind) for kind in ("call", "jvp", "vjp", "hvp"))
+call_p, jvp_p, vjp_p, hvp_p, jvp2_p = (_make(kind)
+                                       for kind in ("call", "jvp", "vjp", "hvp", "jvp2"))
 
 
 def call(fn: Any, sig: Signature, leaves: Sequence[Any]) -> list[Any]:
@@ -197,14 +202,75 @@ def _jvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
              params: Params) -> tuple[list[Any], list[Any]]:
     sig = params.sig
     n = len(sig.in_types)
-    if any(_present(tangents[:n], sig.in_types)):
+    dx_mask = _present(tangents[:n], sig.in_types)
+    d_t = list(tangents[n + 1:])
+    dt_given = tuple(type(d) is not ad.Zero for d in d_t)
+    outs = list(jvp_p.bind(*primals, params=params))
+    sums: list[Any] = [None] * len(outs)
+    if any(dt_given):
+        sums = _add(sums, jvp_p.bind(*primals[:n + 1], *_pick(d_t, dt_given),
+                                     params=replace(params, t_mask=_narrow(params.t_mask,
+                                                                           dt_given))))
+    if any(dx_mask):
+        _second_order(params, dx_mask)
+        sums = _add(sums, jvp2_p.bind(*primals, *_pick(tangents[:n], dx_mask),
+                                      params=replace(params, mask=_or(params.mask, dx_mask),
+                                                     dx_mask=dx_mask)))
+    return outs, [_zero(o) if t is None else t for o, t in zip(outs, sums)]
+
+
+def _jvp2_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
+              params: Params) -> tuple[list[Any], list[Any]]:
+    n, n_t = len(params.sig.in_types), sum(params.t_mask)
+    if any(type(t) is not ad.Zero for t in tangents[:n + 1]):
+        raise NotImplementedError(_third_order(params))
+    outs = list(jvp2_p.bind(*primals, params=params))
+    head, ts, dxs = primals[:n + 1], primals[n + 1:n + 1 + n_t], primals[n + 1 + n_t:]
+    d_t = [ad.instantiate_zeros(t) for t in tangents[n + 1:n + 1 + n_t]]
+    d_dx = [ad.instantiate_zeros(t) for t in tangents[n + 1 + n_t:]]
+    return outs, _add(list(jvp2_p.bind(*head, *d_t, *dxs, params=params)),
+                      jvp2_p.bind(*head, *ts, *d_dx, params=params))
+
+
+def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
+    """``∂ₓ[J t] dx`` is linear in ``t`` and in ``dx``; its transpose in either, for output
+    cotangents ``ct``, is the Hessian of ``ct·f`` along the other."""
+    sig = params.sig
+    n, n_t = len(sig.in_types), sum(params.t_mask)
+    t_linear = any(ad.is_undefined_primal(t) for t in operands[n + 1:n + 1 + n_t])
+    if any(ad.is_undefined_primal(x) for x in operands[:n + 1]) or (
+            t_linear and any(ad.is_undefined_primal(d) for d in operands[n + 1 + n_t:])):
+        raise NotImplementedError(_third_order(params))
+    per_output = _spread(cts, sig.diff_out)
+    ct_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_output)
+    head = list(operands[:n + 1])
+    if t_linear:
+        linear, g_mask, direction, d_mask = (operands[n + 1:n + 1 + n_t], params.t_mask,
+                                             operands[n + 1 + n_t:], params.dx_mask)
+    else:
+        linear, g_mask, direction, d_mask = (operands[n + 1 + n_t:], params.dx_mask,
+                                             operands[n + 1:n + 1 + n_t], params.t_mask)
+    none = [None] * len(operands)
+    if not any(ct_mask):
+        return none
+    given = _pick(per_output, ct_mask)
+    kept = replace(params, keep=True, ct_mask=ct_mask, g_mask=g_mask, t_mask=())
+    *_, level = vjp_p.bind(*head, *given, params=kept)
+    found = hvp_p.bind(*head, level, *given, *direction,
+                       params=replace(kept, keep=False, dx_mask=d_mask))
+    start = n + 1 if t_linear else n + 1 + n_t
+    none[start:start + len(linear)] = _fit(found, linear)
+    return none
+
+
+def _second_order(params: Params, perturbed: Mask) -> None:
+    """Refuse a second derivative the symmetry of the Hessian does not give (complex)."""
+    types = [*_pick(params.sig.in_types, _or(params.mask, perturbed)),
+             *_pick(params.sig.out_types, params.sig.diff_out)]
+    if any(t.dtype.startswith("complex") for t in types):
         raise NotImplementedError(
-            f"gradserve: the derivative of a forward-mode derivative (jacfwd of jacfwd, jvp of "
-            f"jvp, third order) of remote endpoint {params.fn.name!r} is not supported by the "
-            "JAX client; jax.hessian (jacfwd of jacrev), jacrev of jacrev and grad of grad are")
-    outs = jvp_p.bind(*primals, params=params)
-    d_t = [ad.instantiate_zeros(t) for t in tangents[n + 1:]]
-    return list(outs), list(jvp_p.bind(*primals[:n + 1], *d_t, params=params))
+            f"gradserve: second derivatives of remote endpoint {params.fn.name!r} with "
+            "complex inputs or outputs are not supported by the JAX client")
 
 
 def _jvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
@@ -246,12 +312,7 @@ def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
     if any(dx_mask):
         if params.keep:
             raise NotImplementedError(_third_order(params))
-        complex_ = [t.dtype for t, m in zip(sig.in_types, params.mask) if m
-                    ] + [t.dtype for t, m in zip(sig.out_types, params.ct_mask) if m]
-        if any(d.startswith("complex") for d in complex_):
-            raise NotImplementedError(
-                f"gradserve: second derivatives of remote endpoint {params.fn.name!r} with "
-                "complex inputs or outputs are not supported by the JAX client")
+        _second_order(params, dx_mask)
         kept = replace(params, keep=True, mask=_or(params.mask, dx_mask))
         *grads, level = vjp_p.bind(*primals, params=kept)
         primal_out = grads   # the level is this rule's own, not an output of the primitive
@@ -334,6 +395,8 @@ ad.primitive_jvps[call_p] = _call_jvp
 ad.primitive_jvps[jvp_p] = _jvp_jvp
 ad.primitive_jvps[vjp_p] = _vjp_jvp
 ad.primitive_jvps[hvp_p] = _hvp_jvp
+ad.primitive_jvps[jvp2_p] = _jvp2_jvp
 ad.primitive_transposes[jvp_p] = _jvp_transpose
 ad.primitive_transposes[vjp_p] = _vjp_transpose
 ad.primitive_transposes[hvp_p] = _hvp_transpose
+ad.primitive_transposes[jvp2_p] = _jvp2_transpose
