@@ -401,6 +401,34 @@ def jax_jit_path(module: torch.nn.Module) -> Iterator[MakeStep]:
         yield lambda work: _jitted_vjp_step(f, work)
 
 
+@contextlib.contextmanager
+def jax_hvp_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """The HVP table's product through ``client.jax(...)`` under ``jax.jit``, forward over
+    reverse (``jax.jvp`` of ``jax.grad``: a Forward, a kept Vjp and a Vjp of it along the
+    direction), checked against local torch once per row."""
+    import jax
+    import jax.numpy as jnp
+    with _served(module, transport="grpc") as client:
+        f = client.jax("layer")
+
+        def make(work: Workload) -> Step:
+            x, ct = _jax_inputs(work)
+
+            @jax.jit
+            def hvp(x: Any, ct: Any) -> Any:
+                return jax.jvp(jax.grad(lambda v: jnp.sum(f(v) * ct)), (x,), (ct,))[1]
+
+            def step() -> Any:
+                return jax.block_until_ready(hvp(x, ct))
+            local = hvp_step(module, work)().detach().numpy()
+            scale = max(1.0, float(np.abs(local).max()))
+            err = float(np.abs(np.asarray(step()) - local).max()) / scale
+            if not err <= TOLERANCE:
+                sys.exit(f"bench: jax hvp differs from local at rows={work.rows}: {err:.3g}")
+            return _unchecked(step)
+        yield make
+
+
 def _empty_body(x: np.ndarray) -> np.ndarray:
     """The host side of the callback paths: hands its input straight back."""
     return x
@@ -493,6 +521,7 @@ PATHS: dict[str, Path] = {
     "callback_jit": _callback_path(jit=True),
     "local_hvp": local_hvp_path,
     "hvp": hvp_path,
+    "jax_hvp": jax_hvp_path,
 }
 CUDA = _cuda_ipc_usable()
 if CUDA:
@@ -720,8 +749,10 @@ HVP_COLUMNS: list[Column] = [
     _ratio("hvp", "local_hvp"),
     _minus("hvp", "local_hvp"),
     Column("hvp/gradserve", lambda r: f"{r.ratio('hvp', 'gradserve'):.2f}x"),
+    _ms("jax_hvp"),
+    _ratio("jax_hvp", "local_hvp"),
 ]
-HVP_PATHS = ("local", "gradserve", "local_hvp", "hvp")
+HVP_PATHS = ("local", "gradserve", "local_hvp", "hvp", "jax_hvp")
 
 CUDA_COLUMNS: list[Column] = [
     ROWS,
@@ -772,7 +803,8 @@ TABLES: list[Table] = [
     Table(("Hessian-vector product of sum(y * ct) in x at v = ct, by double backward "
            "(create_graph): local torch against the torch client over bytes (a Forward, a "
            "kept Vjp and a Vjp of that Vjp per step); hvp/gradserve = over one forward + vjp "
-           "step:"),
+           "step; jax_hvp = the JAX client under jax.jit, jax.jvp of jax.grad (the same three "
+           "calls):"),
           HVP_COLUMNS, HVP_PATHS),
     Table(("Torch client over CUDA IPC (x and ct allocated in the request pool), layer on the "
            "GPU; overhead = cuda_ipc - local_cuda; memcpy_cuda = device-to-device copies of "

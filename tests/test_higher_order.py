@@ -249,3 +249,22 @@ def test_a_share_of_a_merged_run_is_recomputed_alone_for_a_kept_vjp() -> None:
         assert (runs, calls) == (1, 2)
     finally:
         server.stop(grace=0)
+
+
+def test_a_jax_endpoint_with_static_arguments_serves_second_derivatives(serve, x64) -> None:
+    """A kept Vjp of a call with static arguments (a name, a number) leaves them out of the
+    gradients JAX differentiates again (they once made every second derivative fail)."""
+    jax = pytest.importorskip("jax")
+    from gradserve.server.jax_endpoint import JaxEndpoint
+
+    def local(x, *, k, mode):
+        return torch.sin(x) * k * (x ** 2).sum() if mode == "wave" else x
+
+    server, client = serve({"s": JaxEndpoint(
+        lambda x, *, k, mode: jax.numpy.sin(x) * k * jax.numpy.sum(x ** 2) if mode == "wave"
+        else x)})
+    f = client.torch("s")
+    x = torch.randn(3, dtype=torch.float64)
+    got = torch.autograd.functional.hessian(lambda v: torch.tanh(f(v, k=2, mode="wave")).sum(), x)
+    want = torch.autograd.functional.hessian(lambda v: torch.tanh(local(v, k=2, mode="wave")).sum(), x)
+    torch.testing.assert_close(got, want, **TOL)

@@ -38,7 +38,8 @@ import numpy as np
 from gradserve.client import jax_primitives as prims
 from gradserve.client.calls import Call, Residual
 from gradserve.client.core import Client, numpy_leaf
-from gradserve.client.jax_primitives import Params, Signature, batch_of, jax_dtype, numpy_dtype
+from gradserve.client.jax_primitives import Params, Signature, batch_of, jax_dtype, numpy_dtype, \
+    pick, spread
 from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, mergeable
 from gradserve.errors import GradserveError
 from gradserve.lru import LRU
@@ -177,7 +178,7 @@ class RemoteJaxFunction(RemoteEndpoint):
     def _host_jvp(self, p: Params, arrays: list[Any]) -> list[Any]:
         sig = p.sig
         n = len(sig.in_types)
-        xs, tangents = arrays[:n], _spread(arrays[n + 1:], p.t_mask)
+        xs, tangents = arrays[:n], spread(arrays[n + 1:], p.t_mask)
         self._take(arrays[n], xs, 0)   # forward mode needs no residual: release it now
         batch = batch_of(arrays, p.operand_types("jvp"))
         x_batch = batch_of(xs, sig.in_types) if xs else batch
@@ -191,14 +192,14 @@ class RemoteJaxFunction(RemoteEndpoint):
             return [f for f, d in zip(found, sig.diff_out) if d]
 
         return _grouped(batch, lambda idx: _key(idx, x_batch), run,
-                        prims._pick(sig.out_types, sig.diff_out))
+                        pick(sig.out_types, sig.diff_out))
 
     def _host_vjp(self, p: Params, arrays: list[Any]) -> list[Any]:
         sig = p.sig
         n = len(sig.in_types)
         xs, token = arrays[:n], arrays[n]
         cts = [None if c is None else _conj(np.asarray(c, numpy_dtype(t)))
-               for c, t in zip(_spread(arrays[n + 1:], p.ct_mask), sig.out_types)]
+               for c, t in zip(spread(arrays[n + 1:], p.ct_mask), sig.out_types)]
         batch = batch_of(arrays, p.operand_types("vjp"))
         record = self._take(token, xs, len(batch))
         if record is None or (record.merged and (p.keep or len(record.batch) != len(batch))):
@@ -208,7 +209,7 @@ class RemoteJaxFunction(RemoteEndpoint):
             return [*_conj_all(grads), np.broadcast_to(np.int32(self._keep(levels)), batch)]
         if record.merged:
             return _conj_all(self._vjp_merged(p, record, cts))
-        g_types = prims._pick(sig.in_types, p.g_mask)
+        g_types = pick(sig.in_types, p.g_mask)
 
         def run(idxs: list[Index]) -> list[Any]:
             cotangents = pytree.unflatten(sig.out_def, [
@@ -216,7 +217,7 @@ class RemoteJaxFunction(RemoteEndpoint):
                 for c, t in zip(cts, sig.out_types)])
             grads = self.vjp(record.residual(record.index(idxs[0])), cotangents, numpy_leaf,
                              batched=len(idxs) > 1)
-            return prims._pick(sig.in_def.grads(grads), p.g_mask)
+            return pick(sig.in_def.grads(grads), p.g_mask)
 
         return _conj_all(_grouped(batch, record.index, run, g_types))
 
@@ -225,24 +226,24 @@ class RemoteJaxFunction(RemoteEndpoint):
         n, n_ct = len(sig.in_types), sum(p.ct_mask)
         xs, token, level = arrays[:n], arrays[n], arrays[n + 1]
         cts = [None if c is None else np.asarray(c, numpy_dtype(t))
-               for c, t in zip(_spread(arrays[n + 2:n + 2 + n_ct], p.ct_mask), sig.out_types)]
-        dxs = _spread(arrays[n + 2 + n_ct:], p.dx_mask)
+               for c, t in zip(spread(arrays[n + 2:n + 2 + n_ct], p.ct_mask), sig.out_types)]
+        dxs = spread(arrays[n + 2 + n_ct:], p.dx_mask)
         batch = batch_of(arrays, p.operand_types("hvp"))
         keyed = [*xs, *(c for c in cts if c is not None)]
         levels = self._take(level, keyed, len(batch))
         if levels is None:   # recompute each level from the inputs and cotangents
             forward = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
             _, levels = self._kept(p, forward, cts, batch_of(keyed, [
-                *sig.in_types, *prims._pick(sig.out_types, p.ct_mask)]))
+                *sig.in_types, *pick(sig.out_types, p.ct_mask)]))
 
         def run(idxs: list[Index]) -> list[Any]:
             directions = sig.in_def.unflatten([None if d is None else _gather(d, idxs, batch, t)
                                                for d, t in zip(dxs, sig.in_types)])
             grads = self.vjp(levels.residual(levels.index(idxs[0])), directions.tree,
                              numpy_leaf, batched=len(idxs) > 1)
-            return prims._pick(sig.in_def.grads(Arguments(*grads.args[:3])), p.g_mask)
+            return pick(sig.in_def.grads(Arguments(*grads.args[:3])), p.g_mask)
 
-        return _grouped(batch, levels.index, run, prims._pick(sig.in_types, p.g_mask))
+        return _grouped(batch, levels.index, run, pick(sig.in_types, p.g_mask))
 
     def _host_jvp2(self, p: Params, arrays: list[Any]) -> list[Any]:
         """``∂ₓ[J(x) t] dx`` per batch element: with ``C`` cotangents (zeros), a kept Vjp
@@ -252,13 +253,13 @@ class RemoteJaxFunction(RemoteEndpoint):
         sig = p.sig
         n, n_t = len(sig.in_types), sum(p.t_mask)
         xs, token = arrays[:n], arrays[n]
-        ts = _spread(arrays[n + 1:n + 1 + n_t], p.t_mask)
-        dxs = _spread(arrays[n + 1 + n_t:], p.dx_mask)
+        ts = spread(arrays[n + 1:n + 1 + n_t], p.t_mask)
+        dxs = spread(arrays[n + 1 + n_t:], p.dx_mask)
         batch = batch_of(arrays, p.operand_types("jvp2"))
         record = self._take(token, xs, len(batch))
         if record is None or record.merged:
             record = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
-        y_types = prims._pick(sig.out_types, sig.diff_out)
+        y_types = pick(sig.out_types, sig.diff_out)
         out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in y_types]
         for idx in np.ndindex(*batch):
             zeros = [np.zeros(t.shape, numpy_dtype(t)) if d else None
@@ -306,9 +307,9 @@ class RemoteJaxFunction(RemoteEndpoint):
                                                         for c in cts])
             found, level = self.vjp_kept(record.residual(record.index(idx)), cotangents,
                                          numpy_leaf)
-            per_element.append(prims._pick(sig.in_def.grads(found), p.g_mask))
+            per_element.append(pick(sig.in_def.grads(found), p.g_mask))
             levels.append(level)
-        g_types = prims._pick(sig.in_types, p.g_mask)
+        g_types = pick(sig.in_types, p.g_mask)
         out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in g_types]
         for idx, grads in zip(np.ndindex(*batch), per_element):
             for o, g in zip(out, grads):
@@ -327,7 +328,7 @@ class RemoteJaxFunction(RemoteEndpoint):
             for c, t in zip(cts, sig.out_types)])
         grads = sig.in_def.grads(self.vjp(record.residual(0), cotangents, numpy_leaf))
         return [None if g is None else np.asarray(g).reshape(batch + t.shape)
-                for g, t in zip(prims._pick(grads, p.g_mask), prims._pick(sig.in_types, p.g_mask))]
+                for g, t in zip(pick(grads, p.g_mask), pick(sig.in_types, p.g_mask))]
 
     def _plan(self, sig: Signature, arrays: list[Any], batch: tuple[int, ...],
               mask: tuple[bool, ...] | None, *, merge: bool) -> _Record:
@@ -360,11 +361,6 @@ class RemoteJaxFunction(RemoteEndpoint):
             return _Record(batch, True, [call(leaves)])
         return _Record(batch, False, [call([np.ascontiguousarray(a[idx]) for a in full])
                                       for idx in np.ndindex(*batch)])
-
-
-def _spread(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
-    found = iter(items)
-    return [next(found) if m else None for m in mask]
 
 
 def _key(idx: Index, shape: tuple[int, ...]) -> Index:

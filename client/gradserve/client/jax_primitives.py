@@ -96,22 +96,23 @@ class Params:
         """The base types (batch axes aside) of a primitive's operands."""
         x, y = list(self.sig.in_types), self.sig.out_types
         return {"call": x,
-                "jvp": [*x, TOKEN, *_pick(x, self.t_mask)],
-                "vjp": [*x, TOKEN, *_pick(y, self.ct_mask)],
-                "hvp": [*x, TOKEN, TOKEN, *_pick(y, self.ct_mask), *_pick(x, self.dx_mask)],
-                "jvp2": [*x, TOKEN, *_pick(x, self.t_mask), *_pick(x, self.dx_mask)]}[kind]
+                "jvp": [*x, TOKEN, *pick(x, self.t_mask)],
+                "vjp": [*x, TOKEN, *pick(y, self.ct_mask)],
+                "hvp": [*x, TOKEN, TOKEN, *pick(y, self.ct_mask), *pick(x, self.dx_mask)],
+                "jvp2": [*x, TOKEN, *pick(x, self.t_mask), *pick(x, self.dx_mask)]}[kind]
 
     def result_types(self, kind: str) -> list[TensorType]:
         """The base types of a primitive's results."""
         x, y = self.sig.in_types, self.sig.out_types
         return {"call": [*y, TOKEN],
-                "jvp": _pick(y, self.sig.diff_out),
-                "vjp": [*_pick(x, self.g_mask), *([TOKEN] if self.keep else [])],
-                "hvp": _pick(x, self.g_mask),
-                "jvp2": _pick(y, self.sig.diff_out)}[kind]
+                "jvp": pick(y, self.sig.diff_out),
+                "vjp": [*pick(x, self.g_mask), *([TOKEN] if self.keep else [])],
+                "hvp": pick(x, self.g_mask),
+                "jvp2": pick(y, self.sig.diff_out)}[kind]
 
 
-def _pick(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
+def pick(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
+    """The ``items`` whose flag in ``mask`` is set."""
     return [item for item, m in zip(items, mask) if m]
 
 
@@ -192,7 +193,7 @@ def _call_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
         return list(outs), [_zero(o) for o in outs]
     kept = replace(params, keep=True, mask=_or(params.mask, t_mask))
     *outs, token = call_p.bind(*primals, params=kept)
-    ty = iter(jvp_p.bind(*primals, token, *_pick(tangents, t_mask),
+    ty = iter(jvp_p.bind(*primals, token, *pick(tangents, t_mask),
                          params=replace(kept, t_mask=t_mask)))
     out_tangents = [next(ty) if d else _zero(o) for o, d in zip(outs, sig.diff_out)]
     return [*outs, token], [*out_tangents, _zero(token)]
@@ -208,12 +209,12 @@ def _jvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
     outs = list(jvp_p.bind(*primals, params=params))
     sums: list[Any] = [None] * len(outs)
     if any(dt_given):
-        sums = _add(sums, jvp_p.bind(*primals[:n + 1], *_pick(d_t, dt_given),
+        sums = _add(sums, jvp_p.bind(*primals[:n + 1], *pick(d_t, dt_given),
                                      params=replace(params, t_mask=_narrow(params.t_mask,
                                                                            dt_given))))
     if any(dx_mask):
         _second_order(params, dx_mask)
-        sums = _add(sums, jvp2_p.bind(*primals, *_pick(tangents[:n], dx_mask),
+        sums = _add(sums, jvp2_p.bind(*primals, *pick(tangents[:n], dx_mask),
                                       params=replace(params, mask=_or(params.mask, dx_mask),
                                                      dx_mask=dx_mask)))
     return outs, [_zero(o) if t is None else t for o, t in zip(outs, sums)]
@@ -241,7 +242,7 @@ def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[
     if any(ad.is_undefined_primal(x) for x in operands[:n + 1]) or (
             t_linear and any(ad.is_undefined_primal(d) for d in operands[n + 1 + n_t:])):
         raise NotImplementedError(_third_order(params))
-    per_output = _spread(cts, sig.diff_out)
+    per_output = spread(cts, sig.diff_out)
     ct_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_output)
     head = list(operands[:n + 1])
     if t_linear:
@@ -253,7 +254,7 @@ def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[
     none = [None] * len(operands)
     if not any(ct_mask):
         return none
-    given = _pick(per_output, ct_mask)
+    given = pick(per_output, ct_mask)
     kept = replace(params, keep=True, ct_mask=ct_mask, g_mask=g_mask, t_mask=())
     *_, level = vjp_p.bind(*head, *given, params=kept)
     found = hvp_p.bind(*head, level, *given, *direction,
@@ -265,8 +266,8 @@ def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[
 
 def _second_order(params: Params, perturbed: Mask) -> None:
     """Refuse a second derivative the symmetry of the Hessian does not give (complex)."""
-    types = [*_pick(params.sig.in_types, _or(params.mask, perturbed)),
-             *_pick(params.sig.out_types, params.sig.diff_out)]
+    types = [*pick(params.sig.in_types, _or(params.mask, perturbed)),
+             *pick(params.sig.out_types, params.sig.diff_out)]
     if any(t.dtype.startswith("complex") for t in types):
         raise NotImplementedError(
             f"gradserve: second derivatives of remote endpoint {params.fn.name!r} with "
@@ -275,12 +276,12 @@ def _second_order(params: Params, perturbed: Mask) -> None:
 
 def _jvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
     n = len(params.sig.in_types)
-    per_output = _spread(cts, params.sig.diff_out)
+    per_output = spread(cts, params.sig.diff_out)
     ct_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_output)
     none = [None] * (n + 1)
     if not any(ct_mask):
         return [*none, *(None for m in params.t_mask if m)]
-    grads = vjp_p.bind(*operands[:n + 1], *_pick(per_output, ct_mask),
+    grads = vjp_p.bind(*operands[:n + 1], *pick(per_output, ct_mask),
                        params=replace(params, ct_mask=ct_mask, g_mask=params.t_mask,
                                       keep=False))
     return [*none, *_fit(grads, operands[n + 1:])]
@@ -291,15 +292,15 @@ def _vjp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[A
     n = len(params.sig.in_types)
     if params.keep or any(ad.is_undefined_primal(x) for x in operands[:n + 1]):
         raise NotImplementedError(_third_order(params))
-    per_leaf = _spread(cts, params.g_mask)
+    per_leaf = spread(cts, params.g_mask)
     t_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_leaf)
     none = [None] * (n + 1)
     if not any(t_mask):
         return [*none, *(None for m in params.ct_mask if m)]
-    ty = jvp_p.bind(*operands[:n + 1], *_pick(per_leaf, t_mask),
+    ty = jvp_p.bind(*operands[:n + 1], *pick(per_leaf, t_mask),
                     params=replace(params, t_mask=t_mask))
-    per_output = _spread(ty, params.sig.diff_out)
-    return [*none, *_fit(_pick(per_output, params.ct_mask), operands[n + 1:])]
+    per_output = spread(ty, params.sig.diff_out)
+    return [*none, *_fit(pick(per_output, params.ct_mask), operands[n + 1:])]
 
 
 def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
@@ -323,11 +324,11 @@ def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
     sums: list[Any] = [None] * len(grads)
     if any(dct_given):
         ct_mask = _narrow(params.ct_mask, dct_given)
-        sums = _add(sums, vjp_p.bind(*primals[:n + 1], *_pick(d_ct, dct_given),
+        sums = _add(sums, vjp_p.bind(*primals[:n + 1], *pick(d_ct, dct_given),
                                      params=replace(params, ct_mask=ct_mask, keep=False)))
     if any(dx_mask):
         sums = _add(sums, hvp_p.bind(*primals[:n + 1], level, *primals[n + 1:],
-                                     *_pick(tangents[:n], dx_mask),
+                                     *pick(tangents[:n], dx_mask),
                                      params=replace(kept, keep=False, dx_mask=dx_mask)))
     out_tangents = [_zero(g) if s is None else s for g, s in zip(grads, sums)]
     return primal_out, out_tangents + ([_zero(primal_out[-1])] if params.keep else [])
@@ -354,7 +355,7 @@ def _hvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[A
     if not any(given):
         return [*none, *([None] * n_lin)]
     swapped = replace(params, g_mask=params.dx_mask, dx_mask=_narrow(params.g_mask, given))
-    return [*none, *_fit(hvp_p.bind(*operands[:head], *_pick(cts, given), params=swapped),
+    return [*none, *_fit(hvp_p.bind(*operands[:head], *pick(cts, given), params=swapped),
                          operands[head:])]
 
 
@@ -369,7 +370,7 @@ def _fit(cts: Sequence[Any], operands: Sequence[Any]) -> list[Any]:
     return fitted
 
 
-def _spread(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
+def spread(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
     """``items`` (one per set flag of ``mask``) at their places, None elsewhere."""
     found = iter(items)
     return [next(found) if m else None for m in mask]

@@ -227,7 +227,8 @@ class JaxEndpoint(Endpoint):
             _, pull = jax.vjp(state.fn, primal[:n])
             (grads,) = _backward(pull, pytree.unflatten(out_def, cts))
             args, kwargs, params = self.mirror(state.in_def, state.mask, grads).tree
-            return args, kwargs, params if sent else None
+            # the call's static arguments (a name, an axis) are no JAX values: None there
+            return _arrays_only((args, kwargs, params if sent else None))
 
         primal = [*state.diff, *(c for c, f in zip(fixed, flagged) if f)]
         outputs, vjp_fn = self.run(lambda: jax.vjp(grads_of, primal))
@@ -337,6 +338,16 @@ class JaxEndpoint(Endpoint):
             return pytree.map_leaves(lambda x: x, out, _is_array)  # plain containers
 
         return call
+
+
+def _arrays_only(tree: Any) -> Any:
+    """``tree`` with None in place of each leaf that is no array (static arguments)."""
+    if isinstance(tree, dict):
+        return {k: _arrays_only(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        items = [_arrays_only(v) for v in tree]
+        return type(tree)._make(items) if hasattr(tree, "_make") else type(tree)(items)
+    return tree if _is_array(tree) else None
 
 
 def _conj(tree: Any) -> Any:
