@@ -26,9 +26,10 @@ test: install
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-# Every sample of every OpInfo op through a remote endpoint (make test checks 3 of each).
+# Every sample of every OpInfo op through a remote endpoint (make test checks 3 of each), and
+# every jnp/nn/lax function of the JAX sweep under every transform (make test: a subset).
 conformance: install
-	GRADSERVE_CONFORMANCE=all $(PY) -m pytest -q -s tests/test_conformance.py
+	GRADSERVE_CONFORMANCE=all $(PY) -m pytest -q -s tests/test_conformance.py tests/test_jax_conformance.py
 
 bench: install
 	$(PY) benchmarks/bench.py
