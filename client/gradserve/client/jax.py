@@ -1,9 +1,9 @@
 """Remote endpoints as JAX functions, differentiable to second order in any mode.
 
 ``RemoteJaxFunction`` binds the primitives of :mod:`gradserve.client.jax_primitives`
-(call, Jvp, Vjp, and the Vjp of a kept Vjp), so it works under ``jax.grad``/``vjp``,
-``jvp``, ``linearize``, ``jacfwd``/``jacrev``, ``hessian``, grad of grad, ``jit`` and
-``vmap``. This module runs them on the host. Output shapes come from the server's
+(call, Jvp, Vjp, and the second derivatives through kept Vjps), so it works under
+``jax.grad``/``vjp``, ``jvp``, ``linearize``, ``jacfwd``/``jacrev``, ``hessian``, grad of
+grad, jacfwd of jacfwd, ``jit`` and ``vmap``. This module runs them on the host. Output shapes come from the server's
 ``Signature`` RPC (cached per input signature).
 
 A Forward that a derivative will follow returns, besides the outputs, a *token*
