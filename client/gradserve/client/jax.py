@@ -259,25 +259,23 @@ class RemoteJaxFunction(RemoteEndpoint):
         record = self._take(token, xs, len(batch))
         if record is None or record.merged:
             record = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
-        y_types = pick(sig.out_types, sig.diff_out)
-        out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in y_types]
-        for idx in np.ndindex(*batch):
-            zeros = [np.zeros(t.shape, numpy_dtype(t)) if d else None
-                     for t, d in zip(sig.out_types, sig.diff_out)]
-            ids = {id(z) for z in zeros if z is not None}
+        zeros = [np.zeros(t.shape, numpy_dtype(t)) if d else None
+                 for t, d in zip(sig.out_types, sig.diff_out)]
+        ids = {id(z) for z in zeros if z is not None}
+        nothing = pytree.unflatten(sig.out_def, [None] * len(sig.out_types))
+
+        def run(idxs: list[Index]) -> list[Any]:
+            idx = idxs[0]
             _, first = self.vjp_kept(record.residual(record.index(idx)),
                                      pytree.unflatten(sig.out_def, zeros), numpy_leaf,
                                      requires_grad=lambda a: id(a) in ids)
             along = sig.in_def.unflatten([None if t is None else _at(t, idx) for t in ts]).tree
             _, second = self.vjp_kept(first, along, numpy_leaf)
             direction = sig.in_def.unflatten([None if d is None else _at(d, idx) for d in dxs])
-            nothing = pytree.unflatten(sig.out_def, [None] * len(sig.out_types))
             found = self.vjp(second, ((*direction.tree, nothing), {}, {}), numpy_leaf)
-            by_output = pytree.flatten_up_to(sig.out_def, found.args[0][3])
-            for o, f in zip(out, (f for f, d in zip(by_output, sig.diff_out) if d)):
-                if f is not None:
-                    o[idx] = f
-        return out
+            return pick(pytree.flatten_up_to(sig.out_def, found.args[0][3]), sig.diff_out)
+
+        return _grouped(batch, _each, run, pick(sig.out_types, sig.diff_out))
 
     # -- records -------------------------------------------------------------
     def _keep(self, record: _Record) -> int:
@@ -300,22 +298,18 @@ class RemoteJaxFunction(RemoteEndpoint):
         """One Vjp that keeps its graph per batch element: the gradients, and the record of
         the levels they made."""
         sig = p.sig
-        per_element: list[list[Any]] = []
         levels: list[Residual] = []
-        for idx in np.ndindex(*batch):
-            cotangents = pytree.unflatten(sig.out_def, [None if c is None else _at(c, idx)
+
+        def run(idxs: list[Index]) -> list[Any]:
+            cotangents = pytree.unflatten(sig.out_def, [None if c is None else _at(c, idxs[0])
                                                         for c in cts])
-            found, level = self.vjp_kept(record.residual(record.index(idx)), cotangents,
+            found, level = self.vjp_kept(record.residual(record.index(idxs[0])), cotangents,
                                          numpy_leaf)
-            per_element.append(pick(sig.in_def.grads(found), p.g_mask))
             levels.append(level)
-        g_types = pick(sig.in_types, p.g_mask)
-        out = [np.zeros(batch + t.shape, numpy_dtype(t)) for t in g_types]
-        for idx, grads in zip(np.ndindex(*batch), per_element):
-            for o, g in zip(out, grads):
-                if g is not None:
-                    o[idx] = g
-        return out, _Record(batch, False, [], levels)
+            return pick(sig.in_def.grads(found), p.g_mask)
+
+        grads = _grouped(batch, _each, run, pick(sig.in_types, p.g_mask))
+        return grads, _Record(batch, False, [], levels)
 
     def _vjp_merged(self, p: Params, record: _Record, cts: list[Any]) -> list[Any]:
         """The Vjp of one merged call: cotangents merged into axis 0, gradients split."""
@@ -361,6 +355,11 @@ class RemoteJaxFunction(RemoteEndpoint):
             return _Record(batch, True, [call(leaves)])
         return _Record(batch, False, [call([np.ascontiguousarray(a[idx]) for a in full])
                                       for idx in np.ndindex(*batch)])
+
+
+def _each(idx: Index) -> Index:
+    """A group key putting every batch element in a group of its own."""
+    return idx
 
 
 def _key(idx: Index, shape: tuple[int, ...]) -> Index:

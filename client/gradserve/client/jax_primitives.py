@@ -120,8 +120,14 @@ def _or(a: Mask, b: Mask) -> Mask:
     return tuple(p or q for p, q in zip(a, b)) if a else b
 
 
+def _given(items: Sequence[Any]) -> Mask:
+    """Which of ``items`` (tangents or cotangents; None or symbolic zeros where absent) hold
+    values."""
+    return tuple(c is not None and type(c) is not ad.Zero for c in items)
+
+
 def _present(tangents: Sequence[Any], types: Sequence[TensorType]) -> Mask:
-    return tuple(differentiable(t) and type(d) is not ad.Zero for d, t in zip(tangents, types))
+    return tuple(differentiable(t) and g for g, t in zip(_given(tangents), types))
 
 
 def _zero(x: Any) -> ad.Zero:
@@ -152,7 +158,7 @@ def _make(kind: str) -> Primitive:
         devices = {d for x in ops if isinstance(x, jax.Array) and x.committed
                    for d in x.devices()}
         if len(devices) > 1:   # where the results belong is for JAX to say
-            return list(jax.jit(lambda *o: prim.bind(*o, params=params))(*ops))
+            return list(compiled(*ops, params=params))
         device = devices.pop() if devices else None
         return [as_jax(np.asarray(out), device) for out in host(*ops, params=params)]
 
@@ -167,6 +173,8 @@ def _make(kind: str) -> Primitive:
         outs = prim.bind(*moved, params=params)
         return outs, [0] * len(outs)
 
+    compiled = jax.jit(lambda *ops, params: prim.bind(*ops, params=params),
+                       static_argnames="params")
     prim.def_impl(eager)
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(staged, multiple_results=True))
@@ -205,7 +213,7 @@ def _jvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
     n = len(sig.in_types)
     dx_mask = _present(tangents[:n], sig.in_types)
     d_t = list(tangents[n + 1:])
-    dt_given = tuple(type(d) is not ad.Zero for d in d_t)
+    dt_given = _given(d_t)
     outs = list(jvp_p.bind(*primals, params=params))
     sums: list[Any] = [None] * len(outs)
     if any(dt_given):
@@ -223,14 +231,19 @@ def _jvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
 def _jvp2_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
               params: Params) -> tuple[list[Any], list[Any]]:
     n, n_t = len(params.sig.in_types), sum(params.t_mask)
-    if any(type(t) is not ad.Zero for t in tangents[:n + 1]):
+    if any(_given(tangents[:n + 1])):
         raise NotImplementedError(_third_order(params))
     outs = list(jvp2_p.bind(*primals, params=params))
     head, ts, dxs = primals[:n + 1], primals[n + 1:n + 1 + n_t], primals[n + 1 + n_t:]
-    d_t = [ad.instantiate_zeros(t) for t in tangents[n + 1:n + 1 + n_t]]
-    d_dx = [ad.instantiate_zeros(t) for t in tangents[n + 1 + n_t:]]
-    return outs, _add(list(jvp2_p.bind(*head, *d_t, *dxs, params=params)),
-                      jvp2_p.bind(*head, *ts, *d_dx, params=params))
+    d_t, d_dx = tangents[n + 1:n + 1 + n_t], tangents[n + 1 + n_t:]
+    sums: list[Any] = [None] * len(outs)
+    if any(_given(d_t)):   # (a half whose tangents are all zero costs no remote calls)
+        sums = _add(sums, jvp2_p.bind(*head, *map(ad.instantiate_zeros, d_t), *dxs,
+                                      params=params))
+    if any(_given(d_dx)):
+        sums = _add(sums, jvp2_p.bind(*head, *ts, *map(ad.instantiate_zeros, d_dx),
+                                      params=params))
+    return outs, [_zero(o) if t is None else t for o, t in zip(outs, sums)]
 
 
 def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
@@ -243,7 +256,7 @@ def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[
             t_linear and any(ad.is_undefined_primal(d) for d in operands[n + 1 + n_t:])):
         raise NotImplementedError(_third_order(params))
     per_output = spread(cts, sig.diff_out)
-    ct_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_output)
+    ct_mask = _given(per_output)
     head = list(operands[:n + 1])
     if t_linear:
         linear, g_mask, direction, d_mask = (operands[n + 1:n + 1 + n_t], params.t_mask,
@@ -277,7 +290,7 @@ def _second_order(params: Params, perturbed: Mask) -> None:
 def _jvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
     n = len(params.sig.in_types)
     per_output = spread(cts, params.sig.diff_out)
-    ct_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_output)
+    ct_mask = _given(per_output)
     none = [None] * (n + 1)
     if not any(ct_mask):
         return [*none, *(None for m in params.t_mask if m)]
@@ -293,7 +306,7 @@ def _vjp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[A
     if params.keep or any(ad.is_undefined_primal(x) for x in operands[:n + 1]):
         raise NotImplementedError(_third_order(params))
     per_leaf = spread(cts, params.g_mask)
-    t_mask = tuple(c is not None and type(c) is not ad.Zero for c in per_leaf)
+    t_mask = _given(per_leaf)
     none = [None] * (n + 1)
     if not any(t_mask):
         return [*none, *(None for m in params.ct_mask if m)]
@@ -309,7 +322,7 @@ def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
     n = len(sig.in_types)
     dx_mask = _present(tangents[:n], sig.in_types)
     d_ct = list(tangents[n + 1:])
-    dct_given = tuple(type(d) is not ad.Zero for d in d_ct)
+    dct_given = _given(d_ct)
     if any(dx_mask):
         if params.keep:
             raise NotImplementedError(_third_order(params))
@@ -338,7 +351,7 @@ def _hvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
              params: Params) -> tuple[list[Any], list[Any]]:
     n_lin = sum(params.dx_mask)
     head = len(primals) - n_lin
-    if any(type(t) is not ad.Zero for t in tangents[:head]):
+    if any(_given(tangents[:head])):
         raise NotImplementedError(_third_order(params))
     outs = hvp_p.bind(*primals, params=params)
     d_dx = [ad.instantiate_zeros(t) for t in tangents[head:]]
@@ -350,7 +363,7 @@ def _hvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[A
     head = len(operands) - n_lin
     if any(ad.is_undefined_primal(x) for x in operands[:head]):
         raise NotImplementedError(_third_order(params))
-    given = tuple(type(c) is not ad.Zero for c in cts)
+    given = _given(cts)
     none = [None] * head
     if not any(given):
         return [*none, *([None] * n_lin)]
