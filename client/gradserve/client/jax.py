@@ -1,16 +1,16 @@
-"""Remote endpoints as JAX functions, differentiable to second order in any mode.
+"""Remote endpoints as JAX functions, differentiable to any order in either mode.
 
 ``RemoteJaxFunction`` binds the primitives of :mod:`gradserve.client.jax_primitives`
-(call, Jvp, Vjp, and the second derivatives through kept Vjps), so it works under
-``jax.grad``/``vjp``, ``jvp``, ``linearize``, ``jacfwd``/``jacrev``, ``hessian``, grad of
-grad, jacfwd of jacfwd, ``jit`` and ``vmap``. This module runs them on the host. Output shapes come from the server's
-``Signature`` RPC (cached per input signature).
+(a call, its Jvp and its Vjp, at any level of kept Vjps), so it works under
+``jax.grad``/``vjp``, ``jvp``, ``linearize``, ``jacfwd``/``jacrev``, ``hessian``, and any
+composition of them, with ``jit`` and ``vmap``. This module runs them on the host. Output
+shapes come from the server's ``Signature`` RPC (cached per input signature).
 
 A Forward that a derivative will follow returns, besides the outputs, a *token*
 naming the residual it kept; the Vjp sends a Vjp of that residual, and a Vjp kept for a
-second derivative returns the token of its own residual (a *level*). JAX may elide or
+higher derivative returns the token of its own residual (a *level*). JAX may elide or
 duplicate host calls under ``jit``, so a token is only an optimisation: one that is
-unknown re-sends the inputs and the server recomputes.
+unknown re-sends the inputs (and the cotangents of every level) and the server recomputes.
 
 Under ``vmap`` every operand of a host call has the batch axes in front (size one where
 it is not batched). A ``batchable`` endpoint's forward then goes as one call with the
@@ -29,17 +29,17 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gradserve.client import jax_primitives as prims
-from gradserve.client.calls import Call, Residual
+from gradserve.client.calls import Call, Level, Residual
 from gradserve.client.core import Client, numpy_leaf
-from gradserve.client.jax_primitives import Params, Signature, batch_of, jax_dtype, numpy_dtype, \
-    pick, spread
+from gradserve.client.jax_primitives import Mask, Params, Signature, batch_of, jax_dtype, \
+    numpy_dtype, pick, spread
 from gradserve.client.remote import CallDef, RemoteEndpoint, flatten_call, mergeable
 from gradserve.errors import GradserveError
 from gradserve.lru import LRU
@@ -50,6 +50,9 @@ from gradserve.wire.specs import TensorType
 #: Residuals (of forwards and kept Vjps) awaiting their Vjp (older ones are released;
 #: each Vjp consumes its own, and a second Vjp of the same one recomputes).
 RESIDUALS_KEPT = 256
+#: Residuals a JVP has used, kept for a transpose or a reverse mode over it that may
+#: follow (forward over reverse); pure forward mode leaves no more than these behind.
+SEEN_KEPT = 16
 #: Input signatures whose output structure is kept.
 SIGNATURES_KEPT = 256
 Index = tuple[int, ...]
@@ -69,6 +72,7 @@ class _Record:
     merged: bool
     calls: list[Call]
     residuals: list[Residual] = field(default_factory=list)
+    mask: Mask = ()   # the inputs its residuals differentiate
 
     def residual(self, i: int) -> Residual:
         """The residual of call ``i``: the one kept, else an id-less one that recomputes."""
@@ -83,11 +87,12 @@ class _Record:
         return int(np.ravel_multi_index(tuple(i if s > 1 else 0 for i, s in zip(tail, self.batch)),
                                         self.batch))
 
-    def fits(self, keyed: Sequence[Any], k: int) -> bool:
+    def fits(self, keyed: Sequence[Any], k: int, mask: Mask) -> bool:
         """Whether operands ``keyed`` (with ``k`` batch axes) are laid out as this record
-        was made: its axes last, any new ones of size one."""
+        was made (its axes last, any new ones of size one), and it differentiates the
+        inputs ``mask`` flags."""
         kr = len(self.batch)
-        return kr <= k and all(
+        return kr <= k and all(r or not m for r, m in zip(self.mask, mask)) and all(
             all(s == 1 for s in a.shape[:k - kr])
             and all(s in (1, r) for s, r in zip(a.shape[k - kr:k], self.batch)) for a in keyed)
 
@@ -108,6 +113,7 @@ class RemoteJaxFunction(RemoteEndpoint):
         super().__init__(client, name, timeout=timeout)
         self._signatures: LRU[tuple[Any, ...], Signature] = LRU(SIGNATURES_KEPT)
         self._records: LRU[int, _Record] = LRU(residuals_kept)
+        self._seen: LRU[int, _Record] = LRU(min(SEEN_KEPT, residuals_kept))
         self._tokens = itertools.count(1)
         self._failure = threading.local()
 
@@ -179,8 +185,10 @@ class RemoteJaxFunction(RemoteEndpoint):
         sig = p.sig
         n = len(sig.in_types)
         xs, tangents = arrays[:n], spread(arrays[n + 1:], p.t_mask)
-        self._take(arrays[n], xs, 0)   # forward mode needs no residual: release it now
         batch = batch_of(arrays, p.operand_types("jvp"))
+        if sig.below is not None:
+            return self._level_jvp(p, xs, arrays[n], tangents, batch)
+        self._take(arrays[n], xs, 0, (), seen=True)   # a Jvp needs no residual; keep it near
         x_batch = batch_of(xs, sig.in_types) if xs else batch
 
         def run(idxs: list[Index]) -> list[Any]:
@@ -194,6 +202,38 @@ class RemoteJaxFunction(RemoteEndpoint):
         return _grouped(batch, lambda idx: _key(idx, x_batch), run,
                         pick(sig.out_types, sig.diff_out))
 
+    def _level_jvp(self, p: Params, xs: list[Any], token: Any, tangents: list[Any],
+                   batch: tuple[int, ...]) -> list[Any]:
+        """``J_G (dz, dw)`` at a level ``G`` over ``F``, per batch element: the ``z`` part of
+        ``G``'s Vjp along ``dz`` (its Jacobian in ``z`` is a Hessian, so symmetric), plus
+        ``F``'s Vjp along ``dw``."""
+        sig = p.sig
+        below = sig.below
+        assert below is not None
+        nb = len(below.in_types)
+        record = self._take(token, xs, len(batch), p.mask, seen=True) or self._recompute(p, xs)
+        t_z, t_w = tangents[:nb], spread(tangents[nb:], sig.ct_mask)
+
+        def run(idxs: list[Index]) -> list[Any]:
+            residual = record.residual(record.index(idxs[0]))
+            batched = len(idxs) > 1
+            total: list[Any] = [None] * nb
+            if any(t is not None for t in t_z):
+                along = pytree.unflatten(sig.out_def, [
+                    None if t is None else _gather(t, idxs, batch, ty)
+                    for t, ty in zip(t_z, below.in_types)])
+                grads = self.vjp(residual, along, numpy_leaf, batched=batched)
+                total = _sum(total, sig.in_def.grads(grads)[:nb])
+            if any(t is not None for t in t_w):
+                along = pytree.unflatten(below.out_def, [
+                    None if t is None else _gather(t, idxs, batch, ty)
+                    for t, ty in zip(t_w, below.out_types)])
+                grads = self.vjp(_below(residual), along, numpy_leaf, batched=batched)
+                total = _sum(total, below.in_def.grads(grads))
+            return pick(total, sig.diff_out)
+
+        return _grouped(batch, record.index, run, pick(sig.out_types, sig.diff_out))
+
     def _host_vjp(self, p: Params, arrays: list[Any]) -> list[Any]:
         sig = p.sig
         n = len(sig.in_types)
@@ -201,9 +241,9 @@ class RemoteJaxFunction(RemoteEndpoint):
         cts = [None if c is None else _conj(np.asarray(c, numpy_dtype(t)))
                for c, t in zip(spread(arrays[n + 1:], p.ct_mask), sig.out_types)]
         batch = batch_of(arrays, p.operand_types("vjp"))
-        record = self._take(token, xs, len(batch))
+        record = self._take(token, xs, len(batch), p.mask, seen=p.keep)
         if record is None or (record.merged and (p.keep or len(record.batch) != len(batch))):
-            record = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
+            record = self._recompute(p, xs)
         if p.keep:
             grads, levels = self._kept(p, record, cts, batch)
             return [*_conj_all(grads), np.broadcast_to(np.int32(self._keep(levels)), batch)]
@@ -221,62 +261,6 @@ class RemoteJaxFunction(RemoteEndpoint):
 
         return _conj_all(_grouped(batch, record.index, run, g_types))
 
-    def _host_hvp(self, p: Params, arrays: list[Any]) -> list[Any]:
-        sig = p.sig
-        n, n_ct = len(sig.in_types), sum(p.ct_mask)
-        xs, token, level = arrays[:n], arrays[n], arrays[n + 1]
-        cts = [None if c is None else np.asarray(c, numpy_dtype(t))
-               for c, t in zip(spread(arrays[n + 2:n + 2 + n_ct], p.ct_mask), sig.out_types)]
-        dxs = spread(arrays[n + 2 + n_ct:], p.dx_mask)
-        batch = batch_of(arrays, p.operand_types("hvp"))
-        keyed = [*xs, *(c for c in cts if c is not None)]
-        levels = self._take(level, keyed, len(batch))
-        if levels is None:   # recompute each level from the inputs and cotangents
-            forward = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
-            _, levels = self._kept(p, forward, cts, batch_of(keyed, [
-                *sig.in_types, *pick(sig.out_types, p.ct_mask)]))
-
-        def run(idxs: list[Index]) -> list[Any]:
-            directions = sig.in_def.unflatten([None if d is None else _gather(d, idxs, batch, t)
-                                               for d, t in zip(dxs, sig.in_types)])
-            grads = self.vjp(levels.residual(levels.index(idxs[0])), directions.tree,
-                             numpy_leaf, batched=len(idxs) > 1)
-            return pick(sig.in_def.grads(Arguments(*grads.args[:3])), p.g_mask)
-
-        return _grouped(batch, levels.index, run, pick(sig.in_types, p.g_mask))
-
-    def _host_jvp2(self, p: Params, arrays: list[Any]) -> list[Any]:
-        """``∂ₓ[J(x) t] dx`` per batch element: with ``C`` cotangents (zeros), a kept Vjp
-        ``G(x, C) = JᵀC`` differentiating ``C`` too, a kept Vjp of ``G`` along ``t``
-        (``(H(C) t, J t)``), and a Vjp of that along ``dx``, whose ``C`` part is
-        ``[dxᵀ ∇²f_k t]_k``."""
-        sig = p.sig
-        n, n_t = len(sig.in_types), sum(p.t_mask)
-        xs, token = arrays[:n], arrays[n]
-        ts = spread(arrays[n + 1:n + 1 + n_t], p.t_mask)
-        dxs = spread(arrays[n + 1 + n_t:], p.dx_mask)
-        batch = batch_of(arrays, p.operand_types("jvp2"))
-        record = self._take(token, xs, len(batch))
-        if record is None or record.merged:
-            record = self._plan(sig, xs, batch_of(xs, sig.in_types), p.mask, merge=False)
-        zeros = [np.zeros(t.shape, numpy_dtype(t)) if d else None
-                 for t, d in zip(sig.out_types, sig.diff_out)]
-        ids = {id(z) for z in zeros if z is not None}
-        nothing = pytree.unflatten(sig.out_def, [None] * len(sig.out_types))
-
-        def run(idxs: list[Index]) -> list[Any]:
-            idx = idxs[0]
-            _, first = self.vjp_kept(record.residual(record.index(idx)),
-                                     pytree.unflatten(sig.out_def, zeros), numpy_leaf,
-                                     requires_grad=lambda a: id(a) in ids)
-            along = sig.in_def.unflatten([None if t is None else _at(t, idx) for t in ts]).tree
-            _, second = self.vjp_kept(first, along, numpy_leaf)
-            direction = sig.in_def.unflatten([None if d is None else _at(d, idx) for d in dxs])
-            found = self.vjp(second, ((*direction.tree, nothing), {}, {}), numpy_leaf)
-            return pick(pytree.flatten_up_to(sig.out_def, found.args[0][3]), sig.diff_out)
-
-        return _grouped(batch, _each, run, pick(sig.out_types, sig.diff_out))
-
     # -- records -------------------------------------------------------------
     def _keep(self, record: _Record) -> int:
         """A new token for ``record`` (the oldest beyond the bound are released)."""
@@ -284,32 +268,59 @@ class RemoteJaxFunction(RemoteEndpoint):
         self._records.put(token, record)
         return token
 
-    def _take(self, token: Any, keyed: Sequence[Any], k: int) -> _Record | None:
-        """The record under ``token`` (consumed: released once used), if it is laid out
-        for operands ``keyed`` with ``k`` batch axes."""
+    def _take(self, token: Any, keyed: Sequence[Any], k: int, mask: Mask, *,
+              seen: bool = False) -> _Record | None:
+        """The record under ``token`` if it is laid out for operands ``keyed`` with ``k``
+        batch axes and differentiates the inputs ``mask`` flags; consumed (released once
+        used), unless ``seen``: then kept among the few a JVP used."""
         values = np.unique(np.asarray(token))
         if values.size != 1:
             return None
-        record = self._records.pop(int(values[0]))
-        return record if record is not None and record.fits(keyed, k) else None
+        key = int(values[0])
+        record = self._records.pop(key) or self._seen.pop(key)
+        if record is not None and seen:
+            self._seen.put(key, record)
+        return record if record is not None and record.fits(keyed, k, mask) else None
+
+    def _recompute(self, p: Params, xs: list[Any]) -> _Record:
+        """The record of calls that remake, from its inputs ``xs``, the residual of level
+        ``p.sig``: the Forward, then the kept Vjps above it (sent as one call with each)."""
+        sig = p.sig
+        batch = batch_of(xs, sig.in_types)
+        below = sig.below
+        if below is None:
+            return self._plan(sig, xs, batch, p.mask, merge=False)
+        nb = len(below.in_types)
+        base = self._recompute(Params(p.fn, below, p.mask[:nb]), xs[:nb])
+        flags = iter(p.mask[nb:])
+        ws = [(w, next(flags)) if w is not None else (None, False)
+              for w in spread(xs[nb:], sig.ct_mask)]
+        residuals = []
+        for idx in np.ndindex(*batch):
+            made = base.residual(base.index(idx))
+            cts = [None if w is None else np.asarray(_at(w, idx)) for w, _ in ws]
+            level = Level(pytree.unflatten(below.out_def, cts),
+                          requires_grad=_flags(c for c, (_, f) in zip(cts, ws) if f))
+            residuals.append(Residual(made.call, levels=(*made.levels, level)))
+        return _Record(batch, False, [], residuals, p.mask)
 
     def _kept(self, p: Params, record: _Record, cts: list[Any],
               batch: tuple[int, ...]) -> tuple[list[Any], _Record]:
-        """One Vjp that keeps its graph per batch element: the gradients, and the record of
-        the levels they made."""
+        """One Vjp that keeps its graph per batch element (differentiating its cotangents
+        too): the gradients, and the record of the levels they made."""
         sig = p.sig
         levels: list[Residual] = []
 
         def run(idxs: list[Index]) -> list[Any]:
-            cotangents = pytree.unflatten(sig.out_def, [None if c is None else _at(c, idxs[0])
-                                                        for c in cts])
-            found, level = self.vjp_kept(record.residual(record.index(idxs[0])), cotangents,
-                                         numpy_leaf)
+            given = [None if c is None else np.asarray(_at(c, idxs[0])) for c in cts]
+            found, level = self.vjp_kept(record.residual(record.index(idxs[0])),
+                                         pytree.unflatten(sig.out_def, given), numpy_leaf,
+                                         requires_grad=_flags(c for c in given if c is not None))
             levels.append(level)
             return pick(sig.in_def.grads(found), p.g_mask)
 
         grads = _grouped(batch, _each, run, pick(sig.in_types, p.g_mask))
-        return grads, _Record(batch, False, [], levels)
+        return grads, _Record(batch, False, [], levels, p.up().mask)
 
     def _vjp_merged(self, p: Params, record: _Record, cts: list[Any]) -> list[Any]:
         """The Vjp of one merged call: cotangents merged into axis 0, gradients split."""
@@ -346,15 +357,34 @@ class RemoteJaxFunction(RemoteEndpoint):
             return self.make_call(sig.in_def, leaves, flags)
 
         if not batch:
-            return _Record((), False, [call(arrays)])
+            return _Record((), False, [call(arrays)], mask=flags)
         full = [np.broadcast_to(a, batch + a.shape[k:]) for a in arrays]
         if merged:
             n = int(np.prod(batch))
             leaves = ([a.reshape((n * a.shape[k], *a.shape[k + 1:])) for a in full[:n_inputs]]
                       + [a.reshape(a.shape[k:]) for a in arrays[n_inputs:]])
-            return _Record(batch, True, [call(leaves)])
+            return _Record(batch, True, [call(leaves)], mask=flags)
         return _Record(batch, False, [call([np.ascontiguousarray(a[idx]) for a in full])
-                                      for idx in np.ndindex(*batch)])
+                                      for idx in np.ndindex(*batch)], mask=flags)
+
+
+def _below(residual: Residual) -> Residual:
+    """The residual a kept Vjp made ``residual`` from (one that recomputes, if not held)."""
+    if residual.below is not None:
+        return residual.below
+    return Residual(residual.call, levels=residual.levels[:-1])
+
+
+def _flags(arrays: Iterable[Any]) -> Callable[[Any], bool]:
+    """A ``requires_grad`` flagging exactly ``arrays``."""
+    ids = {id(a) for a in arrays}
+    return lambda a: id(a) in ids
+
+
+def _sum(total: list[Any], terms: Sequence[Any]) -> list[Any]:
+    """``total`` plus ``terms``, elementwise, where None is zero."""
+    return [t if s is None else s if t is None else s + np.asarray(t)
+            for s, t in zip(total, terms)]
 
 
 def _each(idx: Index) -> Index:

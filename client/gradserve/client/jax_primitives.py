@@ -1,29 +1,38 @@
 """The JAX primitives a remote call becomes, and the rules JAX transforms them by.
 
-With ``x`` the call's array leaves and ``f`` the endpoint:
+A *level* is a differentiable remote function: the endpoint ``f`` (level 0), or the kept
+Vjp of a level ``F``, ``G(z, w) = J_F(z)ᵀ w``, whose inputs are ``F``'s and the cotangents
+``w`` and whose outputs are the gradients of ``F``'s inputs (the server keeps its graph,
+so it has a Vjp of its own). With ``z`` a level's array leaves:
 
 - ``remote_call(x)``: ``f(x)``, and a token naming the residual its Forward kept;
-- ``remote_jvp(x, token, tx)``: ``J(x) tx`` (a Jvp), linear in ``tx``; its transpose is
-- ``remote_vjp(x, token, ct)``: ``J(x)ᵀ ct`` (a Vjp of the token's residual), linear in
-  ``ct``; its transpose is ``remote_jvp``, and its derivative in ``x`` is
-- ``remote_hvp(x, token, level, ct, dx)``: ``∂ₓ[J(x)ᵀ ct] dx``, a Vjp of the ``level``
-  residual the kept Vjp made. That matrix is the Hessian of ``ct·f``, which is
-  symmetric, so the primitive is its own transpose in ``dx``;
-- ``remote_jvp2(x, token, t, dx)``: ``∂ₓ[J(x) t] dx``, the derivative of the JVP in ``x``
-  (forward over forward), linear in ``t`` and ``dx``, whose transposes are ``remote_hvp``.
+- ``remote_jvp(z, token, t)``: ``J(z) t``, linear in ``t``, whose transpose is
+- ``remote_vjp(z, token, ct)``: ``J(z)ᵀ ct`` (a Vjp of the token's residual), linear in
+  ``ct``; kept (``keep``), it also returns the token of the level it made.
 
-So ``grad``, ``jit``, ``vmap``, ``jvp``, ``linearize``, ``jacfwd``, ``jacrev``,
-``hessian`` (forward over reverse), ``grad`` of ``grad``, ``jacrev`` of ``jacrev`` and
-``jacfwd`` of ``jacfwd`` compose as they do on a local function. Each primitive runs on the host: directly on
-concrete arrays, else through ``jax.pure_callback``. Under ``vmap`` every operand gets
-the new batch axis in front (size one where it is not batched), so a host call sees all
-its operands with the same leading batch axes and decides how to send them.
+Every derivative of these is one of them again, one level up:
+
+- the derivative of ``J_Fᵀ ct`` along ``(dz, dct)`` is the JVP of the level ``G`` the Vjp
+  keeps: ``J_G (dz, dct) = ∇²_z(ct·F) dz + J_Fᵀ dct``;
+- a JVP at a level ``G`` above the endpoint is two Vjps: ``∇²_z(w·F)`` is a Hessian, so
+  symmetric, so ``∇²_z(w·F) dz`` is the ``z`` part of ``G``'s Vjp along ``dz``; and
+  ``J_Fᵀ dw`` is ``F``'s Vjp along ``dw``;
+- the derivative of ``J(z) t`` in ``z`` goes through ``J(z) t``, the ``w`` part of the
+  Vjp along ``t`` of the level kept with cotangents ``w = 0``.
+
+So reverse and forward mode compose to any order (``grad`` of ``grad`` of ``grad``,
+``jacfwd`` of ``hessian``, ``jvp`` of ``jvp``) with ``jit`` and ``vmap``. The symmetry
+makes second and higher derivatives real-only: complex ones are refused. Each primitive
+runs on the host: directly on concrete arrays, else through ``jax.pure_callback``. Under
+``vmap`` every operand gets the new batch axis in front (size one where it is not
+batched), so a host call sees all its operands with the same leading batch axes and
+decides how to send them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +41,11 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from gradserve.client.remote import CallDef
 from gradserve.frameworks.jax import as_jax
 from gradserve.wire import dtypes, pytree
 from gradserve.wire.specs import TensorType
 
-if TYPE_CHECKING:
-    from gradserve.client.remote import CallDef
 
 TOKEN = TensorType((), "int32")
 Mask = tuple[bool, ...]
@@ -60,12 +68,17 @@ def jax_dtype(t: TensorType) -> Any:
 
 @dataclass(eq=False)
 class Signature:
-    """One input signature of an endpoint: the call's structure and types, its outputs'."""
+    """One input signature of a level: its call's structure and types, its outputs'; for a
+    level above the endpoint, the level ``below`` whose kept Vjp it is and which of that
+    one's outputs had cotangents (``ct_mask``), its inputs after ``below``'s."""
 
-    in_def: "CallDef"
+    in_def: CallDef
     in_types: tuple[TensorType, ...]
     out_def: pytree.TreeDef
     out_types: tuple[TensorType, ...]
+    below: "Signature | None" = None
+    ct_mask: Mask = ()
+    _levels: dict[Mask, "Signature"] = field(default_factory=dict, repr=False)
 
     @property
     def diff_in(self) -> Mask:
@@ -77,38 +90,56 @@ class Signature:
         """Which outputs have tangents."""
         return tuple(differentiable(t) for t in self.out_types)
 
+    def level(self, ct_mask: Mask) -> "Signature":
+        """The level a kept Vjp makes with cotangents on the outputs ``ct_mask`` flags: its
+        inputs ``((args, kwargs, parameters, cotangents), {}, {})`` of this one, its outputs
+        the gradients ``(args, kwargs, parameters)`` of this one's inputs."""
+        up = self._levels.get(ct_mask)
+        if up is None:
+            inputs = self.in_def.unflatten(self.in_types)
+            cts = pytree.unflatten(self.out_def, spread(pick(self.out_types, ct_mask), ct_mask))
+            types, treedef = pytree.flatten(
+                ((inputs.args, inputs.kwargs, inputs.parameters, cts), {}, {}),
+                lambda x: isinstance(x, TensorType))
+            up = self._levels[ct_mask] = Signature(
+                CallDef(treedef, 0), tuple(types), self.in_def.treedef, self.in_types, self,
+                ct_mask)
+        return up
+
 
 @dataclass(frozen=True)
 class Params:
-    """What a primitive's binding fixes: the function and signature, and which leaves
-    each operand list holds (``mask``: the leaves the Forward differentiates)."""
+    """What a primitive's binding fixes: the function and the level's signature, and which
+    leaves each operand list holds (``mask``: the inputs the level's residual
+    differentiates)."""
 
     fn: Any                   # the RemoteJaxFunction whose ``host`` runs it
     sig: Signature
-    mask: Mask = ()           # inputs the Forward (and a recompute) differentiates
+    mask: Mask = ()           # inputs the residual (and a recompute) differentiates
     keep: bool = False        # call: keep a residual; vjp: keep the Vjp's graph (a level)
     t_mask: Mask = ()         # jvp: inputs with tangents
-    ct_mask: Mask = ()        # vjp, hvp: outputs with cotangents
-    g_mask: Mask = ()         # vjp, hvp: inputs whose gradients it returns
-    dx_mask: Mask = ()        # hvp: inputs with a direction
+    ct_mask: Mask = ()        # vjp: outputs with cotangents
+    g_mask: Mask = ()         # vjp: inputs whose gradients it returns
 
     def operand_types(self, kind: str) -> list[TensorType]:
         """The base types (batch axes aside) of a primitive's operands."""
         x, y = list(self.sig.in_types), self.sig.out_types
         return {"call": x,
                 "jvp": [*x, TOKEN, *pick(x, self.t_mask)],
-                "vjp": [*x, TOKEN, *pick(y, self.ct_mask)],
-                "hvp": [*x, TOKEN, TOKEN, *pick(y, self.ct_mask), *pick(x, self.dx_mask)],
-                "jvp2": [*x, TOKEN, *pick(x, self.t_mask), *pick(x, self.dx_mask)]}[kind]
+                "vjp": [*x, TOKEN, *pick(y, self.ct_mask)]}[kind]
 
     def result_types(self, kind: str) -> list[TensorType]:
         """The base types of a primitive's results."""
         x, y = self.sig.in_types, self.sig.out_types
         return {"call": [*y, TOKEN],
                 "jvp": pick(y, self.sig.diff_out),
-                "vjp": [*pick(x, self.g_mask), *([TOKEN] if self.keep else [])],
-                "hvp": pick(x, self.g_mask),
-                "jvp2": pick(y, self.sig.diff_out)}[kind]
+                "vjp": [*pick(x, self.g_mask), *([TOKEN] if self.keep else [])]}[kind]
+
+    def up(self) -> "Params":
+        """The level a kept Vjp with these parameters makes (differentiating its cotangents
+        too)."""
+        return Params(self.fn, self.sig.level(self.ct_mask),
+                      self.mask + (True,) * sum(self.ct_mask))
 
 
 def pick(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
@@ -182,8 +213,7 @@ def _make(kind: str) -> Primitive:
     return prim
 
 
-call_p, jvp_p, vjp_p, hvp_p, jvp2_p = (_make(kind)
-                                       for kind in ("call", "jvp", "vjp", "hvp", "jvp2"))
+call_p, jvp_p, vjp_p = (_make(kind) for kind in ("call", "jvp", "vjp"))
 
 
 def call(fn: Any, sig: Signature, leaves: Sequence[Any]) -> list[Any]:
@@ -191,7 +221,7 @@ def call(fn: Any, sig: Signature, leaves: Sequence[Any]) -> list[Any]:
     return list(call_p.bind(*leaves, params=Params(fn, sig)))[:-1]
 
 
-# -- forward mode ----------------------------------------------------------------
+# -- the derivatives of each ----------------------------------------------------
 def _call_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
               params: Params) -> tuple[list[Any], list[Any]]:
     sig = params.sig
@@ -209,72 +239,98 @@ def _call_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
 
 def _jvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
              params: Params) -> tuple[list[Any], list[Any]]:
+    """The derivative of ``J(z) t``: along ``dt`` alone, ``J(z) dt``; along ``dz``, that of
+    ``J(z) t`` as the ``w`` part of a Vjp along ``t`` of the level kept at ``w = 0``."""
     sig = params.sig
     n = len(sig.in_types)
-    dx_mask = _present(tangents[:n], sig.in_types)
-    d_t = list(tangents[n + 1:])
-    dt_given = _given(d_t)
-    outs = list(jvp_p.bind(*primals, params=params))
-    sums: list[Any] = [None] * len(outs)
-    if any(dt_given):
-        sums = _add(sums, jvp_p.bind(*primals[:n + 1], *pick(d_t, dt_given),
-                                     params=replace(params, t_mask=_narrow(params.t_mask,
-                                                                           dt_given))))
-    if any(dx_mask):
-        _second_order(params, dx_mask)
-        sums = _add(sums, jvp2_p.bind(*primals, *pick(tangents[:n], dx_mask),
-                                      params=replace(params, mask=_or(params.mask, dx_mask),
-                                                     dx_mask=dx_mask)))
-    return outs, [_zero(o) if t is None else t for o, t in zip(outs, sums)]
+    dz_mask = _present(tangents[:n], sig.in_types)
+    z, token, ts = primals[:n], primals[n], primals[n + 1:]
+    d_t = tangents[n + 1:]
+    if not any(dz_mask):
+        if not any(_given(d_t)):
+            outs = list(jvp_p.bind(*primals, params=params))
+            return outs, [_zero(o) for o in outs]
+        return _twice(jvp_p, [*z, token], ts, d_t, params)
+    _second_order(params, dz_mask)
+    k = _batch_rank(z, sig.in_types)
+    w0 = [jnp.zeros((1,) * k + t.shape, jax_dtype(t)) for t in pick(sig.out_types, sig.diff_out)]
+    at_zero = replace(params, keep=True, mask=_or(params.mask, dz_mask), t_mask=(),
+                      ct_mask=sig.diff_out, g_mask=(False,) * n)
+    (level,) = vjp_p.bind(*z, token, *w0, params=at_zero)
+    along_t = replace(at_zero.up(), ct_mask=params.t_mask,
+                      g_mask=(False,) * n + (True,) * len(w0))
+    return _vjp_jvp([*z, *w0, level, *ts], [*tangents[:n], *(None for _ in w0), None, *d_t],
+                    params=along_t)
 
 
-def _jvp2_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
-              params: Params) -> tuple[list[Any], list[Any]]:
-    n, n_t = len(params.sig.in_types), sum(params.t_mask)
-    if any(_given(tangents[:n + 1])):
-        raise NotImplementedError(_third_order(params))
-    outs = list(jvp2_p.bind(*primals, params=params))
-    head, ts, dxs = primals[:n + 1], primals[n + 1:n + 1 + n_t], primals[n + 1 + n_t:]
-    d_t, d_dx = tangents[n + 1:n + 1 + n_t], tangents[n + 1 + n_t:]
-    sums: list[Any] = [None] * len(outs)
-    if any(_given(d_t)):   # (a half whose tangents are all zero costs no remote calls)
-        sums = _add(sums, jvp2_p.bind(*head, *map(ad.instantiate_zeros, d_t), *dxs,
-                                      params=params))
-    if any(_given(d_dx)):
-        sums = _add(sums, jvp2_p.bind(*head, *ts, *map(ad.instantiate_zeros, d_dx),
-                                      params=params))
-    return outs, [_zero(o) if t is None else t for o, t in zip(outs, sums)]
-
-
-def _jvp2_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
-    """``∂ₓ[J t] dx`` is linear in ``t`` and in ``dx``; its transpose in either, for output
-    cotangents ``ct``, is the Hessian of ``ct·f`` along the other."""
+def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
+             params: Params) -> tuple[list[Any], list[Any]]:
+    """The derivative of ``J(z)ᵀ ct`` along ``(dz, dct)``: the JVP of the level the Vjp
+    keeps (along ``dct`` alone, with no level kept, the Vjp along ``dct``)."""
     sig = params.sig
-    n, n_t = len(sig.in_types), sum(params.t_mask)
-    t_linear = any(ad.is_undefined_primal(t) for t in operands[n + 1:n + 1 + n_t])
-    if any(ad.is_undefined_primal(x) for x in operands[:n + 1]) or (
-            t_linear and any(ad.is_undefined_primal(d) for d in operands[n + 1 + n_t:])):
-        raise NotImplementedError(_third_order(params))
-    per_output = spread(cts, sig.diff_out)
+    n = len(sig.in_types)
+    dz_mask = _present(tangents[:n], sig.in_types)
+    d_ct = tangents[n + 1:]
+    dct_given = _given(d_ct)
+    if params.keep:   # the level it keeps may be differentiated in these inputs
+        params = replace(params, mask=_or(params.mask, dz_mask))
+    if not any(params.g_mask) or not (any(dz_mask) or any(dct_given)):
+        outs = list(vjp_p.bind(*primals, params=params))
+        return outs, [_zero(o) for o in outs]
+    if not any(dz_mask) and not params.keep:
+        return _twice(vjp_p, primals[:n + 1], primals[n + 1:], d_ct, params)
+    if any(dz_mask):
+        _second_order(params, dz_mask)
+    kept = replace(params, keep=True, mask=_or(params.mask, dz_mask))
+    *grads, level = vjp_p.bind(*primals, params=kept)
+    up = replace(kept.up(), t_mask=dz_mask + dct_given)
+    found = jvp_p.bind(*primals[:n], *primals[n + 1:], level, *pick(tangents[:n], dz_mask),
+                       *pick(d_ct, dct_given), params=up)
+    along = pick(spread(found, up.sig.diff_out), params.g_mask)
+    out_tangents = [_zero(o) if a is None else a for o, a in zip(grads, along)]
+    if params.keep:
+        return [*grads, level], [*out_tangents, _zero(level)]
+    return grads, out_tangents
+
+
+def _twice(prim: Primitive, head: Sequence[Any], linear: Sequence[Any],
+           d_linear: Sequence[Any], params: Params) -> tuple[list[Any], list[Any]]:
+    """A primitive linear in its operands after ``head``, at ``linear`` and along
+    ``d_linear``, as one binding: both stacked along a new leading batch axis."""
+    both = [jnp.stack(jnp.broadcast_arrays(a, d if g else jnp.zeros_like(a)))
+            for a, d, g in zip(linear, d_linear, _given(d_linear))]
+    found = prim.bind(*(jnp.expand_dims(h, 0) for h in head), *both, params=params)
+    return [f[0] for f in found], [f[1] for f in found]
+
+
+def _jvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
+    n = len(params.sig.in_types)
+    if any(ad.is_undefined_primal(x) for x in operands[:n + 1]):
+        raise NotImplementedError(_nonlinear(params))
+    per_output = spread(cts, params.sig.diff_out)
     ct_mask = _given(per_output)
-    head = list(operands[:n + 1])
-    if t_linear:
-        linear, g_mask, direction, d_mask = (operands[n + 1:n + 1 + n_t], params.t_mask,
-                                             operands[n + 1 + n_t:], params.dx_mask)
-    else:
-        linear, g_mask, direction, d_mask = (operands[n + 1 + n_t:], params.dx_mask,
-                                             operands[n + 1:n + 1 + n_t], params.t_mask)
-    none = [None] * len(operands)
+    none = [None] * (n + 1)
     if not any(ct_mask):
-        return none
-    given = pick(per_output, ct_mask)
-    kept = replace(params, keep=True, ct_mask=ct_mask, g_mask=g_mask, t_mask=())
-    *_, level = vjp_p.bind(*head, *given, params=kept)
-    found = hvp_p.bind(*head, level, *given, *direction,
-                       params=replace(kept, keep=False, dx_mask=d_mask))
-    start = n + 1 if t_linear else n + 1 + n_t
-    none[start:start + len(linear)] = _fit(found, linear)
-    return none
+        return [*none, *(None for m in params.t_mask if m)]
+    grads = vjp_p.bind(*operands[:n + 1], *pick(per_output, ct_mask),
+                       params=replace(params, ct_mask=ct_mask, g_mask=params.t_mask,
+                                      keep=False))
+    return [*none, *_fit(grads, operands[n + 1:])]
+
+
+def _vjp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
+    n = len(params.sig.in_types)
+    if any(ad.is_undefined_primal(x) for x in operands[:n + 1]):
+        raise NotImplementedError(_nonlinear(params))
+    per_leaf = spread(cts[:sum(params.g_mask)], params.g_mask)
+    t_mask = _given(per_leaf)
+    none = [None] * (n + 1)
+    if not any(t_mask):
+        return [*none, *(None for m in params.ct_mask if m)]
+    ty = jvp_p.bind(*operands[:n + 1], *pick(per_leaf, t_mask),
+                    params=replace(params, t_mask=t_mask, keep=False))
+    per_output = spread(ty, params.sig.diff_out)
+    return [*none, *_fit(pick(per_output, params.ct_mask), operands[n + 1:])]
 
 
 def _second_order(params: Params, perturbed: Mask) -> None:
@@ -287,89 +343,9 @@ def _second_order(params: Params, perturbed: Mask) -> None:
             "complex inputs or outputs are not supported by the JAX client")
 
 
-def _jvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
-    n = len(params.sig.in_types)
-    per_output = spread(cts, params.sig.diff_out)
-    ct_mask = _given(per_output)
-    none = [None] * (n + 1)
-    if not any(ct_mask):
-        return [*none, *(None for m in params.t_mask if m)]
-    grads = vjp_p.bind(*operands[:n + 1], *pick(per_output, ct_mask),
-                       params=replace(params, ct_mask=ct_mask, g_mask=params.t_mask,
-                                      keep=False))
-    return [*none, *_fit(grads, operands[n + 1:])]
-
-
-# -- reverse mode ----------------------------------------------------------------
-def _vjp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
-    n = len(params.sig.in_types)
-    if params.keep or any(ad.is_undefined_primal(x) for x in operands[:n + 1]):
-        raise NotImplementedError(_third_order(params))
-    per_leaf = spread(cts, params.g_mask)
-    t_mask = _given(per_leaf)
-    none = [None] * (n + 1)
-    if not any(t_mask):
-        return [*none, *(None for m in params.ct_mask if m)]
-    ty = jvp_p.bind(*operands[:n + 1], *pick(per_leaf, t_mask),
-                    params=replace(params, t_mask=t_mask))
-    per_output = spread(ty, params.sig.diff_out)
-    return [*none, *_fit(pick(per_output, params.ct_mask), operands[n + 1:])]
-
-
-def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
-             params: Params) -> tuple[list[Any], list[Any]]:
-    sig = params.sig
-    n = len(sig.in_types)
-    dx_mask = _present(tangents[:n], sig.in_types)
-    d_ct = list(tangents[n + 1:])
-    dct_given = _given(d_ct)
-    if any(dx_mask):
-        if params.keep:
-            raise NotImplementedError(_third_order(params))
-        _second_order(params, dx_mask)
-        kept = replace(params, keep=True, mask=_or(params.mask, dx_mask))
-        *grads, level = vjp_p.bind(*primals, params=kept)
-        primal_out = grads   # the level is this rule's own, not an output of the primitive
-    else:
-        kept = params
-        primal_out = list(vjp_p.bind(*primals, params=params))
-        grads = primal_out[:len(primal_out) - params.keep]
-    sums: list[Any] = [None] * len(grads)
-    if any(dct_given):
-        ct_mask = _narrow(params.ct_mask, dct_given)
-        sums = _add(sums, vjp_p.bind(*primals[:n + 1], *pick(d_ct, dct_given),
-                                     params=replace(params, ct_mask=ct_mask, keep=False)))
-    if any(dx_mask):
-        sums = _add(sums, hvp_p.bind(*primals[:n + 1], level, *primals[n + 1:],
-                                     *pick(tangents[:n], dx_mask),
-                                     params=replace(kept, keep=False, dx_mask=dx_mask)))
-    out_tangents = [_zero(g) if s is None else s for g, s in zip(grads, sums)]
-    return primal_out, out_tangents + ([_zero(primal_out[-1])] if params.keep else [])
-
-
-def _hvp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
-             params: Params) -> tuple[list[Any], list[Any]]:
-    n_lin = sum(params.dx_mask)
-    head = len(primals) - n_lin
-    if any(_given(tangents[:head])):
-        raise NotImplementedError(_third_order(params))
-    outs = hvp_p.bind(*primals, params=params)
-    d_dx = [ad.instantiate_zeros(t) for t in tangents[head:]]
-    return list(outs), list(hvp_p.bind(*primals[:head], *d_dx, params=params))
-
-
-def _hvp_transpose(cts: Sequence[Any], *operands: Any, params: Params) -> list[Any]:
-    n_lin = sum(params.dx_mask)
-    head = len(operands) - n_lin
-    if any(ad.is_undefined_primal(x) for x in operands[:head]):
-        raise NotImplementedError(_third_order(params))
-    given = _given(cts)
-    none = [None] * head
-    if not any(given):
-        return [*none, *([None] * n_lin)]
-    swapped = replace(params, g_mask=params.dx_mask, dx_mask=_narrow(params.g_mask, given))
-    return [*none, *_fit(hvp_p.bind(*operands[:head], *pick(cts, given), params=swapped),
-                         operands[head:])]
+def _batch_rank(arrays: Sequence[Any], types: Sequence[TensorType]) -> int:
+    """How many leading batch axes a primitive's operands carry (those of enclosing vmaps)."""
+    return len(arrays[0].shape) - len(types[0].shape) if arrays else 0
 
 
 def _fit(cts: Sequence[Any], operands: Sequence[Any]) -> list[Any]:
@@ -389,28 +365,13 @@ def spread(items: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
     return [next(found) if m else None for m in mask]
 
 
-def _narrow(mask: Mask, given: Sequence[bool]) -> Mask:
-    """``mask`` with the leaves it selects kept only where ``given`` (one per selected)."""
-    flags = iter(given)
-    return tuple(m and next(flags) for m in mask)
-
-
-def _add(sums: list[Any], terms: Sequence[Any]) -> list[Any]:
-    return [t if s is None else s + t for s, t in zip(sums, terms)]
-
-
-def _third_order(params: Params) -> str:
-    return (f"gradserve: third and higher derivatives of remote endpoint {params.fn.name!r} "
-            "are not supported by the JAX client (it serves first and second order); the "
-            "torch client serves any order")
+def _nonlinear(params: Params) -> str:
+    return (f"gradserve: a transpose of remote endpoint {params.fn.name!r} was asked in an "
+            "operand it is not linear in (a bug in gradserve)")
 
 
 ad.primitive_jvps[call_p] = _call_jvp
 ad.primitive_jvps[jvp_p] = _jvp_jvp
 ad.primitive_jvps[vjp_p] = _vjp_jvp
-ad.primitive_jvps[hvp_p] = _hvp_jvp
-ad.primitive_jvps[jvp2_p] = _jvp2_jvp
 ad.primitive_transposes[jvp_p] = _jvp_transpose
 ad.primitive_transposes[vjp_p] = _vjp_transpose
-ad.primitive_transposes[hvp_p] = _hvp_transpose
-ad.primitive_transposes[jvp2_p] = _jvp2_transpose

@@ -234,7 +234,12 @@ class JaxEndpoint(Endpoint):
         outputs, vjp_fn = self.run(lambda: jax.vjp(grads_of, primal))
         kept_tree = self.kept_inputs(state.tree, tree)
         leaves, in_def = pytree.flatten(kept_tree, _is_input_leaf)
-        mask = tuple(isinstance(leaf, _Leaf) and leaf.requires_grad for leaf in leaves)
+        # this call's inputs are differentiated as they were; a flagged cotangent of an
+        # output it does not have (the gradient of an input it did not differentiate) is not
+        used = {id(c) for c, f in zip(cotangents, flagged) if f}
+        n_inputs = len(pytree.flatten(state.tree, _is_input_leaf)[0])
+        mask = state.mask[:n_inputs] + tuple(isinstance(leaf, _Leaf) and id(leaf) in used
+                                             for leaf in leaves[n_inputs:])
         kept = _State(vjp_fn, in_def, mask, None, grads_of, primal, kept_tree)
         return Forwarded(outputs, Residual(outputs, kept),
                          self._residual_bytes((vjp_fn, outputs, primal)))
