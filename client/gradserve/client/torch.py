@@ -60,6 +60,25 @@ def _tracked(t: torch.Tensor) -> bool:
     return False
 
 
+def _differentiated_again(tensors: Any) -> bool:
+    """Whether any of ``tensors``, seen by a forward-mode rule, is tracked by a running grad
+    or jvp transform besides the rule's own (its outermost wrapper that is not a vmap's):
+    what the rule computes from it would be differentiated again (jvp of jvp, grad of jvp,
+    jacfwd of hessian)."""
+    functorch = torch._C._functorch
+    kinds = (functorch.TransformType.Grad, functorch.TransformType.Jvp)
+    running = {i.level() for i in functorch.get_interpreter_stack() or [] if i.key() in kinds}
+    for t in tensors:
+        own = True
+        while t is not None and _is_functorch_wrapped(t):
+            if not functorch.is_batchedtensor(t):
+                if not own and functorch.maybe_get_level(t) in running:
+                    return True
+                own = False
+            t = functorch.get_unwrapped(t)
+    return False
+
+
 def _plain(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``t`` without torch.func's wrappers (its values), and the levels of the vmaps it
     was batched by (their batch axes moved to the front)."""
@@ -173,6 +192,8 @@ class _RemoteForward(_Function):
         """Forward mode: a Jvp of the call with the inputs' tangents (the server runs the
         call again, in forward mode)."""
         state: _State = ctx.state
+        if _differentiated_again([*ctx.saved_tensors, *tangents]):
+            raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
         primals = [_plain(t) for t in ctx.saved_tensors]
         if any(levels for _, levels in primals):
             raise NotImplementedError(
@@ -348,6 +369,11 @@ class _RemoteBackward(_Function):
         return tuple(out), tuple(None if g is None else 0 for g in out)
 
 
+_FORWARD_AGAIN = (
+    "gradserve: torch.func forward mode through remote endpoint {name!r} whose result is "
+    "differentiated again (jvp of jvp, jacfwd of jacfwd, grad or jacrev of jvp, jacfwd of "
+    "hessian) is not supported; torch.func.hessian, jvp of grad and torch.autograd to any "
+    "order (create_graph=True) are")
 _NESTED = ("gradserve: the Vjp of remote endpoint {name!r} under this nesting of torch.func "
            "transforms is not supported yet; torch.func.hessian, jacrev of jacrev, grad of "
            "grad, jvp of grad and torch.autograd.functional.hessian are")
@@ -365,6 +391,8 @@ def _vjp_tangents(ctx: Any, tangents: list[Any]) -> tuple[torch.Tensor | None, .
     the cotangents' tangents, and a Vjp of a kept Vjp for the inputs' (per cotangent of a
     batch of them); under jacfwd, each is one Vjp with a batch of directions."""
     state: _State = ctx.state
+    if _differentiated_again([*ctx.saved_tensors, *tangents]):
+        raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
     saved = iter(ctx.saved_tensors)
     values = [_plain(next(saved))[0] if p else None for p in ctx.present]
     grads, n = values[:ctx.n_grads], ctx.n_grads
