@@ -116,16 +116,26 @@ def test_a_tangent_for_an_integer_input_is_refused(serve) -> None:
                                     "tangents (only floating and complex tensors do)")
 
 
-def test_torch_func_hessian_equals_local_and_vmap_of_it_says_what_works(serve) -> None:
+def test_torch_func_hessian_and_vmaps_of_jvp_and_jacrev_equal_local(serve) -> None:
     model = mlp(dtype=torch.float64)
     _, client = serve({"mlp": model})
     f = client.torch("mlp")
-    x = torch.randn(1, 6, dtype=torch.float64)
-    torch.testing.assert_close(torch.func.hessian(lambda v: torch.sin(f(v)).sum())(x),
-                               torch.func.hessian(lambda v: torch.sin(model(v)).sum())(x), **TOL)
-    with pytest.raises(NotImplementedError, match="vmap of jvp"):
-        torch.func.vmap(torch.func.hessian(lambda v: f(v).sum()))(torch.randn(2, 1, 6,
-                                                                              dtype=torch.float64))
+    func = torch.func
+    x, v = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)
+    xs = torch.randn(3, 1, 6, dtype=torch.float64)
+    for run in [lambda g: func.hessian(lambda a: torch.sin(g(a)).sum())(x),
+                lambda g: func.vmap(lambda a: func.jvp(g, (a,), (v,))[1])(xs),
+                lambda g: func.vmap(lambda a, t: func.jvp(g, (a,), (t,)))(xs, 2 * xs),
+                lambda g: func.vmap(func.jacfwd(g))(xs),
+                lambda g: func.jacfwd(func.vmap(g))(xs),
+                lambda g: func.vmap(func.jacrev(g))(xs),   # per-sample Jacobians
+                lambda g: func.vmap(func.jacrev(lambda a: torch.sin(g(a))))(xs)]:
+        torch.testing.assert_close(run(f), run(model), **TOL)
+    for hessians in [lambda a: f(a).sum(), lambda a: torch.sin(f(a)).sum()]:
+        with pytest.raises(NotImplementedError, match="vmap of hessian"):
+            func.vmap(func.hessian(hessians))(xs)
+    with pytest.raises(NotImplementedError, match="more than one vmap besides jacfwd's"):
+        func.vmap(func.vmap(lambda a: func.jvp(f, (a,), (v,))[1]))(xs[None].expand(2, 3, 1, 6))
 
 
 def test_a_jvp_too_large_for_one_message_streams(serve) -> None:

@@ -79,6 +79,11 @@ def _differentiated_again(tensors: Any) -> bool:
     return False
 
 
+def _vmap_level() -> int:
+    """The level of the vmap whose rule is running (the stack holds the levels below it)."""
+    return len(torch._C._functorch.get_interpreter_stack() or []) + 1
+
+
 def _plain(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``t`` without torch.func's wrappers (its values), and the levels of the vmaps it
     was batched by (their batch axes moved to the front)."""
@@ -124,6 +129,8 @@ class _State:
         self.residual: Residual | None = None
         self.batched: list["_State"] = []
         self.merged = False
+        #: the level of the vmap whose elements ``batched`` are
+        self.vmap_level = 0
         #: (device, dtype) of each input leaf: where its gradient goes (set when it runs)
         self.devices: list[tuple[torch.device, torch.dtype]] = []
 
@@ -195,43 +202,37 @@ class _RemoteForward(_Function):
         if _differentiated_again([*ctx.saved_tensors, *tangents]):
             raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
         primals = [_plain(t) for t in ctx.saved_tensors]
-        if any(levels for _, levels in primals):
-            raise NotImplementedError(
-                f"gradserve: forward mode through remote endpoint {state.fn.name!r} with "
-                "inputs batched by vmap (vmap of jvp) is not supported; jacfwd is")
-        leaves = [t for t, _ in primals]
-        unwrapped = [None if t is None else _plain(t) for t in tangents]
-        vmapped = {layer for u in unwrapped if u is not None for layer in u[1]}
-        if len(vmapped) > 1:
+        found = [None if t is None else _plain(t) for t in tangents]
+        outer = {level for _, levels in primals for level in levels}
+        inner = {level for u in found if u is not None for level in u[1]} - outer
+        if len(outer) > 1 or len(inner) > 1:
             raise NotImplementedError(
                 f"gradserve: forward mode through remote endpoint {state.fn.name!r} under "
-                "more than one vmap (jacfwd of jacfwd) is not supported")
-        level = next(iter(vmapped), None)
-        size = next((u[0].shape[0] for u in unwrapped if u is not None and u[1]), 0)
-        plain = [None if u is None or not is_differentiable(x)
-                 else u[0] if u[1] or level is None else u[0].expand(size, *u[0].shape)
-                 for x, u in zip(leaves, unwrapped)]
-        call = state.fn.make_call(state.call_def, leaves)
-        with torch._C._DisableFuncTorch():   # the values travel, not torch.func's wrappers
-            outputs, out_tangents = state.fn.jvp(call, state.call_def.unflatten(plain),
-                                                 state.make_leaf, batched=level is not None)
-        outs, out_def = pytree.flatten(outputs, _is_tensor)
-        found = pytree.flatten_up_to(out_def, out_tangents)
-        result: list[torch.Tensor | None] = []
-        for o, t in zip(outs, found):
-            if not is_differentiable(o):
-                result.append(None)
-                continue
-            if t is None:
-                t = torch.zeros((size, *o.shape) if level is not None else o.shape,
-                                dtype=o.dtype, device=o.device)
-            result.append(t if level is None else torch._C._functorch._add_batch_dim(t, 0, level))
-        return tuple(result)
+                "more than one vmap besides jacfwd's is not supported")
+        if outer and _grad_levels():
+            raise NotImplementedError(
+                f"gradserve: forward mode over reverse mode through remote endpoint "
+                f"{state.fn.name!r} under vmap (vmap of hessian) is not supported")
+        level = next(iter(inner), None)
+        with torch._C._DisableFuncTorch():   # plain values: what travels, and what is built
+            if not outer:   # one Jvp (with a batch of tangents under jacfwd)
+                return _wrapped(_jvp_plain(state, [x for x, _ in primals], found, level),
+                                (level,))
+            (by,) = outer   # vmap of jvp: one Jvp per element of that vmap
+            size = next(x.shape[0] for x, levels in primals if levels)
+            per = [_jvp_plain(state, [x[b] if levels else x for x, levels in primals],
+                              [None if u is None else _select(u, by, b) for u in found], level)
+                   for b in range(size)]
+            stacked = [None if parts[0] is None
+                       else torch.stack([t for t in parts if t is not None])
+                       for parts in zip(*per)]
+        return _wrapped(stacked, (by, level))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State,
              *leaves: torch.Tensor) -> tuple[Any, ...]:
         size = info.batch_size
+        state.vmap_level = _vmap_level()
         leaves = tuple(x if d is None else x.movedim(d, 0) for x, d in zip(leaves, in_dims[1:]))
         batched = [d is not None for d in in_dims[1:]]
         n = state.n_inputs
@@ -337,20 +338,25 @@ class _RemoteBackward(_Function):
     def vmap(info: Any, in_dims: tuple[Any, ...], state: _State, kept: _Kept | None,
              n_grads: int, batched_cts: bool, *grads_and_leaves: Any) -> tuple[Any, ...]:
         size = info.batch_size
+        # the call ran under an outer vmap, one call per element, and this vmap is another's
+        outer = bool(state.batched) and state.vmap_level != _vmap_level()
+        if (batched_cts and (not state.batched or outer or state.merged)) or (
+                outer and (kept is not None or state.merged)):
+            raise NotImplementedError(_NESTED.format(name=state.fn.name))
         grads = [g if g is None or d is None else g.movedim(d, 0)
                  for g, d in zip(grads_and_leaves[:n_grads], in_dims[4:])]
         batched = [d is not None for d in in_dims[4:4 + n_grads]]
         full = [g if g is None or b else g.expand(size, *g.shape) for g, b in zip(grads, batched)]
         out: list[torch.Tensor | None]
-        if batched_cts:
-            raise NotImplementedError(_NESTED.format(name=state.fn.name))
         if not state.batched and kept is not None:   # jacrev of jacrev: a kept Vjp each
             leaves = grads_and_leaves[n_grads:]
             per = [_RemoteBackward.apply(state, _Kept(kept.func), n_grads, False,
                                          *[None if g is None else g[i] for g in full], *leaves)
                    for i in range(size)]
             out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
-        elif not state.batched:  # one forward, many cotangents (jacrev): one batched Vjp
+        elif not state.batched or outer:
+            # one forward, many cotangents (jacrev): one batched Vjp (under the outer vmap,
+            # its rule sends one per element, each with the whole batch of cotangents)
             out = list(_RemoteBackward.apply(state, kept, n_grads, True, *full,
                                              *grads_and_leaves[n_grads:]))
         elif state.merged:
@@ -362,7 +368,7 @@ class _RemoteBackward(_Function):
                    for i, g in enumerate(_RemoteBackward.apply(sub, None, len(flat), False,
                                                                *flat))]
         else:
-            per = [_RemoteBackward.apply(sub, None, n_grads, False,
+            per = [_RemoteBackward.apply(sub, None, n_grads, batched_cts,
                                          *[None if g is None else g[i] for g in full])
                    for i, sub in enumerate(state.batched)]
             out = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per)]
@@ -377,6 +383,54 @@ _FORWARD_AGAIN = (
 _NESTED = ("gradserve: the Vjp of remote endpoint {name!r} under this nesting of torch.func "
            "transforms is not supported yet; torch.func.hessian, jacrev of jacrev, grad of "
            "grad, jvp of grad and torch.autograd.functional.hessian are")
+
+
+def _jvp_plain(state: _State, leaves: list[torch.Tensor],
+               tangents: list[tuple[torch.Tensor, tuple[int, ...]] | None],
+               level: int | None) -> list[torch.Tensor | None]:
+    """The output tangents of one Jvp of ``state``'s call at plain ``leaves``, for plain
+    ``tangents`` (with the levels they are batched by: at most ``level``, jacfwd's, whose
+    batch then goes as one call and leads each result); None for outputs without. Runs
+    with torch.func's transforms off (``_DisableFuncTorch``)."""
+    size = next((t.shape[0] for t, levels in filter(None, tangents) if levels), 0)
+    plain = [None if u is None or not is_differentiable(x)
+             else u[0] if u[1] or level is None else u[0].expand(size, *u[0].shape)
+             for x, u in zip(leaves, tangents)]
+    call = state.fn.make_call(state.call_def, leaves)
+    outputs, out_tangents = state.fn.jvp(call, state.call_def.unflatten(plain),
+                                         state.make_leaf, batched=level is not None)
+    outs, out_def = pytree.flatten(outputs, _is_tensor)
+    result: list[torch.Tensor | None] = []
+    for o, t in zip(outs, pytree.flatten_up_to(out_def, out_tangents)):
+        if is_differentiable(o) and t is None:
+            t = torch.zeros((size, *o.shape) if level is not None else o.shape,
+                            dtype=o.dtype, device=o.device)
+        result.append(t if is_differentiable(o) else None)
+    return result
+
+
+def _select(found: tuple[torch.Tensor, tuple[int, ...]], level: int,
+            b: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Element ``b`` of vmap ``level`` of a plain value batched by ``found[1]`` (the
+    outermost wrapper's level first; their axes lead in the opposite order)."""
+    value, levels = found
+    if level not in levels:
+        return found
+    axis = len(levels) - 1 - levels.index(level)
+    return value.select(axis, b), tuple(lv for lv in levels if lv != level)
+
+
+def _wrapped(results: list[torch.Tensor | None],
+             levels: tuple[int | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Plain results whose leading axes are those of vmap ``levels`` (outer first; None
+    where there is none), batched by them again."""
+    wrapped = []
+    for t in results:
+        for level in levels:
+            if t is not None and level is not None:
+                t = torch._C._functorch._add_batch_dim(t, 0, level)
+        wrapped.append(t)
+    return tuple(wrapped)
 
 
 def _waits_on_itself(info: EndpointInfo) -> bool:
@@ -401,7 +455,7 @@ def _vjp_tangents(ctx: Any, tangents: list[Any]) -> tuple[torch.Tensor | None, .
     if len(vmapped) > 1 or state.residual is None or state.out_def is None:
         raise NotImplementedError(
             f"gradserve: forward mode over a gradient of remote endpoint {state.fn.name!r} "
-            "under more than one vmap is not supported")
+            "under more than one vmap (vmap of hessian) is not supported")
     if any(v is not None and v.is_complex() for v in values):
         raise NotImplementedError(
             f"gradserve: forward mode over a gradient of remote endpoint {state.fn.name!r} "
