@@ -126,6 +126,8 @@ class _State:
         self.make_leaf = make_leaf
         self.mask = mask
         self.out_def: pytree.TreeDef | None = None
+        #: zeros like each differentiable output (None for the others), once it has run
+        self.zeros: list[torch.Tensor | None] = []
         self.residual: Residual | None = None
         self.batched: list["_State"] = []
         self.merged = False
@@ -176,6 +178,7 @@ class _RemoteForward(_Function):
         outputs, state.residual = state.fn.forward(call, state.make_leaf,
                                                    need_vjp=any(state.mask))
         out_leaves, state.out_def = pytree.flatten(outputs, _is_tensor)
+        state.zeros = [torch.zeros_like(o) if is_differentiable(o) else None for o in out_leaves]
         return tuple(out_leaves)
 
     @staticmethod
@@ -200,7 +203,7 @@ class _RemoteForward(_Function):
         call again, in forward mode)."""
         state: _State = ctx.state
         if _differentiated_again([*ctx.saved_tensors, *tangents]):
-            raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
+            return _jvp_by_vjps(state, list(ctx.saved_tensors), list(tangents))
         primals = [_plain(t) for t in ctx.saved_tensors]
         found = [None if t is None else _plain(t) for t in tangents]
         outer = {level for _, levels in primals for level in levels}
@@ -376,13 +379,54 @@ class _RemoteBackward(_Function):
 
 
 _FORWARD_AGAIN = (
-    "gradserve: torch.func forward mode through remote endpoint {name!r} whose result is "
-    "differentiated again (jvp of jvp, jacfwd of jacfwd, grad or jacrev of jvp, jacfwd of "
-    "hessian) is not supported; torch.func.hessian, jvp of grad and torch.autograd to any "
+    "gradserve: a torch.func forward-mode derivative of remote endpoint {name!r} whose "
+    "result is differentiated again beyond second order (jacfwd of hessian, jvp of jvp of "
+    "jvp, jvp of a Hessian-vector product) or under vmap is not supported; second order in "
+    "any mode (hessian, jacfwd of jacfwd, jvp of jvp, grad of jvp) and torch.autograd to any "
     "order (create_graph=True) are")
 _NESTED = ("gradserve: the Vjp of remote endpoint {name!r} under this nesting of torch.func "
            "transforms is not supported yet; torch.func.hessian, jacrev of jacrev, grad of "
            "grad, jvp of grad and torch.autograd.functional.hessian are")
+
+
+def _jvp_by_vjps(state: _State, saved: list[torch.Tensor],
+                 tangents: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+    """``J(x) t`` where it is differentiated again (jvp of jvp, grad of jvp): the ``w``
+    part of the Vjp along ``t`` of the call's Vjp kept at cotangents ``w = 0``, an autograd
+    node of its own, so the transforms outside see it depend on ``x`` and ``t``."""
+    functorch = torch._C._functorch
+    own = functorch.get_interpreter_stack()[-1].level()
+    xs = [_peel(x, own) for x in saved]
+    ts = [None if t is None else _peel(t, own) for t in tangents]
+    with torch._C._DisableFuncTorch():
+        leaves = [_plain(x)[0] for x in xs]
+        if any(levels for _, levels in map(_plain, xs)):
+            raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
+        call = state.fn.make_call(state.call_def, leaves,
+                                  [is_differentiable(x) for x in leaves])
+        out_def, zeros = state.out_def, state.zeros
+        assert out_def is not None
+        w0 = [z for z in zeros if z is not None]
+        flagged = {id(z) for z in w0}
+        _, level_residual = state.fn.vjp_kept(Residual(call), pytree.unflatten(out_def, zeros),
+                                              _torch_leaf,
+                                              requires_grad=lambda a: id(a) in flagged)
+        up = state.level(level_residual, leaves, pytree.unflatten(out_def, zeros),
+                         lambda a: is_differentiable(a))
+    kept = _Kept(True) if _grad_levels() else None
+    found = _RemoteBackward.apply(up, kept, len(leaves), False, *ts, *xs, *w0)
+    along = iter(found[len(leaves):])
+    return tuple(next(along) if z is not None else None for z in zeros)
+
+
+def _peel(t: torch.Tensor, level: int) -> torch.Tensor:
+    """``t`` without the wrappers of transforms that ended and then without its outermost
+    if that is transform ``level``'s: what the transforms outside it track."""
+    functorch = torch._C._functorch
+    (t,) = torch._functorch.utils.unwrap_dead_wrappers((t,))
+    if _is_functorch_wrapped(t) and functorch.maybe_get_level(t) == level:
+        return functorch.get_unwrapped(t)
+    return t
 
 
 def _jvp_plain(state: _State, leaves: list[torch.Tensor],
