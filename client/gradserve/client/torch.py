@@ -399,20 +399,23 @@ def _jvp_by_vjps(state: _State, saved: list[torch.Tensor],
     xs = [_peel(x, own) for x in saved]
     ts = [None if t is None else _peel(t, own) for t in tangents]
     with torch._C._DisableFuncTorch():
-        leaves = [_plain(x)[0] for x in xs]
-        if any(levels for _, levels in map(_plain, xs)):
+        plain = [_plain(x) for x in xs]
+        if any(levels for _, levels in plain):
             raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
-        call = state.fn.make_call(state.call_def, leaves,
-                                  [is_differentiable(x) for x in leaves])
+        leaves = [x for x, _ in plain]
+        flags = [is_differentiable(x) for x in leaves]
+        residual = state.residual   # the forward's, if it differentiates every input
+        if residual is None or not all(m or not f for m, f in zip(state.mask, flags)):
+            residual = Residual(state.fn.make_call(state.call_def, leaves, flags))
         out_def, zeros = state.out_def, state.zeros
         assert out_def is not None
         w0 = [z for z in zeros if z is not None]
         flagged = {id(z) for z in w0}
-        _, level_residual = state.fn.vjp_kept(Residual(call), pytree.unflatten(out_def, zeros),
+        _, level_residual = state.fn.vjp_kept(residual, pytree.unflatten(out_def, zeros),
                                               _torch_leaf,
                                               requires_grad=lambda a: id(a) in flagged)
         up = state.level(level_residual, leaves, pytree.unflatten(out_def, zeros),
-                         lambda a: is_differentiable(a))
+                         is_differentiable)
     kept = _Kept(True) if _grad_levels() else None
     found = _RemoteBackward.apply(up, kept, len(leaves), False, *ts, *xs, *w0)
     along = iter(found[len(leaves):])
