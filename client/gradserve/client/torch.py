@@ -212,10 +212,6 @@ class _RemoteForward(_Function):
             raise NotImplementedError(
                 f"gradserve: forward mode through remote endpoint {state.fn.name!r} under "
                 "more than one vmap besides jacfwd's is not supported")
-        if outer and _grad_levels():
-            raise NotImplementedError(
-                f"gradserve: forward mode over reverse mode through remote endpoint "
-                f"{state.fn.name!r} under vmap (vmap of hessian) is not supported")
         level = next(iter(inner), None)
         with torch._C._DisableFuncTorch():   # plain values: what travels, and what is built
             if not outer:   # one Jvp (with a batch of tangents under jacfwd)
