@@ -176,6 +176,19 @@ def test_lost_residuals_are_recomputed(serve, x64) -> None:
     assert_trees_close(grad3(x), local3(x), scaled=True)
 
 
+def test_forward_mode_alone_leaves_a_bounded_number_of_residuals(serve, x64) -> None:
+    """A Forward under jax.jvp keeps a residual in case reverse mode follows (forward over
+    reverse); with none following, the server holds no more than SEEN_KEPT of them."""
+    from gradserve.client.jax import SEEN_KEPT
+    _, client = serve({"mix": TorchEndpoint(mix_torch)})
+    f = client.jax("mix")
+    x, y, p = data()
+    for _ in range(SEEN_KEPT + 4):
+        jax.jvp(lambda a: f(a, y, p=p)["h"], (x,), (x,))
+    f(x, y, p=p)   # releases go with the next call
+    assert client.describe("mix").residuals.count == SEEN_KEPT
+
+
 def test_third_and_fourth_order(mix) -> None:
     _, client = mix
     f = client.jax("mix")

@@ -193,8 +193,7 @@ class RemoteJaxFunction(RemoteEndpoint):
 
         def run(idxs: list[Index]) -> list[Any]:
             call = self.make_call(sig.in_def, [_at(x, idxs[0]) for x in xs], p.mask)
-            given = sig.in_def.unflatten([None if t is None else _gather(t, idxs, batch, ty)
-                                          for t, ty in zip(tangents, sig.in_types)])
+            given = sig.in_def.unflatten(_gathered(tangents, sig.in_types, idxs, batch))
             _, out_tangents = self.jvp(call, given, numpy_leaf, batched=len(idxs) > 1)
             found = pytree.flatten_up_to(sig.out_def, out_tangents)
             return [f for f, d in zip(found, sig.diff_out) if d]
@@ -219,15 +218,12 @@ class RemoteJaxFunction(RemoteEndpoint):
             batched = len(idxs) > 1
             total: list[Any] = [None] * nb
             if any(t is not None for t in t_z):
-                along = pytree.unflatten(sig.out_def, [
-                    None if t is None else _gather(t, idxs, batch, ty)
-                    for t, ty in zip(t_z, below.in_types)])
+                along = pytree.unflatten(sig.out_def, _gathered(t_z, below.in_types, idxs, batch))
                 grads = self.vjp(residual, along, numpy_leaf, batched=batched)
                 total = _sum(total, sig.in_def.grads(grads)[:nb])
             if any(t is not None for t in t_w):
-                along = pytree.unflatten(below.out_def, [
-                    None if t is None else _gather(t, idxs, batch, ty)
-                    for t, ty in zip(t_w, below.out_types)])
+                along = pytree.unflatten(below.out_def,
+                                         _gathered(t_w, below.out_types, idxs, batch))
                 grads = self.vjp(_below(residual), along, numpy_leaf, batched=batched)
                 total = _sum(total, below.in_def.grads(grads))
             return pick(total, sig.diff_out)
@@ -252,9 +248,7 @@ class RemoteJaxFunction(RemoteEndpoint):
         g_types = pick(sig.in_types, p.g_mask)
 
         def run(idxs: list[Index]) -> list[Any]:
-            cotangents = pytree.unflatten(sig.out_def, [
-                None if c is None else _gather(c, idxs, batch, t)
-                for c, t in zip(cts, sig.out_types)])
+            cotangents = pytree.unflatten(sig.out_def, _gathered(cts, sig.out_types, idxs, batch))
             grads = self.vjp(record.residual(record.index(idxs[0])), cotangents, numpy_leaf,
                              batched=len(idxs) > 1)
             return pick(sig.in_def.grads(grads), p.g_mask)
@@ -408,6 +402,12 @@ def _gather(a: Any, idxs: list[Index], batch: tuple[int, ...], t: TensorType) ->
     if len(idxs) == int(np.prod(batch)):
         return np.broadcast_to(a, batch + t.shape).reshape((len(idxs), *t.shape))
     return np.stack([_at(a, idx) for idx in idxs])
+
+
+def _gathered(arrays: Sequence[Any], types: Sequence[TensorType], idxs: list[Index],
+              batch: tuple[int, ...]) -> list[Any]:
+    """``_gather`` of each of ``arrays`` (None where absent)."""
+    return [None if a is None else _gather(a, idxs, batch, t) for a, t in zip(arrays, types)]
 
 
 def _grouped(batch: tuple[int, ...], key: Callable[[Index], Hashable],

@@ -272,8 +272,9 @@ def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
     dz_mask = _present(tangents[:n], sig.in_types)
     d_ct = tangents[n + 1:]
     dct_given = _given(d_ct)
+    widened = _or(params.mask, dz_mask)
     if params.keep:   # the level it keeps may be differentiated in these inputs
-        params = replace(params, mask=_or(params.mask, dz_mask))
+        params = replace(params, mask=widened)
     if not any(params.g_mask) or not (any(dz_mask) or any(dct_given)):
         outs = list(vjp_p.bind(*primals, params=params))
         return outs, [_zero(o) for o in outs]
@@ -281,7 +282,7 @@ def _vjp_jvp(primals: Sequence[Any], tangents: Sequence[Any], *,
         return _twice(vjp_p, primals[:n + 1], primals[n + 1:], d_ct, params)
     if any(dz_mask):
         _second_order(params, dz_mask)
-    kept = replace(params, keep=True, mask=_or(params.mask, dz_mask))
+    kept = replace(params, keep=True, mask=widened)
     *grads, level = vjp_p.bind(*primals, params=kept)
     up = replace(kept.up(), t_mask=dz_mask + dct_given)
     found = jvp_p.bind(*primals[:n], *primals[n + 1:], level, *pick(tangents[:n], dz_mask),

@@ -45,28 +45,12 @@ def _grad_levels() -> int | None:
     return sum(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
 
 
-def _tracked(t: torch.Tensor) -> bool:
-    """Whether ``t``, an input a torch.func node saved, is tracked by a grad transform that
-    is running now other than the node's own (its outermost wrapper): a gradient computed
-    from it will be differentiated again (grad of grad, jacrev of jacrev)."""
+def _tracked(tensors: Any, *kinds: Any) -> bool:
+    """Whether any of ``tensors``, which a torch.func node saved, is tracked by a running
+    transform of ``kinds`` (grad, jvp) other than the node's own (its outermost wrapper that
+    is not a vmap's): what the node computes from it will be differentiated again (grad of
+    grad, jacrev of jacrev, jvp of jvp, grad of jvp)."""
     functorch = torch._C._functorch
-    running = {i.level() for i in functorch.get_interpreter_stack() or []
-               if i.key() == functorch.TransformType.Grad}
-    own = True
-    while _is_functorch_wrapped(t):
-        if not own and functorch.maybe_get_level(t) in running:
-            return True
-        own, t = False, functorch.get_unwrapped(t)
-    return False
-
-
-def _differentiated_again(tensors: Any) -> bool:
-    """Whether any of ``tensors``, seen by a forward-mode rule, is tracked by a running grad
-    or jvp transform besides the rule's own (its outermost wrapper that is not a vmap's):
-    what the rule computes from it would be differentiated again (jvp of jvp, grad of jvp,
-    jacfwd of hessian)."""
-    functorch = torch._C._functorch
-    kinds = (functorch.TransformType.Grad, functorch.TransformType.Jvp)
     running = {i.level() for i in functorch.get_interpreter_stack() or [] if i.key() in kinds}
     for t in tensors:
         own = True
@@ -77,6 +61,9 @@ def _differentiated_again(tensors: Any) -> bool:
                 own = False
             t = functorch.get_unwrapped(t)
     return False
+
+
+_DIFFERENTIATING = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
 
 
 def _vmap_level() -> int:
@@ -202,7 +189,7 @@ class _RemoteForward(_Function):
         """Forward mode: a Jvp of the call with the inputs' tangents (the server runs the
         call again, in forward mode)."""
         state: _State = ctx.state
-        if _differentiated_again([*ctx.saved_tensors, *tangents]):
+        if _tracked([*ctx.saved_tensors, *tangents], *_DIFFERENTIATING):
             return _jvp_by_vjps(state, list(ctx.saved_tensors), list(tangents))
         primals = [_plain(t) for t in ctx.saved_tensors]
         found = [None if t is None else _plain(t) for t in tangents]
@@ -278,7 +265,7 @@ class _Kept:
         if _grad_levels() is None:
             building = torch.is_grad_enabled()
         else:   # torch.func runs every backward with grad mode on
-            building = any(_tracked(t) for t in leaves if t is not None)
+            building = _tracked(leaves, torch._C._functorch.TransformType.Grad)
         return _Kept(_grad_levels() is not None) if building and fn.info.reverse_order != 1 \
             else None
 
@@ -488,7 +475,7 @@ def _vjp_tangents(ctx: Any, tangents: list[Any]) -> tuple[torch.Tensor | None, .
     the cotangents' tangents, and a Vjp of a kept Vjp for the inputs' (per cotangent of a
     batch of them); under jacfwd, each is one Vjp with a batch of directions."""
     state: _State = ctx.state
-    if _differentiated_again([*ctx.saved_tensors, *tangents]):
+    if _tracked([*ctx.saved_tensors, *tangents], *_DIFFERENTIATING):
         raise NotImplementedError(_FORWARD_AGAIN.format(name=state.fn.name))
     saved = iter(ctx.saved_tensors)
     values = [_plain(next(saved))[0] if p else None for p in ctx.present]

@@ -347,12 +347,7 @@ class JaxEndpoint(Endpoint):
 
 def _arrays_only(tree: Any) -> Any:
     """``tree`` with None in place of each leaf that is no array (static arguments)."""
-    if isinstance(tree, dict):
-        return {k: _arrays_only(v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_arrays_only(v) for v in tree]
-        return type(tree)._make(items) if hasattr(tree, "_make") else type(tree)(items)
-    return tree if _is_array(tree) else None
+    return jax.tree_util.tree_map(lambda x: x if _is_array(x) else None, tree)
 
 
 def _conj(tree: Any) -> Any:
