@@ -43,15 +43,16 @@ def serve() -> Iterator[Callable[..., tuple[Server, gradserve.Client]]]:
 
 @pytest.fixture
 def serve_elsewhere() -> Iterator[Callable[..., tuple[str, subprocess.Popen[str]]]]:
-    """``serve_elsewhere(target, *flags, port=None)`` -> (address, process) of ``gradserve
-    serve tests/cli_targets.py:<target>`` in another process, once it is SERVING; every
+    """``serve_elsewhere(target, *flags, port=None, env=None)`` -> (address, process) of
+    ``gradserve serve tests/cli_targets.py:<target>`` in another process (``env`` added to
+    its environment), once it is SERVING; every
     process started is killed at teardown."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(target: str, *flags: str, port: int | None = None
-              ) -> tuple[str, subprocess.Popen[str]]:
+    def start(target: str, *flags: str, port: int | None = None,
+              env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen[str]]:
         port = port or free_port()
-        proc = serve_process(target, port, *flags)
+        proc = serve_process(target, port, *flags, env=env)
         started.append(proc)
         address = f"127.0.0.1:{port}"
         wait_serving(address).close()

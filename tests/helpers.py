@@ -42,6 +42,13 @@ HAS_CUDA = _has_cuda()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CuPy")
 
 
+def without_ucx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this process's clients find UCX unavailable (so ``auto`` falls back to gRPC
+    bytes where the same-host transports do not work)."""
+    from gradserve.client.transports.ucx import UcxTransport
+    monkeypatch.setattr(UcxTransport, "unavailable", staticmethod(lambda: "UCX is off here"))
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
                message: str | Callable[[], str] = "") -> T:
     """Poll ``predicate`` until it returns something true, and return that; fail the test
@@ -97,11 +104,14 @@ def free_port() -> int:
 TARGETS = str(Path(__file__).resolve().parent / "cli_targets.py")
 
 
-def serve_process(target: str, port: int, *flags: str) -> subprocess.Popen[str]:
-    """``gradserve serve tests/cli_targets.py:<target>`` on ``port``, as another process."""
+def serve_process(target: str, port: int, *flags: str,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``gradserve serve tests/cli_targets.py:<target>`` on ``port``, as another process
+    (``env``: added to this one's environment)."""
     return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
                              f"{TARGETS}:{target}", "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def wait_serving(address: str, deadline: float = 60) -> grpc.Channel:

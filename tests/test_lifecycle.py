@@ -17,7 +17,7 @@ import torch
 
 import gradserve
 from gradserve.server import Server
-from helpers import wait_until
+from helpers import wait_until, without_ucx
 from models import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,7 @@ def test_auto_fallback_is_logged_as_a_warning(serve, monkeypatch, caplog) -> Non
 
     server, _ = serve({"mlp": mlp()}, client_options={"transport": "grpc"})
     monkeypatch.setattr(shm, "available", lambda: "this machine has no writable /dev/shm")
+    without_ucx(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="gradserve.client"):
         client = gradserve.connect(server.address)
     client.close()

@@ -28,7 +28,7 @@ from gradserve.server.transports.shm import ShmTransport
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.slots import Arena
 from helpers import ask_shm, double, free_port, needs_cuda, needs_shm, raw, wait_until
-from helpers import shm_names
+from helpers import shm_names, without_ucx
 from models import local_input_grad, mlp
 
 pytestmark = needs_shm
@@ -56,6 +56,7 @@ def test_auto_picks_shm_and_leaves_no_names_behind(serve) -> None:
 
 def test_forced_shm_fails_at_connect_and_auto_falls_back(serve, monkeypatch) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
+    without_ucx(monkeypatch)   # else auto takes UCX to a server it cannot map (test_ucx.py)
 
     def other_namespace(name, size):
         raise FileNotFoundError(2, "No such file or directory", name)

@@ -29,6 +29,8 @@ REGIONS_AT_LIMIT = "regions-at-limit"
 BUDGET_SPENT = "budget-spent"
 #: Reason sent when an endpoint does not serve a derivative asked for (an order, a mode).
 DERIVATIVE_UNSUPPORTED = "derivative-unsupported"
+#: Reason sent when a session's UCX link failed: the session's next calls send bytes.
+LINK_BROKEN = "link-broken"
 
 
 class GradserveError(Exception):
@@ -174,6 +176,12 @@ def from_rpc_error(err: grpc.RpcError) -> RemoteError:
     if reason == SESSION_MISSING:
         return SessionMissing(code, message or "", reason)
     return _BY_CODE.get(code, RemoteError)(code, message or "", reason)
+
+
+def from_status(err: StatusError) -> RemoteError:
+    """The :class:`RemoteError` a caller sees for a failure this side found itself (a
+    transfer over a link that broke or timed out)."""
+    return _BY_CODE.get(err.code, RemoteError)(err.code, err.message, err.reason)
 
 
 def rpc(method: Callable[..., T], request: Any, timeout: float | None) -> T:

@@ -38,7 +38,8 @@ from gradserve.wire.memory import Data, WireTensor, copy_into
 from gradserve.wire.slots import SessionInfo
 from gradserve.wire.specs import EndpointInfo, TensorType
 
-#: ``transport=`` values: "auto", "grpc" (bytes in the gRPC stream), then each same-host one.
+#: ``transport=`` values: "auto", "grpc" (bytes in the gRPC stream), then each same-host one,
+#: then "ucx" (across hosts).
 TRANSPORT_NAMES = ("auto", "grpc", *TRANSPORTS)
 log = logging.getLogger("gradserve.client")
 T = TypeVar("T")

@@ -23,11 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client.calls import Call, Level, Residual
 from gradserve.client.session import Session
-from gradserve.client.transports import TRANSPORTS
+from gradserve.client.transports import TRANSPORTS, ClientTransport
 from gradserve.frameworks import Statics
-from gradserve.errors import (DRAINING, REPLY_TOO_LARGE, DeadlineExceeded, GradserveError,
-                              RemoteError, ResourceExhausted, SessionMissing, Unavailable,
-                              from_rpc_error, rpc)
+from gradserve.errors import (DRAINING, LINK_BROKEN, REPLY_TOO_LARGE, DeadlineExceeded,
+                              GradserveError, RemoteError, ResourceExhausted, SessionMissing,
+                              StatusError, Unavailable, from_rpc_error, from_status, rpc)
 from gradserve.security import identified
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -39,6 +39,9 @@ from gradserve.wire.slots import SessionInfo
 
 #: Seconds between attempts to open a same-host session with a server not reachable yet.
 RENEGOTIATE_SECONDS = 1.0
+#: Seconds after a session's link broke (its calls send bytes meanwhile) before the client
+#: sets up a new session.
+RELINK_SECONDS = 5.0
 #: Seconds a replica that failed a call is passed over (unless it answers, or its health
 #: watch says SERVING anew, first).
 DOWN_SECONDS = 1.0
@@ -161,9 +164,10 @@ class Replica:
 
     @property
     def transport(self) -> str:
-        """The transport in use: the best of the session's, or "grpc" without one."""
+        """The transport in use: the best of the session's that works, or "grpc"."""
         session = self._session
-        return session.transports[-1].name if session is not None else "grpc"
+        working = [t.name for t in session.transports if not t.broken] if session else []
+        return working[-1] if working else "grpc"
 
     def session_info(self) -> SessionInfo | None:
         """The same-host session in use, if any."""
@@ -288,9 +292,10 @@ class Replica:
         if not residual.id:
             return
         self._live.add(residual)
-        if writer.placed and session is not None:
-            weakref.finalize(residual, session.free, writer.placed)
-            writer.placed = []
+        viewed = [ref for ref in writer.placed if isinstance(ref, pb.SlotRef)]
+        if viewed and session is not None:   # transfers went: the writer lets go of them
+            weakref.finalize(residual, session.free, viewed)
+            writer.placed = [ref for ref in writer.placed if not isinstance(ref, pb.SlotRef)]
 
     def _jvp_once(self, session: Session | None, call: Call, tangents: Arguments,
                   make_leaf: MakeLeaf, batched: bool, timeout: float | None,
@@ -382,10 +387,18 @@ class Replica:
                 if not reader.chunked:
                     self._large_replies.discard(key)
             decoded = decode(header, reader)
-        except BaseException:
+        except BaseException as err:
             if session is not None and state is not None:
                 session.put_back([*state.freed_slots, *reader.unviewed()])
+            if isinstance(err, (StatusError, RemoteError)) and err.reason == LINK_BROKEN:
+                if session is not None:
+                    session.link_broke(err.message)
+            if isinstance(err, StatusError) and err.code in (grpc.StatusCode.UNAVAILABLE,
+                                                             grpc.StatusCode.CANCELLED):
+                raise from_status(err) from None   # a transfer of this side's failed
             raise
+        finally:
+            reader.close()
         if reader.spilled and session is not None:   # the reply regions were full: grow them
             session.spilled(reader.spilled)
         return header, decoded
@@ -407,6 +420,10 @@ class Replica:
         due = self._negotiate_at
         requested = self.settings.requested
         forced = requested not in ("auto", "grpc")
+        lost = self._session
+        if (lost is not None and lost.broken_at is not None
+                and time.monotonic() - lost.broken_at > RELINK_SECONDS):
+            self._reopen(lost, tell_server=True)   # a link broke a while ago: set it up anew
         if due is not None and time.monotonic() >= due:
             if self._session_lock.acquire(blocking=forced):
                 try:
@@ -422,32 +439,48 @@ class Replica:
             raise GradserveError(reason)
         return session
 
-    def _reopen(self, lost: Session) -> None:
-        """Replace a session the server no longer holds (once, whichever thread asks)."""
+    def _reopen(self, lost: Session, tell_server: bool = False) -> None:
+        """Replace a session the server no longer holds, or (``tell_server``) whose link
+        broke (once, whichever thread asks)."""
         with self._session_lock:
             if self._session is lost:
-                log.info("gradserve: same-host session with %s lost (server restarted?); "
-                         "reopening", self.address)
-                lost.close(tell_server=False)
+                log.info("gradserve: session with %s %s; reopening", self.address,
+                         "has a broken link" if tell_server else "lost (server restarted?)")
+                lost.close(tell_server=tell_server)
                 self._session = None
                 self._negotiate()
 
     def _negotiate(self) -> None:
-        """Open a same-host session for the requested transport (holding the session lock)."""
+        """Open a session for the requested transport (holding the session lock): the
+        same-host ones first, then, under ``auto`` where none is available here or the
+        server's regions were out of reach (another host), UCX."""
         requested = self.settings.requested
-        names = list(TRANSPORTS)
-        if requested != "auto":
-            names = names[:names.index(requested) + 1]
-        transports = [TRANSPORTS[n](self.settings.region_bytes.get(n, 0)) for n in names]
-        local = {t.name: t.unavailable() for t in transports}
-        if requested != "auto" and local[requested]:
-            self._settle_failure(local[requested])
-        usable = [t for t in transports if not local[t.name]]
-        reasons = {n: why for n, why in local.items() if why}
-        session = None
-        if usable:
+        same_host = [n for n, kind in TRANSPORTS.items() if kind.same_host]
+        if requested == "auto":
+            rounds = [same_host, [n for n in TRANSPORTS if n not in same_host]]
+        elif requested in same_host:
+            rounds = [same_host[:same_host.index(requested) + 1]]
+        else:
+            rounds = [[requested]]
+        session, reasons = None, dict[str, str]()
+        tried: list[str] = []   # names asked of the server (available here)
+        asked: list[ClientTransport] = []
+        for names in rounds:
+            if asked and not any(t.unreachable for t in asked):
+                break   # the same-host ones were refused, not out of reach: no other host
+            transports = [TRANSPORTS[n](self.settings.region_bytes.get(n, 0)) for n in names]
+            local = {t.name: t.unavailable() for t in transports}
+            if requested != "auto" and local[requested]:
+                self._settle_failure(local[requested])
+            usable: list[ClientTransport] = [t for t in transports if not local[t.name]]
+            reasons.update({n: why for n, why in local.items() if why})
+            if not usable:
+                continue
+            tried.extend(t.name for t in usable)
+            asked.extend(usable)
             try:
-                session, reasons = Session.open(self.stub, usable)
+                session, found = Session.open(self.stub, usable)
+                reasons.update(found)
             except (Unavailable, DeadlineExceeded) as err:   # no server there yet: ask later
                 self._negotiate_at = time.monotonic() + RENEGOTIATE_SECONDS
                 self.fallback_reason = f"the server is not reachable yet ({err.message})"
@@ -457,7 +490,9 @@ class Replica:
                 self.fallback_reason = f"the server has no room for a session now ({err.message})"
                 return
             except RemoteError as err:
-                reasons = {t.name: str(err) for t in usable}
+                reasons.update({t.name: str(err) for t in usable})
+            if session is not None:
+                break
         self._negotiate_at = None
         in_use = [t.name for t in session.transports] if session is not None else []
         if requested not in ("auto", *in_use):
@@ -468,7 +503,7 @@ class Replica:
             session.start()
         self._session = session
         rank = ["grpc", *TRANSPORTS]
-        candidates = [t.name for t in usable] or names
+        candidates = tried or [n for names in rounds for n in names]
         self.fallback_reason = "; ".join(
             f"{n}: {reasons[n]}" for n in candidates
             if rank.index(n) > rank.index(self.transport) and n in reasons)

@@ -79,8 +79,11 @@ class Session(Slots[ClientTransport]):
             for transport in asked:
                 if not transport.usable:
                     reasons.setdefault(transport.name, "the server refused its regions")
+                    transport.close()
         except BaseException:
             session.close()
+            for transport in asked:
+                transport.close()
             raise
         if not session.transports:
             session.close()
@@ -195,6 +198,17 @@ class Session(Slots[ClientTransport]):
         """Whether reply slots wait to be reported freed."""
         return any(t.pending_frees for t in self.transports)
 
+    def link_broke(self, why: str) -> None:
+        """The server found the session's link broken: send bytes until it is set up anew."""
+        for transport in self.transports:
+            transport.link_broke(why)
+
+    @property
+    def broken_at(self) -> float | None:
+        """When a transport of the session stopped working (None: all work)."""
+        times = [t.broken_at for t in self.transports if t.broken_at is not None]
+        return min(times) if times else None
+
     def spilled(self, nbytes: int) -> None:
         """A reply came partly as bytes for want of reply slots: let transports grow."""
         for transport in self.transports:
@@ -214,7 +228,8 @@ class Session(Slots[ClientTransport]):
         return SessionInfo(self.id, tuple(t.name for t in transports),
                            tuple(r.info() for t in transports for r in t.regions),
                            sum(t.pending_frees for t in transports),
-                           sum(t.copied for t in transports), sum(t.in_place for t in transports))
+                           sum(t.copied for t in transports), sum(t.in_place for t in transports),
+                           sum(t.in_flight() for t in transports))
 
 
 def _keep_alive(stub: Any, sid: str, lease: float, stopped: threading.Event) -> None:

@@ -28,6 +28,7 @@ class RegionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REGION_KIND_UNSPECIFIED: _ClassVar[RegionKind]
     SHARED_MEMORY: _ClassVar[RegionKind]
     CUDA_IPC: _ClassVar[RegionKind]
+    UCX: _ClassVar[RegionKind]
 
 class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +36,7 @@ class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST: _ClassVar[Direction]
     REPLY: _ClassVar[Direction]
     PROBE: _ClassVar[Direction]
+    LINK: _ClassVar[Direction]
 DTYPE_UNSPECIFIED: DType
 BOOL: DType
 UINT8: DType
@@ -51,10 +53,12 @@ COMPLEX128: DType
 REGION_KIND_UNSPECIFIED: RegionKind
 SHARED_MEMORY: RegionKind
 CUDA_IPC: RegionKind
+UCX: RegionKind
 DIRECTION_UNSPECIFIED: Direction
 REQUEST: Direction
 REPLY: Direction
 PROBE: Direction
+LINK: Direction
 
 class StreamedPayload(_message.Message):
     __slots__ = ("id",)
@@ -63,20 +67,22 @@ class StreamedPayload(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "stream", "slot", "requires_grad")
+    __slots__ = ("dtype", "shape", "data", "stream", "slot", "transfer", "requires_grad")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     stream: StreamedPayload
     slot: SlotRef
+    transfer: Transfer
     requires_grad: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stream: _Optional[_Union[StreamedPayload, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ..., transfer: _Optional[_Union[Transfer, _Mapping]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
 
 class SlotRef(_message.Message):
     __slots__ = ("region", "offset", "nbytes", "generation")
@@ -89,6 +95,16 @@ class SlotRef(_message.Message):
     nbytes: int
     generation: int
     def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Transfer(_message.Message):
+    __slots__ = ("region", "tag", "device")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    tag: int
+    device: bool
+    def __init__(self, region: _Optional[int] = ..., tag: _Optional[int] = ..., device: _Optional[bool] = ...) -> None: ...
 
 class NoneValue(_message.Message):
     __slots__ = ()
@@ -523,30 +539,34 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class Region(_message.Message):
-    __slots__ = ("index", "kind", "direction", "nbytes", "device", "handle")
+    __slots__ = ("index", "kind", "direction", "nbytes", "device", "handle", "link")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
     index: int
     kind: RegionKind
     direction: Direction
     nbytes: int
     device: str
     handle: bytes
-    def __init__(self, index: _Optional[int] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., direction: _Optional[_Union[Direction, str]] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., handle: _Optional[bytes] = ...) -> None: ...
+    link: int
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., direction: _Optional[_Union[Direction, str]] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., handle: _Optional[bytes] = ..., link: _Optional[int] = ...) -> None: ...
 
 class TransportRequest(_message.Message):
-    __slots__ = ("kind", "region_bytes", "devices")
+    __slots__ = ("kind", "region_bytes", "devices", "address")
     KIND_FIELD_NUMBER: _ClassVar[int]
     REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     kind: RegionKind
     region_bytes: int
     devices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[_Union[RegionKind, str]] = ..., region_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+    address: bytes
+    def __init__(self, kind: _Optional[_Union[RegionKind, str]] = ..., region_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., address: _Optional[bytes] = ...) -> None: ...
 
 class TransportRefusal(_message.Message):
     __slots__ = ("kind", "reason")

@@ -208,8 +208,8 @@ class GradserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OpenSession(self, request, context):
-        """Same-host zero-copy sessions. The client asks for transports (shared
-        memory, CUDA IPC, ...); the server creates every region itself and lists
+        """Sessions: same-host zero-copy memory, or a link for bulk data across hosts. The client
+        asks for transports (shared memory, CUDA IPC, UCX); the server creates every region itself and lists
         them in a per-session table (`Region`). The server never attaches to
         memory a client names. Every region starts with a random nonce: the client
         reads it through its own mapping and sends it back (`ConfirmSession`),

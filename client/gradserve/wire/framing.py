@@ -3,10 +3,11 @@
 A tensor's payload is inline bytes in the header, a stream of ``Chunk``
 frames of at most ``chunk_bytes`` each (so no gRPC message grows with the
 tensor: gRPC caps messages at 2 GiB and servers usually far lower), or a slot
-of the request's same-host session (``SlotRef``). The framing knows sessions
-only as a :class:`SlotWriter` (where a sender may place payloads) and a
-:class:`SlotReader` (which checks and views references); which transport
-carries a slot is the session's business.
+of the request's same-host session (``SlotRef``), or a transfer over a link of
+the session (``Transfer``, sent out of band while the message is). The framing
+knows sessions only as a :class:`SlotWriter` (where a sender may place
+payloads) and a :class:`SlotReader` (which checks, receives and views
+references); which transport carries a payload is the session's business.
 
 The receiving side checks every tensor's dtype x shape against its payload
 and the message's size limit *before* allocating anything.
@@ -24,6 +25,7 @@ from gradserve.errors import StatusError, invalid
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import dtypes
 from gradserve.wire.memory import Data, DeviceBytes, synchronize
+from gradserve.wire.slots import Ref
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: Stream buffers up to this size come from the heap (warm, fast) once an eighth of their
@@ -38,12 +40,16 @@ MESSAGE_OVERHEAD = 1 << 20
 class SlotWriter(Protocol):
     """Where a sender may put payloads instead of the stream (a same-host session)."""
 
-    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
-        """A slot holding ``data`` and whether it was allocated for it; None: send bytes.
+    def place(self, data: Data, out_of_band: bool = True) -> tuple[Ref, bool] | None:
+        """Where ``data`` goes (a slot holding it, or a transfer sending it where
+        ``out_of_band`` allows) and whether it was allocated for it; None: send bytes.
         A GPU payload's copy may still be queued: the writer synchronises before sending."""
 
-    def free(self, refs: Iterable[pb.SlotRef]) -> None:
-        """Return slots ``place`` allocated (the receiver is done with them)."""
+    def free(self, refs: Iterable[Ref]) -> None:
+        """Return what ``place`` allocated (the receiver is done with it, or never will be)."""
+
+    def settle(self, refs: Iterable[Ref]) -> None:
+        """Wait until the receiver took what ``refs`` sent out of band."""
 
 
 class Holder(Protocol):
@@ -67,8 +73,15 @@ class SlotReader(Protocol):
         """Refuse a reference that is not a readable slot of ``nbytes`` at an offset that is
         a multiple of ``align``."""
 
-    def view(self, ref: pb.SlotRef) -> Data:
-        """The bytes of a checked reference, without a copy."""
+    def receive(self, ref: pb.Transfer, nbytes: int, path: str) -> None:
+        """Refuse a transfer that is not one of ``nbytes`` the peer may send; else start
+        receiving it."""
+
+    def drop(self, ref: Ref) -> None:
+        """Stop receiving a transfer that will not be viewed."""
+
+    def view(self, ref: Ref) -> Data:
+        """The bytes of a checked reference (a transfer's once they arrived)."""
 
 
 def tensors(msg: Message, kinds: tuple[str, ...] = ("tensor",)) -> list[tuple[str, str, Any]]:
@@ -157,18 +170,22 @@ class FrameWriter:
     streams (GPU memory copied to the host). ``flush`` must run before the
     header is sent: it waits for the GPU work on this message's slots (queued
     copies into them, or kernels that wrote the arrays already there), until
-    when the writer keeps the copies' sources alive.
+    when the writer keeps the copies' sources alive. Payloads sent out of band (only
+    where ``out_of_band``) need the streaming call, whose end ``frames(settle=True)``
+    waits for until the receiver took them.
     """
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, inline_bytes: int | None = None,
-                 slots: SlotWriter | None = None):
+                 slots: SlotWriter | None = None, out_of_band: bool = True):
         self.chunk_bytes = chunk_bytes
         self._inline_left = chunk_bytes if inline_bytes is None else inline_bytes
         self._streams: list[memoryview] = []
         self._slots = slots
+        self._out_of_band = out_of_band
+        self._transfers: list[pb.Transfer] = []
         self._sources: list[Data] = []   # placed, maybe still being copied from
         self._devices: set[int] = set()   # GPUs holding this message's slots
-        self.placed: list[pb.SlotRef] = []
+        self.placed: list[Ref] = []
         #: payload bytes put so far
         self.nbytes = 0
 
@@ -176,12 +193,17 @@ class FrameWriter:
         """Set ``msg``'s payload so the receiver can recover ``data``."""
         self.nbytes += data.nbytes
         if self._slots is not None and data.nbytes:
-            placed = self._slots.place(data)
+            placed = self._slots.place(data, self._out_of_band)
             if placed is None and isinstance(data, DeviceBytes):
                 data = data.host()
-                placed = self._slots.place(data)
+                placed = self._slots.place(data, self._out_of_band)
             if placed is not None:
                 ref, allocated = placed
+                if isinstance(ref, pb.Transfer):
+                    msg.transfer.CopyFrom(ref)
+                    self._transfers.append(ref)
+                    self.placed.append(ref)
+                    return
                 msg.slot.CopyFrom(ref)
                 if isinstance(data, DeviceBytes):
                     self._devices.add(data.device)
@@ -207,8 +229,9 @@ class FrameWriter:
 
     @property
     def one_message(self) -> bool:
-        """Whether the header alone carries every payload (no chunk frames follow)."""
-        return not self._streams
+        """Whether the header alone carries every payload (no chunk frames follow, nothing
+        is sent out of band)."""
+        return not self._streams and not self._transfers
 
     def free_placed(self) -> None:
         """Return the slots allocated for this message (the receiver is done with them)."""
@@ -216,14 +239,23 @@ class FrameWriter:
             self._slots.free(self.placed)
         self.placed = []
 
-    def frames(self, frame_type: type, header: Any) -> Iterator[Any]:
-        """The header frame, then every streamed tensor's chunks in order."""
-        self.flush()
-        yield frame_type(header=header)
-        step = self.chunk_bytes
-        for stream_id, data in enumerate(self._streams):
-            for offset in range(0, len(data), step):
-                yield frame_type(chunk=pb.Chunk(id=stream_id, data=data[offset:offset + step].tobytes()))
+    def frames(self, frame_type: type, header: Any, settle: bool = False) -> Iterator[Any]:
+        """The header frame, then every streamed tensor's chunks in order; with ``settle``,
+        the end waits until the receiver took the payloads sent out of band (which are let
+        go of however the frames end)."""
+        try:
+            self.flush()
+            yield frame_type(header=header)
+            step = self.chunk_bytes
+            for stream_id, data in enumerate(self._streams):
+                for offset in range(0, len(data), step):
+                    yield frame_type(chunk=pb.Chunk(id=stream_id,
+                                                    data=data[offset:offset + step].tobytes()))
+            if settle and self._slots is not None and self._transfers:
+                self._slots.settle(self._transfers)
+        finally:
+            if settle and self._slots is not None and self._transfers:
+                self._slots.free(self._transfers)
 
 
 S = TypeVar("S", bound=SlotReader)
@@ -254,6 +286,7 @@ class FrameReader(Generic[S]):
         #: in a slot: the sender's regions were full (the receiver may grow them)
         self.spilled = 0
         self._unviewed: dict[tuple[int, int], pb.SlotRef] = {}
+        self._receiving: dict[tuple[int, int], pb.Transfer] = {}
         self._expected: dict[int, tuple[str, int]] = {}
         self._buffers: dict[int, bytearray | mmap.mmap] = {}
         self._pending: dict[int, bytearray] = {}   # bytes of streams not yet given a buffer
@@ -312,6 +345,7 @@ class FrameReader(Generic[S]):
                               f"message holds more than {self.max_values} pytree nodes, this "
                               "server's limit")
         total = held = 0
+        transfers: list[tuple[pb.Transfer, int, str]] = []
         slots = self.slots
         inline_below = slots.inline_below if slots is not None else 1 << 62
         for path, leaf, msg in tensors(header, ("tensor", "abstract")):
@@ -320,7 +354,7 @@ class FrameReader(Generic[S]):
             if leaf == "abstract":
                 continue
             kind = msg.WhichOneof("payload")
-            if kind in ("data", "stream"):
+            if kind in ("data", "stream", "transfer"):
                 held += size
                 if size >= inline_below:
                     self.spilled = max(self.spilled, size)
@@ -339,6 +373,13 @@ class FrameReader(Generic[S]):
                 slots.check(msg.slot, size, path, dtypes.ITEMSIZE[msg.dtype])
                 self.used_slots = True
                 self._unviewed[(msg.slot.region, msg.slot.offset)] = msg.slot
+            elif kind == "transfer":
+                if slots is None:
+                    raise invalid(f"{path}: a transfer needs a session with a link, and this "
+                                  "message names no session")
+                if any(msg.transfer.tag == ref.tag for ref, _, _ in transfers):
+                    raise invalid(f"{path}: transfer tag {msg.transfer.tag:#x} named twice")
+                transfers.append((msg.transfer, size, path))
             else:
                 raise invalid(f"{path}: tensor has no payload")
         self.nbytes = total
@@ -349,6 +390,10 @@ class FrameReader(Generic[S]):
         if self._holder is not None and held:
             self._holder.take(held)
             self._held = held
+        for ref, size, path in transfers:   # receives allocate: only within the limits
+            assert slots is not None
+            slots.receive(ref, size, path)
+            self._receiving[(ref.region, ref.tag)] = ref
 
     def _append(self, stream_id: int, data: bytes) -> None:
         if stream_id not in self._expected:
@@ -377,6 +422,10 @@ class FrameReader(Generic[S]):
         arrays made from a buffer keep it alive themselves) and of the bytes held."""
         self._buffers.clear()
         self._pending.clear()
+        receiving, self._receiving = list(self._receiving.values()), {}
+        if receiving and self.slots is not None:
+            for ref in receiving:
+                self.slots.drop(ref)
         held, self._held = self._held, 0
         if self._holder is not None and held:
             self._holder.give(held)
@@ -400,5 +449,9 @@ class FrameReader(Generic[S]):
             data = self.slots.view(msg.slot)
             self._unviewed.pop((msg.slot.region, msg.slot.offset), None)
             return data
+        if kind == "transfer":
+            assert self.slots is not None
+            self._receiving.pop((msg.transfer.region, msg.transfer.tag), None)
+            return self.slots.view(msg.transfer)
         buf = self._buffers.get(msg.stream.id)
         return memoryview(buf) if buf is not None else memoryview(bytearray(0))

@@ -20,7 +20,7 @@ import collections
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Generic, Iterable, Sequence, TypeVar
+from typing import Any, Generic, Iterable, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
@@ -34,8 +34,11 @@ ALIGN = 64
 #: Bytes at the start of every new region holding the server's nonce (the client reads it back).
 NONCE_BYTES = 32
 
-KIND_NAMES: dict[int, str] = {pb.SHARED_MEMORY: "shared-memory", pb.CUDA_IPC: "CUDA IPC"}
-DIRECTION_NAMES: dict[int, str] = {pb.REQUEST: "request", pb.REPLY: "reply"}
+KIND_NAMES: dict[int, str] = {pb.SHARED_MEMORY: "shared-memory", pb.CUDA_IPC: "CUDA IPC",
+                              pb.UCX: "UCX"}
+DIRECTION_NAMES: dict[int, str] = {pb.REQUEST: "request", pb.REPLY: "reply", pb.LINK: "link"}
+#: Where a payload lies: a slot of a region, or a transfer over a link.
+Ref = Union[pb.SlotRef, pb.Transfer]
 
 
 class Arena:
@@ -193,6 +196,7 @@ class SessionInfo:
     pending_frees: int = 0      # reply slots freed by the client, not yet reported to the server
     copied: int = 0             # payloads this side copied into a slot of its regions
     in_place: int = 0           # payloads this side sent from the slot they lay in already
+    transfers: int = 0          # transfers over links this side has not let go of yet
 
     def used_bytes(self, direction: str) -> int:
         """Bytes in allocated slots of the ``direction`` ("request", "reply") regions."""
@@ -240,6 +244,8 @@ class RegionTransport:
     #: Payloads smaller than this are not copied into a slot (they go inline): a slot
     #: costs more than the copy saves. Those already in a slot are sent as they are.
     min_bytes: int = 1
+    #: whether payloads go out of band (a link), not into memory the peer maps
+    out_of_band = False
 
     def __init__(self, outgoing: pb.Direction):
         self.outgoing = outgoing
@@ -292,7 +298,7 @@ class RegionTransport:
         return taken
 
     # -- sending -----------------------------------------------------------
-    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
+    def place(self, data: Data) -> tuple[Ref, bool] | None:
         """A slot holding ``data`` and whether it was allocated for it (then the sender
         frees it once the other side is done); None when this transport cannot carry it
         (too small, memory it has no region on, regions full)."""
@@ -326,13 +332,17 @@ class RegionTransport:
         """Whether any region of this transport is GPU memory."""
         return any(r.gpu is not None for r in self.regions)
 
-    def free(self, refs: Iterable[pb.SlotRef]) -> None:
+    def free(self, refs: Iterable[Ref]) -> None:
         """Return outgoing slots the other side no longer needs (unknown ones, and slots
         sent from where their data lay, generation 0, are ignored)."""
         for ref in refs:
             region = self._regions.get(ref.region)
-            if region is not None and region.arena is not None and region.direction == self.outgoing:
+            if (isinstance(ref, pb.SlotRef) and region is not None and region.arena is not None
+                    and region.direction == self.outgoing):
                 region.arena.free_later(ref.offset, ref.generation)
+
+    def settle(self, refs: Iterable[Ref]) -> None:
+        """Wait until the peer took what ``refs`` sent out of band (slots: nothing to do)."""
 
     # -- receiving ---------------------------------------------------------
     def check(self, ref: pb.SlotRef, nbytes: int, path: str, align: int = 1) -> None:
@@ -341,8 +351,16 @@ class RegionTransport:
         incoming = pb.REPLY if self.outgoing == pb.REQUEST else pb.REQUEST
         check_slot(path, self.label, self._regions.get(ref.region), incoming, ref, nbytes, align)
 
-    def view(self, ref: pb.SlotRef) -> Data:
+    def receive(self, ref: pb.Transfer, nbytes: int, path: str) -> None:
+        """Check a transfer of ``nbytes`` a message names and start receiving it."""
+        raise invalid(f"{path}: region {ref.region} is a {self.label} region, not a link")
+
+    def drop(self, ref: Ref) -> None:
+        """Stop receiving a transfer that will not be viewed (regions: nothing to do)."""
+
+    def view(self, ref: Ref) -> Data:
         """The incoming bytes ``ref`` designates (checked), without a copy."""
+        assert isinstance(ref, pb.SlotRef)
         return self.region_of(ref).view(ref.offset, ref.nbytes)
 
     def region_of(self, ref: pb.SlotRef) -> Region:
@@ -351,6 +369,10 @@ class RegionTransport:
         if region is None:
             raise _ended(f"{self.label} region {ref.region}")
         return region
+
+    def in_flight(self) -> int:
+        """Transfers over links not let go of yet (regions have none)."""
+        return 0
 
     def close(self) -> None:
         """The session ended: let go of every region (arrays viewing one keep its memory)."""
@@ -398,20 +420,42 @@ class Slots(Generic[T]):
                 return transport
         return None
 
-    def place(self, data: Data) -> tuple[pb.SlotRef, bool] | None:
-        """A slot holding ``data`` in the first transport that can carry it, or None."""
+    def place(self, data: Data, out_of_band: bool = True) -> tuple[Ref, bool] | None:
+        """Where ``data`` goes in the first transport that can carry it (links only when
+        ``out_of_band``), or None."""
         for transport in self.transports:
-            placed = transport.place(data)
-            if placed is not None:
-                return placed
+            if out_of_band or not transport.out_of_band:
+                placed = transport.place(data)
+                if placed is not None:
+                    return placed
         return None
 
-    def free(self, refs: Iterable[pb.SlotRef]) -> None:
-        """Return slots of this side's outgoing regions."""
+    def free(self, refs: Iterable[Ref]) -> None:
+        """Return slots of this side's outgoing regions, and let go of sends."""
         for ref in refs:
             transport = self.transport_of(ref.region)
             if transport is not None:
                 transport.free([ref])
+
+    def settle(self, refs: Iterable[Ref]) -> None:
+        """Wait until the peer took what ``refs`` sent out of band, then let go of it."""
+        refs = list(refs)
+        for transport in self.transports:
+            if transport.out_of_band:
+                transport.settle([r for r in refs if transport.region(r.region) is not None])
+
+    def receive(self, ref: pb.Transfer, nbytes: int, path: str) -> None:
+        """Check a transfer a message names and start receiving it."""
+        transport = self.transport_of(ref.region)
+        if transport is None:
+            raise invalid(f"{path}: link {ref.region} is not in use in this session")
+        transport.receive(ref, nbytes, path)
+
+    def drop(self, ref: Ref) -> None:
+        """Stop receiving a transfer that will not be viewed."""
+        transport = self.transport_of(ref.region)
+        if transport is not None:
+            transport.drop(ref)
 
     def check(self, ref: pb.SlotRef, nbytes: int, path: str, align: int = 1) -> None:
         """Refuse a reference that no transport of the session can read."""
@@ -420,7 +464,7 @@ class Slots(Generic[T]):
             raise invalid(f"{path}: region {ref.region} is not in use in this session")
         transport.check(ref, nbytes, path, align)
 
-    def view(self, ref: pb.SlotRef) -> Data:
+    def view(self, ref: Ref) -> Data:
         """The bytes of a checked reference."""
         transport = self.transport_of(ref.region)
         if transport is None:

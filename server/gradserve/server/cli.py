@@ -410,6 +410,8 @@ SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("max_cuda_total_bytes", _byte_size, "CUDA IPC pools of all sessions together, per GPU"),
     ("session_lease", float, "seconds a same-host session lives unheard of"),
     ("session_proof_seconds", float, "seconds a client has to prove it shares the host"),
+    ("transfer_timeout", float, "seconds a call's UCX transfer may take before the call is "
+                                "cancelled"),
     ("max_sessions", int, "same-host sessions held at once"),
     ("max_sessions_per_peer", int, "same-host sessions one connection may hold"),
     ("max_batch", int, "rows one merged run of a batchable endpoint takes (0: never merge "

@@ -70,7 +70,9 @@ class Server:
     most ``max_shm_total_bytes`` of shared memory and ``max_cuda_total_bytes``
     of pools per GPU; the server holds at most ``max_sessions`` sessions, one
     connection ``max_sessions_per_peer``; a session whose client has not proved
-    within ``session_proof_seconds`` that it shares the host is dropped. Batchable
+    within ``session_proof_seconds`` that it shares the host is dropped. Clients on other
+    hosts may get a UCX link instead (the ``ucx`` extra, both sides): a call whose payload
+    does not come over it within ``transfer_timeout`` seconds is cancelled. Batchable
     endpoints merge concurrent calls into runs of up to ``max_batch`` rows, a call
     waiting at most ``max_delay`` seconds for others (``add`` may set both per endpoint;
     ``max_batch=0`` turns merging off). ``tls`` serves the main port over TLS (mutual
@@ -100,7 +102,7 @@ class Server:
                  cuda_pool_bytes: int = 256 << 20, max_cuda_pool_bytes: int = 4 * GiB,
                  max_cuda_total_bytes: int = 8 * GiB, max_sessions: int = 256,
                  max_sessions_per_peer: int = 16, session_proof_seconds: float = 10.0,
-                 max_inflight_bytes: int | None = None,
+                 transfer_timeout: float = 30.0, max_inflight_bytes: int | None = None,
                  max_request_values: int = 10_000, max_batch: int = DEFAULT_MAX_BATCH,
                  max_delay: float = DEFAULT_MAX_DELAY, tls: TLSConfig | None = None,
                  auth: Tokens | None = None, metrics_port: int | None = None,
@@ -117,7 +119,8 @@ class Server:
             session_lease=session_lease, max_shm_total_bytes=max_shm_total_bytes,
             max_cuda_total_bytes=max_cuda_total_bytes, max_sessions=max_sessions,
             max_sessions_per_peer=max_sessions_per_peer,
-            session_proof_seconds=session_proof_seconds, owner=secrets.token_hex(8)),
+            session_proof_seconds=session_proof_seconds, transfer_timeout=transfer_timeout,
+            owner=secrets.token_hex(8)),
             on_close=self.residuals.release_session)
         self.service = GradserveService(self.registry, self.residuals, self.sessions, Limits(
             chunk_bytes=chunk_bytes, max_request_bytes=max_request_bytes,

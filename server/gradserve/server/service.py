@@ -575,9 +575,12 @@ class GradserveService(pb_grpc.GradserveServicer):
                 frames = make(call)
             if frames is not None:
                 with self.watch.watching(context) as touch:
-                    for frame in frames:
-                        touch(frame.ByteSize())
-                        yield frame
+                    try:
+                        for frame in frames:
+                            touch(frame.ByteSize())
+                            yield frame
+                    except StatusError as err:   # the payloads sent out of band were not taken
+                        context.abort_with_status(rich_status(err))
 
     def _admit(self, admission: contextlib.ExitStack, call: CallRecord) -> None:
         """Count the call among the open streams until ``admission`` closes;
@@ -625,7 +628,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                 raise
         writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
         reply = self._run(request, reader, writer, context, run, call)
-        return writer.frames(reply_frame, reply) if reply is not None else None
+        return writer.frames(reply_frame, reply, settle=True) if reply is not None else None
 
     def _unary(self, request: Any, context: grpc.ServicerContext, method: str,
                run: Callable[..., tuple[Any, Any]]) -> Any:
@@ -642,7 +645,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                     raise
                 room = ONE_MESSAGE_CHUNKS * self.limits.chunk_bytes
                 writer = FrameWriter(self.limits.chunk_bytes, inline_bytes=room,
-                                     slots=reader.slots)
+                                     slots=reader.slots, out_of_band=False)
                 reply = self._run(request, reader, writer, context, run, call)
                 if reply is not None and not writer.one_message:
                     writer.free_placed()   # the reply is not sent: nobody views them

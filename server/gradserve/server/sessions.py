@@ -91,8 +91,10 @@ class ServerSession(Slots[ServerTransport]):
                     transport.discard(region)       # it did its job
                     probes.append((transport, region))
                     self.confirmed = True
+                elif transport.confirm(region):
+                    self.confirmed = True           # a link needs no probe
                 else:
-                    transport.confirm(region)
+                    transport.discard(region)
         return None, probes
 
     def ready(self) -> list[int]:
@@ -121,7 +123,8 @@ class ServerSession(Slots[ServerTransport]):
         return SessionInfo(self.id, tuple(t.name for t in self.transports),
                            tuple(r.info() for t in self.transports for r in t.regions),
                            copied=sum(t.copied for t in self.transports),
-                           in_place=sum(t.in_place for t in self.transports))
+                           in_place=sum(t.in_place for t in self.transports),
+                           transfers=sum(t.in_flight() for t in self.transports))
 
 
 class SessionManager:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data, synchronize
-from gradserve.wire.slots import ALIGN, Arena, Region, RegionTransport
+from gradserve.wire.slots import ALIGN, Arena, Ref, Region, RegionTransport
 
 
 #: The session's side of growing (``Session.grow``): adds regions of ``transport`` that can
@@ -27,7 +27,10 @@ Grow = Callable[["ClientTransport", int, int], bool]
 
 
 class ClientTransport(RegionTransport):
-    """The client's side of one same-host transport in a session."""
+    """The client's side of one transport in a session."""
+
+    #: whether it works only with a server on this host (``auto`` tries those first)
+    same_host = True
 
     def __init__(self, region_bytes: int = 0) -> None:
         super().__init__(pb.REQUEST)
@@ -36,6 +39,8 @@ class ClientTransport(RegionTransport):
         #: the session's ``grow``, held weakly (the session holds this transport)
         self.growth: Callable[[], Grow | None] | None = None
         self._freed: collections.deque[pb.SlotRef] = collections.deque()
+        #: whether a probe region of the server's could not be reached from here
+        self.unreachable = False
 
     # -- set-up (each module) ----------------------------------------------
     @staticmethod
@@ -58,9 +63,10 @@ class ClientTransport(RegionTransport):
             except Exception as err:   # OSError, ValueError, CUDARuntimeError
                 proofs.append(pb.RegionProof(region=msg.index))
                 failures.append(self.cannot_open(msg, err))
+                self.unreachable = self.unreachable or msg.direction == pb.PROBE
                 continue
             proofs.append(pb.RegionProof(region=msg.index, nonce=nonce))
-            if msg.direction in (pb.REQUEST, pb.REPLY):
+            if msg.direction != pb.PROBE:
                 arena = Arena(msg.nbytes, self.align) if msg.direction == pb.REQUEST else None
                 self.add(Region(msg.index, self.kind, msg.direction, msg.device, msg.nbytes,
                                 memory, gpu=gpu, arena=arena))
@@ -85,6 +91,19 @@ class ClientTransport(RegionTransport):
                 region.ready = True
             elif not region.ready:
                 self.remove(region.index)
+
+    @property
+    def broken(self) -> str:
+        """Why the transport stopped working ("" while it works; regions do not break)."""
+        return ""
+
+    @property
+    def broken_at(self) -> float | None:
+        """When it stopped working (``time.monotonic()``), if it did."""
+        return None
+
+    def link_broke(self, why: str) -> None:
+        """The peer found the transport's link broken (regions have none)."""
 
     @property
     def usable(self) -> bool:
@@ -113,9 +132,10 @@ class ClientTransport(RegionTransport):
         return data
 
     # -- receiving ---------------------------------------------------------
-    def view(self, ref: pb.SlotRef) -> Data:
+    def view(self, ref: Ref) -> Data:
         """The reply bytes ``ref`` designates; the slot is reported freed once every array
         viewing them has been collected."""
+        assert isinstance(ref, pb.SlotRef)
         owner, data = self.region_of(ref).owner(ref.offset, ref.nbytes)
         weakref.finalize(owner, self._freed.append,
                          pb.SlotRef(region=ref.region, offset=ref.offset, generation=ref.generation))

@@ -49,6 +49,7 @@ class SessionSettings:
     max_sessions: int = 256                # sessions held at once
     max_sessions_per_peer: int = 16        # sessions one connection may hold
     session_proof_seconds: float = 10.0    # how long a session may wait for its proof
+    transfer_timeout: float = 30.0         # how long a UCX transfer of a call may take
     owner: str = ""                        # this server's token in region names (shm)
 
 
@@ -92,12 +93,13 @@ class NewRegion:
     region: Region
     handle: bytes
     nonce: bytes
+    link: int = 0
 
     def to_pb(self) -> pb.Region:
         """The table entry sent to the client."""
         r = self.region
         return pb.Region(index=r.index, kind=r.kind, direction=r.direction, nbytes=r.size,
-                         device=r.device, handle=self.handle)
+                         device=r.device, handle=self.handle, link=self.link)
 
 
 #: Gives the next free index of the session's region table.
@@ -174,9 +176,10 @@ class ServerTransport(RegionTransport):
             raise
         return made
 
-    def confirm(self, region: Region) -> None:
-        """The client proved it attached to ``region``: use it."""
+    def confirm(self, region: Region) -> bool:
+        """The client proved it attached to ``region``: use it (False: it cannot be)."""
         region.ready = True
+        return True
 
     def discard(self, region: Region) -> None:
         """Let go of ``region``: a probe that did its job, or one the client could not use."""

@@ -252,9 +252,9 @@ class ShmTransport(ServerTransport):
             self._names[new.region.index] = name
         return made
 
-    def confirm(self, region: Region) -> None:
-        super().confirm(region)
+    def confirm(self, region: Region) -> bool:
         self._unlink(region.index)
+        return super().confirm(region)
 
     def discard(self, region: Region) -> None:
         super().discard(region)

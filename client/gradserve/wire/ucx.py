@@ -1,0 +1,419 @@
+"""UCX links: bulk data as tagged messages between two processes' UCX workers, across hosts.
+
+The UCX transport of each side (``gradserve.client.transports.ucx``,
+``gradserve.server.transports.ucx``) is this module plus how its link is set
+up. A session's link is one region of its table (kind UCX, direction LINK) whose
+``memory`` is a :class:`Link`: an endpoint to the peer's worker (error
+handling on, so a peer that dies fails its transfers within milliseconds) and
+the transfers in flight. :class:`LinkTransport` is the data path both sides
+share: ``place`` sends a payload under a fresh tag, ``receive`` posts the
+receive for a tag a message names (into memory allocated from the header),
+``view`` waits for it, ``drop`` cancels it, ``free`` and ``settle`` let go of
+sends. Each process has one UCX worker (:class:`Worker`), made by the first
+link and stopped with the last.
+
+Tags: the top 32 bits are the link's id (random, chosen by the server), the
+next bit the sender's side, the low 31 bits a sequence number; 0 is the
+link's proof. A received tag must carry the link's id and the peer's side, and
+no tag is received twice at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from typing import Any, Iterable
+
+import grpc
+import numpy as np
+
+from gradserve.errors import LINK_BROKEN, StatusError, invalid
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.memory import Data, DeviceBytes, cupy, host_bytes, synchronize
+from gradserve.wire.slots import Region, RegionTransport
+
+#: Payloads smaller than this travel inline or streamed in gRPC: measured with
+#: benchmarks/bench.py's UCX rows (see the README).
+UCX_MIN_BYTES = 1 << 20
+#: What gradserve sets where the environment does not (see the README): UCX warns of
+#: settings ucxx makes on import that a build does not know; 512 KiB TCP segments move
+#: large messages over TCP at about twice the speed of the 8 KiB default.
+ENV_DEFAULTS = {
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+    "UCX_TCP_TX_SEG_SIZE": "512k",
+    "UCX_TCP_RX_SEG_SIZE": "512k",
+}
+CLIENT, SERVER = 0, 1
+_SIDE_BIT = 1 << 31
+_SEQ_MASK = _SIDE_BIT - 1
+SIDE_NAMES = ("client", "server")
+
+
+def available() -> str:
+    """Why this process cannot use UCX ("" when it can)."""
+    try:
+        _ucx()
+    except ImportError:
+        return "ucxx is not installed (pip install gradserve[ucx])"
+    except Exception as err:   # a wheel whose libraries do not load here
+        return f"ucxx cannot load here: {err}"
+    return ""
+
+
+def _ucx() -> Any:
+    """ucxx's worker-level API, imported with gradserve's environment defaults."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from ucxx._lib import libucxx  # type: ignore[import-untyped,unused-ignore]
+    return libucxx
+
+
+def tag(link: int, side: int, sequence: int) -> int:
+    """The 64-bit tag of transfer ``sequence`` sent by ``side`` over link ``link``."""
+    return (link << 32) | (_SIDE_BIT if side == SERVER else 0) | (sequence & _SEQ_MASK)
+
+
+class Worker:
+    """This process's UCX worker and its progress thread, shared by every link:
+    ``acquire`` makes it (and starts the thread) for the first user, ``release`` stops
+    it after the last."""
+
+    _lock = threading.Lock()
+    _shared: "Worker | None" = None
+    _users = 0
+
+    def __init__(self) -> None:
+        ucx = _ucx()
+        self.context = ucx.UCXContext(feature_flags=(ucx.Feature.TAG, ucx.Feature.WAKEUP))
+        self.worker = ucx.UCXWorker(self.context)
+        #: how a peer reaches this worker
+        self.address: bytes = self.worker.address.tobytes()
+
+    @classmethod
+    def acquire(cls) -> "Worker":
+        """The process's worker, started if this is its first user."""
+        with cls._lock:
+            if cls._shared is None:
+                worker = cls()
+                worker.worker.start_progress_thread(polling_mode=False)
+                cls._shared = worker
+            cls._users += 1
+            return cls._shared
+
+    @classmethod
+    def release(cls) -> None:
+        """One user is done; the last stops the progress thread and drops the worker."""
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0 and cls._shared is not None:
+                cls._shared.worker.stop_progress_thread()
+                cls._shared = None
+
+    @classmethod
+    def users(cls) -> int:
+        """Links (and sessions being set up) using the worker now."""
+        with cls._lock:
+            return cls._users
+
+
+class Pending:
+    """One posted send or receive and the memory it reads or writes, kept alive until
+    it is done or dropped (dropping the request cancels it)."""
+
+    def __init__(self, request: Any, data: Data, what: str):
+        self.request: Any = request
+        self.data = data
+        self.what = what
+
+    def wait(self, deadline: float, broken: "Link") -> Data:
+        """The bytes, once the transfer is done; UNAVAILABLE if the link broke, CANCELLED
+        past ``deadline`` (``time.monotonic()``), INVALID_ARGUMENT if the peer sent more
+        bytes than the message named."""
+        request, pause = self.request, 20e-6
+        if request is None:
+            raise StatusError(grpc.StatusCode.CANCELLED, f"{self.what} was cancelled")
+        while not request.completed:
+            if time.monotonic() > deadline:
+                raise StatusError(grpc.StatusCode.CANCELLED,
+                                  f"{self.what} did not complete within the transfer timeout")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        try:
+            request.check_error()
+        except Exception as err:
+            name = type(err).__name__
+            if "Truncated" in name:
+                raise invalid(f"{self.what}: the peer sent more than the {self.data.nbytes} "
+                              "bytes dtype x shape needs") from None
+            broken.broke(f"{self.what} failed: {name}: {err}")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE,
+                              f"{self.what} failed, the UCX link is broken ({name}: {err}); "
+                              "the session's next calls send bytes over gRPC", LINK_BROKEN
+                              ) from None
+        return self.data
+
+    def drop(self) -> None:
+        """Cancel the transfer if it is not done, then let go of its memory."""
+        self.request = None
+
+
+class Link:
+    """One session's UCX endpoint to its peer, as seen from ``side``, and its transfers
+    in flight."""
+
+    def __init__(self, worker: Worker, link_id: int, side: int, timeout: float):
+        self.worker = worker
+        self.id = link_id
+        self.side = side
+        self.peer = SERVER if side == CLIENT else CLIENT
+        #: seconds a transfer may take
+        self.timeout = timeout
+        self.endpoint: Any = None
+        #: why the link is unusable ("" while it works), and since when
+        self.broken = ""
+        self.broken_at: float | None = None
+        self._sequence = itertools.count(1)
+        self._lock = threading.Lock()
+        self.sends: dict[int, Pending] = {}
+        self.receives: dict[int, Pending] = {}
+        #: the transfers of the link's proof (tag sequence 0), kept until it closes
+        self.proof: dict[str, Pending] = {}
+
+    def connect(self, address: bytes) -> None:
+        """Make the endpoint to the peer's worker ``address``."""
+        ucx = _ucx()
+        self.endpoint = ucx.UCXEndpoint.create_from_worker_address(
+            self.worker.worker, ucx.UCXAddress.create_from_buffer(address), True)
+
+    def broke(self, why: str) -> None:
+        """Mark the link unusable (its transfers fail; payloads go as bytes)."""
+        if not self.broken:
+            self.broken, self.broken_at = why, time.monotonic()
+
+    def next_tag(self) -> int:
+        """A tag no transfer of this side used before."""
+        return tag(self.id, self.side, next(self._sequence))
+
+    def send(self, data: Data, at: int) -> Pending:
+        """Start sending ``data`` under tag ``at`` (GPU memory: once its device finished
+        the work queued on it)."""
+        from ucxx._lib.arr import Array  # type: ignore[import-untyped,unused-ignore]
+        if isinstance(data, DeviceBytes):
+            synchronize(data.device)
+            buffer: Any = data.array
+        else:
+            buffer = np.frombuffer(data, np.uint8)
+        request = _ucx_call(self, lambda: self.endpoint.tag_send(Array(buffer), _tag(at)))
+        return Pending(request, data, f"sending {data.nbytes} bytes over UCX (tag {at:#x})")
+
+    def receive(self, nbytes: int, device: bool, at: int) -> Pending:
+        """Post the receive of ``nbytes`` under tag ``at`` into zeroed memory of this
+        process (GPU memory on the current device where ``device`` and CuPy allow)."""
+        from ucxx._lib.arr import Array
+        data: Data
+        if device and _gpu_here():
+            cp = cupy()
+            array = cp.zeros(nbytes, cp.uint8)
+            data, buffer = DeviceBytes(array, int(cp.cuda.runtime.getDevice())), array
+        else:
+            buffer = np.zeros(nbytes, np.uint8)
+            data = host_bytes(buffer)
+        request = _ucx_call(self, lambda: self.endpoint.tag_recv(Array(buffer), _tag(at)))
+        return Pending(request, data, f"receiving {nbytes} bytes over UCX (tag {at:#x})")
+
+    def close(self) -> None:
+        """Cancel every transfer in flight and close the endpoint."""
+        with self._lock:
+            pending = [*self.sends.values(), *self.receives.values(), *self.proof.values()]
+            self.sends.clear()
+            self.receives.clear()
+            self.proof.clear()
+        for transfer in pending:
+            transfer.drop()
+        endpoint, self.endpoint = self.endpoint, None
+        self.broke("the session ended")
+        if endpoint is not None and endpoint.alive:   # closing one whose peer died crashes
+            try:
+                endpoint.close()
+            except Exception:   # the peer went meanwhile
+                pass
+
+
+def _tag(at: int) -> Any:
+    return _ucx().UCXXTag(at)
+
+
+def _ucx_call(link: Link, start: Any) -> Any:
+    """Start a UCX operation on ``link``; UNAVAILABLE (the link marked broken) if it fails."""
+    if link.endpoint is None or link.broken:
+        raise StatusError(grpc.StatusCode.UNAVAILABLE,
+                          f"the UCX link is not usable: {link.broken or 'not connected'}",
+                          LINK_BROKEN)
+    try:
+        return start()
+    except Exception as err:
+        link.broke(f"{type(err).__name__}: {err}")
+        raise StatusError(grpc.StatusCode.UNAVAILABLE,
+                          f"the UCX link broke ({type(err).__name__}: {err})", LINK_BROKEN
+                          ) from None
+
+
+def _gpu_here() -> bool:
+    try:
+        return bool(cupy().cuda.runtime.getDeviceCount())
+    except Exception:   # no CuPy, or no driver
+        return False
+
+
+class LinkTransport(RegionTransport):
+    """The data path over a session's UCX links, the same on both sides (a transport
+    module adds how its link is set up)."""
+
+    kind = pb.UCX
+    name = "ucx"
+    min_bytes = UCX_MIN_BYTES
+    #: sends payloads out of band: a message naming one needs the streaming call
+    out_of_band = True
+
+    @property
+    def label(self) -> str:
+        return "UCX"
+
+    def links(self) -> list[tuple[Region, Link]]:
+        """Every link in use, with its region."""
+        return [(r, r.memory) for r in self.regions if r.ready and not r.memory.broken]
+
+    @property
+    def broken(self) -> str:
+        """Why the session's link is unusable ("" while one works)."""
+        links = [r.memory for r in self.regions if r.ready]
+        if links and all(link.broken for link in links):
+            return str(links[0].broken)
+        return ""
+
+    @property
+    def broken_at(self) -> float | None:
+        """When the last working link broke, if every one did."""
+        links = [r.memory for r in self.regions if r.ready]
+        if links and all(link.broken_at is not None for link in links):
+            return float(max(link.broken_at for link in links))
+        return None
+
+    def link_broke(self, why: str) -> None:
+        """The peer found the link broken: stop using it."""
+        for region in self.regions:
+            region.memory.broke(why)
+
+    # -- sending -----------------------------------------------------------
+    def place(self, data: Data) -> tuple[pb.SlotRef | pb.Transfer, bool] | None:
+        """Start sending ``data`` over the link; the transfer the message names, or None
+        (too small, or no link works)."""
+        if data.nbytes < self.min_bytes:
+            return None
+        for region, link in self.links():
+            at = link.next_tag()
+            try:
+                pending = link.send(data, at)
+            except StatusError:
+                continue
+            with link._lock:
+                link.sends[at] = pending
+            self.copied += 1
+            return pb.Transfer(region=region.index, tag=at,
+                               device=isinstance(data, DeviceBytes)), True
+        return None
+
+    def free(self, refs: Iterable[pb.SlotRef | pb.Transfer]) -> None:
+        """Let go of sends (the peer is done with them, or will never be: then they are
+        cancelled)."""
+        for ref in refs:
+            link = self._link(ref.region)
+            if link is not None and isinstance(ref, pb.Transfer):
+                with link._lock:
+                    pending = link.sends.pop(ref.tag, None)
+                if pending is not None:
+                    pending.drop()
+
+    def settle(self, refs: Iterable[pb.SlotRef | pb.Transfer]) -> None:
+        """Wait until the peer received every send among ``refs``, then let go of them;
+        CANCELLED past the link's timeout, UNAVAILABLE if it broke."""
+        sent = [r for r in refs if isinstance(r, pb.Transfer)]
+        try:
+            for ref in sent:
+                link = self._link(ref.region)
+                pending = link.sends.get(ref.tag) if link is not None else None
+                if link is not None and pending is not None:
+                    pending.wait(time.monotonic() + link.timeout, link)
+        finally:
+            self.free(sent)
+
+    # -- receiving ---------------------------------------------------------
+    def receive(self, ref: pb.Transfer, nbytes: int, path: str) -> None:
+        """Check a transfer a message names and post its receive."""
+        link = self._link(ref.region)
+        if link is None or not self.region(ref.region).ready:   # type: ignore[union-attr]
+            raise invalid(f"{path}: UCX link {ref.region} is not in use in this session")
+        if ref.tag >> 32 != link.id or bool(ref.tag & _SIDE_BIT) != (link.peer == SERVER):
+            raise invalid(f"{path}: tag {ref.tag:#x} is not one the {SIDE_NAMES[link.peer]} "
+                          f"of UCX link {ref.region} sends")
+        if not ref.tag & _SEQ_MASK:
+            raise invalid(f"{path}: tag {ref.tag:#x} is the link's proof, not a payload's")
+        with link._lock:
+            if ref.tag in link.receives:
+                raise invalid(f"{path}: tag {ref.tag:#x} is already being received")
+            link.receives[ref.tag] = link.receive(nbytes, ref.device, ref.tag)
+
+    def view(self, ref: pb.SlotRef | pb.Transfer) -> Data:
+        """The bytes of a posted receive, once they arrived (see ``Pending.wait``)."""
+        assert isinstance(ref, pb.Transfer)
+        link = self._link(ref.region)
+        pending = link.receives.get(ref.tag) if link is not None else None
+        if link is None or pending is None:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"UCX transfer {ref.tag:#x} is not being received: the session "
+                              "ended during the call")
+        try:
+            return pending.wait(time.monotonic() + link.timeout, link)
+        finally:
+            self.drop(ref)
+
+    def drop(self, ref: pb.SlotRef | pb.Transfer) -> None:
+        """Cancel a posted receive (never viewed: the call failed)."""
+        link = self._link(ref.region)
+        if link is not None and isinstance(ref, pb.Transfer):
+            with link._lock:
+                pending = link.receives.pop(ref.tag, None)
+            if pending is not None:
+                pending.drop()
+
+    def in_flight(self) -> int:
+        """Sends and receives not yet let go of, on every link."""
+        return sum(len(r.memory.sends) + len(r.memory.receives) for r in self.regions)
+
+    def _link(self, index: int) -> Link | None:
+        region = self.region(index)
+        return region.memory if region is not None else None
+
+    def remove(self, index: int) -> Region | None:
+        region = super().remove(index)
+        if region is not None:
+            region.memory.close()
+        return region
+
+    #: the process's worker while this transport uses it (``use_worker``, ``close``)
+    worker: Worker | None = None
+
+    def use_worker(self) -> Worker:
+        """The process's worker, held until ``close``."""
+        if self.worker is None:
+            self.worker = Worker.acquire()
+        return self.worker
+
+    def close(self) -> None:
+        """Close every link, then let go of the worker."""
+        super().close()
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            Worker.release()
