@@ -25,6 +25,11 @@ the bytes a step moves. The JAX paths use the gRPC
 transport. The shared-memory table also runs a larger row count (``--shm-rows``)
 that only its paths are measured at.
 
+With the ``ucx`` extra, a last table runs the torch client against servers in another
+process: bytes in the gRPC stream, UCX over TCP (the server's ``UCX_TLS=tcp``), UCX
+with its shared-memory transports allowed, and gradserve's shared memory, next to a raw
+TCP socket round trip of the same bytes to another process (``--ucx-rows``).
+
 Every step is timed in one process on a shared machine, with client and
 servers competing for the same cores and GIL, so absolute milliseconds are
 noisy; the ratios are the meaningful numbers. Paths are sampled in
@@ -161,9 +166,11 @@ def _served(module: torch.nn.Module, transport: str = "grpc",
 
 
 @contextlib.contextmanager
-def _served_elsewhere(target: str, transport: str) -> Iterator[gradserve.Client]:
+def _served_elsewhere(target: str, transport: str,
+                      env: Mapping[str, str] = {}) -> Iterator[gradserve.Client]:
     """As ``_served``, the server being another process (``gradserve serve`` of ``target``
-    in this file): torch cannot run a CUDA backward that calls a server in its own process."""
+    in this file, ``env`` added to its environment): torch cannot run a CUDA backward that
+    calls a server in its own process, and a UCX link is between two processes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
@@ -171,7 +178,7 @@ def _served_elsewhere(target: str, transport: str) -> Iterator[gradserve.Client]
     proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve",
                              f"{os.path.abspath(__file__)}:{target}", "--port",
                              address.rsplit(":", 1)[1], "--workers", "4"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         with grpc.insecure_channel(address) as channel:
             ready = grpc.channel_ready_future(channel)
@@ -340,6 +347,84 @@ def _cuda_workload(work: Workload) -> Workload:
 def _cuda_ipc_usable() -> bool:
     from gradserve.client.transports import cuda_ipc
     return torch.cuda.is_available() and not cuda_ipc.unavailable()
+
+
+# -- UCX paths: the server in another process, as across nodes -------------------------
+#: Both sides of "ucx_shm" may use UCX's shared-memory transports despite endpoint error
+#: handling (set here before this process's UCX worker exists; "ucx_tcp"'s server allows
+#: only TCP, so that link stays TCP).
+UCX_SHM_ENV = {"UCX_POSIX_ERROR_HANDLING": "y", "UCX_SYSV_ERROR_HANDLING": "y"}
+
+
+def layer() -> dict[str, torch.nn.Module]:
+    """The default ``Layer`` on the CPU, as ``gradserve serve bench.py:layer`` serves it."""
+    return {"layer": Layer()}
+
+
+def _elsewhere_path(transport: str, env: Mapping[str, str] = {}) -> Path:
+    """``client.torch(...)`` over ``transport`` to a server in another process."""
+    @contextlib.contextmanager
+    def path(module: torch.nn.Module) -> Iterator[MakeStep]:
+        with _served_elsewhere("layer", transport, env) as client:
+            f = client.torch("layer")
+            yield lambda work: autograd_step(f, work)
+    return path
+
+
+_ECHO_SERVER = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = bytearray()
+while True:
+    head = conn.recv(8, socket.MSG_WAITALL)
+    if len(head) < 8:
+        break
+    n = int.from_bytes(head, "little")
+    if len(buf) < n:
+        buf = bytearray(n)
+    view = memoryview(buf)[:n]
+    got = 0
+    while got < n:
+        got += conn.recv_into(view[got:], n - got)
+    conn.sendall(view)
+"""
+
+
+@contextlib.contextmanager
+def raw_tcp_path(module: torch.nn.Module) -> Iterator[MakeStep]:
+    """A raw TCP socket round trip of the bytes a step moves, to another process: x up and
+    back, ct up and back (the floor of a step to another node over TCP). No compute."""
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        def make(work: Workload) -> Step:
+            payloads = [memoryview(t.numpy()).cast("B") for t in (work.x.detach(), work.ct)]
+            back = bytearray(max(p.nbytes for p in payloads))
+
+            def step() -> None:
+                for payload in payloads:
+                    conn.sendall(payload.nbytes.to_bytes(8, "little"))
+                    conn.sendall(payload)
+                    view, got = memoryview(back)[:payload.nbytes], 0
+                    while got < payload.nbytes:
+                        got += conn.recv_into(view[got:], payload.nbytes - got)
+            return step
+        yield make
+    finally:
+        conn.close()
+        proc.wait(timeout=30)
+
+
+def _ucx_usable() -> bool:
+    from gradserve.wire import ucx
+    return not ucx.available()
 
 
 # JAX is imported only by the JAX paths (when they are entered), not at module import.
@@ -523,6 +608,13 @@ PATHS: dict[str, Path] = {
     "hvp": hvp_path,
     "jax_hvp": jax_hvp_path,
 }
+UCX = _ucx_usable()
+if UCX:
+    for key, value in UCX_SHM_ENV.items():
+        os.environ.setdefault(key, value)
+    PATHS.update(bytes_x=_elsewhere_path("grpc"), shm_x=_elsewhere_path("shm"),
+                 ucx_tcp=_elsewhere_path("ucx", {"UCX_TLS": "tcp"}),
+                 ucx_shm=_elsewhere_path("ucx", UCX_SHM_ENV), raw_tcp=raw_tcp_path)
 CUDA = _cuda_ipc_usable()
 if CUDA:
     PATHS.update(local_cuda=local_cuda_path, cuda_ipc=cuda_ipc_path, memcpy_cuda=memcpy_cuda_path)
@@ -764,6 +856,31 @@ CUDA_COLUMNS: list[Column] = [
     _ms("memcpy_cuda"),
 ]
 CUDA_PATHS = ("local", "local_cuda", "cuda_ipc", "memcpy_cuda")
+
+#: The torch client to a server in another process: bytes in the gRPC stream, UCX over TCP,
+#: UCX with its shared-memory transports allowed, gradserve's shared memory; next to a raw
+#: TCP round trip of the same bytes to another process.
+UCX_COLUMNS: list[Column] = [
+    ROWS,
+    Column("MiB per tensor", lambda r: f"{r.work.tensor_bytes / MiB:.3g}"),
+    _ms("local"),
+    _ms("bytes_x"),
+    _ms("ucx_tcp"),
+    _ms("ucx_shm"),
+    _ms("shm_x"),
+    _ms("raw_tcp"),
+    _overhead("bytes_x"),
+    _overhead("ucx_tcp"),
+    _overhead("ucx_shm"),
+    _overhead("shm_x"),
+    Column("ucx_tcp overhead/raw_tcp",
+           lambda r: f"{(r.ms('ucx_tcp') - r.ms(REFERENCE)) / r.ms('raw_tcp'):.2f}x"),
+    Column("bytes/ucx_tcp overhead", _overhead_ratio("bytes_x", "ucx_tcp").cell),
+]
+UCX_PATHS = ("local", "bytes_x", "ucx_tcp", "ucx_shm", "shm_x", "raw_tcp")
+DEFAULT_UCX_ROWS = (65536, 262144)
+TARGET_UCX_OVER_RAW = 2.0       # UCX-over-TCP overhead at most this many raw TCP round trips
+TARGET_BYTES_OVER_UCX = 3.0     # bytes overhead at least this many UCX-over-TCP overheads
 #: CUDA IPC overhead allowed at 256 MiB per tensor.
 TARGET_CUDA_OVERHEAD_MS = 2.0
 
@@ -781,9 +898,12 @@ class Table:
     paths: tuple[str, ...] | None = None
     shm_rows: bool = False
     needs_cuda: bool = False
+    ucx_rows: bool = False
 
     def rows(self, args: argparse.Namespace) -> list[int]:
-        return args.shm_rows if self.shm_rows else args.rows
+        if self.ucx_rows:
+            return list(args.ucx_rows)
+        return list(args.shm_rows if self.shm_rows else args.rows)
 
 
 TABLES: list[Table] = [
@@ -810,8 +930,15 @@ TABLES: list[Table] = [
            "GPU; overhead = cuda_ipc - local_cuda; memcpy_cuda = device-to-device copies of "
            "the 4 tensors a step moves:"),
           CUDA_COLUMNS, CUDA_PATHS, shm_rows=True, needs_cuda=True),
+    Table(("Torch client to a server in another process (the ucx extra): bytes_x = bytes in "
+           "the gRPC stream, ucx_tcp = UCX with the server's UCX_TLS=tcp (as across nodes), "
+           "ucx_shm = UCX with its shared-memory transports allowed (UCX_POSIX/SYSV_ERROR_"
+           "HANDLING=y), shm_x = gradserve's shared memory; raw_tcp = a raw TCP socket round "
+           "trip of x and of ct to another process (the floor over TCP); overhead = remote - "
+           "local:"),
+          UCX_COLUMNS, UCX_PATHS, ucx_rows=True),
 ]
-ACTIVE_TABLES = [t for t in TABLES if CUDA or not t.needs_cuda]
+ACTIVE_TABLES = [t for t in TABLES if (CUDA or not t.needs_cuda) and (UCX or not t.ucx_rows)]
 
 #: The targets the verdict line checks, for tensors of at least ``TARGET_BYTES``.
 TARGET_BYTES = 64 << 20
@@ -839,6 +966,22 @@ def verdict(results: Sequence[Result], path: str) -> str:
             f"overhead = {fmt(over_memcpy)} memcpy (target <= {TARGET_SHM_OVER_MEMCPY:g}x: "
             f"{'met' if ok_memcpy else 'MISSED'}), bytes/{path} overhead = {fmt(over_shm)} "
             f"(target >= {TARGET_BYTES_OVER_SHM:g}x: {'met' if ok_bytes else 'MISSED'})")
+
+
+def ucx_verdict(results: Sequence[Result]) -> str:
+    """One line: UCX over TCP at 64 MiB per tensor and more against its targets (worst row)."""
+    big = [r for r in results if r.work.tensor_bytes >= TARGET_BYTES]
+    if not big:
+        return f"verdict for ucx_tcp: no row with tensors of {TARGET_BYTES / MiB:g} MiB or more"
+    over_raw = [(r.ms("ucx_tcp") - r.ms("local")) / r.ms("raw_tcp") for r in big]
+    over_ucx = [(r.ms("bytes_x") - r.ms("local")) / max(1e-9, r.ms("ucx_tcp") - r.ms("local"))
+                for r in big]
+    ok_raw, ok_bytes = max(over_raw) <= TARGET_UCX_OVER_RAW, min(over_ucx) >= TARGET_BYTES_OVER_UCX
+    return (f"verdict for ucx_tcp at >= {TARGET_BYTES / MiB:g} MiB per tensor: overhead = "
+            f"{', '.join(f'{v:.2f}x' for v in over_raw)} the raw TCP round trip (target <= "
+            f"{TARGET_UCX_OVER_RAW:g}x: {'met' if ok_raw else 'MISSED'}), bytes/ucx_tcp overhead "
+            f"= {', '.join(f'{v:.1f}x' for v in over_ucx)} (target >= {TARGET_BYTES_OVER_UCX:g}x: "
+            f"{'met' if ok_bytes else 'MISSED'})")
 
 
 def cuda_verdict(results: Sequence[Result]) -> str:
@@ -901,6 +1044,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="row counts of the shared-memory table, whose paths alone run at "
                              "those not in --rows (default: "
                              f"{','.join(map(str, DEFAULT_SHM_ROWS))})")
+    parser.add_argument("--ucx-rows", type=_row_counts, default=list(DEFAULT_UCX_ROWS),
+                        help="row counts of the UCX table (default: "
+                             f"{','.join(map(str, DEFAULT_UCX_ROWS))})")
     return parser.parse_args(argv)
 
 
@@ -912,7 +1058,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     results: dict[int, Result] = {}
     with contextlib.ExitStack() as stack:
         makers = {name: stack.enter_context(path(module)) for name, path in PATHS.items()}
-        for rows in sorted(set(args.rows) | set(args.shm_rows)):
+        for rows in sorted(set(args.rows) | set(args.shm_rows)
+                           | (set(args.ucx_rows) if UCX else set())):
             wanted: set[str] = {REFERENCE}
             for table in ACTIVE_TABLES:
                 if rows in table.rows(args):
@@ -931,6 +1078,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     for path in ("shm", "shm_arena"):
         print(verdict([results[rows] for rows in args.shm_rows], path))
+    if UCX:
+        print(ucx_verdict([results[rows] for rows in args.ucx_rows]))
     if CUDA:
         print(cuda_verdict([results[rows] for rows in args.shm_rows]))
     print(f"total {time.perf_counter() - started:.1f} s")

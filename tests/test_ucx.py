@@ -8,6 +8,7 @@ the server in its own network namespace where this machine allows it.
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import shutil
@@ -31,10 +32,20 @@ from gradserve.server.transports import ucx as server_ucx
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import ucx
-from helpers import double, free_port, raw, wait_serving, wait_until
+from helpers import double, free_port, needs_cuda, wait_serving, wait_until
 
 pytestmark = pytest.mark.skipif(bool(ucx.available()),
                                 reason=f"the UCX tests need the ucx extra: {ucx.available()}")
+
+@pytest.fixture(autouse=True)
+def no_worker_left():
+    """Every test lets go of this process's UCX worker: each link closed, each transport
+    that asked for it closed (checked after the servers and clients of the test stopped)."""
+    yield
+    wait_until(lambda: ucx.Worker.users() == 0, timeout=10,
+               message=lambda: f"{ucx.Worker.users()} users of the UCX worker left")
+    assert ucx.Pool.held() == 0   # closed links keep no buffers
+
 
 BIG = ucx.UCX_MIN_BYTES        # the smallest payload that goes over UCX
 DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -113,6 +124,22 @@ def test_a_pytree_of_small_and_large_tensors_differentiates_as_locally(serve) ->
     mine, theirs = client.session_info(), served(server, client)
     assert (mine.copied, theirs.copied) == (2 + 2, 2 + 2)
     assert mine.transfers == theirs.transfers == 0
+
+
+def test_received_buffers_are_reused_within_the_bound(serve, monkeypatch) -> None:
+    server, client = serve({"double": double}, client_options={"transport": "ucx"})
+    x = np.arange(BIG // 4, dtype=np.float32)
+    for _ in range(3):
+        np.testing.assert_array_equal(client.forward("double", (x,)).outputs, 2 * x)
+        gc.collect()
+        # the server's buffer for x and the client's for the output, each kept by its link
+        assert ucx.Pool.held() == 2 * BIG
+    monkeypatch.setattr(ucx, "POOL_BYTES", BIG)   # room for one: the other is dropped
+    first = client.forward("double", (x,)).outputs
+    assert ucx.Pool.held() == 0                   # both taken by this call
+    del first
+    gc.collect()
+    assert ucx.Pool.held() == BIG
 
 
 def test_small_payloads_stay_in_the_grpc_message(serve) -> None:
@@ -365,6 +392,21 @@ def test_across_processes_over_tcp(serve_elsewhere) -> None:
         y.backward(ct)
         torch.testing.assert_close(x.grad, 2 * x.detach() * ct, rtol=0, atol=0)
         assert client.transport == "ucx" and client.session_info().copied == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_tensors_go_device_to_device_over_ucx(serve_elsewhere) -> None:
+    address, _ = serve_elsewhere("cuda", env={"UCX_TLS": "tcp,cuda_copy,cuda_ipc"})
+    with gradserve.connect(address, transport="ucx") as client:
+        x = torch.randn(1 << 22, device="cuda", requires_grad=True)    # 16 MiB
+        ct = torch.randn_like(x)
+        y = client.torch("double")(x)
+        assert y.is_cuda and torch.equal(y, 2 * x)
+        y.backward(ct)
+        assert x.grad.is_cuda and torch.equal(x.grad, 2 * ct)
+        info = client.session_info()
+        assert client.transport == "ucx" and info.copied == 2 and info.transfers == 0
 
 
 def _netns_missing() -> str:

@@ -20,10 +20,13 @@ no tag is received twice at once.
 
 from __future__ import annotations
 
+import collections
 import itertools
+import mmap
 import os
 import threading
 import time
+import weakref
 from typing import Any, Iterable
 
 import grpc
@@ -45,6 +48,11 @@ ENV_DEFAULTS = {
     "UCX_TCP_TX_SEG_SIZE": "512k",
     "UCX_TCP_RX_SEG_SIZE": "512k",
 }
+#: Most bytes of received host buffers, no longer viewed, that this process keeps to receive
+#: into again: a fresh buffer costs its page faults on every transfer (about a quarter of a
+#: 256 MiB round trip over TCP here). A link reuses only its own: a buffer never carries one
+#: peer's bytes to another.
+POOL_BYTES = 1 << 30
 CLIENT, SERVER = 0, 1
 _SIDE_BIT = 1 << 31
 _SEQ_MASK = _SIDE_BIT - 1
@@ -159,6 +167,72 @@ class Pending:
         self.request = None
 
 
+class Pool:
+    """One link's received host buffers that nothing views any more, reused by size; all
+    links' together hold at most ``POOL_BYTES``."""
+
+    _lock = threading.Lock()
+    _held = 0
+
+    def __init__(self) -> None:
+        self._free: dict[int, collections.deque[mmap.mmap]] = {}
+        self._closed = False
+
+    def take(self, nbytes: int) -> np.ndarray[Any, Any]:
+        """A uint8 array of ``nbytes`` (fresh memory is zeroed), given back to the pool once
+        it and every view of it are collected."""
+        free = self._free.get(nbytes)
+        backing = None
+        if free:
+            try:
+                backing = free.popleft()
+            except IndexError:   # another thread took it
+                pass
+        if backing is not None:
+            with Pool._lock:
+                Pool._held -= nbytes
+        else:
+            backing = mmap.mmap(-1, nbytes)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                backing.madvise(mmap.MADV_HUGEPAGE)
+        array = np.frombuffer(backing, np.uint8)
+        weakref.finalize(array, _give_back, weakref.ref(self), backing)
+        return array
+
+    def give(self, backing: mmap.mmap) -> None:
+        """Keep ``backing`` for reuse if it is a payload's and the pools have room (called
+        by finalizers: it never waits for the lock, and drops the buffer instead)."""
+        size = len(backing)
+        if self._closed or not Pool._lock.acquire(blocking=False):
+            return
+        try:
+            if self._closed or size < UCX_MIN_BYTES or Pool._held + size > POOL_BYTES:
+                return
+            Pool._held += size
+            self._free.setdefault(size, collections.deque()).append(backing)
+        finally:
+            Pool._lock.release()
+
+    def clear(self) -> None:
+        """Let go of every kept buffer; keep none from now on."""
+        with Pool._lock:
+            self._closed = True
+            Pool._held -= sum(len(b) for free in self._free.values() for b in free)
+            self._free.clear()
+
+    @classmethod
+    def held(cls) -> int:
+        """Bytes all pools keep now."""
+        with cls._lock:
+            return cls._held
+
+
+def _give_back(pool: "weakref.ref[Pool]", backing: mmap.mmap) -> None:
+    found = pool()
+    if found is not None:
+        found.give(backing)
+
+
 class Link:
     """One session's UCX endpoint to its peer, as seen from ``side``, and its transfers
     in flight."""
@@ -180,6 +254,8 @@ class Link:
         self.receives: dict[int, Pending] = {}
         #: the transfers of the link's proof (tag sequence 0), kept until it closes
         self.proof: dict[str, Pending] = {}
+        #: host buffers to receive into
+        self.pool = Pool()
 
     def connect(self, address: bytes) -> None:
         """Make the endpoint to the peer's worker ``address``."""
@@ -209,8 +285,9 @@ class Link:
         return Pending(request, data, f"sending {data.nbytes} bytes over UCX (tag {at:#x})")
 
     def receive(self, nbytes: int, device: bool, at: int) -> Pending:
-        """Post the receive of ``nbytes`` under tag ``at`` into zeroed memory of this
-        process (GPU memory on the current device where ``device`` and CuPy allow)."""
+        """Post the receive of ``nbytes`` under tag ``at`` into memory of this process
+        (zeroed GPU memory on the current device where ``device`` and CuPy allow, else a host
+        buffer from the link's pool: zeroed, or last holding this link's own bytes)."""
         from ucxx._lib.arr import Array
         data: Data
         if device and _gpu_here():
@@ -218,7 +295,7 @@ class Link:
             array = cp.zeros(nbytes, cp.uint8)
             data, buffer = DeviceBytes(array, int(cp.cuda.runtime.getDevice())), array
         else:
-            buffer = np.zeros(nbytes, np.uint8)
+            buffer = self.pool.take(nbytes)
             data = host_bytes(buffer)
         request = _ucx_call(self, lambda: self.endpoint.tag_recv(Array(buffer), _tag(at)))
         return Pending(request, data, f"receiving {nbytes} bytes over UCX (tag {at:#x})")
@@ -234,6 +311,7 @@ class Link:
             transfer.drop()
         endpoint, self.endpoint = self.endpoint, None
         self.broke("the session ended")
+        self.pool.clear()
         if endpoint is not None and endpoint.alive:   # closing one whose peer died crashes
             try:
                 endpoint.close()

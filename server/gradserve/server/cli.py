@@ -540,7 +540,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds measured per level")
     b.add_argument("--warmup", type=_positive(float, zero=True), default=1.0,
                    help="seconds of calls before each level's measurement, not counted")
-    b.add_argument("--transport", choices=("auto", "grpc", "shm"), default="auto")
+    b.add_argument("--transport", choices=("auto", "grpc", "shm", "ucx"), default="auto",
+                   help="how tensors move: auto, bytes in the gRPC stream, shared memory "
+                        "(same host), UCX (the ucx extra; across hosts)")
     b.add_argument("--backward", action="store_true",
                    help="each call is a Forward and a Vjp (default: a Forward)")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
