@@ -42,7 +42,10 @@ RENDERS = {
     "gpu": K8S / "overlays" / "gpu",
     "sidecar": K8S / "examples" / "sidecar",
     "hpa-inflight": K8S / "examples" / "hpa-inflight",
+    "ucx": K8S / "examples" / "ucx",
 }
+#: The port range UCX listens on in server and client pods (components/ucx).
+UCX_PORTS = (50100, 50131)
 SERVER_RENDERS = list(RENDERS)
 
 
@@ -615,10 +618,20 @@ def test_network_policy_lets_in_clients_and_prometheus_only(name: str) -> None:
     policy = find(name, "NetworkPolicy")["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     named = {p["name"] for p in server_container(name)["ports"]}
-    ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    ingress, egress = list(policy["ingress"]), list(policy["egress"])
+    if name == "ucx":   # UCX: clients in on its port range, the server out to theirs
+        ucx_in, ucx_out = ingress.pop(), egress.pop()
+        for rule, peers in ((ucx_in, "from"), (ucx_out, "to")):
+            (port,) = rule["ports"]
+            assert (port["port"], port["endPort"], port["protocol"]) == (*UCX_PORTS, "TCP")
+            (peer,) = rule[peers]
+            assert peer["podSelector"]["matchLabels"] == {"gradserve-client": "true"}
+        env = {e["name"]: e.get("value") for e in server_container(name)["env"]}
+        assert env["UCX_TCP_PORT_RANGE"] == "%d-%d" % UCX_PORTS
+    ports = {p["port"] for rule in ingress for p in rule["ports"]}
     assert ports == {"grpc", "metrics"} and ports <= named
-    (egress,) = policy["egress"]
-    assert {p["port"] for p in egress["ports"]} == {53}
+    (dns,) = egress
+    assert {p["port"] for p in dns["ports"]} == {53}
 
 
 def test_overlays_pick_their_image_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:

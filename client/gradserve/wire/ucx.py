@@ -37,9 +37,9 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import Data, DeviceBytes, cupy, host_bytes, synchronize
 from gradserve.wire.slots import Region, RegionTransport
 
-#: Payloads smaller than this travel inline or streamed in gRPC: measured with
-#: benchmarks/bench.py's UCX rows (see the README).
-UCX_MIN_BYTES = 1 << 20
+#: Payloads smaller than this travel inline or streamed in gRPC (``$GRADSERVE_UCX_MIN_BYTES``
+#: overrides it): measured with benchmarks/bench.py's UCX table (see the README).
+UCX_MIN_BYTES = int(os.environ.get("GRADSERVE_UCX_MIN_BYTES", 1 << 20))
 #: What gradserve sets where the environment does not (see the README): UCX warns of
 #: settings ucxx makes on import that a build does not know; 512 KiB TCP segments move
 #: large messages over TCP at about twice the speed of the 8 KiB default.
