@@ -249,7 +249,7 @@ class Link:
         self.broken = ""
         self.broken_at: float | None = None
         self._sequence = itertools.count(1)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.sends: dict[int, Pending] = {}
         self.receives: dict[int, Pending] = {}
         #: the transfers of the link's proof (tag sequence 0), kept until it closes
@@ -302,7 +302,7 @@ class Link:
 
     def close(self) -> None:
         """Cancel every transfer in flight and close the endpoint."""
-        with self._lock:
+        with self.lock:
             pending = [*self.sends.values(), *self.receives.values(), *self.proof.values()]
             self.sends.clear()
             self.receives.clear()
@@ -396,7 +396,7 @@ class LinkTransport(RegionTransport):
                 pending = link.send(data, at)
             except StatusError:
                 continue
-            with link._lock:
+            with link.lock:
                 link.sends[at] = pending
             self.copied += 1
             return pb.Transfer(region=region.index, tag=at,
@@ -407,12 +407,7 @@ class LinkTransport(RegionTransport):
         """Let go of sends (the peer is done with them, or will never be: then they are
         cancelled)."""
         for ref in refs:
-            link = self._link(ref.region)
-            if link is not None and isinstance(ref, pb.Transfer):
-                with link._lock:
-                    pending = link.sends.pop(ref.tag, None)
-                if pending is not None:
-                    pending.drop()
+            self._let_go(ref, sent=True)
 
     def settle(self, refs: Iterable[pb.SlotRef | pb.Transfer]) -> None:
         """Wait until the peer received every send among ``refs``, then let go of them;
@@ -438,7 +433,7 @@ class LinkTransport(RegionTransport):
                           f"of UCX link {ref.region} sends")
         if not ref.tag & _SEQ_MASK:
             raise invalid(f"{path}: tag {ref.tag:#x} is the link's proof, not a payload's")
-        with link._lock:
+        with link.lock:
             if ref.tag in link.receives:
                 raise invalid(f"{path}: tag {ref.tag:#x} is already being received")
             link.receives[ref.tag] = link.receive(nbytes, ref.device, ref.tag)
@@ -459,10 +454,14 @@ class LinkTransport(RegionTransport):
 
     def drop(self, ref: pb.SlotRef | pb.Transfer) -> None:
         """Cancel a posted receive (never viewed: the call failed)."""
+        self._let_go(ref, sent=False)
+
+    def _let_go(self, ref: pb.SlotRef | pb.Transfer, sent: bool) -> None:
+        """Drop a send (``sent``) or a receive of ``ref``'s link, cancelling it if not done."""
         link = self._link(ref.region)
         if link is not None and isinstance(ref, pb.Transfer):
-            with link._lock:
-                pending = link.receives.pop(ref.tag, None)
+            with link.lock:
+                pending = (link.sends if sent else link.receives).pop(ref.tag, None)
             if pending is not None:
                 pending.drop()
 
