@@ -62,7 +62,8 @@ class Level:
     that failed (by status code, or exception type for local failures), with
     ``error_messages`` the first message of each kind. ``rows`` is ``calls``
     times the leading dimension of the first input; rates are per second of
-    ``duration`` (from the window's start until its last call returned).
+    ``duration`` (from the window's start until it closed, or until its last call
+    returned if that was later).
     Latencies are of successful calls (None where there were none);
     ``mean_batch`` and ``mean_queue_ms`` are None where the server reports
     no batching statistics or ran no batch.
@@ -210,7 +211,8 @@ def _level(client: gradserve.Client, address: str, endpoint: str, plan: list[Inp
             if w.is_alive():
                 w.terminate()
             w.join(5)
-    return _summarise(sum(threads), n, tallies, window, rows_of(plan), before, after)
+    return _summarise(sum(threads), n, tallies, window, duration, rows_of(plan), before,
+                      after)
 
 
 def _wait_ready(ready: Any, workers: list[Any], label: str,
@@ -269,7 +271,7 @@ def _batches(client: gradserve.Client, endpoint: str) -> BatchStats | None:
 
 
 def _summarise(concurrency: int, processes: int, tallies: list[_Tally], window: float,
-               rows_per_call: int, before: BatchStats | None,
+               duration: float, rows_per_call: int, before: BatchStats | None,
                after: BatchStats | None) -> Level:
     latencies = np.array([x for t in tallies for x in t.latencies], dtype=np.float64)
     errors: dict[str, int] = {}
@@ -280,7 +282,9 @@ def _summarise(concurrency: int, processes: int, tallies: list[_Tally], window: 
         for kind, message in t.messages.items():
             messages.setdefault(kind, message)
     calls = int(latencies.size)
-    span = max([t.last_end for t in tallies] + [window]) - window
+    # the window lasts its duration even where every caller's last call returned before it
+    # closed (none starts a call after it closes)
+    span = max([t.last_end for t in tallies] + [window + duration]) - window
     elapsed = span if span > 0 else 1e-9
     p50 = p90 = p99 = None
     if calls:

@@ -233,6 +233,12 @@ class FrameWriter:
         is sent out of band)."""
         return not self._streams and not self._transfers
 
+    def drop_transfers(self) -> None:
+        """Cancel the sends of this message's transfers (a wait for one ends CANCELLED);
+        done already where the receiver took them."""
+        if self._slots is not None and self._transfers:
+            self._slots.free(self._transfers)
+
     def free_placed(self) -> None:
         """Return the slots allocated for this message (the receiver is done with them)."""
         if self._slots is not None and self.placed:
@@ -254,8 +260,8 @@ class FrameWriter:
             if settle and self._slots is not None and self._transfers:
                 self._slots.settle(self._transfers)
         finally:
-            if settle and self._slots is not None and self._transfers:
-                self._slots.free(self._transfers)
+            if settle:
+                self.drop_transfers()
 
 
 S = TypeVar("S", bound=SlotReader)
@@ -422,13 +428,18 @@ class FrameReader(Generic[S]):
         arrays made from a buffer keep it alive themselves) and of the bytes held."""
         self._buffers.clear()
         self._pending.clear()
+        self.drop_transfers()
+        held, self._held = self._held, 0
+        if self._holder is not None and held:
+            self._holder.give(held)
+
+    def drop_transfers(self) -> None:
+        """Cancel the receives of transfers not viewed yet (a wait for one ends CANCELLED):
+        the call failed, or was cancelled."""
         receiving, self._receiving = list(self._receiving.values()), {}
         if receiving and self.slots is not None:
             for ref in receiving:
                 self.slots.drop(ref)
-        held, self._held = self._held, 0
-        if self._holder is not None and held:
-            self._holder.give(held)
 
     @property
     def chunked(self) -> bool:
@@ -451,7 +462,9 @@ class FrameReader(Generic[S]):
             return data
         if kind == "transfer":
             assert self.slots is not None
-            self._receiving.pop((msg.transfer.region, msg.transfer.tag), None)
-            return self.slots.view(msg.transfer)
+            try:   # while it waits, drop_transfers can cancel it
+                return self.slots.view(msg.transfer)
+            finally:
+                self._receiving.pop((msg.transfer.region, msg.transfer.tag), None)
         buf = self._buffers.get(msg.stream.id)
         return memoryview(buf) if buf is not None else memoryview(bytearray(0))

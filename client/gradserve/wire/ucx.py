@@ -139,10 +139,13 @@ class Pending:
         """The bytes, once the transfer is done; UNAVAILABLE if the link broke, CANCELLED
         past ``deadline`` (``time.monotonic()``), INVALID_ARGUMENT if the peer sent more
         bytes than the message named."""
-        request, pause = self.request, 20e-6
-        if request is None:
-            raise StatusError(grpc.StatusCode.CANCELLED, f"{self.what} was cancelled")
-        while not request.completed:
+        pause = 20e-6
+        while True:
+            request = self.request
+            if request is None:   # dropped: its call failed or was cancelled meanwhile
+                raise StatusError(grpc.StatusCode.CANCELLED, f"{self.what} was cancelled")
+            if request.completed:
+                break
             if time.monotonic() > deadline:
                 raise StatusError(grpc.StatusCode.CANCELLED,
                                   f"{self.what} did not complete within the transfer timeout")

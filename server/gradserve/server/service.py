@@ -619,6 +619,7 @@ class GradserveService(pb_grpc.GradserveServicer):
         """Read a framed request (watched) and ``run`` it; its reply frames, or None when
         its client left."""
         reader: FrameReader[ServerSession] = self._reader(call)
+        context.add_callback(reader.drop_transfers)   # a cancelled call stops waiting
         with self.watch.watching(context) as touch:
             reader.on_frame = touch
             try:
@@ -627,6 +628,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                 reader.close()
                 raise
         writer = FrameWriter(self.limits.chunk_bytes, slots=reader.slots)
+        context.add_callback(writer.drop_transfers)
         reply = self._run(request, reader, writer, context, run, call)
         return writer.frames(reply_frame, reply, settle=True) if reply is not None else None
 
@@ -638,6 +640,7 @@ class GradserveService(pb_grpc.GradserveServicer):
             with self._status(context, method) as call:
                 self._admit(admission, call)
                 reader: FrameReader[ServerSession] = self._reader(call)
+                context.add_callback(reader.drop_transfers)
                 try:
                     request = reader.read_header(request)
                 except BaseException:
