@@ -173,6 +173,16 @@ def test_auto_on_the_same_host_keeps_shared_memory(serve) -> None:
     assert client.transport == "shm" and client.session_info().transports == ("shm",)
 
 
+def test_a_server_not_up_yet_costs_no_ucx_worker() -> None:
+    client = gradserve.connect(f"127.0.0.1:{free_port()}", transport="ucx")
+    for _ in range(2):   # each attempt asks for the worker and gives it back
+        with pytest.raises(gradserve.errors.Unavailable, match="not reachable yet"):
+            client.forward("double", (np.ones(3),))
+        assert ucx.Worker.users() == 0
+        time.sleep(replica_module.RENEGOTIATE_SECONDS)
+    client.close()
+
+
 def test_forced_ucx_fails_at_connect_with_the_reason(serve, monkeypatch) -> None:
     server, _ = serve({"double": double}, client_options={"transport": "grpc"})
 
@@ -245,11 +255,15 @@ def forward(link: RawLink, request: pb.ForwardRequest) -> grpc.RpcError:
 def test_a_payload_that_never_comes_is_cancelled_after_the_timeout(raw_link) -> None:
     server, link = raw_link()
     start = time.monotonic()
-    err = forward(link, link.request(BIG, link.link.next_tag()))
+    late = link.link.next_tag()
+    err = forward(link, link.request(BIG, late))
     assert err.code() == grpc.StatusCode.CANCELLED
     assert "did not complete within the transfer timeout" in err.details()
     assert 1.0 <= time.monotonic() - start < 10
-    assert server.sessions.info(link.session.id).transfers == 0   # the receive is gone
+    assert server.sessions.info(link.session.id).transfers == 0   # the call let go of it
+    # the payload comes after all: it lands in memory the server kept for it, not freed
+    straggler = link.link.send(memoryview(np.ones(BIG // 4, np.float32)).cast("B"), late)
+    straggler.wait(time.monotonic() + 10)
     x = np.arange(BIG // 4, dtype=np.float32)   # and the link still works
     tag = link.link.next_tag()
     sent = link.link.send(memoryview(x).cast("B"), tag)
@@ -257,11 +271,10 @@ def test_a_payload_that_never_comes_is_cancelled_after_the_timeout(raw_link) -> 
                                 timeout=30)
     output = next(replies).header.outputs.tensor
     assert output.WhichOneof("payload") == "transfer" and list(output.shape) == [BIG // 4]
-    got = link.link.receive(BIG, False, output.transfer.tag).wait(time.monotonic() + 5,
-                                                                   link.link)
+    got = link.link.receive(BIG, False, output.transfer.tag).wait(time.monotonic() + 5)
     assert list(replies) == []   # the reply ends once its payload was taken
     np.testing.assert_array_equal(np.frombuffer(got, np.float32), 2 * x)
-    sent.wait(time.monotonic() + 5, link.link)
+    sent.wait(time.monotonic() + 5)
 
 
 def test_a_cancelled_call_stops_waiting_for_its_payload(serve) -> None:

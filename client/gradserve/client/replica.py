@@ -423,7 +423,7 @@ class Replica:
         lost = self._session
         if (lost is not None and lost.broken_at is not None
                 and time.monotonic() - lost.broken_at > RELINK_SECONDS):
-            self._reopen(lost, tell_server=True)   # a link broke a while ago: set it up anew
+            self._relink(lost)
         if due is not None and time.monotonic() >= due:
             if self._session_lock.acquire(blocking=forced):
                 try:
@@ -439,14 +439,35 @@ class Replica:
             raise GradserveError(reason)
         return session
 
-    def _reopen(self, lost: Session, tell_server: bool = False) -> None:
-        """Replace a session the server no longer holds, or (``tell_server``) whose link
-        broke (once, whichever thread asks)."""
+    def _relink(self, lost: Session) -> None:
+        """Replace a session whose link broke ``RELINK_SECONDS`` ago: one thread does, the
+        others go on sending bytes meanwhile. Where no new session comes up, it is asked for
+        again ``RELINK_SECONDS`` later (a forced transport's calls fail UNAVAILABLE until)."""
+        if not self._session_lock.acquire(blocking=False):
+            return
+        try:
+            if self._session is not lost:
+                return
+            log.info("gradserve: the session with %s has a broken link; setting up another",
+                     self.address)
+            lost.close()
+            self._session = None
+            try:
+                self._negotiate()
+            except GradserveError:
+                pass   # said by the calls: the forced transport is not set up
+            if self._session is None:
+                self._negotiate_at = time.monotonic() + RELINK_SECONDS
+        finally:
+            self._session_lock.release()
+
+    def _reopen(self, lost: Session) -> None:
+        """Replace a session the server no longer holds (once, whichever thread asks)."""
         with self._session_lock:
             if self._session is lost:
-                log.info("gradserve: session with %s %s; reopening", self.address,
-                         "has a broken link" if tell_server else "lost (server restarted?)")
-                lost.close(tell_server=tell_server)
+                log.info("gradserve: same-host session with %s lost (server restarted?); "
+                         "reopening", self.address)
+                lost.close(tell_server=False)
                 self._session = None
                 self._negotiate()
 

@@ -54,8 +54,13 @@ class Session(Slots[ClientTransport]):
         """Ask the server for ``transports`` and attach to the regions it makes; the session
         (None when no transport came up) and why each that did not."""
         asked = list(transports)
-        request = pb.OpenSessionRequest(transports=[t.ask() for t in asked])
-        opened = rpc(stub.OpenSession, request, timeout)
+        try:   # asking may take resources (a UCX worker): a failed open gives them back
+            request = pb.OpenSessionRequest(transports=[t.ask() for t in asked])
+            opened = rpc(stub.OpenSession, request, timeout)
+        except BaseException:
+            for transport in asked:
+                transport.close()
+            raise
         session = cls(stub, opened.session_id, opened.lease_seconds, asked, timeout)
         by_kind = {t.kind: t for t in asked}
 

@@ -53,6 +53,12 @@ ENV_DEFAULTS = {
 #: 256 MiB round trip over TCP here). A link reuses only its own: a buffer never carries one
 #: peer's bytes to another.
 POOL_BYTES = 1 << 30
+#: Bytes of transfers a link let go of that UCX may still read or write (a receive already
+#: matched, a send not yet taken) before the link is closed, which ends them: their memory
+#: is kept until they end, never freed or reused under UCX.
+ABANDONED_BYTES = 1 << 30
+#: Seconds closing a link waits for the transfers it ended to complete.
+CLOSE_SECONDS = 2.0
 CLIENT, SERVER = 0, 1
 _SIDE_BIT = 1 << 31
 _SEQ_MASK = _SIDE_BIT - 1
@@ -127,15 +133,16 @@ class Worker:
 
 
 class Pending:
-    """One posted send or receive and the memory it reads or writes, kept alive until
-    it is done or dropped (dropping the request cancels it)."""
+    """One posted send or receive of ``link`` and the memory it reads or writes, kept
+    alive until UCX is done with it."""
 
-    def __init__(self, request: Any, data: Data, what: str):
+    def __init__(self, request: Any, data: Data, what: str, link: "Link"):
         self.request: Any = request
         self.data = data
         self.what = what
+        self.link = link
 
-    def wait(self, deadline: float, broken: "Link") -> Data:
+    def wait(self, deadline: float) -> Data:
         """The bytes, once the transfer is done; UNAVAILABLE if the link broke, CANCELLED
         past ``deadline`` (``time.monotonic()``), INVALID_ARGUMENT if the peer sent more
         bytes than the message named."""
@@ -158,7 +165,7 @@ class Pending:
             if "Truncated" in name:
                 raise invalid(f"{self.what}: the peer sent more than the {self.data.nbytes} "
                               "bytes dtype x shape needs") from None
-            broken.broke(f"{self.what} failed: {name}: {err}")
+            self.link.broke(f"{self.what} failed: {name}: {err}")
             raise StatusError(grpc.StatusCode.UNAVAILABLE,
                               f"{self.what} failed, the UCX link is broken ({name}: {err}); "
                               "the session's next calls send bytes over gRPC", LINK_BROKEN
@@ -166,8 +173,11 @@ class Pending:
         return self.data
 
     def drop(self) -> None:
-        """Cancel the transfer if it is not done, then let go of its memory."""
-        self.request = None
+        """Let go of the transfer (a wait on it ends CANCELLED); its memory goes once UCX
+        is done with it."""
+        request, self.request = self.request, None
+        if request is not None and not request.completed:
+            self.link.abandon(request, self.data)
 
 
 class Pool:
@@ -184,17 +194,13 @@ class Pool:
     def take(self, nbytes: int) -> np.ndarray[Any, Any]:
         """A uint8 array of ``nbytes`` (fresh memory is zeroed), given back to the pool once
         it and every view of it are collected."""
-        free = self._free.get(nbytes)
         backing = None
-        if free:
-            try:
+        with Pool._lock:
+            free = self._free.get(nbytes)
+            if free:
                 backing = free.popleft()
-            except IndexError:   # another thread took it
-                pass
-        if backing is not None:
-            with Pool._lock:
                 Pool._held -= nbytes
-        else:
+        if backing is None:
             backing = mmap.mmap(-1, nbytes)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 backing.madvise(mmap.MADV_HUGEPAGE)
@@ -259,6 +265,9 @@ class Link:
         self.proof: dict[str, Pending] = {}
         #: host buffers to receive into
         self.pool = Pool()
+        #: transfers let go of that UCX may still read or write, with their memory
+        self.abandoned: list[tuple[Any, Data]] = []
+        self._ended: Any = None
 
     def connect(self, address: bytes) -> None:
         """Make the endpoint to the peer's worker ``address``."""
@@ -285,7 +294,8 @@ class Link:
         else:
             buffer = np.frombuffer(data, np.uint8)
         request = _ucx_call(self, lambda: self.endpoint.tag_send(Array(buffer), _tag(at)))
-        return Pending(request, data, f"sending {data.nbytes} bytes over UCX (tag {at:#x})")
+        return Pending(request, data, f"sending {data.nbytes} bytes over UCX (tag {at:#x})",
+                       self)
 
     def receive(self, nbytes: int, device: bool, at: int) -> Pending:
         """Post the receive of ``nbytes`` under tag ``at`` into memory of this process
@@ -301,7 +311,30 @@ class Link:
             buffer = self.pool.take(nbytes)
             data = host_bytes(buffer)
         request = _ucx_call(self, lambda: self.endpoint.tag_recv(Array(buffer), _tag(at)))
-        return Pending(request, data, f"receiving {nbytes} bytes over UCX (tag {at:#x})")
+        return Pending(request, data, f"receiving {nbytes} bytes over UCX (tag {at:#x})",
+                       self)
+
+    def abandon(self, request: Any, data: Data) -> None:
+        """Keep ``data`` until ``request`` completes (UCX cannot cancel a matched transfer);
+        past ``ABANDONED_BYTES`` of such, close the endpoint, which ends them all."""
+        with self.lock:
+            self.abandoned = [(r, d) for r, d in self.abandoned if not r.completed]
+            self.abandoned.append((request, data))
+            over = sum(d.nbytes for _, d in self.abandoned) > ABANDONED_BYTES
+        if over:
+            self.broke("too many transfers were let go of unfinished")
+            self._close_endpoint()
+
+    def _close_endpoint(self) -> None:
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is None:
+            return
+        self._ended = endpoint   # kept while the requests it ends finish
+        if endpoint.alive:   # closing one whose peer died crashes
+            try:
+                endpoint.close()
+            except Exception:   # the peer went meanwhile
+                pass
 
     def close(self) -> None:
         """Cancel every transfer in flight and close the endpoint."""
@@ -312,14 +345,25 @@ class Link:
             self.proof.clear()
         for transfer in pending:
             transfer.drop()
-        endpoint, self.endpoint = self.endpoint, None
         self.broke("the session ended")
         self.pool.clear()
-        if endpoint is not None and endpoint.alive:   # closing one whose peer died crashes
-            try:
-                endpoint.close()
-            except Exception:   # the peer went meanwhile
-                pass
+        self._close_endpoint()   # ends what is still in flight; then wait for it
+        deadline = time.monotonic() + CLOSE_SECONDS
+        while True:
+            with self.lock:
+                self.abandoned = [(r, d) for r, d in self.abandoned if not r.completed]
+                left = self.abandoned
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if left:   # never freed under UCX, even if it never ends
+            _LEFT.append((self._ended, left))
+        self._ended = None
+
+
+#: Transfers (and their endpoint) that did not end when their link closed: kept for the
+#: life of the process rather than freed while UCX might still use them.
+_LEFT: list[tuple[Any, list[tuple[Any, Data]]]] = []
 
 
 def _tag(at: int) -> Any:
@@ -421,7 +465,7 @@ class LinkTransport(RegionTransport):
                 link = self._link(ref.region)
                 pending = link.sends.get(ref.tag) if link is not None else None
                 if link is not None and pending is not None:
-                    pending.wait(time.monotonic() + link.timeout, link)
+                    pending.wait(time.monotonic() + link.timeout)
         finally:
             self.free(sent)
 
@@ -436,6 +480,8 @@ class LinkTransport(RegionTransport):
                           f"of UCX link {ref.region} sends")
         if not ref.tag & _SEQ_MASK:
             raise invalid(f"{path}: tag {ref.tag:#x} is the link's proof, not a payload's")
+        if not nbytes:
+            raise invalid(f"{path}: an empty tensor travels inline, not as a transfer")
         with link.lock:
             if ref.tag in link.receives:
                 raise invalid(f"{path}: tag {ref.tag:#x} is already being received")
@@ -451,7 +497,7 @@ class LinkTransport(RegionTransport):
                               f"UCX transfer {ref.tag:#x} is not being received: the session "
                               "ended during the call")
         try:
-            return pending.wait(time.monotonic() + link.timeout, link)
+            return pending.wait(time.monotonic() + link.timeout)
         finally:
             self.drop(ref)
 

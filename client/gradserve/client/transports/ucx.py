@@ -20,6 +20,8 @@ from gradserve.wire.slots import NONCE_BYTES
 #: Seconds a transfer of this side may take (the server's own bound is its
 #: ``transfer_timeout``).
 LINK_SECONDS = 60.0
+#: Seconds to wait for the server's nonce (a server drops a session unproved within 10 s).
+PROOF_SECONDS = 10.0
 
 
 class UcxTransport(ucx.LinkTransport, ClientTransport):
@@ -40,9 +42,9 @@ class UcxTransport(ucx.LinkTransport, ClientTransport):
         link = ucx.Link(self.use_worker(), msg.link, ucx.CLIENT, LINK_SECONDS)
         try:
             link.connect(msg.handle)
-            deadline = time.monotonic() + LINK_SECONDS
+            deadline = time.monotonic() + PROOF_SECONDS
             got = link.receive(NONCE_BYTES, False, ucx.tag(msg.link, ucx.SERVER, 0)).wait(
-                deadline, link)
+                deadline)
             assert isinstance(got, memoryview)
             nonce = got.tobytes()
             link.proof["echo"] = link.send(memoryview(nonce), ucx.tag(msg.link, ucx.CLIENT, 0))

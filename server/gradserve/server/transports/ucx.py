@@ -42,16 +42,20 @@ class UcxTransport(ucx.LinkTransport, ServerTransport):
         try:
             link = ucx.Link(transport.use_worker(), secrets.randbits(32), ucx.SERVER,
                             settings.transfer_timeout)
+            region = Region(next_index(), cls.kind, pb.LINK, "", 0, link)
+            transport.add(region)   # closing the transport closes the link, whatever fails
+            nonce = secrets.token_bytes(NONCE_BYTES)
             try:
                 link.connect(request.address)
-            except Exception as err:
+                link.proof["nonce"] = link.send(memoryview(nonce),
+                                                ucx.tag(link.id, ucx.SERVER, 0))
+                link.proof["echo"] = link.receive(NONCE_BYTES, False,
+                                                  ucx.tag(link.id, ucx.CLIENT, 0))
+            except Exception as err:   # an address ucx refuses; the link broken at once
                 raise Refusal(f"cannot connect to the client's UCX worker "
-                              f"({type(err).__name__}: {err})") from None
-            nonce = secrets.token_bytes(NONCE_BYTES)
-            link.proof["nonce"] = link.send(memoryview(nonce), ucx.tag(link.id, ucx.SERVER, 0))
-            link.proof["echo"] = link.receive(NONCE_BYTES, False, ucx.tag(link.id, ucx.CLIENT, 0))
-            region = Region(next_index(), cls.kind, pb.LINK, "", 0, link)
-            transport.add(region)
+                              f"({type(err).__name__}: "
+                              f"{err.message if isinstance(err, StatusError) else err})"
+                              ) from None
             transport._nonces[region.index] = nonce
         except BaseException:
             transport.close()
@@ -69,7 +73,7 @@ class UcxTransport(ucx.LinkTransport, ServerTransport):
         if echoed is None:
             return False
         try:
-            got = echoed.wait(time.monotonic() + ECHO_SECONDS, link)
+            got = echoed.wait(time.monotonic() + ECHO_SECONDS)
         except StatusError as err:
             link.broke(f"the client's nonce did not come back over UCX: {err.message}")
             return False
