@@ -32,7 +32,7 @@ from gradserve.server.transports import ucx as server_ucx
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import ucx
-from helpers import double, free_port, needs_cuda, wait_serving, wait_until
+from helpers import double, free_port, needs_cuda, scrape, wait_serving, wait_until
 
 pytestmark = pytest.mark.skipif(bool(ucx.available()),
                                 reason=f"the UCX tests need the ucx extra: {ucx.available()}")
@@ -140,6 +140,21 @@ def test_received_buffers_are_reused_within_the_bound(serve, monkeypatch) -> Non
         gc.collect()
         wait_until(lambda: ucx.Pool.held() == BIG)
         assert ucx.Pool.held() == BIG
+
+
+def test_the_load_generator_calls_over_ucx(serve) -> None:
+    from gradserve import loadgen
+    server, _ = serve({"double": double}, client_options={"transport": "grpc"},
+                      metrics_port=0)
+    (level,) = loadgen.run(server.address, "double", concurrency=[2], processes=1,
+                           duration=0.5, warmup=0.1, shape=(BIG // 4,), transport="ucx",
+                           backward=True)
+    assert level.calls > 0 and level.errors == {}, level.error_messages
+    moved = {series.split('transport="')[1].split('"')[0]: value
+             for series, value in scrape(server.metrics_port).items()
+             if series.startswith("gradserve_tensor_bytes_total{") and 'method="Forward"' in series
+             and 'direction="in"' in series}
+    assert set(moved) == {"ucx"} and moved["ucx"] >= level.calls * BIG   # all in UCX sessions
 
 
 def test_small_payloads_stay_in_the_grpc_message(serve) -> None:
@@ -286,9 +301,8 @@ def test_a_cancelled_call_stops_waiting_for_its_payload(serve) -> None:
         with pytest.raises(grpc.RpcError) as failed:   # the client gives up after 0.5 s
             list(link.stub.Forward(iter([pb.ForwardFrame(header=request)]), timeout=0.5))
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        start = time.monotonic()   # the server drops the receive then, not after 120 s
+        # the server drops the receive then, not after its 120 s timeout
         wait_until(lambda: server.sessions.info(link.session.id).transfers == 0, timeout=10)
-        assert time.monotonic() - start < 10
     finally:
         link.close()
 
@@ -335,7 +349,7 @@ def test_a_tag_named_twice_and_a_transfer_without_session_are_refused(raw_link) 
     request.args.tuple_value.items.add().CopyFrom(request.args.tuple_value.items[0])
     err = forward(link, request)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"transfer tag {tag:#x} named twice" in err.details()
+    assert f"args[1]: tag {tag:#x} is already being received" in err.details()
     request = link.request(BIG, link.link.next_tag())
     request.ClearField("session")
     err = forward(link, request)
@@ -371,9 +385,8 @@ def test_a_client_that_dies_mid_transfer_fails_only_its_call(serve) -> None:
         wait_until(lambda: server.sessions.info(sid).transfers == 1, timeout=30)
         proc.kill()
         proc.wait(timeout=30)
-        start = time.monotonic()   # UCX's error handling, not the 120 s timeout, ends it
+        # UCX's error handling ends it, not the server's 120 s timeout
         wait_until(lambda: server.sessions.info(sid).transfers == 0, timeout=30)
-        assert time.monotonic() - start < 30
     finally:
         proc.kill()
         proc.communicate(timeout=30)

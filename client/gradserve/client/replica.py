@@ -390,9 +390,8 @@ class Replica:
         except BaseException as err:
             if session is not None and state is not None:
                 session.put_back([*state.freed_slots, *reader.unviewed()])
-            if isinstance(err, (StatusError, RemoteError)) and err.reason == LINK_BROKEN:
-                if session is not None:
-                    session.link_broke(err.message)
+            if isinstance(err, RemoteError) and err.reason == LINK_BROKEN and session:
+                session.link_broke(err.message)   # the server found it (this side marks its own)
             if isinstance(err, StatusError) and err.code in (grpc.StatusCode.UNAVAILABLE,
                                                              grpc.StatusCode.CANCELLED):
                 raise from_status(err) from None   # a transfer of this side's failed

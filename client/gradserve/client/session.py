@@ -86,9 +86,7 @@ class Session(Slots[ClientTransport]):
                     reasons.setdefault(transport.name, "the server refused its regions")
                     transport.close()
         except BaseException:
-            session.close()
-            for transport in asked:
-                transport.close()
+            session.close()   # its transports are still every one asked for
             raise
         if not session.transports:
             session.close()

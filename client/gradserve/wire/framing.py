@@ -182,7 +182,6 @@ class FrameWriter:
         self._streams: list[memoryview] = []
         self._slots = slots
         self._out_of_band = out_of_band
-        self._transfers: list[pb.Transfer] = []
         self._sources: list[Data] = []   # placed, maybe still being copied from
         self._devices: set[int] = set()   # GPUs holding this message's slots
         self.placed: list[Ref] = []
@@ -201,7 +200,6 @@ class FrameWriter:
                 ref, allocated = placed
                 if isinstance(ref, pb.Transfer):
                     msg.transfer.CopyFrom(ref)
-                    self._transfers.append(ref)
                     self.placed.append(ref)
                     return
                 msg.slot.CopyFrom(ref)
@@ -233,11 +231,16 @@ class FrameWriter:
         is sent out of band)."""
         return not self._streams and not self._transfers
 
+    @property
+    def _transfers(self) -> list[pb.Transfer]:
+        return [ref for ref in self.placed if isinstance(ref, pb.Transfer)]
+
     def drop_transfers(self) -> None:
         """Cancel the sends of this message's transfers (a wait for one ends CANCELLED);
         done already where the receiver took them."""
-        if self._slots is not None and self._transfers:
-            self._slots.free(self._transfers)
+        transfers = self._transfers
+        if self._slots is not None and transfers:
+            self._slots.free(transfers)
 
     def free_placed(self) -> None:
         """Return the slots allocated for this message (the receiver is done with them)."""
@@ -257,8 +260,9 @@ class FrameWriter:
                 for offset in range(0, len(data), step):
                     yield frame_type(chunk=pb.Chunk(id=stream_id,
                                                     data=data[offset:offset + step].tobytes()))
-            if settle and self._slots is not None and self._transfers:
-                self._slots.settle(self._transfers)
+            transfers = self._transfers
+            if settle and self._slots is not None and transfers:
+                self._slots.settle(transfers)
         finally:
             if settle:
                 self.drop_transfers()
@@ -383,8 +387,6 @@ class FrameReader(Generic[S]):
                 if slots is None:
                     raise invalid(f"{path}: a transfer needs a session with a link, and this "
                                   "message names no session")
-                if any(msg.transfer.tag == ref.tag for ref, _, _ in transfers):
-                    raise invalid(f"{path}: transfer tag {msg.transfer.tag:#x} named twice")
                 transfers.append((msg.transfer, size, path))
             else:
                 raise invalid(f"{path}: tensor has no payload")

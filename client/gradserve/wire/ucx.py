@@ -21,6 +21,7 @@ no tag is received twice at once.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import mmap
 import os
@@ -76,12 +77,21 @@ def available() -> str:
     return ""
 
 
+@functools.cache
 def _ucx() -> Any:
     """ucxx's worker-level API, imported with gradserve's environment defaults."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from ucxx._lib import libucxx  # type: ignore[import-untyped,unused-ignore]
     return libucxx
+
+
+@functools.cache
+def _array() -> Any:
+    """ucxx's buffer wrapper (host buffers and ``__cuda_array_interface__`` alike)."""
+    _ucx()
+    from ucxx._lib.arr import Array  # type: ignore[import-untyped,unused-ignore]
+    return Array
 
 
 def tag(link: int, side: int, sequence: int) -> int:
@@ -162,7 +172,7 @@ class Pending:
             request.check_error()
         except Exception as err:
             name = type(err).__name__
-            if "Truncated" in name:
+            if isinstance(err, _ucx().UCXMessageTruncatedError):
                 raise invalid(f"{self.what}: the peer sent more than the {self.data.nbytes} "
                               "bytes dtype x shape needs") from None
             self.link.broke(f"{self.what} failed: {name}: {err}")
@@ -287,13 +297,12 @@ class Link:
     def send(self, data: Data, at: int) -> Pending:
         """Start sending ``data`` under tag ``at`` (GPU memory: once its device finished
         the work queued on it)."""
-        from ucxx._lib.arr import Array  # type: ignore[import-untyped,unused-ignore]
         if isinstance(data, DeviceBytes):
             synchronize(data.device)
             buffer: Any = data.array
         else:
             buffer = np.frombuffer(data, np.uint8)
-        request = _ucx_call(self, lambda: self.endpoint.tag_send(Array(buffer), _tag(at)))
+        request = _ucx_call(self, lambda: self.endpoint.tag_send(_array()(buffer), _tag(at)))
         return Pending(request, data, f"sending {data.nbytes} bytes over UCX (tag {at:#x})",
                        self)
 
@@ -301,7 +310,6 @@ class Link:
         """Post the receive of ``nbytes`` under tag ``at`` into memory of this process
         (zeroed GPU memory on the current device where ``device`` and CuPy allow, else a host
         buffer from the link's pool: zeroed, or last holding this link's own bytes)."""
-        from ucxx._lib.arr import Array
         data: Data
         if device and _gpu_here():
             cp = cupy()
@@ -310,7 +318,7 @@ class Link:
         else:
             buffer = self.pool.take(nbytes)
             data = host_bytes(buffer)
-        request = _ucx_call(self, lambda: self.endpoint.tag_recv(Array(buffer), _tag(at)))
+        request = _ucx_call(self, lambda: self.endpoint.tag_recv(_array()(buffer), _tag(at)))
         return Pending(request, data, f"receiving {nbytes} bytes over UCX (tag {at:#x})",
                        self)
 
@@ -472,9 +480,10 @@ class LinkTransport(RegionTransport):
     # -- receiving ---------------------------------------------------------
     def receive(self, ref: pb.Transfer, nbytes: int, path: str) -> None:
         """Check a transfer a message names and post its receive."""
-        link = self._link(ref.region)
-        if link is None or not self.region(ref.region).ready:   # type: ignore[union-attr]
+        region = self.region(ref.region)
+        if region is None or not region.ready:
             raise invalid(f"{path}: UCX link {ref.region} is not in use in this session")
+        link: Link = region.memory
         if ref.tag >> 32 != link.id or bool(ref.tag & _SIDE_BIT) != (link.peer == SERVER):
             raise invalid(f"{path}: tag {ref.tag:#x} is not one the {SIDE_NAMES[link.peer]} "
                           f"of UCX link {ref.region} sends")
@@ -482,7 +491,7 @@ class LinkTransport(RegionTransport):
             raise invalid(f"{path}: tag {ref.tag:#x} is the link's proof, not a payload's")
         if not nbytes:
             raise invalid(f"{path}: an empty tensor travels inline, not as a transfer")
-        with link.lock:
+        with link.lock:   # named twice in one message, or by two calls at once
             if ref.tag in link.receives:
                 raise invalid(f"{path}: tag {ref.tag:#x} is already being received")
             link.receives[ref.tag] = link.receive(nbytes, ref.device, ref.tag)

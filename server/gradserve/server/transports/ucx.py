@@ -56,28 +56,24 @@ class UcxTransport(ucx.LinkTransport, ServerTransport):
                               f"({type(err).__name__}: "
                               f"{err.message if isinstance(err, StatusError) else err})"
                               ) from None
-            transport._nonces[region.index] = nonce
         except BaseException:
             transport.close()
             raise
         return transport, [NewRegion(region, link.worker.address, nonce, link=link.id)]
 
-    def __init__(self, region_bytes: int, settings: SessionSettings, budget: Budget):
-        super().__init__(region_bytes, settings, budget)
-        self._nonces: dict[int, bytes] = {}
-
     def confirm(self, region: Region) -> bool:
         link: ucx.Link = region.memory
-        nonce = self._nonces.pop(region.index, b"")
-        echoed = link.proof.get("echo")
-        if echoed is None:
+        sent, echoed = link.proof.get("nonce"), link.proof.get("echo")
+        if sent is None or echoed is None:
             return False
         try:
             got = echoed.wait(time.monotonic() + ECHO_SECONDS)
         except StatusError as err:
             link.broke(f"the client's nonce did not come back over UCX: {err.message}")
             return False
-        if not isinstance(got, memoryview) or not hmac.compare_digest(got.tobytes(), nonce):
+        nonce = sent.data
+        if not (isinstance(got, memoryview) and isinstance(nonce, memoryview)
+                and hmac.compare_digest(got.tobytes(), nonce.tobytes())):
             link.broke("the nonce that came back over UCX does not match")
             return False
         region.ready = True
