@@ -64,9 +64,12 @@ def test_unknown_endpoint_is_not_found(env) -> None:
 ])
 def test_wrong_arity_is_invalid_argument(env, args, kwargs, match) -> None:
     _, client = env
+    fitting = (np.ones((1, 6), np.float32),)
+    client.forward("mlp", fitting)   # a call that fits does not let a wrong one through
     with pytest.raises(gradserve.InvalidArgument, match=match) as info:
         client.forward("mlp", args, kwargs)
     check(info, grpc.StatusCode.INVALID_ARGUMENT)
+    assert client.forward("mlp", fitting).outputs.shape == (1, 4)
 
 
 @pytest.mark.parametrize("args, kwargs, match", [

@@ -12,6 +12,17 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import WireTensor, host_bytes
 
 
+_CODES: dict[np.dtype[Any], pb.DType] = {}
+
+
+def _code(dtype: np.dtype[Any]) -> pb.DType:
+    """The wire code of a numpy dtype (``.name`` is slow to build: found once per dtype)."""
+    code = _CODES.get(dtype)
+    if code is None:
+        code = _CODES[dtype] = dtypes.code_of(dtype.name)
+    return code
+
+
 class NumpyAdapter:
     """numpy arrays and scalars; GPU payloads are copied to the host."""
 
@@ -21,14 +32,14 @@ class NumpyAdapter:
         return isinstance(x, (np.ndarray, np.generic))
 
     def wire_dtype(self, x: Any) -> pb.DType:
-        return dtypes.code_of(np.asarray(x).dtype.name)
+        return _code(np.asarray(x).dtype)
 
     def dtype_code(self, dtype: Any) -> pb.DType:
         return dtypes.code_of(np.dtype(dtype).name)
 
     def to_wire(self, x: Any) -> WireTensor:
         arr = np.asarray(x)
-        code = dtypes.code_of(arr.dtype.name)
+        code = _code(arr.dtype)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         if not arr.flags.c_contiguous:

@@ -339,8 +339,9 @@ class FrameReader(Generic[S]):
 
     def _start(self, header: Any) -> Any:
         size = 0
-        if self.on_frame is not None:
+        if self.on_frame is not None or self.max_values is not None:
             size = header.ByteSize()
+        if self.on_frame is not None:
             self.on_frame(size)
         if self._slots_for is not None:
             self.slots = self._slots_for(header)
@@ -349,7 +350,7 @@ class FrameReader(Generic[S]):
 
     def _plan(self, header: Any, size: int) -> None:
         # every Value takes at least two bytes: small headers cannot be over the limit
-        if (self.max_values is not None and (not size or size > 2 * self.max_values)
+        if (self.max_values is not None and size > 2 * self.max_values
                 and count_values(header, self.max_values) > self.max_values):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message holds more than {self.max_values} pytree nodes, this "

@@ -10,6 +10,7 @@ keeping what backward needs, and computing vector-Jacobian products.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -270,23 +271,32 @@ class Endpoint(ABC):
             types[name] = t
         return types
 
+    @functools.cached_property
+    def _fitting(self) -> set[tuple[int, tuple[str, ...]]]:
+        """Argument counts and keyword names seen to fit the signature."""
+        return set()
+
     def check_arguments(self, inputs: Arguments) -> None:
         """INVALID_ARGUMENT naming the argument unless the call fits the signature, the
         declared specs and (if sent) the endpoint's parameters."""
-        try:
-            bound = self.call_signature.bind(*inputs.args, **inputs.kwargs)
-        except TypeError as err:
-            raise invalid(f"endpoint {self.name!r}{self.call_signature}: {err}") from None
-        for name, spec in self.input_specs.items():
-            if name not in bound.arguments:
-                continue
-            got = self.leaf_type(bound.arguments[name])
-            if got is None:
-                raise invalid(f"argument {name!r}: expected a tensor {spec}, got "
-                              f"{type(bound.arguments[name]).__name__}")
-            problem = spec.mismatch(got)
-            if problem:
-                raise invalid(f"argument {name!r}: {problem}")
+        shape = (len(inputs.args), tuple(inputs.kwargs))
+        if self.input_specs or shape not in self._fitting:   # binding is slow; it depends
+            try:                                              # on the shape alone
+                bound = self.call_signature.bind(*inputs.args, **inputs.kwargs)
+            except TypeError as err:
+                raise invalid(f"endpoint {self.name!r}{self.call_signature}: {err}") from None
+            if len(self._fitting) < 64:
+                self._fitting.add(shape)
+            for name, spec in self.input_specs.items():
+                if name not in bound.arguments:
+                    continue
+                got = self.leaf_type(bound.arguments[name])
+                if got is None:
+                    raise invalid(f"argument {name!r}: expected a tensor {spec}, got "
+                                  f"{type(bound.arguments[name]).__name__}")
+                problem = spec.mismatch(got)
+                if problem:
+                    raise invalid(f"argument {name!r}: {problem}")
         if inputs.parameters is not None:
             self.check_parameters(inputs.parameters)
 

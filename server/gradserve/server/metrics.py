@@ -67,6 +67,7 @@ class Observer:
                                   "residual was gone", ("endpoint",), registry=self.registry)
         if state is not None:
             self.registry.register(_StateCollector(state))
+        self._series: dict[tuple[Any, ...], Any] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
 
@@ -92,7 +93,7 @@ class Observer:
     def call(self, method: str, peer: str) -> Iterator[CallRecord]:
         """Record one call (the handler fills in what it learns) until it ends."""
         record = CallRecord(method, peer)
-        gauge = self.inflight.labels(method)
+        gauge = self._labeled(self.inflight, method)
         gauge.inc()
         start = time.perf_counter()
         try:
@@ -106,14 +107,23 @@ class Observer:
             gauge.dec()
             self._count(record, elapsed)
 
+    def _labeled(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, found once per series (``labels`` validates each
+        time; label values are bounded: methods, hosted endpoints, codes, transports)."""
+        key = (metric, *values)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*values)
+        return child
+
     def _count(self, r: CallRecord, elapsed: float) -> None:
         endpoint = r.endpoint or "-"
-        self.requests.labels(r.method, endpoint, r.code).inc()
-        self.seconds.labels(r.method, endpoint).observe(elapsed)
+        self._labeled(self.requests, r.method, endpoint, r.code).inc()
+        self._labeled(self.seconds, r.method, endpoint).observe(elapsed)
         if r.bytes_in:
-            self.bytes.labels(r.method, endpoint, "in", r.transport).inc(r.bytes_in)
+            self._labeled(self.bytes, r.method, endpoint, "in", r.transport).inc(r.bytes_in)
         if r.bytes_out:
-            self.bytes.labels(r.method, endpoint, "out", r.transport).inc(r.bytes_out)
+            self._labeled(self.bytes, r.method, endpoint, "out", r.transport).inc(r.bytes_out)
         failed = r.code != "OK"
         if not access.isEnabledFor(logging.WARNING if failed else logging.INFO):
             return
