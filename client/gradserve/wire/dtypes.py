@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, cast
 
 import numpy as np
@@ -43,6 +44,7 @@ def name_of(code: int) -> str:
         raise invalid(f"unknown wire dtype {code}") from None
 
 
+@functools.cache
 def numpy_dtype(code: int) -> np.dtype[Any]:
     """The numpy dtype for a wire dtype (bfloat16 needs the ml_dtypes package)."""
     name = name_of(code)

@@ -13,6 +13,7 @@ on their own HTTP port (``Server(metrics_port=...)``) by ``prometheus_client``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -160,12 +161,22 @@ def tracing_interceptor(tracing: Any) -> Any:
     return server_interceptor(tracer_provider=None if tracing is True else tracing)
 
 
-def trace_call(endpoint: str, residual_id: str) -> None:
-    """Tag the current span (if tracing) with the endpoint and a digest of the residual id:
-    a Vjp's span and its Forward's share it, and the id itself (a secret) stays out."""
+@functools.cache
+def _trace_api() -> Any:
+    """OpenTelemetry's tracing API, if installed (the ``otel`` extra); else None. Found
+    once: a failed import searches the path again every time it is tried."""
     try:
         from opentelemetry import trace
     except ImportError:
+        return None
+    return trace
+
+
+def trace_call(endpoint: str, residual_id: str) -> None:
+    """Tag the current span (if tracing) with the endpoint and a digest of the residual id:
+    a Vjp's span and its Forward's share it, and the id itself (a secret) stays out."""
+    trace = _trace_api()
+    if trace is None:
         return
     span = trace.get_current_span()
     if span.is_recording():
