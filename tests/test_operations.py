@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 import urllib.request
 from typing import Any
 
@@ -177,6 +180,42 @@ def test_tracing_spans_each_call_and_links_a_vjp_to_its_forward() -> None:
     assert forward.attributes["gradserve.residual"] == vjp.attributes["gradserve.residual"]
     assert rid and rid not in str(forward.attributes)          # a digest, not the secret id
     assert "Forward" in spans                                    # streaming calls too
+
+
+def test_a_server_without_the_otel_extra_looks_for_it_once() -> None:
+    """Tagging spans must not retry a failed import of OpenTelemetry on every call (each
+    try searches the whole path again)."""
+    script = textwrap.dedent("""
+        import sys
+        tries = []
+
+        class Missing:   # as if the otel extra were not installed; counts the searches
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] == "opentelemetry":
+                    tries.append(name)
+                    raise ModuleNotFoundError(name)
+                return None
+
+        sys.meta_path.insert(0, Missing())
+        import numpy as np
+        import gradserve
+        from gradserve.server import Server
+
+        server = Server("127.0.0.1", 0)
+        server.add_torch("double", lambda x: x * 2)
+        server.start()
+        with gradserve.connect(server.address, transport="grpc") as client:
+            for _ in range(5):
+                result = client.forward("double", (np.ones(3, np.float32),), need_vjp=True)
+                grads = client.vjp(result.residual, np.ones(3, np.float32))
+                assert grads.args[0].tolist() == [2.0, 2.0, 2.0]
+        server.stop(grace=0)
+        print(len(tries))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"   # 10 calls, one search
 
 
 def test_a_model_fake_tensors_cannot_trace_logs_one_debug_line(caplog) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -12,15 +13,10 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.memory import WireTensor, host_bytes
 
 
-_CODES: dict[np.dtype[Any], pb.DType] = {}
-
-
+@functools.cache
 def _code(dtype: np.dtype[Any]) -> pb.DType:
     """The wire code of a numpy dtype (``.name`` is slow to build: found once per dtype)."""
-    code = _CODES.get(dtype)
-    if code is None:
-        code = _CODES[dtype] = dtypes.code_of(dtype.name)
-    return code
+    return dtypes.code_of(dtype.name)
 
 
 class NumpyAdapter:
@@ -35,7 +31,7 @@ class NumpyAdapter:
         return _code(np.asarray(x).dtype)
 
     def dtype_code(self, dtype: Any) -> pb.DType:
-        return dtypes.code_of(np.dtype(dtype).name)
+        return _code(np.dtype(dtype))
 
     def to_wire(self, x: Any) -> WireTensor:
         arr = np.asarray(x)

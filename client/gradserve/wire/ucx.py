@@ -326,12 +326,15 @@ class Link:
         """Keep ``data`` until ``request`` completes (UCX cannot cancel a matched transfer);
         past ``ABANDONED_BYTES`` of such, close the endpoint, which ends them all."""
         with self.lock:
-            self.abandoned = [(r, d) for r, d in self.abandoned if not r.completed]
-            self.abandoned.append((request, data))
+            self.abandoned = [*self._unfinished(), (request, data)]
             over = sum(d.nbytes for _, d in self.abandoned) > ABANDONED_BYTES
         if over:
             self.broke("too many transfers were let go of unfinished")
             self._close_endpoint()
+
+    def _unfinished(self) -> list[tuple[Any, Data]]:
+        """The abandoned transfers UCX has not completed yet (call under ``lock``)."""
+        return [(r, d) for r, d in self.abandoned if not r.completed]
 
     def _close_endpoint(self) -> None:
         endpoint, self.endpoint = self.endpoint, None
@@ -359,8 +362,7 @@ class Link:
         deadline = time.monotonic() + CLOSE_SECONDS
         while True:
             with self.lock:
-                self.abandoned = [(r, d) for r, d in self.abandoned if not r.completed]
-                left = self.abandoned
+                left = self.abandoned = self._unfinished()
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
