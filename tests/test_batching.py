@@ -3,6 +3,7 @@ results and gradients, a bad caller fails alone, and what batching did is report
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -13,6 +14,7 @@ import torch
 import gradserve
 from gradserve.server import Server
 from gradserve.wire.specs import BatchStats, TensorSpec
+from helpers import scrape, series, wait_until
 
 pytestmark = pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else []
 
@@ -69,13 +71,13 @@ def together(address: str, calls: Sequence[Callable[[gradserve.Client], Any]],
     return results
 
 
-def crowd(address: str, name: str, x: np.ndarray) -> BatchStats:
+def crowd(address: str, name: str, *args: np.ndarray) -> BatchStats:
     """Calls at once until two of them met in the batcher, so the endpoint's calls wait for
     others from now on (a lone client's never do); the endpoint's batch statistics after.
     (Clients in one process share a connection: only calls that overlap make a crowd.)"""
     found = stats(address, name)
     for _ in range(20):
-        together(address, [lambda c: c.forward(name, (x,)), lambda c: c.forward(name, (x,))])
+        together(address, [lambda c: c.forward(name, args), lambda c: c.forward(name, args)])
         before, found = found, stats(address, name)
         runs, calls = since(before, found)[:2]
         if runs < calls:   # two of them ran as one
@@ -314,8 +316,13 @@ def test_settings_are_checked_and_described(batching) -> None:
     with gradserve.connect(server.address) as client:
         info = client.describe("double")
     assert (info.batchable, info.max_batch, info.max_delay) == (True, 32, 0.004)
-    with pytest.raises(ValueError, match="max_batch and max_delay must be >= 0"):
+    with pytest.raises(ValueError, match="max_batch must be >= 0, got -1"):
         server.add_torch("bad", lambda x: x, batchable=True, max_batch=-1)
+    for delay in (-0.001, 61.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"max_delay must be 0 to 60 seconds, got {delay}"):
+            server.add_torch("bad", lambda x: x, batchable=True, max_delay=delay)
+    with gradserve.connect(server.address) as client:
+        assert [e.name for e in client.endpoints()] == ["double"]   # none of them was added
 
 
 @pytest.mark.parametrize("over", [False, True])
@@ -381,8 +388,9 @@ def test_a_backward_that_fails_for_one_caller_fails_only_that_caller(batching) -
     np.testing.assert_array_equal(third, np.full((2, 3), 6.0))
     assert isinstance(bad, gradserve.RemoteError) and bad.code.name == "INTERNAL"
     assert "nan in the cotangent" in str(bad)
-    # one merged forward; one merged backward for the three, which failed, then each alone
-    assert since(before, stats(server.address, "picky")) == (1, 3, 6, 1, 3)
+    # one merged forward; one merged backward for the three, which failed, then each alone:
+    # three backward runs served them
+    assert since(before, stats(server.address, "picky")) == (1, 3, 6, 3, 3)
 
 
 def test_one_message_calls_keep_the_request_limits(serve) -> None:
@@ -471,3 +479,70 @@ def test_jax_padding_never_goes_past_max_batch(batching) -> None:
     for x, out in zip(xs, results):
         np.testing.assert_array_equal(out, 2 * x)
     assert ran == [6]                    # 1+2+3 rows: not padded to 8, past max_batch
+
+
+def test_vjps_giving_cotangents_for_other_outputs_each_get_their_unbatched_nones(batching
+                                                                                ) -> None:
+    server = batching({"f": lambda x, z: (x * 2, z * 3)}, max_batch=4, max_delay=1.0)
+    x = np.ones((2, 3))
+    before = crowd(server.address, "f", x, x)
+    gate = threading.Barrier(2)
+
+    def caller(cotangents: tuple[Any, Any]) -> Callable[[gradserve.Client], Any]:
+        def call(client: gradserve.Client) -> Any:
+            result = client.forward("f", (x, x), need_vjp=True)
+            gate.wait()
+            return client.vjp(result.residual, cotangents).args
+        return call
+
+    ones = np.ones((2, 3))
+    first, second = together(server.address, [caller((ones, None)), caller((None, ones))])
+    assert first[1] is None and second[0] is None   # alone, no cotangent reaches them
+    np.testing.assert_array_equal(first[0], 2 * ones)
+    np.testing.assert_array_equal(second[1], 3 * ones)
+    # one merged forward; the two Vjps backpropagate separately over its graph
+    assert since(before, stats(server.address, "f")) == (1, 2, 4, 2, 2)
+
+
+def test_a_double_backward_through_a_merged_call_frees_its_share(batching) -> None:
+    server = batching({"cube": lambda x: x ** 3}, max_batch=8, max_delay=1.0)
+    with gradserve.connect(server.address, transport="grpc") as client:
+        cube = client.torch("cube")
+        x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(cube(x).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+        torch.testing.assert_close(g, 3 * x.detach() ** 2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h, 6 * x.detach(), rtol=1e-12, atol=1e-12)
+        assert server.residuals.stats().count == 2   # the share, and g's graph for h
+        # the share stayed the client's: released once the graph holding it is gone
+        del g, h
+        gc.collect()
+        client.forward("cube", (np.ones((1, 2)),))   # carries the queued releases
+        assert server.residuals.stats().count == 0
+
+
+@pytest.mark.parametrize("batchable", [False, True])
+def test_a_caller_that_gives_up_while_its_forward_runs_leaves_no_residual(batchable) -> None:
+    running, finish = threading.Event(), threading.Event()
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        running.set()
+        finish.wait(30)
+        return x * 2
+
+    server = Server("127.0.0.1", 0, metrics_port=0)
+    server.add_torch("slow", slow, batchable=batchable)
+    server.start()
+    try:
+        with gradserve.connect(server.address, transport="grpc") as client:
+            with pytest.raises(gradserve.errors.DeadlineExceeded):
+                client.forward("slow", (np.ones((2, 3)),), need_vjp=True, timeout=0.5)
+            assert running.is_set()
+            finish.set()
+            method = series("gradserve_inflight_calls", method="ForwardUnary")
+            wait_until(lambda: scrape(server.metrics_port)[method] == 0,
+                       message="the call never ended on the server")
+            assert client.describe("slow").residuals.count == 0
+    finally:
+        finish.set()
+        server.stop(grace=0)

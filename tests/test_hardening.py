@@ -487,6 +487,30 @@ def test_streams_per_connection_are_bounded(serve) -> None:
         attack.close()
 
 
+def test_one_connection_cannot_hold_every_call_slot_with_requests_it_never_sends(serve
+                                                                                  ) -> None:
+    server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
+                           max_streams=4, max_streams_per_peer=2)   # 20 calls at once in all
+    channel = grpc.insecure_channel(server.address)
+    unsent = channel.stream_stream("/gradserve.v1.Gradserve/ForwardUnary")
+    never = threading.Event()
+
+    def nothing():
+        never.wait(60)
+        yield b""
+
+    calls = [unsent(nothing(), timeout=60) for _ in range(30)]
+    try:
+        time.sleep(1.0)   # the calls reach the server (18 of them: 2 + 16 on one connection)
+        legitimate_call_works(client)                  # another connection still has room
+        assert client.describe("mlp").name == "mlp"
+    finally:
+        never.set()
+        for call in calls:
+            call.cancel()
+        channel.close()
+
+
 def test_open_calls_are_bounded_and_probes_answer_on_their_own_port(serve) -> None:
     server, client = serve({"mlp": mlp()}, client_options={"transport": "grpc"},
                            max_streams=3, health_port=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import torch
 
 from gradserve.server.residuals import RESIDUAL_OVERHEAD, ResidualStore
@@ -74,6 +75,20 @@ def test_residual_bytes_account_for_saved_activations(serve) -> None:
     # for the graph; the weight is the endpoint's own (it outlives every residual) and is not
     assert (stats.count, stats.bytes) == (1, 4 * 2 * 64 * 1000 + RESIDUAL_OVERHEAD)
     del y
+
+
+def test_static_values_a_residual_keeps_are_charged_to_it(serve) -> None:
+    _, client = serve({"tagged": lambda x, tag="": x * len(tag)})
+    x = np.ones((2, 3), np.float32)
+    result = client.forward("tagged", (x,), {"tag": "t" * (1 << 20)}, need_vjp=True)
+    np.testing.assert_array_equal(result.outputs, x * (1 << 20))
+    stats = client.describe("tagged").residuals
+    # the string (and the rest of the request's structure) instead of the fixed 8 KiB
+    assert stats.count == 1 and (1 << 20) < stats.bytes < (1 << 20) + 4096
+    client.release(result.residual)
+    small = client.forward("tagged", (x,), {"tag": "t"}, need_vjp=True)
+    assert client.describe("tagged").residuals.bytes == 2 * 4 * 6 + RESIDUAL_OVERHEAD
+    client.release(small.residual)
 
 
 def test_eviction_then_recompute_gives_right_gradients(serve) -> None:

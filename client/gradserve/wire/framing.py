@@ -305,6 +305,9 @@ class FrameReader(Generic[S]):
         self.used_slots = False
         #: tensor bytes the header declares (once read)
         self.nbytes = 0
+        #: header bytes other than inline tensors: structure, static values, names (once
+        #: read, where ``max_values`` is set)
+        self.structure_bytes = 0
 
     def read(self, frames: Iterable[Any]) -> Any:
         """Consume ``frames`` and return the validated header message."""
@@ -348,14 +351,14 @@ class FrameReader(Generic[S]):
         self._plan(header, size)
         return header
 
-    def _plan(self, header: Any, size: int) -> None:
+    def _plan(self, header: Any, header_bytes: int) -> None:
         # every Value takes at least two bytes: small headers cannot be over the limit
-        if (self.max_values is not None and size > 2 * self.max_values
+        if (self.max_values is not None and header_bytes > 2 * self.max_values
                 and count_values(header, self.max_values) > self.max_values):
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message holds more than {self.max_values} pytree nodes, this "
                               "server's limit")
-        total = held = 0
+        total = held = inline = 0
         transfers: list[tuple[pb.Transfer, int, str]] = []
         slots = self.slots
         inline_below = slots.inline_below if slots is not None else 1 << 62
@@ -373,6 +376,7 @@ class FrameReader(Generic[S]):
                 if len(msg.data) != size:
                     raise invalid(f"{path}: payload has {len(msg.data)} bytes but dtype "
                                   f"{msg.dtype} x shape {list(msg.shape)} needs {size}")
+                inline += size
             elif kind == "stream":
                 if msg.stream.id in self._expected:
                     raise invalid(f"{path}: stream id {msg.stream.id} used twice")
@@ -392,6 +396,7 @@ class FrameReader(Generic[S]):
             else:
                 raise invalid(f"{path}: tensor has no payload")
         self.nbytes = total
+        self.structure_bytes = max(0, header_bytes - inline)
         if total > self.max_bytes:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"message carries {total} tensor bytes, over the limit of "

@@ -229,7 +229,9 @@ class Batcher:
             found: Forwarded = job.wait()
         return found
 
-    def _run_forwards(self, jobs: list[_Job]) -> None:
+    def _run_forwards(self, jobs: list[_Job]) -> int:
+        """Run the group's calls merged (or, if that fails, each alone); how many runs
+        served them."""
         calls: list[_Call] = [job.payload for job in jobs]
         try:
             found = self._merged_forward(calls)
@@ -245,9 +247,10 @@ class Batcher:
                     job.finish(alone[0])
                 except Exception as err:
                     job.finish(error=err)
-            return
+            return len(jobs)
         for job, made in zip(jobs, found):
             job.finish(made)
+        return 1
 
     def _merged_forward(self, calls: list[_Call]) -> list[Forwarded] | None:
         """One run over the calls' inputs side by side; None if its outputs cannot be split
@@ -301,15 +304,23 @@ class Batcher:
             grads: Arguments = job.wait()
         return grads
 
-    def _run_vjps(self, jobs: list[_Job], batched: bool) -> None:
-        rounds: list[list[_Job]] = []   # a share Vjp'd twice meanwhile goes in a later round
+    def _run_vjps(self, jobs: list[_Job], batched: bool) -> int:
+        """Backpropagate the group's Vjps in as few runs as give each its unbatched
+        gradients; how many runs that took."""
+        # A share Vjp'd twice meanwhile goes in a later round; so does a call giving
+        # cotangents for other outputs (each then gets None where it would alone).
+        rounds: list[list[_Job]] = []
         for job in jobs:
+            share, cots = job.payload
+            given = [c is None for c in cots]
             for group in rounds:
-                if all(other.payload[0] is not job.payload[0] for other in group):
+                if all(other.payload[0] is not share for other in group) \
+                        and [c is None for c in group[0].payload[1]] == given:
                     group.append(job)
                     break
             else:
                 rounds.append([job])
+        runs = 0
         for group in rounds:
             found: list[Arguments] | None
             try:
@@ -317,6 +328,7 @@ class Batcher:
             except Exception as err:
                 if len(group) == 1:
                     group[0].finish(error=err)
+                    runs += 1
                     continue
                 found = None
             if found is None:
@@ -325,9 +337,12 @@ class Batcher:
                         job.finish(self._merged_vjp([job], batched)[0])
                     except Exception as err:
                         job.finish(error=err)
+                runs += len(group)
                 continue
             for job, grads in zip(group, found):
                 job.finish(grads)
+            runs += 1
+        return runs
 
     def _merged_vjp(self, jobs: list[_Job], batched: bool) -> list[Arguments]:
         endpoint = self.endpoint
@@ -393,7 +408,7 @@ class Batcher:
 
     # -- groups --------------------------------------------------------------
     def _join(self, key: tuple[Any, ...], job: _Job, full: Callable[[_Group], bool],
-              run: Callable[[list[_Job]], None]) -> None:
+              run: Callable[[list[_Job]], int]) -> None:
         """Put ``job`` in the open group of ``key`` (or start one and lead it). The leader
         waits for the group to fill or its deadline, then for the endpoint's turn (still
         taking calls), then runs it; the others wait on their job. A leader waits only while
@@ -411,26 +426,36 @@ class Batcher:
             group.rows += job.rows
             if group.rows >= self.max_batch or full(group):
                 self._close(key, group)
-            if not leader:
-                return
-            while group.open and self._clock() < self._crowded_until:
-                left = group.deadline - self._clock()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-        with self._turn:
+        if leader:
+            self._lead(key, group, run)
+
+    def _lead(self, key: tuple[Any, ...], group: _Group,
+              run: Callable[[list[_Job]], int]) -> None:
+        """Wait for company (while crowded, until the deadline), then for the endpoint's turn,
+        then run the group. Whatever fails on the way fails every call of the group still
+        waiting, and never leaves the group open."""
+        try:
+            with self._cond:
+                while group.open and self._clock() < self._crowded_until:
+                    left = group.deadline - self._clock()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            with self._turn:
+                with self._cond:
+                    self._close(key, group)
+                started, runs = self._clock(), 1
+                try:
+                    with self._compute:
+                        runs = run(group.jobs)
+                finally:
+                    self._count(key, group, started, runs)
+        except BaseException as err:
             with self._cond:
                 self._close(key, group)
-            started = self._clock()
-            try:
-                with self._compute:
-                    run(group.jobs)
-            except BaseException as err:
-                for other in group.jobs:
-                    if not other.done.is_set():
-                        other.finish(error=err)
-            finally:
-                self._count(key, group, started)
+            for other in group.jobs:
+                if not other.done.is_set():
+                    other.finish(error=err)
 
     def _close(self, key: tuple[Any, ...], group: _Group) -> None:
         if group.open:
@@ -439,19 +464,20 @@ class Batcher:
                 del self._open[key]
             self._cond.notify_all()
 
-    def _count(self, key: tuple[Any, ...], group: _Group, started: float) -> None:
+    def _count(self, key: tuple[Any, ...], group: _Group, started: float, runs: int) -> None:
         with self._cond:
             stats = self._stats
             calls = len(group.jobs)
             if key[0] == "forward":
-                stats.forward_runs += 1
+                stats.forward_runs += runs
                 stats.forward_calls += calls
                 stats.forward_rows += group.rows
             else:
-                stats.vjp_runs += 1
+                stats.vjp_runs += runs
                 stats.vjp_calls += calls
             stats.queue_seconds += sum(started - job.arrived for job in group.jobs)
-            stats.max_calls = max(stats.max_calls, calls)
+            if runs == 1:
+                stats.max_calls = max(stats.max_calls, calls)
 
 
 def _bounds(rows: Sequence[int]) -> list[tuple[int, int]]:

@@ -39,6 +39,8 @@ CONTROL_CALLS = 16
 #: Dynamic batching defaults for batchable endpoints (``Server.add`` may override them).
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_DELAY = 0.002
+#: The longest ``max_delay`` an endpoint may have, in seconds.
+MAX_DELAY_LIMIT = 60.0
 
 
 class Server:
@@ -149,6 +151,9 @@ class Server:
                                  maximum_concurrent_rpcs=max_streams + CONTROL_CALLS, options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
+            # calls still reading their request are not yet counted per connection: HTTP/2
+            # bounds them, so one connection cannot hold every call slot
+            ("grpc.max_concurrent_streams", max_streams_per_peer + CONTROL_CALLS),
             ("grpc.so_reuseport", 1 if reuse_port else 0)])
         pb_grpc.add_GradserveServicer_to_server(self.service, self._grpc)
         self._health = health.HealthServicer()
@@ -199,8 +204,10 @@ class Server:
             served = [build_endpoint(endpoint, framework_name=framework, **options)]
         max_batch = self.max_batch if max_batch is None else max_batch
         max_delay = self.max_delay if max_delay is None else max_delay
-        if max_batch < 0 or max_delay < 0:
-            raise ValueError(f"max_batch and max_delay must be >= 0, got {max_batch} and "
+        if max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0, got {max_batch}")
+        if not 0 <= max_delay <= MAX_DELAY_LIMIT:   # NaN too
+            raise ValueError(f"max_delay must be 0 to {MAX_DELAY_LIMIT:g} seconds, got "
                              f"{max_delay}")
         for instance in served:
             if instance.batchable:

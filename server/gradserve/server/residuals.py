@@ -76,7 +76,8 @@ class Dropper:
 
 class ResidualStore:
     """Thread-safe LRU + TTL store of residuals keyed by unguessable ids, bounded in bytes
-    (each charged its tensors plus ``overhead``) and in count."""
+    (each charged its tensors plus ``overhead``, or plus the bytes of its request's structure
+    and static values where those are more) and in count."""
 
     def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic,
                  max_count: int = 100_000, overhead: int = RESIDUAL_OVERHEAD):
@@ -93,11 +94,11 @@ class ResidualStore:
         self._lock = threading.Lock()
 
     def put(self, endpoint: str, value: Any, nbytes: int, session: str = "",
-            owner: str = "") -> str:
-        """Keep ``value`` (of ``endpoint``; viewing memory of same-host ``session``, if
-        named; only ``owner`` may use it); returns its id, or "" when it alone exceeds
-        the budget."""
-        nbytes += self.overhead
+            owner: str = "", structure: int = 0) -> str:
+        """Keep ``value`` (of ``endpoint``, holding ``nbytes`` of tensors and ``structure``
+        bytes of other values; viewing memory of same-host ``session``, if named; only
+        ``owner`` may use it); returns its id, or "" when it alone exceeds the budget."""
+        nbytes += max(self.overhead, structure)
         if nbytes > self.max_bytes or not self.max_count:
             return ""
         rid = secrets.token_urlsafe(16)

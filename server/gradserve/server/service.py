@@ -470,8 +470,9 @@ class GradserveService(pb_grpc.GradserveServicer):
         """Keep a residual of endpoint ``name`` for a later Vjp: its id ("" when the session
         whose memory it views ended while it was made; it then goes with the session)."""
         slots = reader.slots if reader.used_slots else None
+        # it keeps the request's static values too (a long string, say)
         rid = self.residuals.put(name, residual, nbytes, slots.id if slots is not None else "",
-                                 owner)
+                                 owner, structure=reader.structure_bytes)
         if slots is not None and slots.closed:   # it ended while this ran
             self.residuals.release([rid], owner)
             return ""
@@ -694,8 +695,10 @@ class GradserveService(pb_grpc.GradserveServicer):
         if reader.nbytes + writer.nbytes >= DROP_BYTES:
             self.residuals.dropper.drop((made, reader, request))
         del made, reader, request
-        if not context.is_active():   # the client gave up: nobody will view them
+        if not context.is_active():   # the client gave up: nobody will view them or use it
             writer.free_placed()
+            if getattr(reply, "residual_id", ""):
+                self.residuals.release([reply.residual_id])
             return None
         return reply
 
@@ -703,7 +706,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                       reader: FrameReader[Any], context: grpc.ServicerContext,
                       owner: str) -> Residual:
         name = group.primary.name
-        held = None
+        shared: Residual | None = None   # a share held, but a graph is wanted: its inputs
         if request.residual_id:
             held = self.residuals.get(request.residual_id, owner)
             if held is not None:
@@ -714,20 +717,20 @@ class GradserveService(pb_grpc.GradserveServicer):
                 kept: Residual = residual
                 if not (request.keep_graph and is_share(kept)):
                     return kept
-        if not request.HasField("inputs"):
-            why = ("is a share of a merged run, which keeps no graph of its own"
-                   if held is not None else "is not held by this server (released, evicted, "
-                   "expired, or kept by another replica)")
+                shared = kept
+        if shared is None and not request.HasField("inputs"):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"residual {shown(request.residual_id)} {why}; resend the inputs "
-                              "to recompute", RESIDUAL_MISSING)
+                              f"residual {shown(request.residual_id)} is not held by this server "
+                              "(released, evicted, expired, or kept by another replica); resend "
+                              "the inputs to recompute", RESIDUAL_MISSING)
         self._refuse_if_draining("recomputing backward calls")
-        if request.inputs.endpoint not in ("", name):
+        if shared is None and request.inputs.endpoint not in ("", name):
             raise invalid(f"inputs name endpoint {shown(request.inputs.endpoint)}, "
                           f"not {name!r}")
         self.observer.recomputes.labels(name).inc()
-        with group.running("forward") as endpoint:
-            inputs = self._inputs(endpoint, request.inputs, reader)
+        with group.running("forward", None if shared is None else shared.instance) as endpoint:
+            inputs = (self._inputs(endpoint, request.inputs, reader) if shared is None else
+                      shared.state.inputs)
             with self._turn(context):
                 made = endpoint.forward(inputs, need_vjp=True)
                 if made.residual is None:
