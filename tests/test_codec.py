@@ -89,6 +89,25 @@ def test_unencodable_values_name_the_problem(bad, message) -> None:
         codec.encode(bad, FrameWriter())
 
 
+def nested(depth: int) -> object:
+    """``depth`` containers, one inside the other."""
+    tree: object = {"leaf": 1}
+    for _ in range(depth - 1):
+        tree = [tree]
+    return tree
+
+
+def test_pytrees_nest_as_deep_as_protobuf_parses_and_no_deeper() -> None:
+    request = pb.ForwardRequest(endpoint="f")
+    ok = nested(codec.MAX_DEPTH - 1)           # inside kwargs, a container too
+    codec.encode_into(request.kwargs, {"x": ok}, FrameWriter(), path="kwargs")
+    parsed = pb.ForwardRequest.FromString(request.SerializeToString())
+    assert codec.decode(parsed.kwargs, FrameReader(0), TORCH.from_wire)["x"] == ok
+    with pytest.raises(TypeError, match=r"^kwargs\['x'\](\[0\]){31}: pytrees nest at most 32 "):
+        codec.encode_into(pb.Value(), {"x": nested(codec.MAX_DEPTH)}, FrameWriter(),
+                          path="kwargs")
+
+
 def tensor_frames(dtype=pb.FLOAT32, shape=(2, 3), data=None, stream=None, chunks=()):
     header = pb.Value(tensor=pb.Tensor(dtype=dtype, shape=list(shape)))
     if stream is not None:

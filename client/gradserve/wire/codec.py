@@ -22,6 +22,8 @@ from gradserve.wire.memory import Data, WireTensor
 from gradserve.wire.specs import TensorSpec, TensorType
 
 _INT64 = (-(2**63), 2**63 - 1)
+#: Containers a pytree may nest (each level is two protobuf messages; protobuf parses 100).
+MAX_DEPTH = 32
 
 #: Turns a received wire tensor (and its path, for messages) into an array.
 MakeLeaf = Callable[[WireTensor, str], Any]
@@ -72,7 +74,7 @@ def encode_into(value: pb.Value, tree: Any, writer: PayloadWriter,
 
 
 def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
-                 requires_grad: Callable[[Any], bool] | None, path: str) -> None:
+                 requires_grad: Callable[[Any], bool] | None, path: str, depth: int = 0) -> None:
     adapter = frameworks.adapter_for(node)
     if adapter is not None:
         try:
@@ -112,6 +114,9 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
             if getattr(node, part) is not None:
                 _encode_into(getattr(value.slice_value, part), getattr(node, part), writer,
                              requires_grad, f"{path}.{part}")
+    elif depth >= MAX_DEPTH and isinstance(node, (dict, tuple, list)):
+        raise TypeError(f"{path or 'value'}: pytrees nest at most {MAX_DEPTH} containers deep "
+                        "(protobuf's limit on nested messages)")
     elif isinstance(node, dict):
         mapping = value.dict_value
         mapping.SetInParent()
@@ -119,7 +124,8 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
             if not isinstance(key, str):
                 raise TypeError(f"{path or 'value'}: dict keys must be str, got {type(key).__name__}")
             mapping.keys.append(key)
-            _encode_into(mapping.values.add(), item, writer, requires_grad, f"{path}[{key!r}]")
+            _encode_into(mapping.values.add(), item, writer, requires_grad, f"{path}[{key!r}]",
+                         depth + 1)
     elif isinstance(node, (tuple, list)):
         fields = pytree.named_fields(type(node)) if type(node) not in (tuple, list) else None
         if fields is not None:
@@ -132,7 +138,7 @@ def _encode_into(value: pb.Value, node: Any, writer: PayloadWriter,
             seq.SetInParent()
             items = seq.items
         for i, item in enumerate(node):
-            _encode_into(items.add(), item, writer, requires_grad, f"{path}[{i}]")
+            _encode_into(items.add(), item, writer, requires_grad, f"{path}[{i}]", depth + 1)
     else:
         try:
             constant = frameworks.constant_of(node)
