@@ -316,7 +316,7 @@ def test_settings_are_checked_and_described(batching) -> None:
     with gradserve.connect(server.address) as client:
         info = client.describe("double")
     assert (info.batchable, info.max_batch, info.max_delay) == (True, 32, 0.004)
-    with pytest.raises(ValueError, match="max_batch must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="max_batch must be at least 0, got -1"):
         server.add_torch("bad", lambda x: x, batchable=True, max_batch=-1)
     for delay in (-0.001, 61.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"max_delay must be 0 to 60 seconds, got {delay}"):

@@ -107,6 +107,43 @@ def test_list_against_no_server_fails_cleanly() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "gradserve: workers must be at least 1, got 0"),
+    (["--max-residual-bytes", "-1"], "gradserve: max_residual_bytes must be at least 0, got -1"),
+    (["--idle-timeout", "nan"], "gradserve: idle_timeout must be a positive, finite number of "
+                                "seconds, got nan"),
+    (["--max-batch", "-1"], "gradserve: max_batch must be at least 0, got -1"),
+    (["--max-delay", "inf"], "gradserve: max_delay must be 0 to 60 seconds, got inf"),
+    (["--device", "nonsense"], "gradserve: cannot serve '"),
+    (["--metrics-port", "{taken}"], "gradserve: cannot serve metrics on 127.0.0.1:{taken}: "),
+    (["--health-port", "{taken}"], "gradserve: cannot listen on 127.0.0.1:{taken}: the port "
+                                   "is in use"),
+])
+def test_serve_settings_that_cannot_work_are_one_line_and_exit_1(flags, message) -> None:
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        flags = [f.replace("{taken}", port) for f in flags]
+        result = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "serve",
+                                 f"{TARGETS}:model", "--port", "0", *flags],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]   # grpc may log a line of its own first
+    assert last.startswith(message.replace("{taken}", port)), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ports_out_of_range_are_argument_errors(capsys) -> None:
+    from gradserve.server.cli import main
+    for flag in ("--port", "--health-port", "--metrics-port"):
+        with pytest.raises(SystemExit) as exit:
+            main(["serve", f"{TARGETS}:model", flag, "99999"])
+        assert exit.value.code == 2
+        assert "a port is 0 to 65535 (0: a free one), got '99999'" in capsys.readouterr().err
+
+
 def test_every_limit_is_a_flag_with_the_servers_default() -> None:
     import inspect
 

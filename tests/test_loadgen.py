@@ -170,7 +170,8 @@ def test_unreachable_server(capsys) -> None:
 
 def test_bad_arguments_are_argparse_errors(capsys) -> None:
     for bad in (["--concurrency", "0"], ["--shape", "a,b"], ["--dtype", "float7"],
-                ["--transport", "pigeon"], ["--duration", "0"]):
+                ["--transport", "pigeon"], ["--duration", "0"], ["--duration", "nan"],
+                ["--warmup", "nan"], ["--duration", "inf"], ["--timeout", "nan"]):
         with pytest.raises(SystemExit) as exit:
             main(["bench", "127.0.0.1:1", "f", *bad])
         assert exit.value.code == 2
@@ -184,6 +185,27 @@ def test_model_errors_are_counted_not_fatal(serve) -> None:
                            warmup=0, shape=(2, 3))
     # with no warm-up every call made is in the window: each failed, and is counted once
     assert level.calls == 0 and level.rows == 0 and level.p50_ms is None
-    assert set(level.errors) == {"INTERNAL"} and level.errors["INTERNAL"] == fn.calls > 0
+    assert set(level.errors) == {"INTERNAL"}, level.error_messages
+    assert level.errors["INTERNAL"] == fn.calls > 0
     assert "boom" in level.error_messages["INTERNAL"]
     assert "-" in loadgen.render([level]).splitlines()[1]
+
+
+def test_a_level_where_no_call_worked_exits_1(serve, capsys) -> None:
+    server, _ = serve({"bad": Counted(fails=True)})
+    assert main(["bench", server.address, "bad", "--shape", "2,3", "--concurrency", "1",
+                 "--processes", "1", "--duration", "0.3", "--warmup", "0"]) == 1
+    assert "x INTERNAL, first:" in capsys.readouterr().out
+
+
+def test_client_tls_settings_that_cannot_be_used_are_one_line(tmp_path, capsys) -> None:
+    for argv, message in (
+            (["list", "127.0.0.1:1", "--tls-ca", str(tmp_path / "none.pem")],
+             f"gradserve: TLS CA '{tmp_path / 'none.pem'}' cannot be read: No such file"),
+            (["health", "127.0.0.1:1", "--tls-ca", str(tmp_path), "--tls-cert", "c.pem"],
+             "gradserve: a TLS client certificate needs both cert and key"),
+            (["bench", "127.0.0.1:1", "f", "--tls-ca", str(tmp_path), *QUICK],
+             f"gradserve: TLS CA '{tmp_path}' cannot be read: Is a directory")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.splitlines()) == 1, err

@@ -16,7 +16,7 @@ from gradserve import TLSConfig
 from gradserve.server import Server
 from gradserve.server.auth import Tokens
 from gradserve.v1 import gradserve_pb2 as pb
-from helpers import needs_shm
+from helpers import needs_shm, scrape, series
 
 certs_module = pytest.importorskip("certs")
 
@@ -101,7 +101,7 @@ def test_shared_memory_sessions_work_over_a_tls_control_channel(started, certs) 
 
 
 def test_tokens_authenticate_and_scope_calls(started, tmp_path, monkeypatch) -> None:
-    server = started(auth=tokens(tmp_path))
+    server = started(auth=tokens(tmp_path), metrics_port=0)
     with gradserve.connect(server.address, transport="grpc", timeout=10) as anonymous:
         with pytest.raises(gradserve.Unauthenticated, match="a valid token is required"):
             anonymous.endpoints()
@@ -109,6 +109,10 @@ def test_tokens_authenticate_and_scope_calls(started, tmp_path, monkeypatch) -> 
                            token="not-a-token-of-this-server") as wrong:
         with pytest.raises(gradserve.Unauthenticated):
             wrong.forward("double", (np.ones(2, np.float32),))
+    found = scrape(server.metrics_port)   # refused calls are counted (and logged) too
+    for method in ("ListEndpoints", "ForwardUnary"):
+        assert found[series("gradserve_requests_total", method=method, endpoint="-",
+                            code="UNAUTHENTICATED")] == 1
     with gradserve.connect(server.address, token=TRAINER, timeout=10) as trainer:
         calls_double(trainer)
         assert {e.name for e in trainer.endpoints()} == {"double", "linear"}
@@ -158,6 +162,18 @@ def test_token_files_and_tls_settings_are_checked(tmp_path) -> None:
         TLSConfig(cert=tmp_path / "missing.pem", key=tmp_path / "k").server_credentials()
     with pytest.raises(ValueError, match="needs both cert and key"):
         TLSConfig(cert=tmp_path / "c.pem").channel_credentials()
+
+
+def test_a_certificate_or_key_that_is_not_one_is_named_before_listening(certs) -> None:
+    garbage = certs.ca.with_name("garbage.pem")
+    garbage.write_text("not a certificate\n")
+    for cert, key in ((garbage, certs.server_key), (certs.server_cert, certs.client_key)):
+        with pytest.raises(ValueError, match=f"TLS certificate '{cert}' and key '{key}' are not "
+                                             "a PEM certificate chain and its private key"):
+            TLSConfig(cert=cert, key=key).server_credentials()
+    with pytest.raises(ValueError, match=f"TLS client CA '{garbage}' is not PEM certificates"):
+        TLSConfig(cert=certs.server_cert, key=certs.server_key,
+                  client_ca=garbage).server_credentials()
 
 
 def test_the_command_line_serves_and_calls_with_tls_and_a_token(certs, tmp_path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -59,6 +60,20 @@ class TLSConfig:
         cert, key = _read(self.cert, "certificate"), _read(self.key, "key")
         assert cert is not None and key is not None
         client_ca = _read(self.client_ca, "client CA")
+        # grpc takes bad PEM without a word and then cannot listen: check it here instead
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as err:
+            raise ValueError(f"TLS certificate {str(self.cert)!r} and key {str(self.key)!r} "
+                             f"are not a PEM certificate chain and its private key: "
+                             f"{err.reason or err}") from None
+        if client_ca is not None:
+            try:
+                context.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
+            except ssl.SSLError as err:
+                raise ValueError(f"TLS client CA {str(self.client_ca)!r} is not PEM "
+                                 f"certificates: {err.reason or err}") from None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                            require_client_auth=client_ca is not None)
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import grpc
 
 from gradserve.errors import StatusError, shown
+from gradserve.server.metrics import Observer
 from gradserve.security import AUTHORIZATION
 
 #: Methods that need no token: health checks (load balancers, kubelets).
@@ -136,10 +137,12 @@ def _parse(words: list[str], where: str, number: int) -> Token:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Refuses every call without a known token (UNAUTHENTICATED), health checks aside."""
+    """Refuses every call without a known token (UNAUTHENTICATED), health checks aside;
+    ``observer`` counts and logs the refused calls like any other."""
 
-    def __init__(self, tokens: Tokens):
+    def __init__(self, tokens: Tokens, observer: Observer | None = None):
         self.tokens = tokens
+        self.observer = observer
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         if details.method.startswith(OPEN_PREFIXES) or self.tokens.find(
@@ -148,12 +151,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        return _refusal(handler)
+        return _refusal(handler, details.method.rpartition("/")[2], self.observer)
 
 
-def _refusal(handler: Any) -> Any:
-    """A handler of ``handler``'s kind that ends the call UNAUTHENTICATED."""
+def _refusal(handler: Any, method: str, observer: Observer | None) -> Any:
+    """A handler of ``handler``'s kind that ends the call (of ``method``) UNAUTHENTICATED."""
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        if observer is not None:
+            with observer.call(method, context.peer()) as call:
+                call.code = "UNAUTHENTICATED"
+                call.extra["error"] = "no valid token"
         context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       "a valid token is required: send 'authorization: Bearer <token>' "
                       "(gradserve.connect(..., token=...) or $GRADSERVE_TOKEN)")

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import signal
 import sys
@@ -105,7 +106,14 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("gradserve: give --device or --devices, not both")
     instances: dict[str, list[Endpoint]] = {}
     for device in all_devices() if args.devices == ["all"] else args.devices or [args.device]:
-        for name, endpoint in build_endpoints(args.name or attr, obj, device).items():
+        try:
+            built = build_endpoints(args.name or attr, obj, device)
+        except (RuntimeError, ValueError, AssertionError) as err:
+            if device is None:
+                raise
+            raise SystemExit(f"gradserve: cannot serve {args.target!r} on device {device!r}: "
+                             f"{err}") from None
+        for name, endpoint in built.items():
             if any(endpoint is other for other in instances.get(name, [])):
                 raise SystemExit(f"gradserve: --devices needs a model, function or factory "
                                  f"to build once per device; {name!r} is one Endpoint")
@@ -121,11 +129,11 @@ def serve(args: argparse.Namespace) -> int:
                         health_port=args.health_port, tls=tls, auth=auth,
                         tracing=tracer_provider() if args.otel else None,
                         **{option: getattr(args, option) for option, _, _ in SERVER_OPTIONS})
-    except ValueError as err:
+        for name, endpoints in instances.items():
+            server.add(name, endpoints)
+        server.start()
+    except (ValueError, OSError) as err:   # a setting out of range, a port taken, a bad key
         raise SystemExit(f"gradserve: {err}") from None
-    for name, endpoints in instances.items():
-        server.add(name, endpoints)
-    server.start()
     health = f" (health also on port {server.health_port})" if server.health_port else ""
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
     placed = next(iter(instances.values()))
@@ -293,9 +301,10 @@ def bench(args: argparse.Namespace) -> int:
     config = {key: getattr(args, key) for key in (
         "address", "endpoint", "shape", "dtype", "rows", "concurrency", "processes", "duration",
         "warmup", "transport", "backward", "timeout")}
+    failed = 1 if any(not lv.calls for lv in levels) else 0   # a level where no call worked
     if args.json:
         print(json.dumps({"config": config, "levels": [lv.as_dict() for lv in levels]}, indent=2))
-        return 0
+        return failed
     call = "Forward+Vjp" if args.backward else "Forward"
     print(f"{args.endpoint} at {args.address}: {call} calls, {args.duration:g} s per level "
           f"after {args.warmup:g} s warm-up, transport {args.transport}")
@@ -304,7 +313,7 @@ def bench(args: argparse.Namespace) -> int:
         for kind, count in lv.errors.items():
             print(f"concurrency {lv.concurrency}: {count} x {kind}, first: "
                   f"{lv.error_messages.get(kind, '')}")
-    return 0
+    return failed
 
 
 def _device_list(text: str) -> list[str]:
@@ -361,11 +370,18 @@ def _dtype(text: str) -> str:
 def _positive(kind: Callable[[str], Any], zero: bool = False) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'at least 0' if zero else 'positive'}, "
-                                             f"got {text!r}")
+        if not 0 <= value < math.inf or (value == 0 and not zero):   # NaN too
+            raise argparse.ArgumentTypeError(f"must be {'at least 0' if zero else 'positive'} "
+                                             f"and finite, got {text!r}")
         return value
     return parse
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: a free one), got {text!r}")
+    return port
 
 
 def _numel(shape: Sequence[int | None]) -> int:
@@ -417,7 +433,7 @@ SERVER_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("max_batch", int, "rows one merged run of a batchable endpoint takes (0: never merge "
                        "calls)"),
     ("max_delay", float, "seconds a call to a batchable endpoint waits for others to join it"),
-    ("metrics_port", int, "serve Prometheus metrics over HTTP on this port (0: a free one)"),
+    ("metrics_port", _port, "serve Prometheus metrics over HTTP on this port (0: a free one)"),
 ]
 
 
@@ -465,7 +481,7 @@ def parser() -> argparse.ArgumentParser:
                                   "Endpoint, dict of those, or a factory)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
-    s.add_argument("--port", type=int, default=50051, help="port (default: 50051)")
+    s.add_argument("--port", type=_port, default=50051, help="port (default: 50051)")
     s.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where a "
                    "module's weights are; cpu for a function)")
     s.add_argument("--devices", type=_device_list, default=None,
@@ -479,7 +495,7 @@ def parser() -> argparse.ArgumentParser:
         shown = _size(default) if kind is _byte_size and default is not None else default
         s.add_argument("--" + option.replace("_", "-"), type=kind, default=default,
                        help=f"{text} (default: {shown})")
-    s.add_argument("--health-port", type=int, default=None,
+    s.add_argument("--health-port", type=_port, default=None,
                    help="serve the health service alone on this port too, on its own threads "
                         "(for Kubernetes probes; default: the main port only)")
     s.add_argument("--reuse-port", action="store_true",
@@ -599,9 +615,13 @@ def _main(argv: Sequence[str] | None) -> int:
                       logging.INFO if args.run is serve else logging.WARNING)
     try:
         return int(args.run(args))
+    except BrokenPipeError:   # for ``main``
+        raise
     except Exception as err:  # a clean one-line error for the terminal
         from gradserve.errors import GradserveError
-        if isinstance(err, GradserveError):
+        # a client command's settings (a TLS file that cannot be read, say)
+        if isinstance(err, GradserveError) or (args.run is not serve
+                                               and isinstance(err, (ValueError, OSError))):
             print(f"gradserve: {err}", file=sys.stderr)
             return 1
         raise

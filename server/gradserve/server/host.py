@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -20,7 +21,7 @@ from gradserve.server.health_port import HealthPort
 from gradserve.server.metrics import Observer, counter, gauge, gauges, tracing_interceptor
 from gradserve.server.registry import Registry
 from gradserve.server.residuals import ResidualStore
-from gradserve.server.service import GradserveService, Limits
+from gradserve.server.service import GradserveService, Limits, OneMessageWatch
 from gradserve.server.sessions import SessionManager
 from gradserve.server.transports import SessionSettings
 from gradserve.v1 import gradserve_pb2 as pb
@@ -109,6 +110,25 @@ class Server:
                  max_delay: float = DEFAULT_MAX_DELAY, tls: TLSConfig | None = None,
                  auth: Tokens | None = None, metrics_port: int | None = None,
                  tracing: Any = None, reuse_port: bool = False, debug: bool = False):
+        check_settings(
+            ports=dict(port=port, health_port=health_port, metrics_port=metrics_port),
+            counts=dict(workers=workers, max_streams=max_streams,
+                        max_streams_per_peer=max_streams_per_peer, chunk_bytes=chunk_bytes,
+                        max_message_bytes=max_message_bytes,
+                        max_request_values=max_request_values),
+            sizes=dict(min_stream_rate=min_stream_rate, max_residual_bytes=max_residual_bytes,
+                       max_residuals=max_residuals, max_request_bytes=max_request_bytes,
+                       max_inflight_bytes=max_inflight_bytes, shm_arena_bytes=shm_arena_bytes,
+                       max_shm_arena_bytes=max_shm_arena_bytes,
+                       max_shm_total_bytes=max_shm_total_bytes, cuda_pool_bytes=cuda_pool_bytes,
+                       max_cuda_pool_bytes=max_cuda_pool_bytes,
+                       max_cuda_total_bytes=max_cuda_total_bytes, max_sessions=max_sessions,
+                       max_sessions_per_peer=max_sessions_per_peer),
+            seconds=dict(residual_ttl=residual_ttl, idle_timeout=idle_timeout,
+                         session_lease=session_lease,
+                         session_proof_seconds=session_proof_seconds,
+                         transfer_timeout=transfer_timeout))
+        check_batching(max_batch, max_delay)
         self.host = host
         self.debug = debug
         #: dynamic batching defaults of batchable endpoints (``add`` may override them)
@@ -142,18 +162,16 @@ class Server:
         # one); the model runs in at most `workers` of them at once
         self._executor = futures.ThreadPoolExecutor(
             max_workers=max_streams + CONTROL_CALLS + 2, thread_name_prefix="gradserve")
-        interceptors: list[grpc.ServerInterceptor] = []
-        if tracing:   # outermost: refused calls are traced too
+        # outermost: a one-message request is read under the stream watch, whatever comes
+        interceptors: list[grpc.ServerInterceptor] = [OneMessageWatch(self.service.watch)]
+        if tracing:   # refused calls are traced too
             interceptors.append(tracing_interceptor(tracing))
         if auth is not None:
-            interceptors.append(AuthInterceptor(auth))
-        self._grpc = grpc.server(self._executor, interceptors=interceptors or None,
+            interceptors.append(AuthInterceptor(auth, self.service.observer))
+        self._grpc = grpc.server(self._executor, interceptors=interceptors,
                                  maximum_concurrent_rpcs=max_streams + CONTROL_CALLS, options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
-            # calls still reading their request are not yet counted per connection: HTTP/2
-            # bounds them, so one connection cannot hold every call slot
-            ("grpc.max_concurrent_streams", max_streams_per_peer + CONTROL_CALLS),
             ("grpc.so_reuseport", 1 if reuse_port else 0)])
         pb_grpc.add_GradserveServicer_to_server(self.service, self._grpc)
         self._health = health.HealthServicer()
@@ -204,11 +222,7 @@ class Server:
             served = [build_endpoint(endpoint, framework_name=framework, **options)]
         max_batch = self.max_batch if max_batch is None else max_batch
         max_delay = self.max_delay if max_delay is None else max_delay
-        if max_batch < 0:
-            raise ValueError(f"max_batch must be >= 0, got {max_batch}")
-        if not 0 <= max_delay <= MAX_DELAY_LIMIT:   # NaN too
-            raise ValueError(f"max_delay must be 0 to {MAX_DELAY_LIMIT:g} seconds, got "
-                             f"{max_delay}")
+        check_batching(max_batch, max_delay)
         for instance in served:
             if instance.batchable:
                 instance.max_batch, instance.max_delay = max_batch, max_delay
@@ -390,6 +404,30 @@ def _serve_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
             servicer.ServerReflectionInfo,
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def check_settings(ports: dict[str, int | None], counts: dict[str, int | None],
+                   sizes: dict[str, float | None], seconds: dict[str, float]) -> None:
+    """ValueError naming the first setting out of its range (None: unset, allowed): ports
+    0 to 65535, counts at least 1, sizes at least 0, seconds positive and finite."""
+    kinds = ((ports, 0, 65535, "a port, 0 to 65535 (0: a free one)"),
+             (counts, 1, math.inf, "at least 1"), (sizes, 0, math.inf, "at least 0"),
+             (seconds, 0, math.inf, "a positive, finite number of seconds"))
+    for values, least, most, wanted in kinds:
+        for name, value in values.items():
+            if value is None:
+                continue
+            if not least <= value <= most or (values is seconds and not 0 < value < math.inf):
+                raise ValueError(f"{name} must be {wanted}, got {value}")
+
+
+def check_batching(max_batch: int, max_delay: float) -> None:
+    """ValueError unless ``max_batch`` is at least 0 and ``max_delay`` 0 to
+    ``MAX_DELAY_LIMIT`` seconds."""
+    if not max_batch >= 0:
+        raise ValueError(f"max_batch must be at least 0, got {max_batch}")
+    if not 0 <= max_delay <= MAX_DELAY_LIMIT:   # NaN too
+        raise ValueError(f"max_delay must be 0 to {MAX_DELAY_LIMIT:g} seconds, got {max_delay}")
 
 
 def _bind(server: grpc.Server, host: str, port: int,

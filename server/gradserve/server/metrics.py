@@ -75,7 +75,10 @@ class Observer:
     # -- serving ------------------------------------------------------------
     def start(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0: a free port); the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from None
         self._http, self._thread = server, thread
         bound: int = server.server_address[1]
         return bound

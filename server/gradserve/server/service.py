@@ -148,6 +148,37 @@ class StreamWatch:
                 context.cancel()
 
 
+class OneMessageWatch(grpc.ServerInterceptor):
+    """Serves every method whose request is one message (unary ones, GetParameters, health
+    checks) as a request stream of one, read under ``watch``: a request that never arrives
+    is cancelled like a stalled stream, instead of holding a thread while its client waits."""
+
+    def __init__(self, watch: StreamWatch):
+        self.watch = watch
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        behavior = handler.unary_stream or handler.unary_unary
+        make = (grpc.stream_stream_rpc_method_handler if handler.response_streaming
+                else grpc.stream_unary_rpc_method_handler)
+        return make(lambda requests, context: behavior(self._read(requests, context), context),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+    def _read(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        with self.watch.watching(context):
+            try:
+                request = next(requests, None)
+            except grpc.RpcError:   # cancelled while it waited
+                request = None
+        if request is None:
+            context.abort(grpc.StatusCode.CANCELLED if not context.is_active() else
+                          grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request")
+        return request
+
+
 class InFlight:
     """Request bytes all calls together hold while they are read and run (a stream's
     buffers, inline payloads), bounded: a request past it is refused."""
