@@ -116,7 +116,8 @@ class Server:
                         max_streams_per_peer=max_streams_per_peer, chunk_bytes=chunk_bytes,
                         max_message_bytes=max_message_bytes,
                         max_request_values=max_request_values),
-            sizes=dict(min_stream_rate=min_stream_rate, max_residual_bytes=max_residual_bytes,
+            sizes=dict(min_stream_rate=min_stream_rate, residual_ttl=residual_ttl,
+                       max_residual_bytes=max_residual_bytes,
                        max_residuals=max_residuals, max_request_bytes=max_request_bytes,
                        max_inflight_bytes=max_inflight_bytes, shm_arena_bytes=shm_arena_bytes,
                        max_shm_arena_bytes=max_shm_arena_bytes,
@@ -124,7 +125,7 @@ class Server:
                        max_cuda_pool_bytes=max_cuda_pool_bytes,
                        max_cuda_total_bytes=max_cuda_total_bytes, max_sessions=max_sessions,
                        max_sessions_per_peer=max_sessions_per_peer),
-            seconds=dict(residual_ttl=residual_ttl, idle_timeout=idle_timeout,
+            seconds=dict(idle_timeout=idle_timeout,
                          session_lease=session_lease,
                          session_proof_seconds=session_proof_seconds,
                          transfer_timeout=transfer_timeout))
