@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -107,13 +108,24 @@ def test_list_against_no_server_fails_cleanly() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("keyword, value, message", [
+    ("workers", 0, "workers must be at least 1, got 0"),
+    ("max_residual_bytes", -1, "max_residual_bytes must be at least 0, got -1"),
+    ("idle_timeout", float("nan"), "idle_timeout must be a positive, finite number of seconds, "
+                                   "got nan"),
+    ("health_port", 70000, "health_port must be a port, 0 to 65535 (0: a free one), got 70000"),
+    ("max_batch", -1, "max_batch must be at least 0, got -1"),
+    ("max_delay", float("inf"), "max_delay must be 0 to 60 seconds, got inf"),
+])
+def test_server_settings_out_of_range_are_refused_naming_the_keyword(keyword, value, message
+                                                                     ) -> None:
+    from gradserve.server import Server
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Server("127.0.0.1", 0, **{keyword: value})
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--workers", "0"], "gradserve: workers must be at least 1, got 0"),
-    (["--max-residual-bytes", "-1"], "gradserve: max_residual_bytes must be at least 0, got -1"),
-    (["--idle-timeout", "nan"], "gradserve: idle_timeout must be a positive, finite number of "
-                                "seconds, got nan"),
-    (["--max-batch", "-1"], "gradserve: max_batch must be at least 0, got -1"),
-    (["--max-delay", "inf"], "gradserve: max_delay must be 0 to 60 seconds, got inf"),
     (["--device", "nonsense"], "gradserve: cannot serve '"),
     (["--metrics-port", "{taken}"], "gradserve: cannot serve metrics on 127.0.0.1:{taken}: "),
     (["--health-port", "{taken}"], "gradserve: cannot listen on 127.0.0.1:{taken}: the port "
