@@ -504,7 +504,9 @@ def test_vjps_giving_cotangents_for_other_outputs_each_get_their_unbatched_nones
     assert since(before, stats(server.address, "f")) == (1, 2, 4, 2, 2)
 
 
-def test_a_double_backward_through_a_merged_call_frees_its_share(batching) -> None:
+def test_a_double_backward_through_a_batchable_endpoint_frees_its_share(batching) -> None:
+    """Every Forward of a batchable endpoint keeps a share of a run (a lone call's too);
+    a kept Vjp recomputes from the share's inputs, and the share stays the client's."""
     server = batching({"cube": lambda x: x ** 3}, max_batch=8, max_delay=1.0)
     with gradserve.connect(server.address, transport="grpc") as client:
         cube = client.torch("cube")
@@ -546,3 +548,22 @@ def test_a_caller_that_gives_up_while_its_forward_runs_leaves_no_residual(batcha
     finally:
         finish.set()
         server.stop(grace=0)
+
+
+def test_a_leader_that_fails_while_waiting_fails_its_whole_group(batching) -> None:
+    server = batching({"double": lambda x: x * 2}, max_batch=8, max_delay=1.0)
+    x = np.ones((2, 3), np.float32)
+    crowd(server.address, "double", x)
+    endpoint = server.registry.get("double")
+    endpoint.max_delay = float("inf")   # past what a wait takes: the leader's wait raises
+
+    def caller(client: gradserve.Client) -> Any:
+        return client.forward("double", (x,), timeout=20)
+
+    # the follower ends with the leader's error, not at its deadline; nothing stays open
+    for found in together(server.address, [caller, caller]) + together(server.address,
+                                                                       [caller]):
+        assert isinstance(found, gradserve.RemoteError) and found.code.name == "INTERNAL"
+        assert "OverflowError" in str(found)
+    endpoint.max_delay = 0.0
+    np.testing.assert_array_equal(together(server.address, [caller])[0].outputs, x * 2)

@@ -309,19 +309,18 @@ class Batcher:
         gradients; how many runs that took."""
         # A share Vjp'd twice meanwhile goes in a later round; so does a call giving
         # cotangents for other outputs (each then gets None where it would alone).
-        rounds: list[list[_Job]] = []
+        rounds: list[tuple[tuple[bool, ...], list[_Job]]] = []   # (outputs without, calls)
         for job in jobs:
             share, cots = job.payload
-            given = [c is None for c in cots]
-            for group in rounds:
-                if all(other.payload[0] is not share for other in group) \
-                        and [c is None for c in group[0].payload[1]] == given:
+            without = tuple(c is None for c in cots)
+            for pattern, group in rounds:
+                if pattern == without and all(other.payload[0] is not share for other in group):
                     group.append(job)
                     break
             else:
-                rounds.append([job])
+                rounds.append((without, [job]))
         runs = 0
-        for group in rounds:
+        for _, group in rounds:
             found: list[Arguments] | None
             try:
                 found = self._merged_vjp(group, batched)

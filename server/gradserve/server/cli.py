@@ -615,7 +615,7 @@ def _main(argv: Sequence[str] | None) -> int:
                       logging.INFO if args.run is serve else logging.WARNING)
     try:
         return int(args.run(args))
-    except BrokenPipeError:   # for ``main``
+    except BrokenPipeError:   # stdout's reader left: ``main`` ends quietly
         raise
     except Exception as err:  # a clean one-line error for the terminal
         from gradserve.errors import GradserveError

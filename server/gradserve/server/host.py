@@ -411,14 +411,14 @@ def check_settings(ports: dict[str, int | None], counts: dict[str, int | None],
                    sizes: dict[str, float | None], seconds: dict[str, float]) -> None:
     """ValueError naming the first setting out of its range (None: unset, allowed): ports
     0 to 65535, counts at least 1, sizes at least 0, seconds positive and finite."""
-    kinds = ((ports, 0, 65535, "a port, 0 to 65535 (0: a free one)"),
-             (counts, 1, math.inf, "at least 1"), (sizes, 0, math.inf, "at least 0"),
-             (seconds, 0, math.inf, "a positive, finite number of seconds"))
-    for values, least, most, wanted in kinds:
+    kinds: tuple[tuple[dict[str, Any], Callable[[float], bool], str], ...] = (
+        (ports, lambda v: 0 <= v <= 65535, "a port, 0 to 65535 (0: a free one)"),
+        (counts, lambda v: v >= 1, "at least 1"),
+        (sizes, lambda v: v >= 0, "at least 0"),
+        (seconds, lambda v: 0 < v < math.inf, "a positive, finite number of seconds"))
+    for values, fits, wanted in kinds:   # a NaN fits none of them
         for name, value in values.items():
-            if value is None:
-                continue
-            if not least <= value <= most or (values is seconds and not 0 < value < math.inf):
+            if value is not None and not fits(value):
                 raise ValueError(f"{name} must be {wanted}, got {value}")
 
 

@@ -683,9 +683,7 @@ class GradserveService(pb_grpc.GradserveServicer):
                                      slots=reader.slots, out_of_band=False)
                 reply = self._run(request, reader, writer, context, run, call)
                 if reply is not None and not writer.one_message:
-                    writer.free_placed()   # the reply is not sent: nobody views them
-                    if getattr(reply, "residual_id", ""):
-                        self.residuals.release([reply.residual_id])
+                    self._unsent(reply, writer)
                     raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
                                       f"the reply's tensors take {writer.nbytes} bytes, more "
                                       f"than one message carries ({room}): send this call "
@@ -726,12 +724,17 @@ class GradserveService(pb_grpc.GradserveServicer):
         if reader.nbytes + writer.nbytes >= DROP_BYTES:
             self.residuals.dropper.drop((made, reader, request))
         del made, reader, request
-        if not context.is_active():   # the client gave up: nobody will view them or use it
-            writer.free_placed()
-            if getattr(reply, "residual_id", ""):
-                self.residuals.release([reply.residual_id])
+        if not context.is_active():   # the client gave up
+            self._unsent(reply, writer)
             return None
         return reply
+
+    def _unsent(self, reply: Any, writer: FrameWriter) -> None:
+        """Let go of what a reply that is not sent names: the slots its tensors were placed
+        in (nobody will view them) and the residual it keeps (nobody will use it)."""
+        writer.free_placed()
+        if getattr(reply, "residual_id", ""):
+            self.residuals.release([reply.residual_id])
 
     def _residual_for(self, group: Instances, request: pb.VjpRequest,
                       reader: FrameReader[Any], context: grpc.ServicerContext,
